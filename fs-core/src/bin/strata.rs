@@ -1,0 +1,361 @@
+//! `strata`: the command-line client. Parses arguments and calls the library; the logic lives
+//! in `strata::volume`, `strata::mount` and friends.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use strata::meta::{Meta, MetaSettings, open_engine, redact_url};
+use strata::metrics::Metrics;
+use strata::mount::{self, MountOptions};
+use strata::object::StorageConfig;
+use strata::volume::{self, FormatOptions};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Strata: a POSIX file system on object storage")]
+struct Cli {
+    /// Log level filter (error, warn, info, debug, trace or a tracing filter).
+    #[arg(long, global = true, default_value = "info", env = "STRATA_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a volume: metadata at META_URL, data in an object store.
+    Format(FormatArgs),
+    /// Mount a volume with FUSE.
+    Mount(MountArgs),
+    /// Unmount a mounted volume.
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach now even if busy (lazy unmount).
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Show a volume's settings, usage and client sessions.
+    Status { meta_url: String },
+    /// Change settings of a formatted volume (running mounts pick them up within seconds).
+    Config {
+        meta_url: String,
+        /// New capacity limit in GiB (0 = unlimited).
+        #[arg(long)]
+        capacity: Option<u64>,
+        /// New inode limit (0 = unlimited).
+        #[arg(long)]
+        inodes: Option<u64>,
+        #[arg(long)]
+        access_key: Option<String>,
+        #[arg(long)]
+        secret_key: Option<String>,
+    },
+    /// Show how a file inside a mount is stored (inode, chunks, slices, objects).
+    Info { path: PathBuf },
+}
+
+#[derive(Args)]
+struct FormatArgs {
+    /// Object storage kind: file (a local directory) or s3 (S3 and S3-compatible stores).
+    #[arg(long, default_value = "file")]
+    storage: String,
+    /// file: a directory (default ~/.strata/local); s3: a URL like http://127.0.0.1:8333/bucket
+    /// (path style) or https://bucket.s3.example.com (virtual-host style).
+    #[arg(long)]
+    bucket: Option<String>,
+    #[arg(long, env = "STRATA_ACCESS_KEY")]
+    access_key: Option<String>,
+    #[arg(long, env = "STRATA_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
+    /// Signing region for s3 (default us-east-1).
+    #[arg(long)]
+    region: Option<String>,
+    /// Block size in KiB (power of two, 64..16384).
+    #[arg(long, default_value_t = 4096)]
+    block_size: u32,
+    /// Capacity limit in GiB (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    capacity: u64,
+    /// Inode limit (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    inodes: u64,
+    /// Metadata URL: sqlite:///path/meta.db
+    meta_url: String,
+    /// Volume name: 3-63 characters of a-z, 0-9 and '-'.
+    name: String,
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// Run in the background; returns once the mount is ready.
+    #[arg(short = 'd', long = "background")]
+    background: bool,
+    /// Log file in background mode (default /var/log/strata.log as root, else ~/.strata/strata.log).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Serve Prometheus metrics at ADDR (e.g. 127.0.0.1:9567).
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Mount only this directory of the volume.
+    #[arg(long)]
+    subdir: Option<String>,
+    #[arg(long)]
+    read_only: bool,
+    /// Mount even if the mount point is not empty.
+    #[arg(long)]
+    nonempty: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Write buffer in MiB.
+    #[arg(long, default_value_t = 300)]
+    buffer_size: u64,
+    /// In-memory block cache in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem_cache_size: u64,
+    /// Kernel attribute cache timeout in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    attr_cache: f64,
+    /// Kernel entry cache timeout in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    entry_cache: f64,
+    /// Parallel uploads.
+    #[arg(long, default_value_t = 16)]
+    max_uploads: usize,
+    /// Seconds an unreferenced object is kept before deletion.
+    #[arg(long, default_value_t = 60)]
+    gc_grace: i64,
+    /// Do not run background cleaning (compaction, deletion) in this client.
+    #[arg(long)]
+    no_bgjob: bool,
+    /// Metadata URL of a formatted volume.
+    meta_url: String,
+    mountpoint: PathBuf,
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    if let Err(e) = run(cli) {
+        eprintln!("strata: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Format(a) => format(a),
+        Cmd::Mount(a) => mount_cmd(a, &cli.log_level),
+        Cmd::Umount { mountpoint, force } => {
+            mount::unmount(&mountpoint, force)?;
+            Ok(())
+        }
+        Cmd::Status { meta_url } => status(&meta_url),
+        Cmd::Config {
+            meta_url,
+            capacity,
+            inodes,
+            access_key,
+            secret_key,
+        } => {
+            let meta = Meta::new(open_engine(&meta_url)?, Arc::new(Metrics::new()), MetaSettings::default());
+            meta.load()?;
+            let fmt = meta.update_format(|f| {
+                if let Some(c) = capacity {
+                    f.capacity = c << 30;
+                }
+                if let Some(i) = inodes {
+                    f.inodes = i;
+                }
+                if access_key.is_some() {
+                    f.storage.access_key = access_key.clone();
+                }
+                if secret_key.is_some() {
+                    f.storage.secret_key = secret_key.clone();
+                }
+            })?;
+            println!(
+                "volume {}: capacity {} GiB, inodes {} (0 = unlimited)",
+                fmt.name,
+                fmt.capacity >> 30,
+                fmt.inodes
+            );
+            Ok(())
+        }
+        Cmd::Info { path } => info(&path),
+    }
+}
+
+fn format(a: FormatArgs) -> Result<()> {
+    let bucket = match (&a.bucket, a.storage.as_str()) {
+        (Some(b), _) => b.clone(),
+        (None, "file") => {
+            let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+            format!("{home}/.strata/local")
+        }
+        (None, kind) => bail!("--bucket is required for --storage {kind}"),
+    };
+    let storage = StorageConfig {
+        storage: a.storage.clone(),
+        bucket,
+        access_key: a.access_key,
+        secret_key: a.secret_key,
+        region: a.region,
+    };
+    let opts = FormatOptions {
+        name: a.name,
+        storage,
+        block_size_kib: a.block_size,
+        capacity_gib: a.capacity,
+        inodes: a.inodes,
+    };
+    let fmt = volume::format(&a.meta_url, &opts, Arc::new(Metrics::new()))?;
+    println!(
+        "volume {} ({}) formatted: metadata {}, data {} {}, block size {} KiB",
+        fmt.name,
+        fmt.uuid,
+        redact_url(&a.meta_url),
+        fmt.storage.storage,
+        fmt.storage.bucket,
+        fmt.block_size >> 10
+    );
+    Ok(())
+}
+
+fn mount_cmd(a: MountArgs, log_level: &str) -> Result<()> {
+    if a.background {
+        return mount_background(&a, log_level);
+    }
+    mount::block_signals();
+    let mut opts = MountOptions {
+        metrics: a.metrics.clone(),
+        subdir: a.subdir.clone(),
+        nonempty: a.nonempty,
+        threads: a.threads,
+        ..MountOptions::default()
+    };
+    opts.vfs.read_only = a.read_only;
+    opts.vfs.buffer_size = a.buffer_size << 20;
+    opts.vfs.mem_cache_size = a.mem_cache_size << 20;
+    opts.vfs.attr_timeout = a.attr_cache;
+    opts.vfs.entry_timeout = a.entry_cache;
+    opts.vfs.upload_threads = a.max_uploads;
+    opts.vfs.background_gc = !a.no_bgjob;
+    opts.meta.gc_grace_secs = a.gc_grace;
+    mount::run(&a.meta_url, &a.mountpoint, &opts)?;
+    Ok(())
+}
+
+/// `mount -d`: start this program again in the foreground as a detached child, logging to a
+/// file, and return once the mount is live (or report why it failed).
+fn mount_background(a: &MountArgs, log_level: &str) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let log = a.log.clone().unwrap_or_else(|| {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            PathBuf::from("/var/log/strata.log")
+        } else {
+            let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
+            PathBuf::from(home).join(".strata/strata.log")
+        }
+    });
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating log directory {}", dir.display()))?;
+    }
+    // Fail fast on the checks a user can fix, before going to the background.
+    mount::check_fuse()?;
+    let mp = mount::check_mountpoint(&a.mountpoint, a.nonempty)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening log file {}", log.display()))?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|s| s != "-d" && s != "--background")
+        .collect();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args)
+        .env("STRATA_LOG", log_level)
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    // SAFETY: setsid is async-signal-safe and has no preconditions.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the background mount process")?;
+    match mount::wait_mounted(&mp, &mut child, Duration::from_secs(30)) {
+        Ok(()) => {
+            println!("{} mounted at {} (pid {}, log {})", a.meta_url_redacted(), mp.display(), child.id(), log.display());
+            Ok(())
+        }
+        Err(e) => {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{e}; last lines of {}:\n{}", log.display(), tail.join("\n"))
+        }
+    }
+}
+
+impl MountArgs {
+    fn meta_url_redacted(&self) -> String {
+        redact_url(&self.meta_url)
+    }
+}
+
+fn status(meta_url: &str) -> Result<()> {
+    let meta = Meta::new(open_engine(meta_url)?, Arc::new(Metrics::new()), MetaSettings::default());
+    let mut fmt = meta.load()?;
+    if fmt.storage.secret_key.is_some() {
+        fmt.storage.secret_key = Some("removed".into());
+    }
+    let sessions: Vec<_> = meta
+        .sessions()?
+        .into_iter()
+        .map(|(sid, hb, info)| serde_json::json!({"sid": sid, "heartbeat": hb, "info": info}))
+        .collect();
+    let out = serde_json::json!({
+        "setting": fmt,
+        "used_space": meta.counter("used_space")?,
+        "used_inodes": meta.counter("used_inodes")?,
+        "sessions": sessions,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn info(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let name = std::ffi::CString::new(strata::vfs::Vfs::INFO_XATTR)?;
+    let mut buf = vec![0u8; 1 << 20];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if !path.exists() {
+            bail!("{}: no such file or directory", path.display());
+        }
+        bail!("{} is not inside a strata mount ({e})", path.display());
+    }
+    buf.truncate(n as usize);
+    println!("{}", String::from_utf8_lossy(&buf));
+    Ok(())
+}

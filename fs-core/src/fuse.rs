@@ -1,0 +1,636 @@
+//! The FUSE adapter: translates `fuser` requests into [`Vfs`] calls. This is the one place
+//! where errors become errno values ([`errno_of`]). Every operation runs in a tracing span,
+//! is counted and timed in the metrics, and failures or slow operations are logged with the
+//! path and the volume.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+
+use crate::meta::{Ctx, FileKind, Ino, MetaError, Node, ROOT_INO, SetAttr, TimeSet};
+use crate::vfs::reader::FetchError;
+use crate::vfs::writer::FlushError;
+use crate::vfs::{Vfs, VfsError};
+
+/// The errno for an error of the file-system core.
+pub fn errno_of(e: &VfsError) -> i32 {
+    match e {
+        VfsError::Meta(m) => match m {
+            MetaError::NotFound => libc::ENOENT,
+            MetaError::Exists => libc::EEXIST,
+            MetaError::NotDir => libc::ENOTDIR,
+            MetaError::IsDir => libc::EISDIR,
+            MetaError::NotEmpty => libc::ENOTEMPTY,
+            MetaError::Perm => libc::EPERM,
+            MetaError::Access => libc::EACCES,
+            MetaError::Invalid(_) => libc::EINVAL,
+            MetaError::NameTooLong => libc::ENAMETOOLONG,
+            MetaError::NoSpace => libc::ENOSPC,
+            MetaError::NoAttr => libc::ENODATA,
+            MetaError::Range => libc::ERANGE,
+            MetaError::TooManyLinks => libc::EMLINK,
+            MetaError::NotSupported(_) => libc::EOPNOTSUPP,
+            MetaError::TooBig => libc::EFBIG,
+            MetaError::Conflict
+            | MetaError::NotFormatted(_)
+            | MetaError::Format(_)
+            | MetaError::Engine(_) => libc::EIO,
+        },
+        VfsError::Fetch(FetchError::Missing(_) | FetchError::Corrupt { .. } | FetchError::Store(_)) => {
+            libc::EIO
+        }
+        VfsError::Flush(FlushError::Meta(MetaError::NoSpace)) => libc::ENOSPC,
+        VfsError::Flush(_) => libc::EIO,
+        VfsError::ReadOnly => libc::EROFS,
+        VfsError::BadHandle => libc::EBADF,
+    }
+}
+
+/// Errors that are part of normal operation and not worth a log line.
+fn expected(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ENOENT | libc::EEXIST | libc::ENODATA | libc::ENOTEMPTY | libc::ERANGE | libc::EROFS
+    )
+}
+
+const SLOW: Duration = Duration::from_secs(1);
+const GENERATION: Generation = Generation(0);
+
+/// Mount options the adapter needs.
+#[derive(Debug, Clone)]
+pub struct MountSettings {
+    /// Shown as the mount's source in /proc/mounts.
+    pub fsname: String,
+    /// FUSE worker threads.
+    pub threads: usize,
+    pub read_only: bool,
+    pub allow_other: bool,
+}
+
+pub struct StrataFs {
+    vfs: Arc<Vfs>,
+    /// Real inode shown as the mount's root (`--subdir`).
+    root: Ino,
+    attr_ttl: Duration,
+    entry_ttl: Duration,
+}
+
+fn to_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn from_time(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(from_time(t)),
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::BlockDev => FileType::BlockDevice,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+impl StrataFs {
+    pub fn new(vfs: Arc<Vfs>, root: Ino) -> Self {
+        let attr_ttl = Duration::from_secs_f64(vfs.settings.attr_timeout.max(0.0));
+        let entry_ttl = Duration::from_secs_f64(vfs.settings.entry_timeout.max(0.0));
+        StrataFs {
+            vfs,
+            root,
+            attr_ttl,
+            entry_ttl,
+        }
+    }
+
+    /// Kernel inode → file-system inode (the mount root and the real root swap places).
+    fn real(&self, ino: INodeNo) -> Ino {
+        let i = ino.0;
+        if i == ROOT_INO {
+            self.root
+        } else if i == self.root {
+            ROOT_INO
+        } else {
+            i
+        }
+    }
+
+    fn kernel(&self, ino: Ino) -> INodeNo {
+        INodeNo(if ino == self.root {
+            ROOT_INO
+        } else if ino == ROOT_INO {
+            self.root
+        } else {
+            ino
+        })
+    }
+
+    fn attr(&self, n: &Node) -> FileAttr {
+        FileAttr {
+            ino: self.kernel(n.ino),
+            size: n.length,
+            blocks: n.length.div_ceil(512),
+            atime: to_time(n.atime),
+            mtime: to_time(n.mtime),
+            ctime: to_time(n.ctime),
+            crtime: to_time(n.ctime),
+            kind: file_type(n.kind),
+            perm: (n.mode & 0o7777) as u16,
+            nlink: n.nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: n.rdev,
+            blksize: 1 << 20,
+            flags: 0,
+        }
+    }
+
+    /// Record an operation; log it with its path when it failed unexpectedly or was slow.
+    fn finish(&self, op: &'static str, start: Instant, err: Option<&VfsError>, path: impl Fn() -> String) -> Option<Errno> {
+        let elapsed = start.elapsed();
+        let errno = err.map(errno_of);
+        self.vfs.metrics.fuse_op(op, elapsed, errno);
+        if let (Some(e), Some(no)) = (err, errno) {
+            if !expected(no) {
+                tracing::warn!(volume = %self.vfs.volume(), op, path = %path(), errno = no, error = %e, "operation failed");
+            }
+        } else if elapsed > SLOW {
+            tracing::warn!(volume = %self.vfs.volume(), op, path = %path(), secs = elapsed.as_secs_f64(), "slow operation");
+        }
+        errno.map(Errno::from_i32)
+    }
+
+    fn reply_entry(&self, op: &'static str, start: Instant, r: Result<Node, VfsError>, path: impl Fn() -> String, reply: ReplyEntry) {
+        match r {
+            Ok(n) => {
+                self.finish(op, start, None, path);
+                reply.entry(&self.entry_ttl, &self.attr(&n), GENERATION);
+            }
+            Err(e) => {
+                let no = self.finish(op, start, Some(&e), path);
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn reply_empty(&self, op: &'static str, start: Instant, r: Result<(), VfsError>, path: impl Fn() -> String, reply: ReplyEmpty) {
+        match r {
+            Ok(()) => {
+                self.finish(op, start, None, path);
+                reply.ok();
+            }
+            Err(e) => {
+                let no = self.finish(op, start, Some(&e), path);
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn reply_attr(&self, op: &'static str, start: Instant, r: Result<Node, VfsError>, path: impl Fn() -> String, reply: ReplyAttr) {
+        match r {
+            Ok(n) => {
+                self.finish(op, start, None, path);
+                reply.attr(&self.attr_ttl, &self.attr(&n));
+            }
+            Err(e) => {
+                let no = self.finish(op, start, Some(&e), path);
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+impl Filesystem for StrataFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let start = Instant::now();
+        let p = self.real(parent);
+        let _s = tracing::debug_span!("lookup", parent = p).entered();
+        let r = self.vfs.lookup(p, name.as_bytes());
+        self.reply_entry("lookup", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("getattr", ino = i).entered();
+        let r = self.vfs.getattr(i);
+        self.reply_attr("getattr", start, r, || self.vfs.path(i), reply);
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("setattr", ino = i, size).entered();
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+        };
+        let r = self.vfs.setattr(i, &set, size);
+        self.reply_attr("setattr", start, r, || self.vfs.path(i), reply);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        match self.vfs.readlink(i) {
+            Ok(t) => {
+                self.finish("readlink", start, None, || self.vfs.path(i));
+                reply.data(&t);
+            }
+            Err(e) => {
+                let no = self.finish("readlink", start, Some(&e), || self.vfs.path(i));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let start = Instant::now();
+        let p = self.real(parent);
+        let _s = tracing::debug_span!("mknod", parent = p).entered();
+        let r = match FileKind::from_mode(mode) {
+            Some(kind) => self.vfs.mknod(ctx(req), p, name.as_bytes(), kind, mode & !umask & 0o7777, rdev),
+            None => Err(VfsError::Meta(MetaError::Invalid("file type"))),
+        };
+        self.reply_entry("mknod", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let start = Instant::now();
+        let p = self.real(parent);
+        let _s = tracing::debug_span!("mkdir", parent = p).entered();
+        let r = self.vfs.mknod(ctx(req), p, name.as_bytes(), FileKind::Dir, mode & !umask & 0o7777, 0);
+        self.reply_entry("mkdir", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let start = Instant::now();
+        let p = self.real(parent);
+        let _s = tracing::debug_span!("unlink", parent = p).entered();
+        let r = self.vfs.unlink(p, name.as_bytes());
+        self.reply_empty("unlink", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let start = Instant::now();
+        let p = self.real(parent);
+        let _s = tracing::debug_span!("rmdir", parent = p).entered();
+        let r = self.vfs.rmdir(p, name.as_bytes());
+        self.reply_empty("rmdir", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let start = Instant::now();
+        let p = self.real(parent);
+        let _s = tracing::debug_span!("symlink", parent = p).entered();
+        let r = self.vfs.symlink(ctx(req), p, link_name.as_bytes(), target.as_os_str().as_bytes());
+        self.reply_entry("symlink", start, r, || self.vfs.path_of(p, link_name.as_bytes()), reply);
+    }
+
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        let start = Instant::now();
+        let (p, np) = (self.real(parent), self.real(newparent));
+        let _s = tracing::debug_span!("rename", parent = p, newparent = np).entered();
+        let r = self.vfs.rename(p, name.as_bytes(), np, newname.as_bytes(), flags.bits());
+        self.reply_empty(
+            "rename",
+            start,
+            r,
+            || format!("{} -> {}", self.vfs.path_of(p, name.as_bytes()), self.vfs.path_of(np, newname.as_bytes())),
+            reply,
+        );
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let start = Instant::now();
+        let (i, np) = (self.real(ino), self.real(newparent));
+        let _s = tracing::debug_span!("link", ino = i, newparent = np).entered();
+        let r = self.vfs.link(i, np, newname.as_bytes());
+        self.reply_entry("link", start, r, || self.vfs.path_of(np, newname.as_bytes()), reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("open", ino = i).entered();
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        match self.vfs.open(i, write) {
+            Ok((fh, keep)) => {
+                self.finish("open", start, None, || self.vfs.path(i));
+                let f = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                reply.opened(FileHandle(fh), f);
+            }
+            Err(e) => {
+                let no = self.finish("open", start, Some(&e), || self.vfs.path(i));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn read(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("read", ino = i, offset, size).entered();
+        match self.vfs.read(i, fh.0, offset, size) {
+            Ok(data) => {
+                self.finish("read", start, None, || self.vfs.path(i));
+                reply.data(&data);
+            }
+            Err(e) => {
+                let no = self.finish("read", start, Some(&e), || self.vfs.path(i));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn write(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("write", ino = i, offset, size = data.len()).entered();
+        match self.vfs.write(i, offset, data) {
+            Ok(n) => {
+                self.finish("write", start, None, || self.vfs.path(i));
+                reply.written(n as u32);
+            }
+            Err(e) => {
+                let no = self.finish("write", start, Some(&e), || self.vfs.path(i));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("flush", ino = i).entered();
+        let r = self.vfs.flush(i);
+        self.reply_empty("flush", start, r, || self.vfs.path(i), reply);
+    }
+
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("release", ino = i).entered();
+        let r = self.vfs.release(i, fh.0);
+        self.reply_empty("release", start, r, || self.vfs.path(i), reply);
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("fsync", ino = i).entered();
+        let r = self.vfs.fsync(i);
+        self.reply_empty("fsync", start, r, || self.vfs.path(i), reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("opendir", ino = i).entered();
+        match self.vfs.opendir(i) {
+            Ok(fh) => {
+                self.finish("opendir", start, None, || self.vfs.path(i));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => {
+                let no = self.finish("opendir", start, Some(&e), || self.vfs.path(i));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("readdir", ino = i, offset).entered();
+        match self.vfs.readdir(i, fh.0, offset) {
+            Ok(entries) => {
+                for (off, e) in entries {
+                    if reply.add(self.kernel(e.ino), off, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                        break;
+                    }
+                }
+                self.finish("readdir", start, None, || self.vfs.path(i));
+                reply.ok();
+            }
+            Err(e) => {
+                let no = self.finish("readdir", start, Some(&e), || self.vfs.path(i));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.vfs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Metadata changes are committed when each operation returns.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let start = Instant::now();
+        match self.vfs.statfs() {
+            Ok(s) => {
+                self.finish("statfs", start, None, String::new);
+                let bsize = 4096u64;
+                reply.statfs(
+                    s.total_space / bsize,
+                    s.avail_space / bsize,
+                    s.avail_space / bsize,
+                    s.used_inodes + s.avail_inodes,
+                    s.avail_inodes,
+                    bsize as u32,
+                    255,
+                    bsize as u32,
+                );
+            }
+            Err(e) => {
+                let no = self.finish("statfs", start, Some(&e), String::new);
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let r = self.vfs.setxattr(i, name.as_bytes(), value, flags);
+        self.reply_empty("setxattr", start, r, || self.vfs.path(i), reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        match self.vfs.getxattr(i, name.as_bytes()) {
+            Ok(v) => {
+                self.finish("getxattr", start, None, || self.vfs.path(i));
+                if size == 0 {
+                    reply.size(v.len() as u32);
+                } else if v.len() > size as usize {
+                    reply.error(Errno::from_i32(libc::ERANGE));
+                } else {
+                    reply.data(&v);
+                }
+            }
+            Err(e) => {
+                let no = self.finish("getxattr", start, Some(&e), || self.vfs.path(i));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        match self.vfs.listxattr(i) {
+            Ok(names) => {
+                self.finish("listxattr", start, None, || self.vfs.path(i));
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32);
+                } else if buf.len() > size as usize {
+                    reply.error(Errno::from_i32(libc::ERANGE));
+                } else {
+                    reply.data(&buf);
+                }
+            }
+            Err(e) => {
+                let no = self.finish("listxattr", start, Some(&e), || self.vfs.path(i));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let r = self.vfs.removexattr(i, name.as_bytes());
+        self.reply_empty("removexattr", start, r, || self.vfs.path(i), reply);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission bits are checked by the kernel (default_permissions); only existence here.
+        let start = Instant::now();
+        let i = self.real(ino);
+        let r = self.vfs.getattr(i).map(|_| ());
+        self.reply_empty("access", start, r, || self.vfs.path(i), reply);
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _flags: i32, reply: ReplyCreate) {
+        let start = Instant::now();
+        let p = self.real(parent);
+        let _s = tracing::debug_span!("create", parent = p).entered();
+        match self.vfs.create(ctx(req), p, name.as_bytes(), mode & !umask & 0o7777) {
+            Ok((n, fh)) => {
+                self.finish("create", start, None, || self.vfs.path_of(p, name.as_bytes()));
+                reply.created(&self.entry_ttl, &self.attr(&n), GENERATION, FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => {
+                let no = self.finish("create", start, Some(&e), || self.vfs.path_of(p, name.as_bytes()));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let start = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("fallocate", ino = i, offset, length, mode).entered();
+        let r = self.vfs.fallocate(i, mode, offset, length).map(|_| ());
+        self.reply_empty("fallocate", start, r, || self.vfs.path(i), reply);
+    }
+}
+
+/// Mount `vfs` at `mountpoint` and serve requests until unmounted.
+pub fn mount(vfs: Arc<Vfs>, root: Ino, mountpoint: &Path, settings: &MountSettings) -> io::Result<()> {
+    let fs = StrataFs::new(vfs, root);
+    let mut options = vec![
+        MountOption::FSName(settings.fsname.clone()),
+        MountOption::Subtype("strata".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    if settings.read_only {
+        options.push(MountOption::RO);
+    }
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if settings.allow_other { SessionACL::All } else { SessionACL::Owner };
+    config.n_threads = Some(settings.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, mountpoint, &config)?;
+    session.run()
+}

@@ -1,0 +1,244 @@
+//! The engine conformance suite: every [`MetaEngine`] must pass [`run_all`]. It drives the
+//! file-system logic ([`Meta`]) over a fresh engine per case, so it checks both the engine's
+//! primitives (ordering, ranges, transactions) and the POSIX rules built on them.
+
+use std::sync::Arc;
+
+use super::{
+    CHUNK_SIZE, Ctx, FileKind, Format, Meta, MetaEngine, MetaError, MetaSettings, ROOT_INO, Slice,
+};
+use crate::metrics::Metrics;
+use crate::object::StorageConfig;
+
+/// A formatted [`Meta`] over the engine `make` returns.
+pub fn formatted(engine: Box<dyn MetaEngine>, capacity: u64) -> Meta {
+    let meta = Meta::new(
+        engine,
+        Arc::new(Metrics::new()),
+        MetaSettings {
+            gc_grace_secs: 0,
+            ..MetaSettings::default()
+        },
+    );
+    meta.format(&Format {
+        name: "conformance".into(),
+        uuid: "00000000-0000-0000-0000-000000000000".into(),
+        version: super::FORMAT_VERSION,
+        block_size: 4 << 20,
+        capacity,
+        inodes: 0,
+        storage: StorageConfig {
+            storage: "mem".into(),
+            bucket: String::new(),
+            access_key: None,
+            secret_key: None,
+            region: None,
+        },
+    })
+    .expect("format");
+    meta.load().expect("load");
+    meta.new_session("conformance").expect("session");
+    meta
+}
+
+type Case = fn(&Meta);
+
+const CASES: &[(&str, Case)] = &[
+    ("namespace", namespace),
+    ("rename", rename),
+    ("readdir_order_and_paging", readdir_paging),
+    ("truncate_masks", truncate_masks),
+    ("unlink_open_file", unlink_open),
+    ("xattrs", xattrs),
+    ("capacity", capacity),
+    ("transaction_rollback", rollback),
+];
+
+/// Run every case against fresh engines from `make`; panics with the case name on failure.
+pub fn run_all(make: &dyn Fn() -> Box<dyn MetaEngine>) {
+    for (name, case) in CASES {
+        let cap = if *name == "capacity" { 1 << 20 } else { 0 };
+        let meta = formatted(make(), cap);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&meta)));
+        if let Err(e) = r {
+            panic!("conformance case '{name}' failed on {}: {e:?}", meta.engine().describe());
+        }
+    }
+}
+
+fn file(meta: &Meta, parent: u64, name: &str) -> u64 {
+    meta.mknod(Ctx::ROOT, parent, name.as_bytes(), FileKind::File, 0o644, 0, None)
+        .expect("create")
+        .ino
+}
+
+fn dir(meta: &Meta, parent: u64, name: &str) -> u64 {
+    meta.mknod(Ctx::ROOT, parent, name.as_bytes(), FileKind::Dir, 0o755, 0, None)
+        .expect("mkdir")
+        .ino
+}
+
+fn namespace(m: &Meta) {
+    let d = dir(m, ROOT_INO, "d");
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 3);
+    let f = file(m, d, "f");
+    assert!(matches!(
+        m.mknod(Ctx::ROOT, d, b"f", FileKind::File, 0o644, 0, None),
+        Err(MetaError::Exists)
+    ));
+    assert_eq!(m.lookup(d, b"f").unwrap().ino, f);
+    assert_eq!(m.lookup(d, b"..").unwrap().ino, ROOT_INO);
+    assert_eq!(m.lookup(ROOT_INO, b"..").unwrap().ino, ROOT_INO);
+    m.link(f, ROOT_INO, b"hard").unwrap();
+    assert_eq!(m.getattr(f).unwrap().nlink, 2);
+    assert!(matches!(m.link(d, ROOT_INO, b"x"), Err(MetaError::Perm)));
+    assert!(matches!(m.rmdir(ROOT_INO, b"d"), Err(MetaError::NotEmpty)));
+    m.unlink(d, b"f").unwrap();
+    assert_eq!(m.getattr(f).unwrap().nlink, 1);
+    m.rmdir(ROOT_INO, b"d").unwrap();
+    assert!(matches!(m.getattr(d), Err(MetaError::NotFound)));
+    let s = m
+        .mknod(Ctx::ROOT, ROOT_INO, b"s", FileKind::Symlink, 0o777, 0, Some(b"/target"))
+        .unwrap();
+    assert_eq!(m.readlink(s.ino).unwrap(), b"/target");
+    assert!(matches!(m.unlink(ROOT_INO, b"nope"), Err(MetaError::NotFound)));
+    assert!(matches!(
+        m.mknod(Ctx::ROOT, ROOT_INO, &[b'a'; 256], FileKind::File, 0o644, 0, None),
+        Err(MetaError::NameTooLong)
+    ));
+    // setgid directories pass their group on.
+    let g = dir(m, ROOT_INO, "g");
+    m.setattr(g, &super::SetAttr { mode: Some(0o2775), gid: Some(50), ..Default::default() })
+        .unwrap();
+    let inner = m
+        .mknod(Ctx { uid: 7, gid: 7 }, g, b"sub", FileKind::Dir, 0o755, 0, None)
+        .unwrap();
+    assert_eq!(inner.gid, 50);
+    assert_ne!(inner.mode & libc::S_ISGID, 0);
+}
+
+fn rename(m: &Meta) {
+    let a = dir(m, ROOT_INO, "a");
+    let b = dir(m, ROOT_INO, "b");
+    let f = file(m, a, "f");
+    let g = file(m, b, "g");
+    assert!(matches!(m.rename(a, b"f", b, b"g", 1), Err(MetaError::Exists)));
+    m.rename(a, b"f", b, b"g", 2).unwrap();
+    assert_eq!(m.lookup(b, b"g").unwrap().ino, f);
+    assert_eq!(m.lookup(a, b"f").unwrap().ino, g);
+    m.rename(a, b"f", b, b"g", 0).unwrap();
+    assert_eq!(m.lookup(b, b"g").unwrap().ino, g);
+    assert!(matches!(m.getattr(f), Err(MetaError::NotFound)));
+    // Directory moves keep link counts right and refuse cycles.
+    let c = dir(m, a, "c");
+    m.rename(a, b"c", b, b"c", 0).unwrap();
+    assert_eq!(m.getattr(a).unwrap().nlink, 2);
+    assert_eq!(m.getattr(b).unwrap().nlink, 3);
+    assert_eq!(m.lookup(c, b"..").unwrap().ino, b);
+    assert!(matches!(m.rename(ROOT_INO, b"b", c, b"x", 0), Err(MetaError::Invalid(_))));
+    let e = dir(m, ROOT_INO, "e");
+    file(m, e, "x");
+    assert!(matches!(m.rename(b, b"c", ROOT_INO, b"e", 0), Err(MetaError::NotEmpty)));
+    assert!(matches!(m.rename(b, b"g", ROOT_INO, b"e", 0), Err(MetaError::IsDir)));
+    assert!(matches!(m.rename(ROOT_INO, b"e", b, b"g", 0), Err(MetaError::NotDir)));
+}
+
+fn readdir_paging(m: &Meta) {
+    let d = dir(m, ROOT_INO, "many");
+    for i in 0..250 {
+        file(m, d, &format!("f{i:04}"));
+    }
+    let mut names = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = m.readdir(d, after.as_deref(), 100).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = Some(page.last().unwrap().name.clone());
+        names.extend(page.into_iter().map(|e| e.name));
+    }
+    assert_eq!(names.len(), 250);
+    assert!(names.windows(2).all(|w| w[0] < w[1]));
+}
+
+fn truncate_masks(m: &Meta) {
+    let f = file(m, ROOT_INO, "t");
+    let id = m.new_slice_id().unwrap();
+    let s = Slice { seq: 0, id, size: 1000, off: 0, len: 1000, pos: 0 };
+    let far = Slice { seq: 0, id: id + 1, size: 10, off: 0, len: 10, pos: 0 };
+    m.write_slices(f, &[(0, s), (3, far)], 3 * CHUNK_SIZE + 10).unwrap();
+    assert_eq!(m.getattr(f).unwrap().length, 3 * CHUNK_SIZE + 10);
+    let n = m.truncate(f, 500).unwrap();
+    assert_eq!(n.length, 500);
+    let (segs, len) = m.read_chunk(f, 0).unwrap();
+    assert_eq!(len, 500);
+    assert_eq!(segs.len(), 1);
+    assert_eq!(segs[0].len, 500);
+    assert!(m.read_chunk(f, 3).unwrap().0.is_empty());
+    // Growing again shows zeros, not the old bytes.
+    m.truncate(f, 2000).unwrap();
+    assert_eq!(m.read_chunk(f, 0).unwrap().0[0].len, 500);
+    // Trimming drops the hidden slice of chunk 3 and queues it as garbage.
+    m.trim_once().unwrap();
+    assert_eq!(m.chunk_indexes(f).unwrap(), vec![0]);
+    assert!(m.due_garbage(10).unwrap().iter().any(|g| g.0 == id + 1));
+    // The mask on chunk 0 is still needed (slice `s` crosses it).
+    assert_eq!(m.getattr(f).unwrap().masks.len(), 1);
+    // Punching a hole hides a range, keeps the size.
+    let n = m.fallocate(f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 100).unwrap();
+    assert_eq!(n.length, 2000);
+    let segs = m.read_chunk(f, 0).unwrap().0;
+    assert_eq!((segs[0].pos, segs[0].len), (100, 400));
+    // Truncate to 0 makes every mask redundant but one, and trimming drops everything.
+    m.truncate(f, 0).unwrap();
+    m.trim_once().unwrap();
+    assert!(m.chunk_indexes(f).unwrap().is_empty());
+    assert!(m.getattr(f).unwrap().masks.is_empty());
+}
+
+fn unlink_open(m: &Meta) {
+    let f = file(m, ROOT_INO, "open");
+    m.open(f);
+    m.unlink(ROOT_INO, b"open").unwrap();
+    assert_eq!(m.getattr(f).unwrap().nlink, 0);
+    m.close(f).unwrap();
+    assert!(matches!(m.getattr(f), Err(MetaError::NotFound)));
+    // Closing a session deletes what it kept alive.
+    let g = file(m, ROOT_INO, "open2");
+    m.open(g);
+    m.unlink(ROOT_INO, b"open2").unwrap();
+    m.close_session().unwrap();
+    assert!(matches!(m.getattr(g), Err(MetaError::NotFound)));
+}
+
+fn xattrs(m: &Meta) {
+    let f = file(m, ROOT_INO, "x");
+    m.setxattr(f, b"user.a", b"1", 0).unwrap();
+    assert!(matches!(m.setxattr(f, b"user.a", b"2", libc::XATTR_CREATE), Err(MetaError::Exists)));
+    assert!(matches!(m.setxattr(f, b"user.b", b"2", libc::XATTR_REPLACE), Err(MetaError::NoAttr)));
+    assert_eq!(m.getxattr(f, b"user.a").unwrap(), b"1");
+    assert_eq!(m.listxattr(f).unwrap(), vec![b"user.a".to_vec()]);
+    m.removexattr(f, b"user.a").unwrap();
+    assert!(matches!(m.getxattr(f, b"user.a"), Err(MetaError::NoAttr)));
+}
+
+fn capacity(m: &Meta) {
+    let f = file(m, ROOT_INO, "big");
+    assert!(matches!(m.truncate(f, 2 << 20), Err(MetaError::NoSpace)));
+    m.truncate(f, 512 << 10).unwrap();
+    let st = m.statfs().unwrap();
+    assert_eq!(st.total_space, 1 << 20);
+    assert!(st.avail_space <= (1 << 20) - (512 << 10));
+    m.unlink(ROOT_INO, b"big").unwrap();
+    assert!(m.statfs().unwrap().avail_space >= (1 << 20) - 4096);
+}
+
+fn rollback(m: &Meta) {
+    let r: Result<(), MetaError> = m.txn(true, |tx| {
+        tx.set_setting("probe", "1")?;
+        Err(MetaError::Invalid("abort"))
+    });
+    assert!(r.is_err());
+    assert_eq!(m.txn(false, |tx| tx.get_setting("probe")).unwrap(), None);
+}

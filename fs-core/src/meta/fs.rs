@@ -1,0 +1,1230 @@
+//! File-system logic over any [`MetaEngine`]: POSIX operations on inodes, each one
+//! transaction, retried on conflict. Truncation and hole punching add a [`Mask`] to the
+//! inode (O(1)); hidden slices are dropped later by [`Meta::trim_once`], and data of deleted
+//! files by [`Meta::reclaim_once`]. Unreferenced slice objects are queued as garbage and
+//! handed to the object-deletion worker after a grace period.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    CHUNK_SIZE, Entry, FileKind, Ino, MAX_NAME, MAX_SYMLINK, MAX_XATTR_VALUE, Mask, MetaEngine,
+    MetaError, Node, ROOT_INO, Result, Slice, Txn, now_ns,
+};
+use crate::chunk::{hidden_slices, visible_segments, Segment};
+use crate::metrics::Metrics;
+use crate::object::StorageConfig;
+
+/// Version of the metadata and object layout written by this build (docs/FORMAT.md).
+pub const FORMAT_VERSION: u32 = 1;
+const MAX_FILE_SIZE: u64 = 1 << 52;
+const COUNTER_INODE: &str = "next_inode";
+const COUNTER_SLICE: &str = "next_slice";
+const COUNTER_SESSION: &str = "next_session";
+const USED_SPACE: &str = "used_space";
+const USED_INODES: &str = "used_inodes";
+
+/// A volume's identity and settings, stored once by `strata format`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Format {
+    pub name: String,
+    pub uuid: String,
+    pub version: u32,
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// Capacity limit in bytes, 0 = unlimited.
+    pub capacity: u64,
+    /// Inode limit, 0 = unlimited.
+    pub inodes: u64,
+    pub storage: StorageConfig,
+}
+
+/// Settings of the metadata client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MetaSettings {
+    /// Seconds an unreferenced object is kept before deletion (readers that listed a chunk
+    /// before a compaction or truncation may still fetch it).
+    pub gc_grace_secs: i64,
+    /// Retries of a conflicting transaction before giving up.
+    pub max_retries: u32,
+}
+
+impl Default for MetaSettings {
+    fn default() -> Self {
+        MetaSettings {
+            gc_grace_secs: 60,
+            max_retries: 50,
+        }
+    }
+}
+
+/// What a caller is: owner of new inodes.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Ctx {
+    pub const ROOT: Ctx = Ctx { uid: 0, gid: 0 };
+}
+
+/// A time to set: now, or nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSet {
+    Now,
+    At(i64),
+}
+
+/// Attribute changes of `setattr` (size changes go through [`Meta::truncate`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+}
+
+/// Space and inode figures for `statfs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    pub total_space: u64,
+    pub avail_space: u64,
+    pub used_inodes: u64,
+    pub avail_inodes: u64,
+}
+
+/// Bytes an inode accounts for in the volume's usage.
+pub fn space_of(kind: FileKind, length: u64) -> i64 {
+    match kind {
+        FileKind::File => length.div_ceil(4096) as i64 * 4096,
+        _ => 4096,
+    }
+}
+
+struct IdRange {
+    next: u64,
+    end: u64,
+}
+
+/// File-system metadata over an engine.
+pub struct Meta {
+    engine: Box<dyn MetaEngine>,
+    metrics: Arc<Metrics>,
+    settings: MetaSettings,
+    sid: AtomicU64,
+    inodes: Mutex<IdRange>,
+    slices: Mutex<IdRange>,
+    open: Mutex<HashMap<Ino, u32>>,
+    format: Mutex<Option<Format>>,
+}
+
+impl std::fmt::Debug for Meta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Meta({})", self.engine.describe())
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(MetaError::Invalid("bad file name"));
+    }
+    if name.len() > MAX_NAME {
+        return Err(MetaError::NameTooLong);
+    }
+    Ok(())
+}
+
+fn get_dir(tx: &mut dyn Txn, ino: Ino) -> Result<Node> {
+    let n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+    if n.kind != FileKind::Dir {
+        return Err(MetaError::NotDir);
+    }
+    if n.nlink == 0 {
+        return Err(MetaError::NotFound);
+    }
+    Ok(n)
+}
+
+fn time_of(t: TimeSet, now: i64) -> i64 {
+    match t {
+        TimeSet::Now => now,
+        TimeSet::At(v) => v,
+    }
+}
+
+/// Drop masks made redundant by a later mask covering them.
+fn simplify_masks(masks: &mut Vec<Mask>) {
+    let all = masks.clone();
+    masks.retain(|m| {
+        !all
+            .iter()
+            .any(|o| o.seq > m.seq && o.start <= m.start && o.end >= m.end)
+    });
+}
+
+impl Meta {
+    pub fn new(engine: Box<dyn MetaEngine>, metrics: Arc<Metrics>, settings: MetaSettings) -> Self {
+        Meta {
+            engine,
+            metrics,
+            settings,
+            sid: AtomicU64::new(0),
+            inodes: Mutex::new(IdRange { next: 0, end: 0 }),
+            slices: Mutex::new(IdRange { next: 0, end: 0 }),
+            open: Mutex::new(HashMap::new()),
+            format: Mutex::new(None),
+        }
+    }
+
+    pub fn engine(&self) -> &dyn MetaEngine {
+        &*self.engine
+    }
+
+    /// Run `f` in a transaction, retrying on conflicts with backoff.
+    pub fn txn<R>(&self, write: bool, mut f: impl FnMut(&mut dyn Txn) -> Result<R>) -> Result<R> {
+        let start = Instant::now();
+        let mut retries = 0u32;
+        loop {
+            let res = (|| {
+                let mut tx = self.engine.begin(write)?;
+                let v = f(&mut *tx)?;
+                tx.commit()?;
+                Ok(v)
+            })();
+            match res {
+                Err(MetaError::Conflict) if retries < self.settings.max_retries => {
+                    retries += 1;
+                    let backoff = Duration::from_micros(500 * (1u64 << retries.min(8)));
+                    let jitter = rand::random::<u64>() % (backoff.as_micros() as u64 + 1);
+                    std::thread::sleep(Duration::from_micros(jitter) + backoff / 2);
+                }
+                other => {
+                    self.metrics.meta_txn(start.elapsed(), retries);
+                    return other;
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- volume lifecycle
+
+    /// Write the volume's format and root directory. Formatting an already formatted volume
+    /// with the same name is accepted (nothing changes); another name is refused.
+    pub fn format(&self, fmt: &Format) -> Result<Format> {
+        self.engine.init_schema()?;
+        let json = serde_json::to_string(fmt).map_err(|e| MetaError::Engine(e.to_string()))?;
+        self.txn(true, |tx| {
+            if let Some(old) = tx.get_setting("format")? {
+                let old: Format = serde_json::from_str(&old)
+                    .map_err(|e| MetaError::Format(format!("stored format is unreadable: {e}")))?;
+                if old.name != fmt.name {
+                    return Err(MetaError::Format(format!(
+                        "{} is already formatted as volume '{}'; use that name, or another metadata URL for a new volume",
+                        self.engine.describe(),
+                        old.name
+                    )));
+                }
+                return Ok(old);
+            }
+            tx.set_setting("format", &json)?;
+            let now = now_ns();
+            tx.put_node(&Node {
+                ino: ROOT_INO,
+                kind: FileKind::Dir,
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                nlink: 2,
+                length: 4096,
+                rdev: 0,
+                parent: ROOT_INO,
+                seq: 0,
+                masks: vec![],
+            })?;
+            tx.incr_counter(COUNTER_INODE, ROOT_INO as i64 + 1)?;
+            tx.incr_counter(COUNTER_SLICE, 1)?;
+            tx.incr_counter(USED_SPACE, 0)?;
+            tx.incr_counter(USED_INODES, 0)?;
+            Ok(fmt.clone())
+        })
+    }
+
+    /// Read the volume's format; fails with a message naming `strata format` if missing.
+    pub fn load(&self) -> Result<Format> {
+        let desc = self.engine.describe();
+        let raw = self
+            .txn(false, |tx| tx.get_setting("format"))
+            .map_err(|e| match e {
+                MetaError::Engine(m) if m.contains("no such table") || m.contains("does not exist") => {
+                    MetaError::NotFormatted(desc.clone())
+                }
+                e => e,
+            })?
+            .ok_or_else(|| MetaError::NotFormatted(desc.clone()))?;
+        let fmt: Format = serde_json::from_str(&raw)
+            .map_err(|e| MetaError::Format(format!("stored format is unreadable: {e}")))?;
+        if fmt.version > FORMAT_VERSION {
+            return Err(MetaError::Format(format!(
+                "volume '{}' has format version {} but this strata understands up to {}: upgrade strata",
+                fmt.name, fmt.version, FORMAT_VERSION
+            )));
+        }
+        *self.format.lock() = Some(fmt.clone());
+        Ok(fmt)
+    }
+
+    /// Change the stored format (capacity, inode limit, credentials).
+    pub fn update_format(&self, f: impl Fn(&mut Format)) -> Result<Format> {
+        let fmt = self.txn(true, |tx| {
+            let raw = tx
+                .get_setting("format")?
+                .ok_or_else(|| MetaError::NotFormatted(self.engine.describe()))?;
+            let mut fmt: Format =
+                serde_json::from_str(&raw).map_err(|e| MetaError::Format(e.to_string()))?;
+            f(&mut fmt);
+            let json = serde_json::to_string(&fmt).map_err(|e| MetaError::Engine(e.to_string()))?;
+            tx.set_setting("format", &json)?;
+            Ok(fmt)
+        })?;
+        *self.format.lock() = Some(fmt.clone());
+        Ok(fmt)
+    }
+
+    /// Register this client as a session; returns its id.
+    pub fn new_session(&self, info: &str) -> Result<u64> {
+        let sid = self.txn(true, |tx| {
+            let sid = tx.incr_counter(COUNTER_SESSION, 1)? as u64;
+            tx.put_session(sid, now_ns() / 1_000_000_000, info)?;
+            Ok(sid)
+        })?;
+        self.sid.store(sid, Ordering::SeqCst);
+        Ok(sid)
+    }
+
+    pub fn heartbeat(&self, info: &str) -> Result<()> {
+        let sid = self.sid.load(Ordering::SeqCst);
+        if sid == 0 {
+            return Ok(());
+        }
+        self.txn(true, |tx| tx.put_session(sid, now_ns() / 1_000_000_000, info))
+    }
+
+    /// End this client's session: files it kept alive after unlink are deleted.
+    pub fn close_session(&self) -> Result<()> {
+        let sid = self.sid.swap(0, Ordering::SeqCst);
+        if sid == 0 {
+            return Ok(());
+        }
+        self.cleanup_session(sid)
+    }
+
+    /// Remove a session (this one at umount, or a dead one) and what it kept alive.
+    pub fn cleanup_session(&self, sid: u64) -> Result<()> {
+        self.txn(true, |tx| {
+            for ino in tx.list_sustained(sid)? {
+                tx.delete_sustained(sid, ino)?;
+                if let Some(n) = tx.get_node(ino)? {
+                    if n.nlink == 0 {
+                        Self::destroy_node(tx, &n)?;
+                    }
+                }
+            }
+            tx.delete_session(sid)
+        })
+    }
+
+    pub fn sessions(&self) -> Result<Vec<(u64, i64, String)>> {
+        self.txn(false, |tx| tx.list_sessions())
+    }
+
+    pub fn counter(&self, name: &str) -> Result<i64> {
+        self.txn(true, |tx| tx.incr_counter(name, 0))
+    }
+
+    fn format_cached(&self) -> Result<Format> {
+        if let Some(f) = self.format.lock().clone() {
+            return Ok(f);
+        }
+        self.load()
+    }
+
+    fn alloc(&self, range: &Mutex<IdRange>, counter: &'static str, batch: u64) -> Result<u64> {
+        let mut r = range.lock();
+        if r.next >= r.end {
+            let end = self.txn(true, |tx| tx.incr_counter(counter, batch as i64))? as u64;
+            r.next = end - batch;
+            r.end = end;
+        }
+        let v = r.next;
+        r.next += 1;
+        Ok(v)
+    }
+
+    /// A fresh slice id (ids are handed out in batches).
+    pub fn new_slice_id(&self) -> Result<u64> {
+        self.alloc(&self.slices, COUNTER_SLICE, 1000)
+    }
+
+    fn new_inode(&self) -> Result<Ino> {
+        self.alloc(&self.inodes, COUNTER_INODE, 100)
+    }
+
+    fn check_space(tx: &mut dyn Txn, fmt: &Format, space: i64, inodes: i64) -> Result<()> {
+        if space > 0 && fmt.capacity > 0 {
+            let used = tx.incr_counter(USED_SPACE, 0)?;
+            if used + space > fmt.capacity as i64 {
+                return Err(MetaError::NoSpace);
+            }
+        }
+        if inodes > 0 && fmt.inodes > 0 {
+            let used = tx.incr_counter(USED_INODES, 0)?;
+            if used + inodes > fmt.inodes as i64 {
+                return Err(MetaError::NoSpace);
+            }
+        }
+        Ok(())
+    }
+
+    fn account(tx: &mut dyn Txn, space: i64, inodes: i64) -> Result<()> {
+        if space != 0 {
+            tx.incr_counter(USED_SPACE, space)?;
+        }
+        if inodes != 0 {
+            tx.incr_counter(USED_INODES, inodes)?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- lookups
+
+    pub fn getattr(&self, ino: Ino) -> Result<Node> {
+        self.txn(false, |tx| tx.get_node(ino)?.ok_or(MetaError::NotFound))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Node> {
+        self.txn(false, |tx| {
+            let p = get_dir(tx, parent)?;
+            let ino = match name {
+                b"." => parent,
+                b".." => p.parent.max(ROOT_INO),
+                _ => {
+                    check_name(name)?;
+                    tx.get_edge(parent, name)?.ok_or(MetaError::NotFound)?.ino
+                }
+            };
+            tx.get_node(ino)?.ok_or(MetaError::NotFound)
+        })
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        self.txn(false, |tx| tx.get_symlink(ino)?.ok_or(MetaError::Invalid("not a symlink")))
+    }
+
+    /// Entries of a directory in name order after `after`, at most `limit`.
+    pub fn readdir(&self, ino: Ino, after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
+        self.txn(false, |tx| {
+            get_dir(tx, ino)?;
+            tx.list_edges(ino, after, limit)
+        })
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let fmt = self.format_cached()?;
+        let (space, inodes) = self.txn(true, |tx| {
+            Ok((tx.incr_counter(USED_SPACE, 0)?, tx.incr_counter(USED_INODES, 0)?))
+        })?;
+        let space = space.max(0) as u64;
+        let inodes = inodes.max(0) as u64;
+        let total = if fmt.capacity > 0 { fmt.capacity } else { 1 << 50 };
+        let itotal = if fmt.inodes > 0 { fmt.inodes } else { 1 << 40 };
+        Ok(StatFs {
+            total_space: total.max(space),
+            avail_space: total.saturating_sub(space),
+            used_inodes: inodes,
+            avail_inodes: itotal.saturating_sub(inodes),
+        })
+    }
+
+    // ---------------------------------------------------------------- namespace changes
+
+    /// Create a file, directory, device, fifo, socket or symlink (`target`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        kind: FileKind,
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<Node> {
+        check_name(name)?;
+        if let Some(t) = target {
+            if t.is_empty() || t.len() > MAX_SYMLINK {
+                return Err(if t.is_empty() {
+                    MetaError::Invalid("empty symlink target")
+                } else {
+                    MetaError::NameTooLong
+                });
+            }
+        }
+        let fmt = self.format_cached()?;
+        let ino = self.new_inode()?;
+        self.txn(true, |tx| {
+            let mut p = get_dir(tx, parent)?;
+            if tx.get_edge(parent, name)?.is_some() {
+                return Err(MetaError::Exists);
+            }
+            let space = space_of(kind, 0);
+            Self::check_space(tx, &fmt, space, 1)?;
+            let now = now_ns();
+            let mut gid = ctx.gid;
+            let mut mode = mode & 0o7777;
+            if p.mode & libc::S_ISGID != 0 {
+                gid = p.gid;
+                if kind == FileKind::Dir {
+                    mode |= libc::S_ISGID;
+                }
+            }
+            let node = Node {
+                ino,
+                kind,
+                mode,
+                uid: ctx.uid,
+                gid,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                nlink: if kind == FileKind::Dir { 2 } else { 1 },
+                length: match (kind, target) {
+                    (FileKind::Dir, _) => 4096,
+                    (_, Some(t)) => t.len() as u64,
+                    _ => 0,
+                },
+                rdev,
+                parent,
+                seq: 0,
+                masks: vec![],
+            };
+            tx.put_node(&node)?;
+            tx.put_edge(
+                parent,
+                &Entry {
+                    name: name.to_vec(),
+                    ino,
+                    kind,
+                },
+            )?;
+            if let Some(t) = target {
+                tx.put_symlink(ino, t)?;
+            }
+            if kind == FileKind::Dir {
+                p.nlink += 1;
+            }
+            p.mtime = now;
+            p.ctime = now;
+            tx.put_node(&p)?;
+            Self::account(tx, space, 1)?;
+            Ok(node)
+        })
+    }
+
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Node> {
+        check_name(name)?;
+        self.txn(true, |tx| {
+            let mut p = get_dir(tx, parent)?;
+            let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            if n.kind == FileKind::Dir {
+                return Err(MetaError::Perm);
+            }
+            if n.nlink == 0 {
+                return Err(MetaError::NotFound);
+            }
+            if n.nlink >= 65000 {
+                return Err(MetaError::TooManyLinks);
+            }
+            if tx.get_edge(parent, name)?.is_some() {
+                return Err(MetaError::Exists);
+            }
+            let now = now_ns();
+            n.nlink += 1;
+            n.ctime = now;
+            n.parent = 0;
+            tx.put_node(&n)?;
+            tx.put_edge(
+                parent,
+                &Entry {
+                    name: name.to_vec(),
+                    ino,
+                    kind: n.kind,
+                },
+            )?;
+            p.mtime = now;
+            p.ctime = now;
+            tx.put_node(&p)?;
+            Ok(n)
+        })
+    }
+
+    /// Drop one link of `n` (already removed from its directory) and delete it when it was
+    /// the last one and nobody here has it open.
+    fn drop_link(&self, tx: &mut dyn Txn, mut n: Node, now: i64) -> Result<()> {
+        n.nlink = n.nlink.saturating_sub(1);
+        n.ctime = now;
+        if n.kind == FileKind::Dir {
+            n.nlink = 0;
+        }
+        if n.nlink > 0 {
+            return tx.put_node(&n);
+        }
+        let sid = self.sid.load(Ordering::SeqCst);
+        if sid != 0 && self.open.lock().get(&n.ino).copied().unwrap_or(0) > 0 {
+            tx.add_sustained(sid, n.ino)?;
+            return tx.put_node(&n);
+        }
+        Self::destroy_node(tx, &n)
+    }
+
+    /// Remove an inode whose last link is gone; its data is reclaimed in the background.
+    fn destroy_node(tx: &mut dyn Txn, n: &Node) -> Result<()> {
+        tx.delete_node(n.ino)?;
+        tx.delete_xattrs(n.ino)?;
+        match n.kind {
+            FileKind::Symlink => tx.delete_symlink(n.ino)?,
+            FileKind::File => tx.add_reclaim(n.ino, n.length)?,
+            _ => {}
+        }
+        Self::account(tx, -space_of(n.kind, n.length), -1)
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        self.txn(true, |tx| {
+            let mut p = get_dir(tx, parent)?;
+            let e = tx.get_edge(parent, name)?.ok_or(MetaError::NotFound)?;
+            if e.kind == FileKind::Dir {
+                return Err(MetaError::IsDir);
+            }
+            let now = now_ns();
+            tx.delete_edge(parent, name)?;
+            p.mtime = now;
+            p.ctime = now;
+            tx.put_node(&p)?;
+            if let Some(n) = tx.get_node(e.ino)? {
+                self.drop_link(tx, n, now)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        match name {
+            b"." => return Err(MetaError::Invalid("rmdir of '.'")),
+            b".." => return Err(MetaError::NotEmpty),
+            _ => check_name(name)?,
+        }
+        self.txn(true, |tx| {
+            let mut p = get_dir(tx, parent)?;
+            let e = tx.get_edge(parent, name)?.ok_or(MetaError::NotFound)?;
+            if e.kind != FileKind::Dir {
+                return Err(MetaError::NotDir);
+            }
+            if !tx.list_edges(e.ino, None, 1)?.is_empty() {
+                return Err(MetaError::NotEmpty);
+            }
+            let now = now_ns();
+            tx.delete_edge(parent, name)?;
+            p.nlink = p.nlink.saturating_sub(1);
+            p.mtime = now;
+            p.ctime = now;
+            tx.put_node(&p)?;
+            if let Some(n) = tx.get_node(e.ino)? {
+                self.drop_link(tx, n, now)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Is `dir` equal to `ancestor` or below it?
+    fn is_below(tx: &mut dyn Txn, mut dir: Ino, ancestor: Ino) -> Result<bool> {
+        for _ in 0..100_000 {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == ROOT_INO || dir == 0 {
+                return Ok(false);
+            }
+            dir = match tx.get_node(dir)? {
+                Some(n) => n.parent,
+                None => return Ok(false),
+            };
+        }
+        Ok(false)
+    }
+
+    /// rename(2) with the Linux flags RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2).
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        const NOREPLACE: u32 = 1;
+        const EXCHANGE: u32 = 2;
+        check_name(name)?;
+        check_name(newname)?;
+        if flags & !(NOREPLACE | EXCHANGE) != 0 {
+            return Err(MetaError::NotSupported("rename flag (only NOREPLACE and EXCHANGE)"));
+        }
+        if flags == NOREPLACE | EXCHANGE {
+            return Err(MetaError::Invalid("RENAME_NOREPLACE with RENAME_EXCHANGE"));
+        }
+        self.txn(true, |tx| {
+            let now = now_ns();
+            let mut parents: HashMap<Ino, Node> = HashMap::new();
+            parents.insert(parent, get_dir(tx, parent)?);
+            if newparent != parent {
+                parents.insert(newparent, get_dir(tx, newparent)?);
+            }
+            let se = tx.get_edge(parent, name)?.ok_or(MetaError::NotFound)?;
+            let de = tx.get_edge(newparent, newname)?;
+            if parent == newparent && name == newname {
+                return if flags & EXCHANGE != 0 || de.is_some() {
+                    Ok(())
+                } else {
+                    Err(MetaError::NotFound)
+                };
+            }
+            if se.kind == FileKind::Dir
+                && newparent != parent
+                && Self::is_below(tx, newparent, se.ino)?
+            {
+                return Err(MetaError::Invalid("cannot move a directory below itself"));
+            }
+            let mut snode = tx.get_node(se.ino)?.ok_or(MetaError::NotFound)?;
+            if flags & EXCHANGE != 0 {
+                let de = de.ok_or(MetaError::NotFound)?;
+                if de.kind == FileKind::Dir
+                    && newparent != parent
+                    && Self::is_below(tx, parent, de.ino)?
+                {
+                    return Err(MetaError::Invalid("cannot move a directory below itself"));
+                }
+                let mut dnode = tx.get_node(de.ino)?.ok_or(MetaError::NotFound)?;
+                tx.put_edge(
+                    parent,
+                    &Entry {
+                        name: name.to_vec(),
+                        ino: de.ino,
+                        kind: de.kind,
+                    },
+                )?;
+                tx.put_edge(
+                    newparent,
+                    &Entry {
+                        name: newname.to_vec(),
+                        ino: se.ino,
+                        kind: se.kind,
+                    },
+                )?;
+                if parent != newparent {
+                    if se.kind == FileKind::Dir {
+                        parents.entry(parent).and_modify(|p| p.nlink -= 1);
+                        parents.entry(newparent).and_modify(|p| p.nlink += 1);
+                    }
+                    if de.kind == FileKind::Dir {
+                        parents.entry(newparent).and_modify(|p| p.nlink -= 1);
+                        parents.entry(parent).and_modify(|p| p.nlink += 1);
+                    }
+                }
+                if snode.parent != 0 {
+                    snode.parent = newparent;
+                }
+                if dnode.parent != 0 {
+                    dnode.parent = parent;
+                }
+                snode.ctime = now;
+                dnode.ctime = now;
+                tx.put_node(&snode)?;
+                tx.put_node(&dnode)?;
+            } else {
+                if let Some(de) = &de {
+                    if flags & NOREPLACE != 0 {
+                        return Err(MetaError::Exists);
+                    }
+                    if de.ino == se.ino {
+                        return Ok(());
+                    }
+                    let dnode = tx.get_node(de.ino)?.ok_or(MetaError::NotFound)?;
+                    if se.kind == FileKind::Dir {
+                        if de.kind != FileKind::Dir {
+                            return Err(MetaError::NotDir);
+                        }
+                        if !tx.list_edges(de.ino, None, 1)?.is_empty() {
+                            return Err(MetaError::NotEmpty);
+                        }
+                        parents.entry(newparent).and_modify(|p| p.nlink -= 1);
+                    } else if de.kind == FileKind::Dir {
+                        return Err(MetaError::IsDir);
+                    }
+                    self.drop_link(tx, dnode, now)?;
+                }
+                tx.delete_edge(parent, name)?;
+                tx.put_edge(
+                    newparent,
+                    &Entry {
+                        name: newname.to_vec(),
+                        ino: se.ino,
+                        kind: se.kind,
+                    },
+                )?;
+                if se.kind == FileKind::Dir && parent != newparent {
+                    parents.entry(parent).and_modify(|p| p.nlink -= 1);
+                    parents.entry(newparent).and_modify(|p| p.nlink += 1);
+                }
+                if snode.parent != 0 || snode.kind == FileKind::Dir {
+                    snode.parent = newparent;
+                }
+                snode.ctime = now;
+                tx.put_node(&snode)?;
+            }
+            for (_, mut p) in parents {
+                p.mtime = now;
+                p.ctime = now;
+                tx.put_node(&p)?;
+            }
+            Ok(())
+        })
+    }
+
+    // ---------------------------------------------------------------- attributes
+
+    pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Node> {
+        self.txn(true, |tx| {
+            let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            let now = now_ns();
+            if let Some(m) = set.mode {
+                n.mode = m & 0o7777;
+            }
+            if let Some(u) = set.uid {
+                n.uid = u;
+            }
+            if let Some(g) = set.gid {
+                n.gid = g;
+            }
+            if let Some(t) = set.atime {
+                n.atime = time_of(t, now);
+            }
+            if let Some(t) = set.mtime {
+                n.mtime = time_of(t, now);
+            }
+            n.ctime = now;
+            tx.put_node(&n)?;
+            Ok(n)
+        })
+    }
+
+    /// Set the length of a file. Constant cost: shrinking adds a mask that hides old data
+    /// beyond `size`; the hidden slices are dropped later by [`Meta::trim_once`].
+    pub fn truncate(&self, ino: Ino, size: u64) -> Result<Node> {
+        if size > MAX_FILE_SIZE {
+            return Err(MetaError::TooBig);
+        }
+        let fmt = self.format_cached()?;
+        self.txn(true, |tx| {
+            let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            match n.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(MetaError::IsDir),
+                _ => return Err(MetaError::Invalid("truncate of a special file")),
+            }
+            let delta = space_of(n.kind, size) - space_of(n.kind, n.length);
+            Self::check_space(tx, &fmt, delta, 0)?;
+            if size < n.length {
+                n.seq += 1;
+                n.masks.push(Mask {
+                    seq: n.seq,
+                    start: size,
+                    end: u64::MAX,
+                });
+                simplify_masks(&mut n.masks);
+                tx.add_trim(ino)?;
+            }
+            let now = now_ns();
+            n.length = size;
+            n.mtime = now;
+            n.ctime = now;
+            tx.put_node(&n)?;
+            Self::account(tx, delta, 0)?;
+            Ok(n)
+        })
+    }
+
+    /// fallocate(2): mode 0 (allocate, may grow), KEEP_SIZE (1), PUNCH_HOLE (2, with
+    /// KEEP_SIZE) and ZERO_RANGE (0x10). Constant cost, like truncate.
+    pub fn fallocate(&self, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Node> {
+        const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        if len == 0 {
+            return Err(MetaError::Invalid("fallocate length 0"));
+        }
+        if mode & !(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE) != 0 {
+            return Err(MetaError::NotSupported("fallocate mode (collapse/insert range)"));
+        }
+        if mode & PUNCH_HOLE != 0 && mode & KEEP_SIZE == 0 {
+            return Err(MetaError::Invalid("PUNCH_HOLE requires KEEP_SIZE"));
+        }
+        let end = off.checked_add(len).ok_or(MetaError::TooBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(MetaError::TooBig);
+        }
+        let fmt = self.format_cached()?;
+        self.txn(true, |tx| {
+            let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            match n.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(MetaError::IsDir),
+                _ => return Err(MetaError::Invalid("fallocate of a special file")),
+            }
+            if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 && off < n.length {
+                n.seq += 1;
+                n.masks.push(Mask {
+                    seq: n.seq,
+                    start: off,
+                    end: end.min(n.length),
+                });
+                simplify_masks(&mut n.masks);
+                tx.add_trim(ino)?;
+            }
+            let mut delta = 0;
+            if mode & KEEP_SIZE == 0 && end > n.length {
+                delta = space_of(n.kind, end) - space_of(n.kind, n.length);
+                Self::check_space(tx, &fmt, delta, 0)?;
+                n.length = end;
+            }
+            let now = now_ns();
+            n.mtime = now;
+            n.ctime = now;
+            tx.put_node(&n)?;
+            Self::account(tx, delta, 0)?;
+            Ok(n)
+        })
+    }
+
+    // ---------------------------------------------------------------- xattrs
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        self.txn(false, |tx| {
+            tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            tx.get_xattr(ino, name)?.ok_or(MetaError::NoAttr)
+        })
+    }
+
+    /// flags: XATTR_CREATE (1), XATTR_REPLACE (2).
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(MetaError::Range);
+        }
+        if value.len() > MAX_XATTR_VALUE {
+            return Err(MetaError::TooBig);
+        }
+        self.txn(true, |tx| {
+            let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            let exists = tx.get_xattr(ino, name)?.is_some();
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(MetaError::Exists);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(MetaError::NoAttr);
+            }
+            tx.put_xattr(ino, name, value)?;
+            n.ctime = now_ns();
+            tx.put_node(&n)
+        })
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        self.txn(false, |tx| {
+            tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            tx.list_xattrs(ino)
+        })
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.txn(true, |tx| {
+            let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            if !tx.delete_xattr(ino, name)? {
+                return Err(MetaError::NoAttr);
+            }
+            n.ctime = now_ns();
+            tx.put_node(&n)
+        })
+    }
+
+    // ---------------------------------------------------------------- open files
+
+    /// Note that this process opened `ino` (keeps an unlinked file alive until closed).
+    pub fn open(&self, ino: Ino) {
+        *self.open.lock().entry(ino).or_insert(0) += 1;
+    }
+
+    /// Close one open of `ino`; the last close of an unlinked file deletes it.
+    pub fn close(&self, ino: Ino) -> Result<()> {
+        let last = {
+            let mut open = self.open.lock();
+            match open.get_mut(&ino) {
+                Some(c) if *c > 1 => {
+                    *c -= 1;
+                    false
+                }
+                Some(_) => {
+                    open.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        let sid = self.sid.load(Ordering::SeqCst);
+        if !last || sid == 0 {
+            return Ok(());
+        }
+        self.txn(true, |tx| {
+            if let Some(n) = tx.get_node(ino)? {
+                if n.nlink == 0 {
+                    tx.delete_sustained(sid, ino)?;
+                    Self::destroy_node(tx, &n)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    // ---------------------------------------------------------------- data
+
+    /// Visible segments of chunk `indx` of `ino`, and the file length.
+    pub fn read_chunk(&self, ino: Ino, indx: u32) -> Result<(Vec<Segment>, u64)> {
+        self.txn(false, |tx| {
+            let n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            let slices = tx.chunk_slices(ino, indx)?;
+            Ok((visible_segments(&slices, &n.masks, indx), n.length))
+        })
+    }
+
+    /// Raw slices of a chunk (for `strata info` and compaction).
+    pub fn chunk_slices(&self, ino: Ino, indx: u32) -> Result<(Vec<Slice>, Vec<Mask>)> {
+        self.txn(false, |tx| {
+            let n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            Ok((tx.chunk_slices(ino, indx)?, n.masks))
+        })
+    }
+
+    pub fn chunk_indexes(&self, ino: Ino) -> Result<Vec<u32>> {
+        self.txn(false, |tx| tx.chunk_indexes(ino, 0, usize::MAX >> 1))
+    }
+
+    /// Commit written slices (each within one chunk) in order, growing the file to
+    /// `length` if it is shorter. If the file is gone, the slices become garbage.
+    pub fn write_slices(&self, ino: Ino, slices: &[(u32, Slice)], length: u64) -> Result<Node> {
+        let fmt = self.format_cached()?;
+        let grace = self.settings.gc_grace_secs;
+        self.txn(true, |tx| {
+            let Some(mut n) = tx.get_node(ino)? else {
+                let due = now_ns() / 1_000_000_000 + grace;
+                for (_, s) in slices {
+                    tx.add_garbage(s.id, s.size, due)?;
+                }
+                return Err(MetaError::NotFound);
+            };
+            let delta = if length > n.length {
+                space_of(n.kind, length) - space_of(n.kind, n.length)
+            } else {
+                0
+            };
+            Self::check_space(tx, &fmt, delta, 0)?;
+            for (indx, s) in slices {
+                n.seq += 1;
+                tx.add_slice(ino, *indx, &Slice { seq: n.seq, ..*s })?;
+            }
+            let now = now_ns();
+            if length > n.length {
+                n.length = length;
+            }
+            n.mtime = now;
+            n.ctime = now;
+            tx.put_node(&n)?;
+            Self::account(tx, delta, 0)?;
+            Ok(n)
+        })
+    }
+
+    /// Mark slice objects as garbage (e.g. uploaded but never committed).
+    pub fn discard_slices(&self, ids: &[(u64, u32)]) -> Result<()> {
+        let due = now_ns() / 1_000_000_000 + self.settings.gc_grace_secs;
+        self.txn(true, |tx| {
+            for (id, size) in ids {
+                tx.add_garbage(*id, *size, due)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Replace the slices `old` of a chunk by `new` (their compacted content). Fails with
+    /// `Conflict`-free `Ok(false)` when the chunk changed in a way that loses `old`.
+    pub fn replace_slices(&self, ino: Ino, indx: u32, old: &[Slice], new: Option<Slice>) -> Result<bool> {
+        let due = now_ns() / 1_000_000_000 + self.settings.gc_grace_secs;
+        self.txn(true, |tx| {
+            if tx.get_node(ino)?.is_none() {
+                return Ok(false);
+            }
+            let cur = tx.chunk_slices(ino, indx)?;
+            if !old.iter().all(|o| cur.contains(o)) {
+                return Ok(false);
+            }
+            for o in old {
+                tx.delete_slice(ino, indx, o.seq)?;
+                if o.id != 0 {
+                    tx.add_garbage(o.id, o.size, due)?;
+                }
+            }
+            if let Some(s) = new {
+                tx.add_slice(ino, indx, &s)?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// One step of background trimming: for one inode with masks, drop slices that no
+    /// longer show any byte and masks that no longer hide any slice. Returns how many
+    /// inodes were processed.
+    pub fn trim_once(&self) -> Result<usize> {
+        let inos = self.txn(false, |tx| tx.list_trim(16))?;
+        let due_in = self.settings.gc_grace_secs;
+        for &ino in &inos {
+            let mut from = 0u32;
+            loop {
+                // A batch of chunks per transaction keeps each transaction short.
+                let (done, next) = self.txn(true, |tx| {
+                    let Some(n) = tx.get_node(ino)? else {
+                        return Ok((true, 0));
+                    };
+                    let start_chunk = n
+                        .masks
+                        .iter()
+                        .map(|m| (m.start / CHUNK_SIZE) as u32)
+                        .min()
+                        .unwrap_or(u32::MAX)
+                        .max(from);
+                    let idxs = tx.chunk_indexes(ino, start_chunk, 64)?;
+                    let due = now_ns() / 1_000_000_000 + due_in;
+                    for &i in &idxs {
+                        let slices = tx.chunk_slices(ino, i)?;
+                        let segs = visible_segments(&slices, &n.masks, i);
+                        for s in hidden_slices(&slices, &segs) {
+                            tx.delete_slice(ino, i, s.seq)?;
+                            if s.id != 0 {
+                                tx.add_garbage(s.id, s.size, due)?;
+                            }
+                        }
+                    }
+                    match idxs.last() {
+                        Some(&l) if idxs.len() == 64 => Ok((false, l + 1)),
+                        _ => Ok((true, 0)),
+                    }
+                })?;
+                if done {
+                    break;
+                }
+                from = next;
+            }
+            // Masks still needed: those hiding part of a remaining older slice.
+            self.txn(true, |tx| {
+                if let Some(mut n) = tx.get_node(ino)? {
+                    let mut keep = Vec::new();
+                    for m in &n.masks {
+                        let first = (m.start / CHUNK_SIZE) as u32;
+                        let mut needed = false;
+                        'scan: for i in tx.chunk_indexes(ino, first, usize::MAX >> 1)? {
+                            let cstart = i as u64 * CHUNK_SIZE;
+                            if cstart >= m.end {
+                                break;
+                            }
+                            for s in tx.chunk_slices(ino, i)? {
+                                let (a, b) = (cstart + s.pos as u64, cstart + (s.pos + s.len) as u64);
+                                if s.seq < m.seq && a < m.end && b > m.start {
+                                    needed = true;
+                                    break 'scan;
+                                }
+                            }
+                        }
+                        if needed {
+                            keep.push(*m);
+                        }
+                    }
+                    if keep != n.masks {
+                        n.masks = keep;
+                        tx.put_node(&n)?;
+                    }
+                }
+                tx.delete_trim(ino)
+            })?;
+        }
+        Ok(inos.len())
+    }
+
+    /// One step of reclaiming deleted files: drops their slices into the garbage queue.
+    pub fn reclaim_once(&self) -> Result<usize> {
+        let files = self.txn(false, |tx| tx.list_reclaim(16))?;
+        let grace = self.settings.gc_grace_secs;
+        for &(ino, _) in &files {
+            loop {
+                let more = self.txn(true, |tx| {
+                    let due = now_ns() / 1_000_000_000 + grace;
+                    let idxs = tx.chunk_indexes(ino, 0, 64)?;
+                    for &i in &idxs {
+                        for s in tx.chunk_slices(ino, i)? {
+                            tx.delete_slice(ino, i, s.seq)?;
+                            if s.id != 0 {
+                                tx.add_garbage(s.id, s.size, due)?;
+                            }
+                        }
+                    }
+                    if idxs.len() < 64 {
+                        tx.delete_reclaim(ino)?;
+                        return Ok(false);
+                    }
+                    Ok(true)
+                })?;
+                if !more {
+                    break;
+                }
+            }
+        }
+        Ok(files.len())
+    }
+
+    /// Garbage slices whose grace period is over: (id, size). The caller deletes their
+    /// objects, then calls [`Meta::forget_garbage`].
+    pub fn due_garbage(&self, limit: usize) -> Result<Vec<(u64, u32)>> {
+        let now = now_ns() / 1_000_000_000;
+        self.txn(false, |tx| tx.list_due_garbage(now, limit))
+    }
+
+    pub fn forget_garbage(&self, id: u64) -> Result<()> {
+        self.txn(true, |tx| tx.delete_garbage(id))
+    }
+}

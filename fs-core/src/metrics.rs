@@ -1,0 +1,287 @@
+//! The one metrics facade of Strata. Every metric name lives in [`names`]; components receive
+//! an `Arc<Metrics>` (no globals) and record through the typed helpers below. The registry is
+//! encoded as Prometheus text by [`Metrics::encode`] and served by [`serve`].
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// All metric names (without the `_total` suffix the encoder adds to counters).
+pub mod names {
+    pub const FUSE_OPS: &str = "strata_fuse_ops";
+    pub const FUSE_OP_SECONDS: &str = "strata_fuse_op_seconds";
+    pub const FUSE_ERRORS: &str = "strata_fuse_errors";
+    pub const OBJECT_REQUESTS: &str = "strata_object_requests";
+    pub const OBJECT_ERRORS: &str = "strata_object_errors";
+    pub const OBJECT_BYTES: &str = "strata_object_bytes";
+    pub const OBJECT_REQUEST_SECONDS: &str = "strata_object_request_seconds";
+    pub const META_TXN_SECONDS: &str = "strata_meta_txn_seconds";
+    pub const META_TXN_RETRIES: &str = "strata_meta_txn_retries";
+    pub const BUFFER_BYTES: &str = "strata_buffer_bytes";
+    pub const COMPACTIONS: &str = "strata_compactions";
+    pub const OBJECTS_RECLAIMED: &str = "strata_objects_reclaimed";
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn seconds_histogram() -> Histogram {
+    // 10 µs .. ~80 s
+    Histogram::new(exponential_buckets(0.00001, 2.5, 18))
+}
+
+/// Counters, gauges and histograms of one process.
+pub struct Metrics {
+    registry: Registry,
+    fuse_ops: Family<Labels, Counter>,
+    fuse_errors: Family<Labels, Counter>,
+    fuse_op_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    object_requests: Family<Labels, Counter>,
+    object_errors: Family<Labels, Counter>,
+    object_bytes: Family<Labels, Counter>,
+    object_request_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    meta_txn_seconds: Histogram,
+    meta_txn_retries: Counter,
+    buffer_bytes: Gauge,
+    compactions: Counter,
+    objects_reclaimed: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let fuse_ops = Family::<Labels, Counter>::default();
+        registry.register(names::FUSE_OPS, "FUSE operations served, by op", fuse_ops.clone());
+        let fuse_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            names::FUSE_ERRORS,
+            "FUSE operations answered with an error, by op and errno",
+            fuse_errors.clone(),
+        );
+        let fuse_op_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(seconds_histogram);
+        registry.register(
+            names::FUSE_OP_SECONDS,
+            "Latency of FUSE operations, by op",
+            fuse_op_seconds.clone(),
+        );
+        let object_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            names::OBJECT_REQUESTS,
+            "Object store requests, by op (get/put/delete/head/list)",
+            object_requests.clone(),
+        );
+        let object_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            names::OBJECT_ERRORS,
+            "Object store requests that failed, by op",
+            object_errors.clone(),
+        );
+        let object_bytes = Family::<Labels, Counter>::default();
+        registry.register(
+            names::OBJECT_BYTES,
+            "Bytes moved to/from the object store, by direction (upload/download)",
+            object_bytes.clone(),
+        );
+        let object_request_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(seconds_histogram);
+        registry.register(
+            names::OBJECT_REQUEST_SECONDS,
+            "Latency of object store requests, by op",
+            object_request_seconds.clone(),
+        );
+        let meta_txn_seconds = seconds_histogram();
+        registry.register(
+            names::META_TXN_SECONDS,
+            "Latency of metadata transactions",
+            meta_txn_seconds.clone(),
+        );
+        let meta_txn_retries = Counter::default();
+        registry.register(
+            names::META_TXN_RETRIES,
+            "Metadata transactions retried after a conflict",
+            meta_txn_retries.clone(),
+        );
+        let buffer_bytes = Gauge::default();
+        registry.register(
+            names::BUFFER_BYTES,
+            "Bytes of written data buffered in memory, not yet uploaded",
+            buffer_bytes.clone(),
+        );
+        let compactions = Counter::default();
+        registry.register(names::COMPACTIONS, "Chunks compacted", compactions.clone());
+        let objects_reclaimed = Counter::default();
+        registry.register(
+            names::OBJECTS_RECLAIMED,
+            "Objects deleted by background reclamation",
+            objects_reclaimed.clone(),
+        );
+        Metrics {
+            registry,
+            fuse_ops,
+            fuse_errors,
+            fuse_op_seconds,
+            object_requests,
+            object_errors,
+            object_bytes,
+            object_request_seconds,
+            meta_txn_seconds,
+            meta_txn_retries,
+            buffer_bytes,
+            compactions,
+            objects_reclaimed,
+        }
+    }
+
+    pub fn fuse_op(&self, op: &'static str, elapsed: Duration, errno: Option<i32>) {
+        let labels = vec![("op", op.to_string())];
+        self.fuse_ops.get_or_create(&labels).inc();
+        self.fuse_op_seconds
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        if let Some(e) = errno {
+            self.fuse_errors
+                .get_or_create(&vec![("op", op.to_string()), ("errno", e.to_string())])
+                .inc();
+        }
+    }
+
+    pub fn object_request(&self, op: &'static str, elapsed: Duration, ok: bool) {
+        let labels = vec![("op", op.to_string())];
+        self.object_requests.get_or_create(&labels).inc();
+        self.object_request_seconds
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        if !ok {
+            self.object_errors.get_or_create(&labels).inc();
+        }
+    }
+
+    pub fn object_bytes(&self, upload: bool, n: u64) {
+        let dir = if upload { "upload" } else { "download" };
+        self.object_bytes
+            .get_or_create(&vec![("direction", dir.to_string())])
+            .inc_by(n);
+    }
+
+    /// How many object requests of `op` were made so far (tests and benchmarks).
+    pub fn object_request_count(&self, op: &'static str) -> u64 {
+        self.object_requests
+            .get_or_create(&vec![("op", op.to_string())])
+            .get()
+    }
+
+    pub fn meta_txn(&self, elapsed: Duration, retries: u32) {
+        self.meta_txn_seconds.observe(elapsed.as_secs_f64());
+        if retries > 0 {
+            self.meta_txn_retries.inc_by(retries as u64);
+        }
+    }
+
+    pub fn buffer_bytes(&self, delta: i64) {
+        self.buffer_bytes.inc_by(delta);
+    }
+
+    pub fn compaction(&self) {
+        self.compactions.inc();
+    }
+
+    pub fn objects_reclaimed(&self, n: u64) {
+        self.objects_reclaimed.inc_by(n);
+    }
+
+    /// The registry as Prometheus text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serve `GET /metrics` on `addr` from a background thread. Returns the bound address (useful
+/// with port 0).
+pub fn serve(metrics: Arc<Metrics>, addr: &str) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = [0u8; 4096];
+                let n = stream.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split_whitespace().nth(1).unwrap_or("");
+                let (status, ctype, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+                    (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        metrics.encode(),
+                    )
+                } else {
+                    ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })?;
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_encoded_with_labels() {
+        let m = Metrics::new();
+        m.fuse_op("lookup", Duration::from_millis(1), None);
+        m.object_request("get", Duration::from_millis(2), true);
+        m.object_bytes(false, 10);
+        m.meta_txn(Duration::from_micros(50), 2);
+        let text = m.encode();
+        assert!(text.contains("strata_fuse_ops_total{op=\"lookup\"} 1"), "{text}");
+        assert!(text.contains("strata_object_requests_total{op=\"get\"} 1"), "{text}");
+        assert!(text.contains("strata_object_bytes_total{direction=\"download\"} 10"), "{text}");
+        assert!(text.contains("strata_meta_txn_retries_total 2"), "{text}");
+        assert!(text.contains("strata_fuse_op_seconds_bucket"), "{text}");
+        assert_eq!(m.object_request_count("get"), 1);
+    }
+
+    #[test]
+    fn http_endpoint_serves_metrics() {
+        let m = Arc::new(Metrics::new());
+        m.fuse_op("read", Duration::from_millis(1), Some(5));
+        let addr = serve(m, "127.0.0.1:0").unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains("strata_fuse_errors_total{op=\"read\",errno=\"5\"} 1"), "{out}");
+    }
+}

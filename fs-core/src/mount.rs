@@ -1,0 +1,256 @@
+//! Mounting a volume: the checks a user needs before anything happens (`/dev/fuse`, the
+//! mount point), wiring metadata, object store, VFS and FUSE together, signal handling,
+//! clean shutdown, and running in the background (`-d`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fuse::MountSettings;
+use crate::meta::{MetaSettings, ROOT_INO, redact_url};
+use crate::metrics::{self, Metrics};
+use crate::object::RetrySettings;
+use crate::vfs::{Vfs, VfsSettings};
+use crate::volume::{self, VolumeError};
+
+/// Options of `strata mount` (besides META_URL and MOUNTPOINT).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MountOptions {
+    /// Serve Prometheus metrics at this address (`127.0.0.1:9567`).
+    pub metrics: Option<String>,
+    /// Expose only this directory of the volume.
+    pub subdir: Option<String>,
+    /// Allow mounting over a non-empty directory.
+    pub nonempty: bool,
+    pub threads: usize,
+    pub allow_other: bool,
+    pub vfs: VfsSettings,
+    pub meta: MetaSettings,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            metrics: None,
+            subdir: None,
+            nonempty: false,
+            threads: 8,
+            allow_other: true,
+            vfs: VfsSettings::default(),
+            meta: MetaSettings::default(),
+        }
+    }
+}
+
+/// Errors of `strata mount`, each naming the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Is `path` a mount point of a FUSE file system (per /proc/self/mountinfo)?
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    info.lines().any(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("");
+        fields.get(4).is_some_and(|mp| Path::new(&unescape(mp)) == want) && fstype.starts_with("fuse")
+    })
+}
+
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Check that FUSE can be used here.
+pub fn check_fuse() -> Result<(), MountError> {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(MountError::Setup(
+            "/dev/fuse does not exist: load the FUSE kernel module (`modprobe fuse`), or in a container pass the device (/dev/fuse) to it".into(),
+        )),
+        Err(e) => Err(MountError::Setup(format!(
+            "cannot open /dev/fuse: {e}: run as root, or install fuse3 (`apt-get install fuse3`) so that fusermount3 can mount for this user"
+        ))),
+    }
+}
+
+/// Check (and create if missing) the mount point.
+pub fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<PathBuf, MountError> {
+    if !mp.exists() {
+        std::fs::create_dir_all(mp).map_err(|e| {
+            MountError::Setup(format!("cannot create mount point {}: {e}", mp.display()))
+        })?;
+    }
+    if !mp.is_dir() {
+        return Err(MountError::Setup(format!("mount point {} is not a directory", mp.display())));
+    }
+    let mp = std::fs::canonicalize(mp)
+        .map_err(|e| MountError::Setup(format!("mount point {}: {e}", mp.display())))?;
+    if is_mounted(&mp) {
+        return Err(MountError::Setup(format!(
+            "{} is already a mount point: unmount it first (`strata umount {}`)",
+            mp.display(),
+            mp.display()
+        )));
+    }
+    if !nonempty {
+        let mut entries = std::fs::read_dir(&mp)
+            .map_err(|e| MountError::Setup(format!("cannot read mount point {}: {e}", mp.display())))?;
+        if entries.next().is_some() {
+            return Err(MountError::Setup(format!(
+                "mount point {} is not empty: use an empty directory, or pass --nonempty to hide its contents",
+                mp.display()
+            )));
+        }
+    }
+    Ok(mp)
+}
+
+/// Block the termination signals in this thread (and threads it starts later), so that one
+/// thread can wait for them with [`spawn_signal_handler`].
+pub fn block_signals() {
+    // SAFETY: plain libc signal-mask calls on a zero-initialized sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn spawn_signal_handler(mountpoint: PathBuf) {
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        // SAFETY: sigwait on a set built from constants.
+        let sig = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            sig
+        };
+        tracing::info!(signal = sig, mountpoint = %mountpoint.display(), "signal received, unmounting");
+        if let Err(e) = unmount(&mountpoint, true) {
+            tracing::error!(error = %e, "unmount on signal failed");
+        }
+    });
+}
+
+/// Unmount a FUSE mount point (lazily with `force`: it goes away when the last user leaves).
+pub fn unmount(mp: &Path, force: bool) -> Result<(), MountError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mp.as_os_str().as_bytes())
+        .map_err(|_| MountError::Setup("mount point contains a NUL byte".into()))?;
+    let flags = if force { libc::MNT_DETACH } else { 0 };
+    // SAFETY: c is a valid NUL-terminated path.
+    let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EPERM) => {
+            // Not root: let fusermount do it.
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u");
+            if force {
+                cmd.arg("-z");
+            }
+            let out = cmd.arg(mp).output().map_err(|e| {
+                MountError::Setup(format!("unmount needs root or fusermount3 (`apt-get install fuse3`): {e}"))
+            })?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(MountError::Setup(format!(
+                    "fusermount3 -u {} failed: {}",
+                    mp.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )))
+            }
+        }
+        Some(libc::EBUSY) => Err(MountError::Setup(format!(
+            "{} is busy (files open or a shell inside it): close them, or use `strata umount --force`",
+            mp.display()
+        ))),
+        Some(libc::EINVAL) => Err(MountError::Setup(format!("{} is not mounted", mp.display()))),
+        _ => Err(MountError::Setup(format!("unmount {} failed: {err}", mp.display()))),
+    }
+}
+
+/// Mount and serve in this process until unmounted. `on_ready` runs once the mount is live.
+pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(), MountError> {
+    check_fuse()?;
+    let mp = check_mountpoint(mountpoint, opts.nonempty)?;
+    let metrics = Arc::new(Metrics::new());
+    let vol = volume::open(meta_url, metrics.clone(), opts.meta.clone(), RetrySettings::default())?;
+    let root = match &opts.subdir {
+        Some(s) => volume::resolve_dir(&vol.meta, s)?,
+        None => ROOT_INO,
+    };
+    if let Some(addr) = &opts.metrics {
+        let bound = metrics::serve(metrics.clone(), addr).map_err(|e| {
+            MountError::Setup(format!("--metrics {addr}: cannot listen: {e} (choose a free address like 127.0.0.1:9567)"))
+        })?;
+        tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
+    }
+    let vfs = Vfs::new(vol.meta.clone(), vol.store.clone(), vol.format.clone(), metrics, opts.vfs.clone());
+    vol.meta
+        .new_session(&vfs.session_info())
+        .map_err(|e| MountError::Volume(e.into()))?;
+    vfs.start_background();
+    spawn_signal_handler(mp.clone());
+    let settings = MountSettings {
+        fsname: format!("strata:{}", vol.format.name),
+        threads: opts.threads,
+        read_only: opts.vfs.read_only,
+        allow_other: opts.allow_other,
+    };
+    tracing::info!(volume = %vol.format.name, meta = %redact_url(meta_url), store = %vol.store.describe(),
+        mountpoint = %mp.display(), subdir = ?opts.subdir, "mounting");
+    let res = crate::fuse::mount(vfs.clone(), root, &mp, &settings);
+    tracing::info!(volume = %vol.format.name, mountpoint = %mp.display(), "unmounted, flushing");
+    vfs.shutdown();
+    res.map_err(|e| MountError::Setup(format!("FUSE mount at {} failed: {e}", mp.display())))
+}
+
+/// Wait until `mp` is mounted, or `child` exits; used by `mount -d`.
+pub fn wait_mounted(mp: &Path, child: &mut std::process::Child, timeout: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if is_mounted(mp) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the mount process exited with {status}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{} was not mounted after {:?}", mp.display(), timeout))
+}

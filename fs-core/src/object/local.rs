@@ -1,0 +1,344 @@
+//! A store in a local directory: each key is a file at the same relative path.
+
+use std::fs::{self, File};
+use std::io::{self, ErrorKind, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use super::{ObjectError, ObjectInfo, ObjectStore, Result};
+
+/// Marker in the names of files being written; such files are never listed and keys may not
+/// contain it.
+const TMP_MARK: &str = ".strata-tmp-";
+
+/// Objects as files under a root directory. Puts are atomic (temp file, fsync, rename) and
+/// durable (the directory is fsynced too).
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+    tmp_seq: AtomicU64,
+}
+
+impl LocalStore {
+    /// A store rooted at `root` (made absolute; created by [`ObjectStore::init`] or the first
+    /// put).
+    pub fn new(root: impl AsRef<Path>) -> Self {
+        let root = root.as_ref();
+        let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+        LocalStore {
+            root,
+            tmp_seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file of `key`, or an error if the key could escape the root or clash with temp files.
+    fn path_of(&self, key: &str) -> Result<PathBuf> {
+        let bad = key.is_empty()
+            || key.contains('\0')
+            || key.contains(TMP_MARK)
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..");
+        if bad {
+            return Err(ObjectError::Other(format!(
+                "invalid key {key:?} for a file store: keys are relative paths without empty, \
+                 `.` or `..` components"
+            )));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn io_err(&self, key: &str, e: io::Error) -> ObjectError {
+        match e.kind() {
+            // `a/b` when `a` is a file: no such object either.
+            ErrorKind::NotFound | ErrorKind::NotADirectory => {
+                ObjectError::NotFound(key.to_string())
+            }
+            ErrorKind::PermissionDenied => {
+                ObjectError::Denied(format!("{} ({key}): {e}", self.describe()))
+            }
+            ErrorKind::Interrupted | ErrorKind::TimedOut | ErrorKind::WouldBlock => {
+                ObjectError::Transient(format!("{} ({key}): {e}", self.describe()))
+            }
+            _ => ObjectError::Other(format!("{} ({key}): {e}", self.describe())),
+        }
+    }
+
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        let dir = path.parent().unwrap_or(&self.root);
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("obj");
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("{name}{TMP_MARK}{}-{seq}", std::process::id()));
+        // A concurrent delete may remove the (empty) directory between our mkdir and create.
+        let mut attempt = 0;
+        let mut file = loop {
+            fs::create_dir_all(dir)?;
+            match File::create(&tmp) {
+                Ok(f) => break f,
+                Err(e) if e.kind() == ErrorKind::NotFound && attempt < 3 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        let written = file.write_all(data).and_then(|()| file.sync_all());
+        let renamed = written.and_then(|()| fs::rename(&tmp, path));
+        if let Err(e) = renamed {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        File::open(dir)?.sync_all()
+    }
+
+    /// Remove now-empty parent directories of a deleted file, up to the root (best effort).
+    fn prune_dirs(&self, path: &Path) {
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            if d == self.root || !d.starts_with(&self.root) || fs::remove_dir(d).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+
+    /// Append to `out` the objects under directory `dir` (whose keys start with `base`) that
+    /// match `prefix` and sort after `start_after`, in key order, until `limit` is reached.
+    fn walk(
+        &self,
+        dir: &Path,
+        base: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        out: &mut Vec<ObjectInfo>,
+    ) -> io::Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // Sort by the key text each entry stands for: a directory `d` holds keys `d/...`, so it
+        // sorts as "d/" (this puts `a-b` before `a/x`, as in byte order of the full keys).
+        let mut items = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if name.contains(TMP_MARK) {
+                continue;
+            }
+            let is_dir = entry.file_type()?.is_dir();
+            let key = if is_dir {
+                format!("{base}{name}/")
+            } else {
+                format!("{base}{name}")
+            };
+            items.push((key, is_dir, entry.path()));
+        }
+        items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, is_dir, path) in items {
+            if out.len() >= limit {
+                break;
+            }
+            if is_dir {
+                // Skip directories that cannot hold a matching key.
+                let overlaps = key.starts_with(prefix) || prefix.starts_with(key.as_str());
+                let all_before =
+                    start_after.is_some_and(|s| key.as_str() < s && !s.starts_with(key.as_str()));
+                if overlaps && !all_before {
+                    self.walk(&path, &key, prefix, start_after, limit, out)?;
+                }
+            } else if key.starts_with(prefix) && start_after.is_none_or(|s| key.as_str() > s) {
+                match fs::metadata(&path) {
+                    Ok(m) => out.push(ObjectInfo { key, size: m.len() }),
+                    Err(e) if e.kind() == ErrorKind::NotFound => {} // deleted meanwhile
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ObjectStore for LocalStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn init(&self) -> Result<()> {
+        fs::create_dir_all(&self.root).map_err(|e| self.io_err("", e))?;
+        let meta = fs::metadata(&self.root).map_err(|e| self.io_err("", e))?;
+        if !meta.is_dir() {
+            return Err(ObjectError::Other(format!(
+                "{} is not a directory",
+                self.root.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
+        let path = self.path_of(key)?;
+        let file = File::open(&path).map_err(|e| self.io_err(key, e))?;
+        let meta = file.metadata().map_err(|e| self.io_err(key, e))?;
+        if meta.is_dir() {
+            return Err(ObjectError::NotFound(key.to_string()));
+        }
+        let size = meta.len();
+        let start = off.min(size);
+        let end = len.map_or(size, |l| start.saturating_add(l).min(size));
+        let mut buf = vec![0u8; (end - start) as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], start + done as u64) {
+                Ok(0) => break, // the file cannot shrink (objects are immutable), but be safe
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io_err(key, e)),
+            }
+        }
+        buf.truncate(done);
+        Ok(Bytes::from(buf))
+    }
+
+    fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        let path = self.path_of(key)?;
+        self.write_atomic(&path, &data).map_err(|e| match e.kind() {
+            // A missing directory here is not a missing object.
+            ErrorKind::NotFound | ErrorKind::NotADirectory => {
+                ObjectError::Other(format!("{} ({key}): {e}", self.describe()))
+            }
+            _ => self.io_err(key, e),
+        })
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path_of(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.prune_dirs(&path);
+                Ok(())
+            }
+            Err(e) => match self.io_err(key, e) {
+                ObjectError::NotFound(_) => Ok(()),
+                err => Err(err),
+            },
+        }
+    }
+
+    fn head(&self, key: &str) -> Result<ObjectInfo> {
+        let path = self.path_of(key)?;
+        let meta = fs::metadata(&path).map_err(|e| self.io_err(key, e))?;
+        if meta.is_dir() {
+            return Err(ObjectError::NotFound(key.to_string()));
+        }
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: meta.len(),
+        })
+    }
+
+    fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectInfo>> {
+        let mut out = Vec::new();
+        if limit > 0 {
+            self.walk(&self.root, "", prefix, start_after, limit, &mut out)
+                .map_err(|e| self.io_err(prefix, e))?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_root() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::new(dir.path().join("store"));
+        (dir, store)
+    }
+
+    #[test]
+    fn conformance() {
+        let (_dir, store) = temp_root();
+        crate::testing::object_conformance(&store, "conf/");
+        crate::testing::object_conformance(&store, "");
+    }
+
+    #[test]
+    fn rejects_escaping_keys() {
+        let (_dir, store) = temp_root();
+        for key in [
+            "",
+            "/abs",
+            "a/../b",
+            "..",
+            "a//b",
+            "a/",
+            "./a",
+            "x.strata-tmp-1",
+        ] {
+            let err = store.put(key, Bytes::from_static(b"x")).expect_err(key);
+            assert!(matches!(err, ObjectError::Other(_)), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn put_is_atomic_and_leaves_no_temp_files() {
+        let (_dir, store) = temp_root();
+        store.put("d/k", Bytes::from(vec![7u8; 100_000])).unwrap();
+        store.put("d/k", Bytes::from(vec![8u8; 10])).unwrap();
+        let names: Vec<_> = fs::read_dir(store.root().join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["k".to_string()]);
+        assert_eq!(&store.get("d/k", 0, None).unwrap()[..], &[8u8; 10]);
+    }
+
+    #[test]
+    fn delete_prunes_empty_directories() {
+        let (_dir, store) = temp_root();
+        store.put("x/y/z", Bytes::from_static(b"1")).unwrap();
+        store.delete("x/y/z").unwrap();
+        assert!(!store.root().join("x").exists());
+        assert!(store.root().exists());
+    }
+
+    #[test]
+    fn list_orders_like_bytes_and_prunes() {
+        let (_dir, store) = temp_root();
+        let keys = ["a-b", "a/x", "a/y/1", "a0", "b/c"];
+        for k in keys {
+            store.put(k, Bytes::from_static(b"v")).unwrap();
+        }
+        let all: Vec<_> = store
+            .list("", None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        let mut sorted = keys.to_vec();
+        sorted.sort();
+        assert_eq!(all, sorted);
+        let after: Vec<_> = store
+            .list("a", Some("a/x"), 100)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(after, vec!["a/y/1", "a0"]);
+    }
+}

@@ -1,0 +1,183 @@
+//! Background work of a mounted client: timed and pressure flushes, compaction of
+//! fragmented chunks, trimming of masked data, reclaiming deleted files, deleting
+//! unreferenced objects after their grace period, and the session heartbeat.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{Vfs, VfsError};
+use crate::chunk::{block_key, slice_blocks, visible_segments};
+use crate::meta::{CHUNK_SIZE, Slice};
+
+impl Vfs {
+    /// Start the background threads (a mounted client calls this once).
+    pub fn start_background(self: &Arc<Self>) {
+        let mut threads = self.threads.lock();
+        let me = self.clone();
+        threads.push(spawn("flusher", move || me.flusher_loop()));
+        if self.settings.background_gc && !self.settings.read_only {
+            let me = self.clone();
+            threads.push(spawn("cleaner", move || me.cleaner_loop()));
+        }
+        let me = self.clone();
+        threads.push(spawn("heartbeat", move || me.heartbeat_loop()));
+    }
+
+    fn sleep(&self, d: Duration) -> bool {
+        let (m, cv) = &self.wake;
+        let mut woken = m.lock();
+        if !*woken {
+            cv.wait_for(&mut woken, d);
+        }
+        *woken = false;
+        !self.stop.load(Ordering::SeqCst)
+    }
+
+    fn flusher_loop(self: Arc<Self>) {
+        let interval = Duration::from_secs_f64(self.settings.flush_interval.max(0.05));
+        while self.sleep(Duration::from_millis(100)) {
+            let pressure = self.wctx.budget.used() * 2 > self.wctx.budget.cap();
+            let writers: Vec<_> = self.writers.lock().values().cloned().collect();
+            for w in writers {
+                let due = w.dirty_since().is_some_and(|t| t.elapsed() >= interval);
+                if due || (pressure && w.dirty_since().is_some()) {
+                    if let Err(e) = self.flush_writer(&w) {
+                        tracing::error!(volume = %self.volume(), path = %self.path(w.ino), error = %e,
+                            "background flush failed; the data written since the last flush is lost and fsync/close will report EIO");
+                    }
+                }
+            }
+        }
+    }
+
+    fn heartbeat_loop(self: Arc<Self>) {
+        let mut last = Instant::now();
+        let mut reloaded = Instant::now();
+        while self.sleep(Duration::from_secs(1)) {
+            // Settings changed with `strata config` (capacity, inodes) bind within seconds.
+            if reloaded.elapsed() >= Duration::from_secs(3) {
+                reloaded = Instant::now();
+                if let Err(e) = self.meta.load() {
+                    tracing::warn!(volume = %self.volume(), error = %e, "reloading volume settings failed");
+                }
+            }
+            if last.elapsed() >= Duration::from_secs(12) {
+                last = Instant::now();
+                if let Err(e) = self.meta.heartbeat(&self.session_info()) {
+                    tracing::warn!(volume = %self.volume(), error = %e, "session heartbeat failed");
+                }
+            }
+        }
+    }
+
+    /// Description of this client stored with its session.
+    pub fn session_info(&self) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("host={} pid={}", host.trim(), std::process::id())
+    }
+
+    fn cleaner_loop(self: Arc<Self>) {
+        while self.sleep(Duration::from_secs(1)) {
+            if let Err(e) = self.clean_once() {
+                tracing::warn!(volume = %self.volume(), error = %e, "background cleaning failed, will retry");
+            }
+        }
+    }
+
+    /// One round of compaction, trimming, reclaiming and object deletion. Returns the number
+    /// of objects deleted.
+    pub fn clean_once(&self) -> Result<usize, VfsError> {
+        let queued: Vec<_> = std::mem::take(&mut *self.compact_queue.lock()).into_iter().collect();
+        for (ino, indx) in queued {
+            if let Err(e) = self.compact(ino, indx) {
+                tracing::warn!(volume = %self.volume(), path = %self.path(ino), chunk = indx, error = %e, "compaction failed");
+            }
+        }
+        while self.meta.trim_once()? > 0 {}
+        while self.meta.reclaim_once()? > 0 {}
+        let mut deleted = 0;
+        loop {
+            let due = self.meta.due_garbage(256)?;
+            if due.is_empty() {
+                break;
+            }
+            for (id, size) in due {
+                let mut ok = true;
+                for (k, len) in slice_blocks(size, self.block_size()) {
+                    let key = block_key(self.volume(), id, k, len);
+                    self.reader.forget(&key);
+                    if let Err(e) = self.wctx.store.delete(&key) {
+                        tracing::warn!(volume = %self.volume(), key = %key, error = %e, "deleting object failed, will retry");
+                        ok = false;
+                        break;
+                    }
+                    deleted += 1;
+                }
+                if !ok {
+                    return Ok(deleted);
+                }
+                self.meta.forget_garbage(id)?;
+            }
+        }
+        self.metrics.objects_reclaimed(deleted as u64);
+        Ok(deleted)
+    }
+
+    /// Rewrite a fragmented chunk as one slice (only if it has many slices).
+    pub fn compact(&self, ino: u64, indx: u32) -> Result<bool, VfsError> {
+        let (slices, masks) = self.meta.chunk_slices(ino, indx)?;
+        if slices.len() < self.settings.compact_threshold.max(2) {
+            return Ok(false);
+        }
+        let segs = visible_segments(&slices, &masks, indx);
+        let Some(max_seq) = slices.iter().map(|s| s.seq).max() else {
+            return Ok(false);
+        };
+        if segs.is_empty() {
+            return Ok(self.meta.replace_slices(ino, indx, &slices, None)?);
+        }
+        let start = segs[0].pos;
+        let end = segs.iter().map(|s| s.pos + s.len).max().unwrap_or(start);
+        let base = indx as u64 * CHUNK_SIZE;
+        let data = self.read_range_raw(ino, base + start as u64, base + end as u64)?;
+        let len = data.len() as u32;
+        let id = self.meta.new_slice_id()?;
+        let bs = self.block_size();
+        let data = Bytes::from(data);
+        for (k, blen) in slice_blocks(len, bs) {
+            let key = block_key(self.volume(), id, k, blen);
+            let part = data.slice((k * bs) as usize..(k * bs + blen) as usize);
+            if let Err(e) = self.wctx.store.put(&key, part) {
+                let _ = self.meta.discard_slices(&[(id, len)]);
+                return Err(VfsError::Flush(super::writer::FlushError::Upload(e.to_string())));
+            }
+        }
+        let new = Slice { seq: max_seq, id, size: len, off: 0, len, pos: start };
+        let done = self.meta.replace_slices(ino, indx, &slices, Some(new))?;
+        if done {
+            self.metrics.compaction();
+            self.invalidate(ino);
+        } else {
+            self.meta.discard_slices(&[(id, len)])?;
+        }
+        Ok(done)
+    }
+
+    fn read_range_raw(&self, ino: u64, off: u64, end: u64) -> Result<Vec<u8>, VfsError> {
+        self.invalidate(ino);
+        // Bytes past the current length (masked anyway) are not needed.
+        let mut out = self.read_range(ino, off, end)?;
+        out.resize((end - off) as usize, 0);
+        Ok(out)
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .expect("spawn background thread")
+}

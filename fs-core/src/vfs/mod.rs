@@ -1,0 +1,794 @@
+//! The virtual file system: POSIX operations over [`Meta`] (metadata) and an object store
+//! (data), independent of FUSE. Owns open handles, write buffers ([`writer`]), block reads
+//! with readahead ([`reader`]) and the background work: timed flushes, compaction, trimming
+//! and deletion of unreferenced objects.
+
+mod background;
+pub mod pool;
+pub mod reader;
+pub mod writer;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{Segment, block_key};
+use crate::meta::{
+    CHUNK_SIZE, Ctx, Entry, FileKind, Format, Ino, Meta, MetaError, Node, ROOT_INO, SetAttr, StatFs,
+};
+use crate::metrics::Metrics;
+use crate::object::ObjectStore;
+use pool::Pool;
+use reader::{BlockReader, FetchError};
+use writer::{Budget, FileWriter, FlushError, WriteCtx};
+
+/// Settings of the VFS (mount options).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VfsSettings {
+    /// Seconds the kernel may cache attributes and entries.
+    pub attr_timeout: f64,
+    pub entry_timeout: f64,
+    /// Bytes of written data buffered before writers wait for uploads.
+    pub buffer_size: u64,
+    /// Bytes of blocks kept in memory for reads.
+    pub mem_cache_size: u64,
+    pub upload_threads: usize,
+    pub prefetch_threads: usize,
+    /// Most bytes read ahead of a sequential reader.
+    pub max_readahead: u64,
+    /// Seconds buffered data may wait before it is flushed.
+    pub flush_interval: f64,
+    /// Slices in a chunk that trigger a compaction.
+    pub compact_threshold: usize,
+    pub read_only: bool,
+    /// Run background cleaning (trim, reclaim, object deletion) in this client.
+    pub background_gc: bool,
+}
+
+impl Default for VfsSettings {
+    fn default() -> Self {
+        VfsSettings {
+            attr_timeout: 1.0,
+            entry_timeout: 1.0,
+            buffer_size: 300 << 20,
+            mem_cache_size: 256 << 20,
+            upload_threads: 16,
+            prefetch_threads: 8,
+            max_readahead: 64 << 20,
+            flush_interval: 5.0,
+            compact_threshold: 100,
+            read_only: false,
+            background_gc: true,
+        }
+    }
+}
+
+/// Errors of VFS operations; the FUSE layer maps them to errno.
+#[derive(Debug, thiserror::Error)]
+pub enum VfsError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("reading data failed: {0}")]
+    Fetch(#[from] FetchError),
+    #[error("storing data failed: {0}")]
+    Flush(#[from] FlushError),
+    #[error("the file system is mounted read-only")]
+    ReadOnly,
+    #[error("unknown file handle")]
+    BadHandle,
+}
+
+pub type Result<T> = std::result::Result<T, VfsError>;
+
+struct Readahead {
+    next: u64,
+    window: u64,
+}
+
+struct FileHandle {
+    ino: Ino,
+    ra: Mutex<Readahead>,
+}
+
+enum Piece {
+    Zero(usize),
+    Block {
+        key: String,
+        len: usize,
+        from: usize,
+        to: usize,
+    },
+}
+
+type SegCache = HashMap<Ino, HashMap<u32, (Arc<Vec<Segment>>, u64, Instant)>>;
+
+pub struct Vfs {
+    pub meta: Arc<Meta>,
+    pub settings: VfsSettings,
+    pub metrics: Arc<Metrics>,
+    format: Format,
+    wctx: Arc<WriteCtx>,
+    reader: Arc<BlockReader>,
+    writers: Mutex<HashMap<Ino, Arc<FileWriter>>>,
+    files: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<Entry>>>>,
+    open_counts: Mutex<HashMap<Ino, u32>>,
+    opened_attrs: Mutex<HashMap<Ino, (i64, u64)>>,
+    next_fh: AtomicU64,
+    segs: Mutex<SegCache>,
+    names: Mutex<HashMap<Ino, (Ino, Vec<u8>)>>,
+    compact_queue: Mutex<BTreeSet<(Ino, u32)>>,
+    chunk_commits: Mutex<HashMap<(Ino, u32), usize>>,
+    stop: AtomicBool,
+    wake: (Mutex<bool>, Condvar),
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Vfs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Vfs({})", self.format.name)
+    }
+}
+
+impl Vfs {
+    pub fn new(
+        meta: Arc<Meta>,
+        store: Arc<dyn ObjectStore>,
+        format: Format,
+        metrics: Arc<Metrics>,
+        settings: VfsSettings,
+    ) -> Arc<Self> {
+        let reader = Arc::new(BlockReader::new(
+            store.clone(),
+            settings.mem_cache_size,
+            settings.prefetch_threads,
+        ));
+        let wctx = Arc::new(WriteCtx {
+            meta: meta.clone(),
+            store,
+            reader: reader.clone(),
+            uploads: Pool::new("upload", settings.upload_threads),
+            budget: Budget::new(settings.buffer_size.max(8 << 20)),
+            metrics: metrics.clone(),
+            volume: format.name.clone(),
+            block_size: format.block_size,
+        });
+        Arc::new(Vfs {
+            meta,
+            settings,
+            metrics,
+            format,
+            wctx,
+            reader,
+            writers: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            open_counts: Mutex::new(HashMap::new()),
+            opened_attrs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            segs: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+            compact_queue: Mutex::new(BTreeSet::new()),
+            chunk_commits: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            wake: (Mutex::new(false), Condvar::new()),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.format.name
+    }
+
+    pub fn format(&self) -> &Format {
+        &self.format
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.format.block_size
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.settings.read_only {
+            return Err(VfsError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ paths for logs
+
+    fn remember(&self, parent: Ino, name: &[u8], ino: Ino) {
+        let mut names = self.names.lock();
+        if names.len() > 1_000_000 {
+            names.clear();
+        }
+        names.insert(ino, (parent, name.to_vec()));
+    }
+
+    /// Best-known path of an inode, for logs ("/a/b/c", or "<ino N>/c" when unknown).
+    pub fn path(&self, ino: Ino) -> String {
+        let names = self.names.lock();
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        for _ in 0..256 {
+            if cur == ROOT_INO {
+                parts.reverse();
+                return format!("/{}", parts.join("/"));
+            }
+            match names.get(&cur) {
+                Some((p, n)) => {
+                    parts.push(String::from_utf8_lossy(n).into_owned());
+                    cur = *p;
+                }
+                None => break,
+            }
+        }
+        parts.reverse();
+        if parts.is_empty() {
+            format!("<inode {cur}>")
+        } else {
+            format!("<inode {cur}>/{}", parts.join("/"))
+        }
+    }
+
+    pub fn path_of(&self, parent: Ino, name: &[u8]) -> String {
+        let p = self.path(parent);
+        let sep = if p.ends_with('/') { "" } else { "/" };
+        format!("{p}{sep}{}", String::from_utf8_lossy(name))
+    }
+
+    // ------------------------------------------------------------ attributes
+
+    fn overlay(&self, mut n: Node) -> Node {
+        if n.kind == FileKind::File {
+            if let Some(w) = self.writers.lock().get(&n.ino).cloned() {
+                if let Some(len) = w.pending_length() {
+                    n.length = n.length.max(len);
+                }
+            }
+        }
+        n
+    }
+
+    pub fn getattr(&self, ino: Ino) -> Result<Node> {
+        Ok(self.overlay(self.meta.getattr(ino)?))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Node> {
+        let n = self.meta.lookup(parent, name)?;
+        if name != b"." && name != b".." {
+            self.remember(parent, name, n.ino);
+        }
+        Ok(self.overlay(n))
+    }
+
+    /// setattr(2) family; a size change flushes this inode's pending writes first (they
+    /// happened before the truncate), then truncates in constant time.
+    pub fn setattr(&self, ino: Ino, set: &SetAttr, size: Option<u64>) -> Result<Node> {
+        self.check_writable()?;
+        let mut node = None;
+        if let Some(size) = size {
+            self.flush_inode(ino)?;
+            node = Some(self.meta.truncate(ino, size)?);
+            self.invalidate(ino);
+            if let Some(w) = self.writers.lock().get(&ino) {
+                w.reset_length();
+            }
+        }
+        if set.mode.is_some()
+            || set.uid.is_some()
+            || set.gid.is_some()
+            || set.atime.is_some()
+            || set.mtime.is_some()
+        {
+            node = Some(self.meta.setattr(ino, set)?);
+        }
+        match node {
+            Some(n) => Ok(self.overlay(n)),
+            None => self.getattr(ino),
+        }
+    }
+
+    pub fn fallocate(&self, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Node> {
+        self.check_writable()?;
+        self.flush_inode(ino)?;
+        let n = self.meta.fallocate(ino, mode, off, len)?;
+        self.invalidate(ino);
+        Ok(self.overlay(n))
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        Ok(self.meta.statfs()?)
+    }
+
+    // ------------------------------------------------------------ namespace
+
+    pub fn mknod(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        kind: FileKind,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Node> {
+        self.check_writable()?;
+        let n = self.meta.mknod(ctx, parent, name, kind, mode, rdev, None)?;
+        self.remember(parent, name, n.ino);
+        Ok(n)
+    }
+
+    pub fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Node> {
+        self.check_writable()?;
+        let n = self
+            .meta
+            .mknod(ctx, parent, name, FileKind::Symlink, 0o777, 0, Some(target))?;
+        self.remember(parent, name, n.ino);
+        Ok(n)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        Ok(self.meta.readlink(ino)?)
+    }
+
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Node> {
+        self.check_writable()?;
+        let n = self.meta.link(ino, parent, name)?;
+        Ok(self.overlay(n))
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        Ok(self.meta.unlink(parent, name)?)
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        Ok(self.meta.rmdir(parent, name)?)
+    }
+
+    pub fn rename(&self, parent: Ino, name: &[u8], newparent: Ino, newname: &[u8], flags: u32) -> Result<()> {
+        self.check_writable()?;
+        self.meta.rename(parent, name, newparent, newname, flags)?;
+        if let Ok(n) = self.meta.lookup(newparent, newname) {
+            self.remember(newparent, newname, n.ino);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ files
+
+    /// Open a file; returns the handle and whether the kernel may keep its page cache
+    /// (the file did not change since this client last opened it).
+    pub fn open(&self, ino: Ino, write: bool) -> Result<(u64, bool)> {
+        if write {
+            self.check_writable()?;
+        }
+        let n = self.getattr(ino)?;
+        if n.kind == FileKind::Dir {
+            return Err(MetaError::IsDir.into());
+        }
+        self.invalidate(ino);
+        let keep = {
+            let mut opened = self.opened_attrs.lock();
+            let keep = opened.get(&ino) == Some(&(n.mtime, n.length));
+            opened.insert(ino, (n.mtime, n.length));
+            keep
+        };
+        Ok((self.new_file_handle(ino), keep))
+    }
+
+    fn new_file_handle(&self, ino: Ino) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().insert(
+            fh,
+            Arc::new(FileHandle {
+                ino,
+                ra: Mutex::new(Readahead { next: 0, window: 0 }),
+            }),
+        );
+        *self.open_counts.lock().entry(ino).or_insert(0) += 1;
+        self.meta.open(ino);
+        fh
+    }
+
+    pub fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<(Node, u64)> {
+        self.check_writable()?;
+        let n = self.meta.mknod(ctx, parent, name, FileKind::File, mode, 0, None)?;
+        self.remember(parent, name, n.ino);
+        self.opened_attrs.lock().insert(n.ino, (n.mtime, n.length));
+        let fh = self.new_file_handle(n.ino);
+        Ok((n, fh))
+    }
+
+    fn writer(&self, ino: Ino) -> Arc<FileWriter> {
+        self.writers
+            .lock()
+            .entry(ino)
+            .or_insert_with(|| Arc::new(FileWriter::new(ino)))
+            .clone()
+    }
+
+    pub fn write(&self, ino: Ino, off: u64, data: &[u8]) -> Result<usize> {
+        self.check_writable()?;
+        if off.checked_add(data.len() as u64).is_none_or(|e| e > 1 << 52) {
+            return Err(MetaError::TooBig.into());
+        }
+        let w = self.writer(ino);
+        let pressure = || self.wake_background();
+        w.write(&self.wctx, off, data, &pressure)?;
+        Ok(data.len())
+    }
+
+    fn flush_writer(&self, w: &FileWriter) -> Result<()> {
+        let res = w.flush(&self.wctx);
+        self.invalidate(w.ino);
+        let touched = res?;
+        // Queue a compaction check for chunks that keep receiving slices.
+        let half = (self.settings.compact_threshold / 2).max(1);
+        let mut commits = self.chunk_commits.lock();
+        for (indx, n) in touched {
+            let c = commits.entry((w.ino, indx)).or_insert(0);
+            let before = *c / half;
+            *c += n;
+            if *c / half != before {
+                self.compact_queue.lock().insert((w.ino, indx));
+            }
+        }
+        if commits.len() > 100_000 {
+            commits.clear();
+        }
+        Ok(())
+    }
+
+    /// Upload and commit the pending writes of `ino`, if any.
+    pub fn flush_inode(&self, ino: Ino) -> Result<()> {
+        let w = self.writers.lock().get(&ino).cloned();
+        match w {
+            Some(w) => self.flush_writer(&w),
+            None => Ok(()),
+        }
+    }
+
+    pub fn fsync(&self, ino: Ino) -> Result<()> {
+        self.flush_inode(ino)
+    }
+
+    /// Close of one file descriptor: pending data is stored so the next open anywhere
+    /// sees it (close-to-open).
+    pub fn flush(&self, ino: Ino) -> Result<()> {
+        self.flush_inode(ino)
+    }
+
+    pub fn release(&self, ino: Ino, fh: u64) -> Result<()> {
+        self.files.lock().remove(&fh);
+        let last = {
+            let mut oc = self.open_counts.lock();
+            match oc.get_mut(&ino) {
+                Some(c) if *c > 1 => {
+                    *c -= 1;
+                    false
+                }
+                _ => {
+                    oc.remove(&ino);
+                    true
+                }
+            }
+        };
+        let mut res = Ok(());
+        if last {
+            res = self.flush_inode(ino);
+            let mut writers = self.writers.lock();
+            if let Some(w) = writers.get(&ino) {
+                if w.pending_length().is_none() {
+                    writers.remove(&ino);
+                }
+            }
+        }
+        self.meta.close(ino)?;
+        res
+    }
+
+    fn invalidate(&self, ino: Ino) {
+        self.segs.lock().remove(&ino);
+    }
+
+    fn segments(&self, ino: Ino, indx: u32) -> Result<(Arc<Vec<Segment>>, u64)> {
+        let ttl = Duration::from_secs_f64(self.settings.attr_timeout.max(0.0));
+        if let Some((s, len, at)) = self.segs.lock().get(&ino).and_then(|m| m.get(&indx)) {
+            if at.elapsed() < ttl {
+                return Ok((s.clone(), *len));
+            }
+        }
+        let (segs, len) = self.meta.read_chunk(ino, indx)?;
+        let segs = Arc::new(segs);
+        self.segs
+            .lock()
+            .entry(ino)
+            .or_default()
+            .insert(indx, (segs.clone(), len, Instant::now()));
+        Ok((segs, len))
+    }
+
+    /// How to produce file bytes `[off, end)` (clipped to the file length).
+    fn plan(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<Piece>> {
+        let bs = self.format.block_size as u64;
+        let mut out = Vec::new();
+        let mut pos = off;
+        let mut end = end;
+        while pos < end {
+            let indx = (pos / CHUNK_SIZE) as u32;
+            let (segs, length) = self.segments(ino, indx)?;
+            end = end.min(length);
+            if pos >= end {
+                break;
+            }
+            let cstart = indx as u64 * CHUNK_SIZE;
+            let cend = (cstart + CHUNK_SIZE).min(end);
+            let mut p = (pos - cstart) as u32;
+            let stop = (cend - cstart) as u32;
+            for s in segs.iter() {
+                if s.pos + s.len <= p {
+                    continue;
+                }
+                if s.pos >= stop {
+                    break;
+                }
+                if s.pos > p {
+                    out.push(Piece::Zero((s.pos - p) as usize));
+                    p = s.pos;
+                }
+                let upto = (s.pos + s.len).min(stop);
+                let mut soff = (s.off + (p - s.pos)) as u64;
+                let send = soff + (upto - p) as u64;
+                while soff < send {
+                    let k = soff / bs;
+                    let bstart = k * bs;
+                    let blen = (s.size as u64 - bstart).min(bs);
+                    let to = (send - bstart).min(blen);
+                    out.push(Piece::Block {
+                        key: block_key(&self.format.name, s.id, k as u32, blen as u32),
+                        len: blen as usize,
+                        from: (soff - bstart) as usize,
+                        to: to as usize,
+                    });
+                    soff = bstart + to;
+                }
+                p = upto;
+            }
+            if p < stop {
+                out.push(Piece::Zero((stop - p) as usize));
+            }
+            pos = cend;
+        }
+        Ok(out)
+    }
+
+    pub fn read(&self, ino: Ino, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        if let Some(w) = self.writers.lock().get(&ino).cloned() {
+            if w.pending_length().is_some() {
+                self.flush_writer(&w)?;
+            }
+        }
+        let end = off.saturating_add(size as u64);
+        let mut attempt = 0;
+        let out = loop {
+            match self.read_range(ino, off, end) {
+                Err(VfsError::Fetch(FetchError::Missing(k))) if attempt == 0 => {
+                    // A compaction or truncation may have replaced the slice: re-read the
+                    // chunk map once. Still missing afterwards is an error, never zeros.
+                    tracing::debug!(key = %k, "block missing, reloading chunk map");
+                    self.invalidate(ino);
+                    attempt += 1;
+                }
+                other => break other?,
+            }
+        };
+        self.readahead(ino, fh, off, out.len() as u64);
+        Ok(out)
+    }
+
+    fn read_range(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<u8>> {
+        let plan = self.plan(ino, off, end)?;
+        let total: usize = plan
+            .iter()
+            .map(|p| match p {
+                Piece::Zero(n) => *n,
+                Piece::Block { from, to, .. } => to - from,
+            })
+            .sum();
+        let mut out = Vec::with_capacity(total);
+        for p in plan {
+            match p {
+                Piece::Zero(n) => out.resize(out.len() + n, 0),
+                Piece::Block { key, len, from, to } => {
+                    let b = self.reader.get(&key, len)?;
+                    out.extend_from_slice(&b[from..to]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn readahead(&self, ino: Ino, fh: u64, off: u64, n: u64) {
+        let Some(h) = self.files.lock().get(&fh).cloned() else {
+            return;
+        };
+        if h.ino != ino || n == 0 {
+            return;
+        }
+        let bs = self.format.block_size as u64;
+        let (start, window) = {
+            let mut ra = h.ra.lock();
+            if off == ra.next || (off < ra.next && off + n > ra.next) {
+                ra.window = (ra.window * 2).clamp(bs, self.settings.max_readahead.max(bs));
+            } else {
+                ra.window = 0;
+            }
+            ra.next = off + n;
+            (ra.next, ra.window)
+        };
+        if window == 0 {
+            return;
+        }
+        if let Ok(plan) = self.plan(ino, start, start + window) {
+            let mut blocks: Vec<(String, usize)> = Vec::new();
+            for p in plan {
+                if let Piece::Block { key, len, .. } = p {
+                    if blocks.last().map(|b| &b.0) != Some(&key) {
+                        blocks.push((key, len));
+                    }
+                }
+            }
+            self.reader.prefetch(blocks);
+        }
+    }
+
+    // ------------------------------------------------------------ directories
+
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        let mut entries = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.meta.readdir(ino, after.as_deref(), 10_000)?;
+            let n = page.len();
+            if let Some(last) = page.last() {
+                after = Some(last.name.clone());
+            }
+            entries.extend(page);
+            if n < 10_000 {
+                break;
+            }
+        }
+        for e in &entries {
+            self.remember(ino, &e.name, e.ino);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    /// Entries of an open directory from position `offset`: (next offset, entry),
+    /// starting with "." and "..".
+    pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> Result<Vec<(u64, Entry)>> {
+        let entries = self.dirs.lock().get(&fh).cloned().ok_or(VfsError::BadHandle)?;
+        let mut out = Vec::new();
+        let mut i = offset;
+        if i == 0 {
+            out.push((1, Entry { name: b".".to_vec(), ino, kind: FileKind::Dir }));
+            i = 1;
+        }
+        if i == 1 {
+            let parent = self.meta.getattr(ino).map(|n| n.parent).unwrap_or(ROOT_INO);
+            out.push((2, Entry { name: b"..".to_vec(), ino: parent.max(ROOT_INO), kind: FileKind::Dir }));
+            i = 2;
+        }
+        for (k, e) in entries.iter().enumerate().skip((i - 2) as usize) {
+            out.push((k as u64 + 3, e.clone()));
+        }
+        Ok(out)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().remove(&fh);
+    }
+
+    // ------------------------------------------------------------ xattrs
+
+    /// Virtual attribute answering `strata info` through the mount.
+    pub const INFO_XATTR: &'static [u8] = b"user.strata.info";
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        if name == Self::INFO_XATTR {
+            return self.info(ino);
+        }
+        Ok(self.meta.getxattr(ino, name)?)
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.check_writable()?;
+        if name.starts_with(b"system.posix_acl") {
+            return Err(MetaError::NotSupported("POSIX ACLs").into());
+        }
+        Ok(self.meta.setxattr(ino, name, value, flags)?)
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        Ok(self.meta.listxattr(ino)?)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        Ok(self.meta.removexattr(ino, name)?)
+    }
+
+    fn info(&self, ino: Ino) -> Result<Vec<u8>> {
+        self.flush_inode(ino)?;
+        let n = self.meta.getattr(ino)?;
+        let mut chunks = Vec::new();
+        let mut objects = 0usize;
+        let mut slices_total = 0usize;
+        if n.kind == FileKind::File {
+            for indx in self.meta.chunk_indexes(ino)? {
+                let (slices, masks) = self.meta.chunk_slices(ino, indx)?;
+                let segs = crate::chunk::visible_segments(&slices, &masks, indx);
+                let bytes: u64 = segs.iter().map(|s| s.len as u64).sum();
+                objects += slices
+                    .iter()
+                    .filter(|s| s.id != 0)
+                    .map(|s| s.size.div_ceil(self.format.block_size) as usize)
+                    .sum::<usize>();
+                slices_total += slices.len();
+                chunks.push(serde_json::json!({
+                    "index": indx, "slices": slices.len(), "visible_bytes": bytes,
+                }));
+            }
+        }
+        let v = serde_json::json!({
+            "volume": self.format.name,
+            "path": self.path(ino),
+            "inode": ino,
+            "kind": format!("{:?}", n.kind),
+            "length": n.length,
+            "nlink": n.nlink,
+            "masks": n.masks.len(),
+            "slices": slices_total,
+            "objects": objects,
+            "chunks": chunks,
+        });
+        Ok(serde_json::to_vec_pretty(&v).unwrap_or_default())
+    }
+
+    // ------------------------------------------------------------ lifecycle
+
+    fn wake_background(&self) {
+        let (m, cv) = &self.wake;
+        *m.lock() = true;
+        cv.notify_all();
+    }
+
+    /// Flush everything, stop background threads and end the session.
+    pub fn shutdown(&self) {
+        let writers: Vec<_> = self.writers.lock().values().cloned().collect();
+        for w in writers {
+            if let Err(e) = self.flush_writer(&w) {
+                tracing::error!(volume = %self.format.name, path = %self.path(w.ino), error = %e, "flush at unmount failed");
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake_background();
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+        self.wctx.uploads.shutdown();
+        self.reader.shutdown();
+        if let Err(e) = self.meta.close_session() {
+            tracing::warn!(volume = %self.format.name, error = %e, "closing the session failed");
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Write buffering. Each inode being written has a [`FileWriter`] holding open slices per
+//! chunk. A write extends the chunk's last slice when it lands inside or right after its
+//! not-yet-uploaded part, else opens a new slice. Full blocks are uploaded as soon as they
+//! fill; a flush (close, fsync, timer, memory pressure) uploads the rest, waits for every
+//! upload of the inode and commits all its slices in one metadata transaction. Buffered
+//! bytes are bounded by a shared [`Budget`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+
+use super::pool::Pool;
+use super::reader::BlockReader;
+use crate::chunk::block_key;
+use crate::meta::{CHUNK_SIZE, Ino, Meta, MetaError, Slice};
+use crate::metrics::Metrics;
+use crate::object::ObjectStore;
+
+/// Shared bound on buffered bytes.
+pub struct Budget {
+    used: Mutex<u64>,
+    cv: Condvar,
+    cap: u64,
+}
+
+impl Budget {
+    pub fn new(cap: u64) -> Self {
+        Budget {
+            used: Mutex::new(0),
+            cv: Condvar::new(),
+            cap,
+        }
+    }
+    /// Take `n` bytes, waiting (and calling `pressure` to start flushes) while over budget.
+    pub fn acquire(&self, n: u64, pressure: &dyn Fn()) {
+        let mut used = self.used.lock();
+        while *used > 0 && *used + n > self.cap {
+            drop(used);
+            pressure();
+            used = self.used.lock();
+            if *used > 0 && *used + n > self.cap {
+                self.cv.wait_for(&mut used, Duration::from_millis(50));
+            }
+        }
+        *used += n;
+    }
+    pub fn release(&self, n: u64) {
+        let mut used = self.used.lock();
+        *used = used.saturating_sub(n);
+        self.cv.notify_all();
+    }
+    pub fn used(&self) -> u64 {
+        *self.used.lock()
+    }
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+}
+
+/// What a writer needs from the file system.
+pub struct WriteCtx {
+    pub meta: Arc<Meta>,
+    pub store: Arc<dyn ObjectStore>,
+    pub reader: Arc<BlockReader>,
+    pub uploads: Pool,
+    pub budget: Budget,
+    pub metrics: Arc<Metrics>,
+    pub volume: String,
+    pub block_size: u32,
+}
+
+#[derive(Default)]
+struct Uploads {
+    state: Mutex<(usize, Option<String>)>,
+    cv: Condvar,
+}
+
+struct OpenSlice {
+    id: u64,
+    pos: u32,
+    len: u32,
+    blocks: Vec<Vec<u8>>,
+    /// Leading blocks already handed to the uploader.
+    sent: u32,
+}
+
+#[derive(Default)]
+struct WState {
+    chunks: BTreeMap<u32, Vec<OpenSlice>>,
+    /// End of the furthest write not yet committed (0 when nothing is pending).
+    length: u64,
+    dirty_since: Option<Instant>,
+    acquired: u64,
+    committing: bool,
+}
+
+/// Error of a flush: the data written since the last flush could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error("upload failed: {0}")]
+    Upload(String),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+pub struct FileWriter {
+    pub ino: Ino,
+    state: Mutex<WState>,
+    flush_lock: Mutex<()>,
+    uploads: Arc<Uploads>,
+}
+
+impl FileWriter {
+    pub fn new(ino: Ino) -> Self {
+        FileWriter {
+            ino,
+            state: Mutex::new(WState::default()),
+            flush_lock: Mutex::new(()),
+            uploads: Arc::new(Uploads::default()),
+        }
+    }
+
+    /// Length the file will have once pending writes are committed, if any are pending.
+    pub fn pending_length(&self) -> Option<u64> {
+        let st = self.state.lock();
+        (st.dirty_since.is_some() || st.committing).then_some(st.length)
+    }
+
+    pub fn dirty_since(&self) -> Option<Instant> {
+        self.state.lock().dirty_since
+    }
+
+    /// Buffer `data` at file offset `off`.
+    pub fn write(&self, ctx: &WriteCtx, off: u64, data: &[u8], pressure: &dyn Fn()) -> Result<(), MetaError> {
+        ctx.budget.acquire(data.len() as u64, pressure);
+        ctx.metrics.buffer_bytes(data.len() as i64);
+        let bs = ctx.block_size;
+        let mut st = self.state.lock();
+        st.acquired += data.len() as u64;
+        let mut done = 0usize;
+        while done < data.len() {
+            let foff = off + done as u64;
+            let indx = (foff / CHUNK_SIZE) as u32;
+            let pos = (foff % CHUNK_SIZE) as u32;
+            let n = (data.len() - done).min((CHUNK_SIZE - pos as u64) as usize);
+            let slices = st.chunks.entry(indx).or_default();
+            let reuse = matches!(slices.last(), Some(s)
+                if pos >= s.pos && pos <= s.pos + s.len && pos - s.pos >= s.sent * bs);
+            if !reuse {
+                slices.push(OpenSlice {
+                    id: ctx.meta.new_slice_id()?,
+                    pos,
+                    len: 0,
+                    blocks: Vec::new(),
+                    sent: 0,
+                });
+            }
+            let Some(s) = slices.last_mut() else {
+                return Err(MetaError::Invalid("no open slice"));
+            };
+            let mut rel = (pos - s.pos) as usize;
+            let mut piece = &data[done..done + n];
+            while !piece.is_empty() {
+                let k = rel / bs as usize;
+                let within = rel % bs as usize;
+                let take = piece.len().min(bs as usize - within);
+                if s.blocks.len() <= k {
+                    s.blocks.resize_with(k + 1, Vec::new);
+                }
+                let b = &mut s.blocks[k];
+                if b.len() < within + take {
+                    if b.capacity() == 0 {
+                        b.reserve_exact(bs as usize);
+                    }
+                    b.resize(within + take, 0);
+                }
+                b[within..within + take].copy_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                rel += take;
+            }
+            s.len = s.len.max(rel as u32);
+            let full = s.len / bs;
+            while s.sent < full {
+                let k = s.sent;
+                let block = std::mem::take(&mut s.blocks[k as usize]);
+                self.upload(ctx, s.id, k, block);
+                s.sent += 1;
+            }
+            done += n;
+        }
+        st.length = st.length.max(off + data.len() as u64);
+        st.dirty_since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    fn upload(&self, ctx: &WriteCtx, id: u64, k: u32, block: Vec<u8>) {
+        let data = Bytes::from(block);
+        let key = block_key(&ctx.volume, id, k, data.len() as u32);
+        ctx.reader.insert(&key, data.clone());
+        self.uploads.state.lock().0 += 1;
+        let store = ctx.store.clone();
+        let uploads = self.uploads.clone();
+        ctx.uploads.spawn(move || {
+            let res = store.put(&key, data);
+            let mut st = uploads.state.lock();
+            st.0 -= 1;
+            if let Err(e) = res {
+                st.1.get_or_insert_with(|| format!("{key}: {e}"));
+            }
+            uploads.cv.notify_all();
+        });
+    }
+
+    /// Upload and commit everything buffered so far. Returns the chunks that received
+    /// slices and how many.
+    pub fn flush(&self, ctx: &WriteCtx) -> Result<Vec<(u32, usize)>, FlushError> {
+        let _guard = self.flush_lock.lock();
+        let (chunks, length, acquired) = {
+            let mut st = self.state.lock();
+            if st.chunks.is_empty() {
+                return Ok(Vec::new());
+            }
+            st.committing = true;
+            st.dirty_since = None;
+            (
+                std::mem::take(&mut st.chunks),
+                st.length,
+                std::mem::take(&mut st.acquired),
+            )
+        };
+        let bs = ctx.block_size;
+        let mut list = Vec::new();
+        let mut ids = Vec::new();
+        let touched: Vec<(u32, usize)> = chunks.iter().map(|(i, s)| (*i, s.len())).collect();
+        for (indx, slices) in chunks {
+            for mut s in slices {
+                let nblocks = s.len.div_ceil(bs);
+                while s.sent < nblocks {
+                    let k = s.sent;
+                    let block = std::mem::take(&mut s.blocks[k as usize]);
+                    self.upload(ctx, s.id, k, block);
+                    s.sent += 1;
+                }
+                ids.push((s.id, s.len));
+                list.push((
+                    indx,
+                    Slice {
+                        seq: 0,
+                        id: s.id,
+                        size: s.len,
+                        off: 0,
+                        len: s.len,
+                        pos: s.pos,
+                    },
+                ));
+            }
+        }
+        let err = {
+            let mut st = self.uploads.state.lock();
+            while st.0 > 0 {
+                self.uploads.cv.wait(&mut st);
+            }
+            st.1.take()
+        };
+        let res = match err {
+            Some(e) => {
+                let _ = ctx.meta.discard_slices(&ids);
+                Err(FlushError::Upload(e))
+            }
+            None => match ctx.meta.write_slices(self.ino, &list, length) {
+                Ok(_) => Ok(touched),
+                Err(MetaError::NotFound) => Ok(Vec::new()), // file deleted meanwhile: garbage
+                Err(e) => {
+                    let _ = ctx.meta.discard_slices(&ids);
+                    Err(e.into())
+                }
+            },
+        };
+        ctx.budget.release(acquired);
+        ctx.metrics.buffer_bytes(-(acquired as i64));
+        let mut st = self.state.lock();
+        st.committing = false;
+        if st.chunks.is_empty() {
+            st.length = 0;
+        }
+        res
+    }
+
+    /// Forget pending length after a truncate (callers flush first).
+    pub fn reset_length(&self) {
+        let mut st = self.state.lock();
+        if st.chunks.is_empty() {
+            st.length = 0;
+        }
+    }
+}

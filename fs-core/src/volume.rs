@@ -1,0 +1,154 @@
+//! Volumes: formatting a new one and opening an existing one (metadata + object store),
+//! with the checks and error messages a user sees from `strata format` and `strata mount`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::meta::{FORMAT_VERSION, FileKind, Format, Ino, Meta, MetaError, MetaSettings, ROOT_INO, open_engine};
+use crate::metrics::Metrics;
+use crate::object::{ObjectError, ObjectStore, RetrySettings, StorageConfig, layered, open_store};
+
+/// Errors of opening or formatting a volume; each names the problem and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("object storage {store}: {source}")]
+    Object {
+        store: String,
+        #[source]
+        source: ObjectError,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Options of `strata format`.
+#[derive(Debug, Clone)]
+pub struct FormatOptions {
+    pub name: String,
+    pub storage: StorageConfig,
+    /// Block size in KiB.
+    pub block_size_kib: u32,
+    /// Capacity in GiB (0 = unlimited).
+    pub capacity_gib: u64,
+    pub inodes: u64,
+}
+
+/// A volume opened for use: metadata, format and the (instrumented, retrying) object store.
+pub struct Volume {
+    pub meta: Arc<Meta>,
+    pub format: Format,
+    pub store: Arc<dyn ObjectStore>,
+}
+
+fn check_name(name: &str) -> Result<(), VolumeError> {
+    let ok = (3..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::Invalid(format!(
+            "invalid volume name {name:?}: use 3-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+        )))
+    }
+}
+
+fn random_uuid() -> String {
+    let a: u128 = rand::random();
+    let h = format!("{a:032x}");
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Check that the object store is reachable with these credentials: put, read back and
+/// delete a probe object under the volume's prefix.
+pub fn probe_store(store: &dyn ObjectStore, volume: &str) -> Result<(), VolumeError> {
+    let err = |source| VolumeError::Object {
+        store: store.describe(),
+        source,
+    };
+    store.init().map_err(err)?;
+    let key = format!("{volume}/.probe-{:016x}", rand::random::<u64>());
+    store.put(&key, Bytes::from_static(b"strata")).map_err(err)?;
+    let got = store.get(&key, 0, None).map_err(err)?;
+    store.delete(&key).map_err(err)?;
+    if got.as_ref() != b"strata" {
+        return Err(VolumeError::Invalid(format!(
+            "object storage {} returned different bytes than were written to {key}",
+            store.describe()
+        )));
+    }
+    Ok(())
+}
+
+/// `strata format`: create the volume (or accept the same name again).
+pub fn format(meta_url: &str, opts: &FormatOptions, metrics: Arc<Metrics>) -> Result<Format, VolumeError> {
+    check_name(&opts.name)?;
+    let bs = opts.block_size_kib;
+    if !(64..=16384).contains(&bs) || !bs.is_power_of_two() {
+        return Err(VolumeError::Invalid(format!(
+            "--block-size {bs} KiB is not supported: use a power of two from 64 to 16384 (default 4096)"
+        )));
+    }
+    let raw = open_store(&opts.storage).map_err(|source| VolumeError::Object {
+        store: format!("{} {}", opts.storage.storage, opts.storage.bucket),
+        source,
+    })?;
+    let store = layered(raw, metrics.clone(), RetrySettings::default());
+    probe_store(&*store, &opts.name)?;
+    let meta = Meta::new(open_engine(meta_url)?, metrics, MetaSettings::default());
+    let fmt = Format {
+        name: opts.name.clone(),
+        uuid: random_uuid(),
+        version: FORMAT_VERSION,
+        block_size: bs << 10,
+        capacity: opts.capacity_gib << 30,
+        inodes: opts.inodes,
+        storage: opts.storage.clone(),
+    };
+    Ok(meta.format(&fmt)?)
+}
+
+/// Open a formatted volume: metadata engine, stored format, object store (probed).
+pub fn open(
+    meta_url: &str,
+    metrics: Arc<Metrics>,
+    settings: MetaSettings,
+    retry: RetrySettings,
+) -> Result<Volume, VolumeError> {
+    let meta = Arc::new(Meta::new(open_engine(meta_url)?, metrics.clone(), settings));
+    let format = meta.load()?;
+    let raw = open_store(&format.storage).map_err(|source| VolumeError::Object {
+        store: format!("{} {}", format.storage.storage, format.storage.bucket),
+        source,
+    })?;
+    let store = layered(raw, metrics, retry);
+    probe_store(&*store, &format.name)?;
+    Ok(Volume { meta, format, store })
+}
+
+/// Resolve a path inside the volume (for `--subdir`) to a directory inode.
+pub fn resolve_dir(meta: &Meta, path: &str) -> Result<Ino, VolumeError> {
+    let mut ino = ROOT_INO;
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            return Err(VolumeError::Invalid(format!("--subdir {path}: '..' is not allowed")));
+        }
+        let n = meta.lookup(ino, part.as_bytes()).map_err(|e| match e {
+            MetaError::NotFound => VolumeError::Invalid(format!(
+                "--subdir {path}: {part} does not exist in the volume; create it first (mount the volume root and mkdir -p it)"
+            )),
+            e => e.into(),
+        })?;
+        if n.kind != FileKind::Dir {
+            return Err(VolumeError::Invalid(format!("--subdir {path}: {part} is not a directory")));
+        }
+        ino = n.ino;
+    }
+    Ok(ino)
+}
