@@ -69,6 +69,10 @@ fn s3_init_creates_the_bucket() {
         Err(ObjectError::NoBucket(msg)) => assert!(msg.contains("created-by-init"), "{msg}"),
         other => panic!("list before init: {other:?}"),
     }
+    match store.put("k", Bytes::from_static(b"v")) {
+        Err(ObjectError::NoBucket(_)) => {}
+        other => panic!("put before init: {other:?}"),
+    }
     store.init().unwrap();
     assert!(store.list("", None, 1).unwrap().is_empty());
     store.init().unwrap(); // already there: fine
@@ -225,6 +229,29 @@ fn s3_unreachable_is_transient() {
     assert!(err.is_transient(), "{err}");
     assert!(!err.to_string().contains("SECRETX"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn s3_silent_server_times_out() {
+    // Accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(4).collect();
+        std::thread::sleep(Duration::from_secs(30));
+        drop(held);
+    });
+    let mut settings = S3Settings::new(&endpoint, "silent", "a", "b");
+    settings.op_timeout = Duration::from_millis(500);
+    let store = S3Store::new(settings).unwrap();
+    let start = Instant::now();
+    let err = store.head("k").unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]

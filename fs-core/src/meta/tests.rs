@@ -16,3 +16,141 @@ fn sqlite_engine_conformance() {
         Box::new(SqliteEngine::open(p.to_str().unwrap()).unwrap()) as Box<dyn MetaEngine>
     });
 }
+
+mod cost {
+    //! Truncation must cost the same whatever the file's size and slice count: count every
+    //! engine call made by `truncate`, `fallocate` and O_TRUNC-style `truncate(0)`.
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::super::conformance::formatted;
+    use super::super::*;
+
+    struct Counting {
+        inner: MemEngine,
+        calls: Arc<AtomicUsize>,
+    }
+
+    struct CountingTxn<'a> {
+        inner: Box<dyn Txn + 'a>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl MetaEngine for Counting {
+        fn kind(&self) -> &'static str {
+            "counting"
+        }
+        fn describe(&self) -> String {
+            "counting://".into()
+        }
+        fn init_schema(&self) -> Result<()> {
+            self.inner.init_schema()
+        }
+        fn begin(&self, write: bool) -> Result<Box<dyn Txn + '_>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(CountingTxn {
+                inner: self.inner.begin(write)?,
+                calls: self.calls.clone(),
+            }))
+        }
+    }
+
+    macro_rules! forward {
+        ($( fn $name:ident(&mut self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+            $(
+                fn $name(&mut self $(, $arg: $ty)*) -> $ret {
+                    self.calls.fetch_add(1, Ordering::SeqCst);
+                    self.inner.$name($($arg),*)
+                }
+            )*
+        };
+    }
+
+    impl Txn for CountingTxn<'_> {
+        fn commit(self: Box<Self>) -> Result<()> {
+            self.inner.commit()
+        }
+        forward! {
+            fn get_setting(&mut self, name: &str) -> Result<Option<String>>;
+            fn set_setting(&mut self, name: &str, value: &str) -> Result<()>;
+            fn incr_counter(&mut self, name: &str, delta: i64) -> Result<i64>;
+            fn get_node(&mut self, ino: Ino) -> Result<Option<Node>>;
+            fn put_node(&mut self, node: &Node) -> Result<()>;
+            fn delete_node(&mut self, ino: Ino) -> Result<()>;
+            fn get_edge(&mut self, parent: Ino, name: &[u8]) -> Result<Option<Entry>>;
+            fn put_edge(&mut self, parent: Ino, entry: &Entry) -> Result<()>;
+            fn delete_edge(&mut self, parent: Ino, name: &[u8]) -> Result<()>;
+            fn list_edges(&mut self, parent: Ino, after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>>;
+            fn get_symlink(&mut self, ino: Ino) -> Result<Option<Vec<u8>>>;
+            fn put_symlink(&mut self, ino: Ino, target: &[u8]) -> Result<()>;
+            fn delete_symlink(&mut self, ino: Ino) -> Result<()>;
+            fn get_xattr(&mut self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>>;
+            fn put_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> Result<()>;
+            fn delete_xattr(&mut self, ino: Ino, name: &[u8]) -> Result<bool>;
+            fn list_xattrs(&mut self, ino: Ino) -> Result<Vec<Vec<u8>>>;
+            fn delete_xattrs(&mut self, ino: Ino) -> Result<()>;
+            fn chunk_slices(&mut self, ino: Ino, indx: u32) -> Result<Vec<Slice>>;
+            fn add_slice(&mut self, ino: Ino, indx: u32, slice: &Slice) -> Result<()>;
+            fn delete_slice(&mut self, ino: Ino, indx: u32, seq: u64) -> Result<()>;
+            fn chunk_indexes(&mut self, ino: Ino, from: u32, limit: usize) -> Result<Vec<u32>>;
+            fn add_reclaim(&mut self, ino: Ino, length: u64) -> Result<()>;
+            fn list_reclaim(&mut self, limit: usize) -> Result<Vec<(Ino, u64)>>;
+            fn delete_reclaim(&mut self, ino: Ino) -> Result<()>;
+            fn add_trim(&mut self, ino: Ino) -> Result<()>;
+            fn list_trim(&mut self, limit: usize) -> Result<Vec<Ino>>;
+            fn delete_trim(&mut self, ino: Ino) -> Result<()>;
+            fn add_garbage(&mut self, id: u64, size: u32, due: i64) -> Result<()>;
+            fn list_due_garbage(&mut self, now: i64, limit: usize) -> Result<Vec<(u64, u32)>>;
+            fn delete_garbage(&mut self, id: u64) -> Result<()>;
+            fn put_session(&mut self, sid: u64, heartbeat: i64, info: &str) -> Result<()>;
+            fn delete_session(&mut self, sid: u64) -> Result<()>;
+            fn list_sessions(&mut self) -> Result<Vec<(u64, i64, String)>>;
+            fn add_sustained(&mut self, sid: u64, ino: Ino) -> Result<()>;
+            fn delete_sustained(&mut self, sid: u64, ino: Ino) -> Result<()>;
+            fn list_sustained(&mut self, sid: u64) -> Result<Vec<Ino>>;
+        }
+    }
+
+    /// Engine calls made by each size-changing operation on a file of `slices` slices
+    /// spread over `chunks` chunks.
+    fn costs(slices: u32, chunks: u32) -> Vec<usize> {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let meta = formatted(
+            Box::new(Counting {
+                inner: MemEngine::new(),
+                calls: calls.clone(),
+            }),
+            0,
+        );
+        let f = meta
+            .mknod(Ctx::ROOT, ROOT_INO, b"f", FileKind::File, 0o644, 0, None)
+            .unwrap();
+        for i in 0..slices {
+            let indx = i % chunks;
+            let s = Slice { seq: 0, id: 1000 + i as u64, size: 4096, off: 0, len: 4096, pos: (i / chunks) * 4096 };
+            meta.write_slices(f.ino, &[(indx, s)], indx as u64 * CHUNK_SIZE + 4096 * (i / chunks + 1) as u64)
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        let mut measure = |op: &dyn Fn()| {
+            let before = calls.load(Ordering::SeqCst);
+            op();
+            out.push(calls.load(Ordering::SeqCst) - before);
+        };
+        let len = meta.getattr(f.ino).unwrap().length;
+        measure(&|| drop(meta.truncate(f.ino, len / 2).unwrap()));
+        measure(&|| drop(meta.truncate(f.ino, len * 10).unwrap()));
+        measure(&|| drop(meta.fallocate(f.ino, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, len).unwrap()));
+        measure(&|| drop(meta.fallocate(f.ino, 0, 0, len * 20).unwrap()));
+        measure(&|| drop(meta.truncate(f.ino, 0).unwrap()));
+        out
+    }
+
+    #[test]
+    fn truncate_cost_does_not_grow_with_slices_or_size() {
+        let small = costs(20, 1);
+        let big = costs(2_000, 640); // 640 chunks = a 40 GiB sparse file
+        assert_eq!(small, big, "engine calls per operation must not depend on the file");
+        assert!(small.iter().all(|&c| c <= 12), "{small:?}");
+    }
+}

@@ -183,7 +183,8 @@ impl S3Store {
     /// Replace the secret key if it ever shows up in a message.
     fn scrub(&self, text: String) -> String {
         let secret = &self.settings.secret_key;
-        if !secret.is_empty() && text.contains(secret.as_str()) {
+        // Too short a "secret" would mangle ordinary words; real ones are long.
+        if secret.len() >= 8 && text.contains(secret.as_str()) {
             text.replace(secret.as_str(), "***")
         } else {
             text
@@ -208,7 +209,7 @@ impl S3Store {
                 let code = if code.is_empty() { "error" } else { code };
                 format!("{code}: {}{status}", err.message().unwrap_or("no message"))
             }
-            _ => DisplayErrorContext(err).to_string(),
+            _ => error_chain(err),
         };
         let text = self.scrub(format!("{op} {key:?} on {}: {detail}", self.describe()));
         match err {
@@ -387,6 +388,21 @@ impl S3Store {
     }
 }
 
+/// An error and its sources, `: `-separated (without the SDK's debug dump).
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
         let s = &self.settings;
@@ -395,8 +411,9 @@ impl ObjectStore for S3Store {
         } else {
             ", virtual-host style"
         };
+        let sep = if s.prefix.is_empty() { "" } else { "/" };
         format!(
-            "s3://{}/{} (endpoint {}{style})",
+            "s3://{}{sep}{} (endpoint {}{style})",
             s.bucket, s.prefix, s.endpoint
         )
     }

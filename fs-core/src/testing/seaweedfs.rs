@@ -37,6 +37,8 @@ pub enum HarnessError {
 pub struct SeaweedFs {
     child: Child,
     dir: PathBuf,
+    /// Unix sockets `weed mini` creates at fixed paths in /tmp (not under TMPDIR).
+    sockets: Vec<PathBuf>,
     endpoint: String,
     access_key: String,
     secret_key: String,
@@ -155,8 +157,8 @@ impl SeaweedFs {
             SEQ.fetch_add(1, Ordering::Relaxed),
             rand::random::<u32>()
         ));
-        let (data, logs, tmp) = (dir.join("data"), dir.join("log"), dir.join("tmp"));
-        for d in [&data, &logs, &tmp] {
+        let (data, logs) = (dir.join("data"), dir.join("log"));
+        for d in [&data, &logs] {
             std::fs::create_dir_all(d)?;
         }
         let access_key = format!("strata{:08x}", rand::random::<u32>());
@@ -186,6 +188,8 @@ impl SeaweedFs {
             "-webdav=false".to_string(),
             "-s3.port.iceberg=0".to_string(),
             "-s3.port.lance=0".to_string(),
+            // Like real S3: a put to a missing bucket fails; `init` must create it.
+            "-s3.autoCreateBucket=false".to_string(),
             format!("-master.port={}", p[0]),
             format!("-master.port.grpc={}", p[1]),
             format!("-volume.port={}", p[2]),
@@ -200,20 +204,37 @@ impl SeaweedFs {
             format!("-filer.localSocket={}", path(&dir.join("filer.sock"))),
             format!("-s3.localSocket={}", path(&dir.join("s3.sock"))),
         ];
+        let sockets: Vec<PathBuf> = [
+            ("master", p[1]),
+            ("volume", p[3]),
+            ("filer", p[5]),
+            ("s3", p[7]),
+            ("admin", p[9]),
+        ]
+        .iter()
+        .map(|(svc, port)| PathBuf::from(format!("/tmp/seaweedfs-{svc}-grpc-{port}.sock")))
+        .collect();
+        // Left by a killed server that had the same (now free) port: stale.
+        for s in &sockets {
+            let _ = std::fs::remove_file(s);
+        }
         let log = std::fs::File::create(dir.join("weed.out"))?;
         let child = Command::new(weed)
             .arg(format!("-logdir={}", path(&logs)))
             .arg("mini")
             .args(&args)
-            .env("TMPDIR", &tmp) // its gRPC unix sockets go there
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .map_err(|e| HarnessError::Start(format!("cannot run {}: {e}", weed.display())))?;
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                HarnessError::Start(format!("cannot run {}: {e}", weed.display()))
+            })?;
         let mut server = SeaweedFs {
             child,
             dir,
+            sockets,
             endpoint: format!("http://127.0.0.1:{}", p[6]),
             access_key,
             secret_key,
@@ -285,5 +306,8 @@ impl Drop for SeaweedFs {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
     }
 }
