@@ -13,7 +13,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
     StalledStreamProtectionConfig,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     BucketLocationConstraint, CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration,
@@ -238,7 +238,6 @@ impl S3Store {
                 | "Throttling"
                 | "ThrottlingException"
                 | "RequestTimeout"
-                | "RequestTimeTooSkewed"
                 | "InternalError"
                 | "ServiceUnavailable",
                 _,
@@ -338,7 +337,7 @@ impl S3Store {
                 tracing::debug!(
                     key,
                     "abort of a failed multipart upload failed: {}",
-                    DisplayErrorContext(&e)
+                    error_chain(&e)
                 );
             }
         }
