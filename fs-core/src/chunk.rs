@@ -149,7 +149,10 @@ mod tests {
 
     #[test]
     fn keys_follow_the_documented_layout() {
-        assert_eq!(block_key("vol", 1_234_567, 2, 4096), "vol/chunks/1/1234/1234567_2_4096");
+        assert_eq!(
+            block_key("vol", 1_234_567, 2, 4096),
+            "vol/chunks/1/1234/1234567_2_4096"
+        );
         let b: Vec<_> = slice_blocks(10, 4).collect();
         assert_eq!(b, vec![(0, 4), (1, 4), (2, 2)]);
         assert_eq!(slice_blocks(0, 4).count(), 0);
@@ -167,7 +170,10 @@ mod tests {
         assert_eq!(segs.len(), 3);
         assert_eq!((segs[0].pos, segs[0].len, segs[0].id), (0, 50, 10));
         assert_eq!((segs[1].pos, segs[1].len, segs[1].id), (50, 10, 11));
-        assert_eq!((segs[2].pos, segs[2].len, segs[2].id, segs[2].off), (60, 20, 10, 60));
+        assert_eq!(
+            (segs[2].pos, segs[2].len, segs[2].id, segs[2].off),
+            (60, 20, 10, 60)
+        );
         // A mask committed after everything hides the whole chunk.
         let all = [Mask {
             seq: 9,

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use crate::meta::{Ctx, FileKind, Ino, MetaError, Node, ROOT_INO, SetAttr, TimeSet};
@@ -46,9 +46,9 @@ pub fn errno_of(e: &VfsError) -> i32 {
             | MetaError::Format(_)
             | MetaError::Engine(_) => libc::EIO,
         },
-        VfsError::Fetch(FetchError::Missing(_) | FetchError::Corrupt { .. } | FetchError::Store(_)) => {
-            libc::EIO
-        }
+        VfsError::Fetch(
+            FetchError::Missing(_) | FetchError::Corrupt { .. } | FetchError::Store(_),
+        ) => libc::EIO,
         VfsError::Flush(FlushError::Meta(MetaError::NoSpace)) => libc::ENOSPC,
         VfsError::Flush(_) => libc::EIO,
         VfsError::ReadOnly => libc::EROFS,
@@ -175,7 +175,13 @@ impl StrataFs {
     }
 
     /// Record an operation; log it with its path when it failed unexpectedly or was slow.
-    fn finish(&self, op: &'static str, start: Instant, err: Option<&VfsError>, path: impl Fn() -> String) -> Option<Errno> {
+    fn finish(
+        &self,
+        op: &'static str,
+        start: Instant,
+        err: Option<&VfsError>,
+        path: impl Fn() -> String,
+    ) -> Option<Errno> {
         let elapsed = start.elapsed();
         let errno = err.map(errno_of);
         self.vfs.metrics.fuse_op(op, elapsed, errno);
@@ -189,7 +195,14 @@ impl StrataFs {
         errno.map(Errno::from_i32)
     }
 
-    fn reply_entry(&self, op: &'static str, start: Instant, r: Result<Node, VfsError>, path: impl Fn() -> String, reply: ReplyEntry) {
+    fn reply_entry(
+        &self,
+        op: &'static str,
+        start: Instant,
+        r: Result<Node, VfsError>,
+        path: impl Fn() -> String,
+        reply: ReplyEntry,
+    ) {
         match r {
             Ok(n) => {
                 self.finish(op, start, None, path);
@@ -202,7 +215,14 @@ impl StrataFs {
         }
     }
 
-    fn reply_empty(&self, op: &'static str, start: Instant, r: Result<(), VfsError>, path: impl Fn() -> String, reply: ReplyEmpty) {
+    fn reply_empty(
+        &self,
+        op: &'static str,
+        start: Instant,
+        r: Result<(), VfsError>,
+        path: impl Fn() -> String,
+        reply: ReplyEmpty,
+    ) {
         match r {
             Ok(()) => {
                 self.finish(op, start, None, path);
@@ -215,7 +235,14 @@ impl StrataFs {
         }
     }
 
-    fn reply_attr(&self, op: &'static str, start: Instant, r: Result<Node, VfsError>, path: impl Fn() -> String, reply: ReplyAttr) {
+    fn reply_attr(
+        &self,
+        op: &'static str,
+        start: Instant,
+        r: Result<Node, VfsError>,
+        path: impl Fn() -> String,
+        reply: ReplyAttr,
+    ) {
         match r {
             Ok(n) => {
                 self.finish(op, start, None, path);
@@ -252,7 +279,13 @@ impl Filesystem for StrataFs {
         let p = self.real(parent);
         let _s = tracing::debug_span!("lookup", parent = p).entered();
         let r = self.vfs.lookup(p, name.as_bytes());
-        self.reply_entry("lookup", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
+        self.reply_entry(
+            "lookup",
+            start,
+            r,
+            || self.vfs.path_of(p, name.as_bytes()),
+            reply,
+        );
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -310,23 +343,66 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let start = Instant::now();
         let p = self.real(parent);
         let _s = tracing::debug_span!("mknod", parent = p).entered();
         let r = match FileKind::from_mode(mode) {
-            Some(kind) => self.vfs.mknod(ctx(req), p, name.as_bytes(), kind, mode & !umask & 0o7777, rdev),
+            Some(kind) => self.vfs.mknod(
+                ctx(req),
+                p,
+                name.as_bytes(),
+                kind,
+                mode & !umask & 0o7777,
+                rdev,
+            ),
             None => Err(VfsError::Meta(MetaError::Invalid("file type"))),
         };
-        self.reply_entry("mknod", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
+        self.reply_entry(
+            "mknod",
+            start,
+            r,
+            || self.vfs.path_of(p, name.as_bytes()),
+            reply,
+        );
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let start = Instant::now();
         let p = self.real(parent);
         let _s = tracing::debug_span!("mkdir", parent = p).entered();
-        let r = self.vfs.mknod(ctx(req), p, name.as_bytes(), FileKind::Dir, mode & !umask & 0o7777, 0);
-        self.reply_entry("mkdir", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
+        let r = self.vfs.mknod(
+            ctx(req),
+            p,
+            name.as_bytes(),
+            FileKind::Dir,
+            mode & !umask & 0o7777,
+            0,
+        );
+        self.reply_entry(
+            "mkdir",
+            start,
+            r,
+            || self.vfs.path_of(p, name.as_bytes()),
+            reply,
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -334,7 +410,13 @@ impl Filesystem for StrataFs {
         let p = self.real(parent);
         let _s = tracing::debug_span!("unlink", parent = p).entered();
         let r = self.vfs.unlink(p, name.as_bytes());
-        self.reply_empty("unlink", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
+        self.reply_empty(
+            "unlink",
+            start,
+            r,
+            || self.vfs.path_of(p, name.as_bytes()),
+            reply,
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -342,37 +424,91 @@ impl Filesystem for StrataFs {
         let p = self.real(parent);
         let _s = tracing::debug_span!("rmdir", parent = p).entered();
         let r = self.vfs.rmdir(p, name.as_bytes());
-        self.reply_empty("rmdir", start, r, || self.vfs.path_of(p, name.as_bytes()), reply);
-    }
-
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let start = Instant::now();
-        let p = self.real(parent);
-        let _s = tracing::debug_span!("symlink", parent = p).entered();
-        let r = self.vfs.symlink(ctx(req), p, link_name.as_bytes(), target.as_os_str().as_bytes());
-        self.reply_entry("symlink", start, r, || self.vfs.path_of(p, link_name.as_bytes()), reply);
-    }
-
-    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
-        let start = Instant::now();
-        let (p, np) = (self.real(parent), self.real(newparent));
-        let _s = tracing::debug_span!("rename", parent = p, newparent = np).entered();
-        let r = self.vfs.rename(p, name.as_bytes(), np, newname.as_bytes(), flags.bits());
         self.reply_empty(
-            "rename",
+            "rmdir",
             start,
             r,
-            || format!("{} -> {}", self.vfs.path_of(p, name.as_bytes()), self.vfs.path_of(np, newname.as_bytes())),
+            || self.vfs.path_of(p, name.as_bytes()),
             reply,
         );
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let start = Instant::now();
+        let p = self.real(parent);
+        let _s = tracing::debug_span!("symlink", parent = p).entered();
+        let r = self.vfs.symlink(
+            ctx(req),
+            p,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+        );
+        self.reply_entry(
+            "symlink",
+            start,
+            r,
+            || self.vfs.path_of(p, link_name.as_bytes()),
+            reply,
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let start = Instant::now();
+        let (p, np) = (self.real(parent), self.real(newparent));
+        let _s = tracing::debug_span!("rename", parent = p, newparent = np).entered();
+        let r = self
+            .vfs
+            .rename(p, name.as_bytes(), np, newname.as_bytes(), flags.bits());
+        self.reply_empty(
+            "rename",
+            start,
+            r,
+            || {
+                format!(
+                    "{} -> {}",
+                    self.vfs.path_of(p, name.as_bytes()),
+                    self.vfs.path_of(np, newname.as_bytes())
+                )
+            },
+            reply,
+        );
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let start = Instant::now();
         let (i, np) = (self.real(ino), self.real(newparent));
         let _s = tracing::debug_span!("link", ino = i, newparent = np).entered();
         let r = self.vfs.link(i, np, newname.as_bytes());
-        self.reply_entry("link", start, r, || self.vfs.path_of(np, newname.as_bytes()), reply);
+        self.reply_entry(
+            "link",
+            start,
+            r,
+            || self.vfs.path_of(np, newname.as_bytes()),
+            reply,
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -383,7 +519,11 @@ impl Filesystem for StrataFs {
         match self.vfs.open(i, write) {
             Ok((fh, keep)) => {
                 self.finish("open", start, None, || self.vfs.path(i));
-                let f = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                let f = if keep {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
                 reply.opened(FileHandle(fh), f);
             }
             Err(e) => {
@@ -393,7 +533,17 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn read(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("read", ino = i, offset, size).entered();
@@ -409,7 +559,18 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn write(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("write", ino = i, offset, size = data.len()).entered();
@@ -425,7 +586,14 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("flush", ino = i).entered();
@@ -433,7 +601,16 @@ impl Filesystem for StrataFs {
         self.reply_empty("flush", start, r, || self.vfs.path(i), reply);
     }
 
-    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("release", ino = i).entered();
@@ -441,7 +618,14 @@ impl Filesystem for StrataFs {
         self.reply_empty("release", start, r, || self.vfs.path(i), reply);
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("fsync", ino = i).entered();
@@ -465,14 +649,26 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("readdir", ino = i, offset).entered();
         match self.vfs.readdir(i, fh.0, offset) {
             Ok(entries) => {
                 for (off, e) in entries {
-                    if reply.add(self.kernel(e.ino), off, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        self.kernel(e.ino),
+                        off,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         break;
                     }
                 }
@@ -486,12 +682,26 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.vfs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         // Metadata changes are committed when each operation returns.
         reply.ok();
     }
@@ -520,7 +730,16 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         let start = Instant::now();
         let i = self.real(ino);
         let r = self.vfs.setxattr(i, name.as_bytes(), value, flags);
@@ -589,23 +808,54 @@ impl Filesystem for StrataFs {
         self.reply_empty("access", start, r, || self.vfs.path(i), reply);
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
         let start = Instant::now();
         let p = self.real(parent);
         let _s = tracing::debug_span!("create", parent = p).entered();
-        match self.vfs.create(ctx(req), p, name.as_bytes(), mode & !umask & 0o7777) {
+        match self
+            .vfs
+            .create(ctx(req), p, name.as_bytes(), mode & !umask & 0o7777)
+        {
             Ok((n, fh)) => {
-                self.finish("create", start, None, || self.vfs.path_of(p, name.as_bytes()));
-                reply.created(&self.entry_ttl, &self.attr(&n), GENERATION, FileHandle(fh), FopenFlags::empty());
+                self.finish("create", start, None, || {
+                    self.vfs.path_of(p, name.as_bytes())
+                });
+                reply.created(
+                    &self.entry_ttl,
+                    &self.attr(&n),
+                    GENERATION,
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                );
             }
             Err(e) => {
-                let no = self.finish("create", start, Some(&e), || self.vfs.path_of(p, name.as_bytes()));
+                let no = self.finish("create", start, Some(&e), || {
+                    self.vfs.path_of(p, name.as_bytes())
+                });
                 reply.error(no.unwrap_or(Errno::EIO));
             }
         }
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("fallocate", ino = i, offset, length, mode).entered();
@@ -615,7 +865,12 @@ impl Filesystem for StrataFs {
 }
 
 /// Mount `vfs` at `mountpoint` and serve requests until unmounted.
-pub fn mount(vfs: Arc<Vfs>, root: Ino, mountpoint: &Path, settings: &MountSettings) -> io::Result<()> {
+pub fn mount(
+    vfs: Arc<Vfs>,
+    root: Ino,
+    mountpoint: &Path,
+    settings: &MountSettings,
+) -> io::Result<()> {
     let fs = StrataFs::new(vfs, root);
     let mut options = vec![
         MountOption::FSName(settings.fsname.clone()),
@@ -628,7 +883,11 @@ pub fn mount(vfs: Arc<Vfs>, root: Ino, mountpoint: &Path, settings: &MountSettin
     }
     let mut config = Config::default();
     config.mount_options = options;
-    config.acl = if settings.allow_other { SessionACL::All } else { SessionACL::Owner };
+    config.acl = if settings.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     config.n_threads = Some(settings.threads.max(1));
     config.clone_fd = true;
     let session = fuser::Session::new(fs, mountpoint, &config)?;

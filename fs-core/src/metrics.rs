@@ -70,7 +70,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let fuse_ops = Family::<Labels, Counter>::default();
-        registry.register(names::FUSE_OPS, "FUSE operations served, by op", fuse_ops.clone());
+        registry.register(
+            names::FUSE_OPS,
+            "FUSE operations served, by op",
+            fuse_ops.clone(),
+        );
         let fuse_errors = Family::<Labels, Counter>::default();
         registry.register(
             names::FUSE_ERRORS,
@@ -264,9 +268,18 @@ mod tests {
         m.object_bytes(false, 10);
         m.meta_txn(Duration::from_micros(50), 2);
         let text = m.encode();
-        assert!(text.contains("strata_fuse_ops_total{op=\"lookup\"} 1"), "{text}");
-        assert!(text.contains("strata_object_requests_total{op=\"get\"} 1"), "{text}");
-        assert!(text.contains("strata_object_bytes_total{direction=\"download\"} 10"), "{text}");
+        assert!(
+            text.contains("strata_fuse_ops_total{op=\"lookup\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("strata_object_requests_total{op=\"get\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("strata_object_bytes_total{direction=\"download\"} 10"),
+            "{text}"
+        );
         assert!(text.contains("strata_meta_txn_retries_total 2"), "{text}");
         assert!(text.contains("strata_fuse_op_seconds_bucket"), "{text}");
         assert_eq!(m.object_request_count("get"), 1);
@@ -278,10 +291,14 @@ mod tests {
         m.fuse_op("read", Duration::from_millis(1), Some(5));
         let addr = serve(m, "127.0.0.1:0").unwrap();
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-        assert!(out.contains("strata_fuse_errors_total{op=\"read\",errno=\"5\"} 1"), "{out}");
+        assert!(
+            out.contains("strata_fuse_errors_total{op=\"read\",errno=\"5\"} 1"),
+            "{out}"
+        );
     }
 }

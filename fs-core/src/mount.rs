@@ -62,8 +62,15 @@ pub fn is_mounted(path: &Path) -> bool {
     let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     info.lines().any(|l| {
         let fields: Vec<&str> = l.split(' ').collect();
-        let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("");
-        fields.get(4).is_some_and(|mp| Path::new(&unescape(mp)) == want) && fstype.starts_with("fuse")
+        let fstype = l
+            .split(" - ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or("");
+        fields
+            .get(4)
+            .is_some_and(|mp| Path::new(&unescape(mp)) == want)
+            && fstype.starts_with("fuse")
     })
 }
 
@@ -72,7 +79,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -104,7 +114,10 @@ pub fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<PathBuf, MountError
         })?;
     }
     if !mp.is_dir() {
-        return Err(MountError::Setup(format!("mount point {} is not a directory", mp.display())));
+        return Err(MountError::Setup(format!(
+            "mount point {} is not a directory",
+            mp.display()
+        )));
     }
     let mp = std::fs::canonicalize(mp)
         .map_err(|e| MountError::Setup(format!("mount point {}: {e}", mp.display())))?;
@@ -116,8 +129,9 @@ pub fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<PathBuf, MountError
         )));
     }
     if !nonempty {
-        let mut entries = std::fs::read_dir(&mp)
-            .map_err(|e| MountError::Setup(format!("cannot read mount point {}: {e}", mp.display())))?;
+        let mut entries = std::fs::read_dir(&mp).map_err(|e| {
+            MountError::Setup(format!("cannot read mount point {}: {e}", mp.display()))
+        })?;
         if entries.next().is_some() {
             return Err(MountError::Setup(format!(
                 "mount point {} is not empty: use an empty directory, or pass --nonempty to hide its contents",
@@ -183,7 +197,9 @@ pub fn unmount(mp: &Path, force: bool) -> Result<(), MountError> {
                 cmd.arg("-z");
             }
             let out = cmd.arg(mp).output().map_err(|e| {
-                MountError::Setup(format!("unmount needs root or fusermount3 (`apt-get install fuse3`): {e}"))
+                MountError::Setup(format!(
+                    "unmount needs root or fusermount3 (`apt-get install fuse3`): {e}"
+                ))
             })?;
             if out.status.success() {
                 Ok(())
@@ -199,8 +215,14 @@ pub fn unmount(mp: &Path, force: bool) -> Result<(), MountError> {
             "{} is busy (files open or a shell inside it): close them, or use `strata umount --force`",
             mp.display()
         ))),
-        Some(libc::EINVAL) => Err(MountError::Setup(format!("{} is not mounted", mp.display()))),
-        _ => Err(MountError::Setup(format!("unmount {} failed: {err}", mp.display()))),
+        Some(libc::EINVAL) => Err(MountError::Setup(format!(
+            "{} is not mounted",
+            mp.display()
+        ))),
+        _ => Err(MountError::Setup(format!(
+            "unmount {} failed: {err}",
+            mp.display()
+        ))),
     }
 }
 
@@ -209,18 +231,31 @@ pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(),
     check_fuse()?;
     let mp = check_mountpoint(mountpoint, opts.nonempty)?;
     let metrics = Arc::new(Metrics::new());
-    let vol = volume::open(meta_url, metrics.clone(), opts.meta.clone(), RetrySettings::default())?;
+    let vol = volume::open(
+        meta_url,
+        metrics.clone(),
+        opts.meta.clone(),
+        RetrySettings::default(),
+    )?;
     let root = match &opts.subdir {
         Some(s) => volume::resolve_dir(&vol.meta, s)?,
         None => ROOT_INO,
     };
     if let Some(addr) = &opts.metrics {
         let bound = metrics::serve(metrics.clone(), addr).map_err(|e| {
-            MountError::Setup(format!("--metrics {addr}: cannot listen: {e} (choose a free address like 127.0.0.1:9567)"))
+            MountError::Setup(format!(
+                "--metrics {addr}: cannot listen: {e} (choose a free address like 127.0.0.1:9567)"
+            ))
         })?;
         tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
     }
-    let vfs = Vfs::new(vol.meta.clone(), vol.store.clone(), vol.format.clone(), metrics, opts.vfs.clone());
+    let vfs = Vfs::new(
+        vol.meta.clone(),
+        vol.store.clone(),
+        vol.format.clone(),
+        metrics,
+        opts.vfs.clone(),
+    );
     vol.meta
         .new_session(&vfs.session_info())
         .map_err(|e| MountError::Volume(e.into()))?;
@@ -241,7 +276,11 @@ pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(),
 }
 
 /// Wait until `mp` is mounted, or `child` exits; used by `mount -d`.
-pub fn wait_mounted(mp: &Path, child: &mut std::process::Child, timeout: Duration) -> Result<(), String> {
+pub fn wait_mounted(
+    mp: &Path,
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<(), String> {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if is_mounted(mp) {
@@ -252,5 +291,9 @@ pub fn wait_mounted(mp: &Path, child: &mut std::process::Child, timeout: Duratio
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(format!("{} was not mounted after {:?}", mp.display(), timeout))
+    Err(format!(
+        "{} was not mounted after {:?}",
+        mp.display(),
+        timeout
+    ))
 }

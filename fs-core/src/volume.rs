@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::meta::{FORMAT_VERSION, FileKind, Format, Ino, Meta, MetaError, MetaSettings, ROOT_INO, open_engine};
+use crate::meta::{
+    FORMAT_VERSION, FileKind, Format, Ino, Meta, MetaError, MetaSettings, ROOT_INO, open_engine,
+};
 use crate::metrics::Metrics;
 use crate::object::{ObjectError, ObjectStore, RetrySettings, StorageConfig, layered, open_store};
 
@@ -62,7 +64,14 @@ fn check_name(name: &str) -> Result<(), VolumeError> {
 fn random_uuid() -> String {
     let a: u128 = rand::random();
     let h = format!("{a:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Check that the object store is reachable with these credentials: put, read back and
@@ -74,7 +83,9 @@ pub fn probe_store(store: &dyn ObjectStore, volume: &str) -> Result<(), VolumeEr
     };
     store.init().map_err(err)?;
     let key = format!("{volume}/.probe-{:016x}", rand::random::<u64>());
-    store.put(&key, Bytes::from_static(b"strata")).map_err(err)?;
+    store
+        .put(&key, Bytes::from_static(b"strata"))
+        .map_err(err)?;
     let got = store.get(&key, 0, None).map_err(err)?;
     store.delete(&key).map_err(err)?;
     if got.as_ref() != b"strata" {
@@ -87,7 +98,11 @@ pub fn probe_store(store: &dyn ObjectStore, volume: &str) -> Result<(), VolumeEr
 }
 
 /// `strata format`: create the volume (or accept the same name again).
-pub fn format(meta_url: &str, opts: &FormatOptions, metrics: Arc<Metrics>) -> Result<Format, VolumeError> {
+pub fn format(
+    meta_url: &str,
+    opts: &FormatOptions,
+    metrics: Arc<Metrics>,
+) -> Result<Format, VolumeError> {
     check_name(&opts.name)?;
     let bs = opts.block_size_kib;
     if !(64..=16384).contains(&bs) || !bs.is_power_of_two() {
@@ -129,7 +144,11 @@ pub fn open(
     })?;
     let store = layered(raw, metrics, retry);
     probe_store(&*store, &format.name)?;
-    Ok(Volume { meta, format, store })
+    Ok(Volume {
+        meta,
+        format,
+        store,
+    })
 }
 
 /// Resolve a path inside the volume (for `--subdir`) to a directory inode.
@@ -137,7 +156,9 @@ pub fn resolve_dir(meta: &Meta, path: &str) -> Result<Ino, VolumeError> {
     let mut ino = ROOT_INO;
     for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
         if part == ".." {
-            return Err(VolumeError::Invalid(format!("--subdir {path}: '..' is not allowed")));
+            return Err(VolumeError::Invalid(format!(
+                "--subdir {path}: '..' is not allowed"
+            )));
         }
         let n = meta.lookup(ino, part.as_bytes()).map_err(|e| match e {
             MetaError::NotFound => VolumeError::Invalid(format!(
@@ -146,7 +167,9 @@ pub fn resolve_dir(meta: &Meta, path: &str) -> Result<Ino, VolumeError> {
             e => e.into(),
         })?;
         if n.kind != FileKind::Dir {
-            return Err(VolumeError::Invalid(format!("--subdir {path}: {part} is not a directory")));
+            return Err(VolumeError::Invalid(format!(
+                "--subdir {path}: {part} is not a directory"
+            )));
         }
         ino = n.ino;
     }

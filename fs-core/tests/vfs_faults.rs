@@ -7,12 +7,18 @@ use std::time::Duration;
 
 use strata::meta::{Ctx, Format, MemEngine, Meta, MetaSettings, ROOT_INO};
 use strata::metrics::Metrics;
-use strata::object::{FaultSettings, FaultStore, MemStore, ObjectStore, RetrySettings, StorageConfig, layered};
+use strata::object::{
+    FaultSettings, FaultStore, MemStore, ObjectStore, RetrySettings, StorageConfig, layered,
+};
 use strata::vfs::{Vfs, VfsError, VfsSettings};
 
 fn vfs_over(store: Arc<dyn ObjectStore>) -> Arc<Vfs> {
     let metrics = Arc::new(Metrics::new());
-    let meta = Arc::new(Meta::new(Box::new(MemEngine::new()), metrics.clone(), MetaSettings::default()));
+    let meta = Arc::new(Meta::new(
+        Box::new(MemEngine::new()),
+        metrics.clone(),
+        MetaSettings::default(),
+    ));
     let fmt = meta
         .format(&Format {
             name: "faults".into(),
@@ -32,12 +38,17 @@ fn vfs_over(store: Arc<dyn ObjectStore>) -> Arc<Vfs> {
         .unwrap();
     meta.load().unwrap();
     meta.new_session("faults").unwrap();
-    let settings = VfsSettings { mem_cache_size: 0, ..VfsSettings::default() };
+    let settings = VfsSettings {
+        mem_cache_size: 0,
+        ..VfsSettings::default()
+    };
     Vfs::new(meta, store, fmt, metrics, settings)
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn fast_retry() -> RetrySettings {
@@ -82,7 +93,11 @@ fn outage_gives_errors_not_zeros() {
     let store = layered(
         fault.clone(),
         Arc::new(Metrics::new()),
-        RetrySettings { max_attempts: 3, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(2) },
+        RetrySettings {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+        },
     );
     let vfs = vfs_over(store);
     let (n, fh) = vfs.create(Ctx::ROOT, ROOT_INO, b"f", 0o644).unwrap();
@@ -94,7 +109,10 @@ fn outage_gives_errors_not_zeros() {
     // Reading data that is not cached fails after the retries.
     match vfs.read(n.ino, fh, 0, 300_000) {
         Err(VfsError::Fetch(_)) => {}
-        other => panic!("expected a fetch error during the outage, got {:?}", other.map(|v| v.len())),
+        other => panic!(
+            "expected a fetch error during the outage, got {:?}",
+            other.map(|v| v.len())
+        ),
     }
     // Writing during the outage: write() buffers, fsync reports the failure.
     vfs.write(n.ino, 0, &pattern(200_000, 9)).unwrap();

@@ -54,7 +54,10 @@ fn setup() -> Arc<Vfs> {
     let meta = Arc::new(Meta::new(
         Box::new(MemEngine::new()),
         metrics.clone(),
-        MetaSettings { gc_grace_secs: 0, ..MetaSettings::default() },
+        MetaSettings {
+            gc_grace_secs: 0,
+            ..MetaSettings::default()
+        },
     ));
     let fmt = meta
         .format(&Format {
@@ -81,7 +84,10 @@ fn setup() -> Arc<Vfs> {
         store,
         fmt,
         metrics,
-        VfsSettings { compact_threshold: 4, ..VfsSettings::default() },
+        VfsSettings {
+            compact_threshold: 4,
+            ..VfsSettings::default()
+        },
     )
 }
 
@@ -104,7 +110,12 @@ fn check_all(vfs: &Vfs, m: &Model) {
                 let attr = vfs.getattr(ino).unwrap();
                 assert_eq!(attr.length, want.len() as u64, "length of {name}");
                 let got = vfs.read(ino, 0, 0, want.len() as u32 + 10).unwrap();
-                assert!(got == *want, "content of {name} differs (len {} vs {})", got.len(), want.len());
+                assert!(
+                    got == *want,
+                    "content of {name} differs (len {} vs {})",
+                    got.len(),
+                    want.len()
+                );
             }
         }
     }
@@ -112,7 +123,10 @@ fn check_all(vfs: &Vfs, m: &Model) {
 
 fn run(ops: Vec<Op>) {
     let vfs = setup();
-    let mut m = Model { names: BTreeMap::new(), files: Vec::new() };
+    let mut m = Model {
+        names: BTreeMap::new(),
+        files: Vec::new(),
+    };
     for op in ops {
         match op {
             Op::Create(a) => {
@@ -160,12 +174,20 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::Rename(a, b, flags) => {
-                let r = vfs.rename(ROOT_INO, NAMES[a].as_bytes(), ROOT_INO, NAMES[b].as_bytes(), flags);
+                let r = vfs.rename(
+                    ROOT_INO,
+                    NAMES[a].as_bytes(),
+                    ROOT_INO,
+                    NAMES[b].as_bytes(),
+                    flags,
+                );
                 let (sa, sb) = (m.names.get(&a).copied(), m.names.get(&b).copied());
                 match (sa, sb, flags) {
                     (None, _, _) => assert!(r.is_err()),
                     (Some(_), _, _) if a == b => r.unwrap(),
-                    (Some(_), Some(_), 1) => assert!(matches!(r, Err(VfsError::Meta(MetaError::Exists)))),
+                    (Some(_), Some(_), 1) => {
+                        assert!(matches!(r, Err(VfsError::Meta(MetaError::Exists))))
+                    }
                     (Some(_), None, 2) => assert!(r.is_err()),
                     (Some(x), Some(y), 0) if x == y => r.unwrap(), // same file: no-op
                     (Some(x), Some(y), 2) => {
@@ -181,9 +203,10 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::Link(a, b) => {
-                let r = vfs.lookup(ROOT_INO, NAMES[a].as_bytes()).map(|n| n.ino).and_then(|ino| {
-                    vfs.link(ino, ROOT_INO, NAMES[b].as_bytes())
-                });
+                let r = vfs
+                    .lookup(ROOT_INO, NAMES[a].as_bytes())
+                    .map(|n| n.ino)
+                    .and_then(|ino| vfs.link(ino, ROOT_INO, NAMES[b].as_bytes()));
                 match (m.names.get(&a).copied(), m.names.get(&b)) {
                     (Some(x), None) => {
                         r.unwrap();
@@ -247,9 +270,7 @@ proptest! {
 #[test]
 fn many_writes_then_compaction_keep_content() {
     let ops: Vec<Op> = (0..40)
-        .flat_map(|i| {
-            vec![Op::Write(0, (i * 7919) % SPAN, 3000, i as u8), Op::Fsync(0)]
-        })
+        .flat_map(|i| vec![Op::Write(0, (i * 7919) % SPAN, 3000, i as u8), Op::Fsync(0)])
         .chain([Op::Clean, Op::Truncate(0, 1000), Op::Clean])
         .collect();
     let mut all = vec![Op::Create(0)];

@@ -15,7 +15,11 @@ use strata::object::StorageConfig;
 use strata::volume::{self, FormatOptions};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Strata: a POSIX file system on object storage")]
+#[command(
+    name = "strata",
+    version,
+    about = "Strata: a POSIX file system on object storage"
+)]
 struct Cli {
     /// Log level filter (error, warn, info, debug, trace or a tracing filter).
     #[arg(long, global = true, default_value = "info", env = "STRATA_LOG")]
@@ -171,7 +175,11 @@ fn run(cli: Cli) -> Result<()> {
             access_key,
             secret_key,
         } => {
-            let meta = Meta::new(open_engine(&meta_url)?, Arc::new(Metrics::new()), MetaSettings::default());
+            let meta = Meta::new(
+                open_engine(&meta_url)?,
+                Arc::new(Metrics::new()),
+                MetaSettings::default(),
+            );
             meta.load()?;
             let fmt = meta.update_format(|f| {
                 if let Some(c) = capacity {
@@ -273,7 +281,8 @@ fn mount_background(a: &MountArgs, log_level: &str) -> Result<()> {
         }
     });
     if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating log directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating log directory {}", dir.display()))?;
     }
     // Fail fast on the checks a user can fix, before going to the background.
     mount::check_fuse()?;
@@ -300,10 +309,18 @@ fn mount_background(a: &MountArgs, log_level: &str) -> Result<()> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("starting the background mount process")?;
+    let mut child = cmd
+        .spawn()
+        .context("starting the background mount process")?;
     match mount::wait_mounted(&mp, &mut child, Duration::from_secs(30)) {
         Ok(()) => {
-            println!("{} mounted at {} (pid {}, log {})", a.meta_url_redacted(), mp.display(), child.id(), log.display());
+            println!(
+                "{} mounted at {} (pid {}, log {})",
+                a.meta_url_redacted(),
+                mp.display(),
+                child.id(),
+                log.display()
+            );
             Ok(())
         }
         Err(e) => {
@@ -322,7 +339,11 @@ impl MountArgs {
 }
 
 fn status(meta_url: &str) -> Result<()> {
-    let meta = Meta::new(open_engine(meta_url)?, Arc::new(Metrics::new()), MetaSettings::default());
+    let meta = Meta::new(
+        open_engine(meta_url)?,
+        Arc::new(Metrics::new()),
+        MetaSettings::default(),
+    );
     let mut fmt = meta.load()?;
     if fmt.storage.secret_key.is_some() {
         fmt.storage.secret_key = Some("removed".into());
@@ -348,7 +369,14 @@ fn info(path: &std::path::Path) -> Result<()> {
     let name = std::ffi::CString::new(strata::vfs::Vfs::INFO_XATTR)?;
     let mut buf = vec![0u8; 1 << 20];
     // SAFETY: valid C strings and a buffer of the given length.
-    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if n < 0 {
         let e = std::io::Error::last_os_error();
         if !path.exists() {

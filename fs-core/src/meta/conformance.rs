@@ -61,21 +61,40 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn MetaEngine>) {
         let meta = formatted(make(), cap);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&meta)));
         if let Err(e) = r {
-            panic!("conformance case '{name}' failed on {}: {e:?}", meta.engine().describe());
+            panic!(
+                "conformance case '{name}' failed on {}: {e:?}",
+                meta.engine().describe()
+            );
         }
     }
 }
 
 fn file(meta: &Meta, parent: u64, name: &str) -> u64 {
-    meta.mknod(Ctx::ROOT, parent, name.as_bytes(), FileKind::File, 0o644, 0, None)
-        .expect("create")
-        .ino
+    meta.mknod(
+        Ctx::ROOT,
+        parent,
+        name.as_bytes(),
+        FileKind::File,
+        0o644,
+        0,
+        None,
+    )
+    .expect("create")
+    .ino
 }
 
 fn dir(meta: &Meta, parent: u64, name: &str) -> u64 {
-    meta.mknod(Ctx::ROOT, parent, name.as_bytes(), FileKind::Dir, 0o755, 0, None)
-        .expect("mkdir")
-        .ino
+    meta.mknod(
+        Ctx::ROOT,
+        parent,
+        name.as_bytes(),
+        FileKind::Dir,
+        0o755,
+        0,
+        None,
+    )
+    .expect("mkdir")
+    .ino
 }
 
 fn namespace(m: &Meta) {
@@ -98,20 +117,54 @@ fn namespace(m: &Meta) {
     m.rmdir(ROOT_INO, b"d").unwrap();
     assert!(matches!(m.getattr(d), Err(MetaError::NotFound)));
     let s = m
-        .mknod(Ctx::ROOT, ROOT_INO, b"s", FileKind::Symlink, 0o777, 0, Some(b"/target"))
+        .mknod(
+            Ctx::ROOT,
+            ROOT_INO,
+            b"s",
+            FileKind::Symlink,
+            0o777,
+            0,
+            Some(b"/target"),
+        )
         .unwrap();
     assert_eq!(m.readlink(s.ino).unwrap(), b"/target");
-    assert!(matches!(m.unlink(ROOT_INO, b"nope"), Err(MetaError::NotFound)));
     assert!(matches!(
-        m.mknod(Ctx::ROOT, ROOT_INO, &[b'a'; 256], FileKind::File, 0o644, 0, None),
+        m.unlink(ROOT_INO, b"nope"),
+        Err(MetaError::NotFound)
+    ));
+    assert!(matches!(
+        m.mknod(
+            Ctx::ROOT,
+            ROOT_INO,
+            &[b'a'; 256],
+            FileKind::File,
+            0o644,
+            0,
+            None
+        ),
         Err(MetaError::NameTooLong)
     ));
     // setgid directories pass their group on.
     let g = dir(m, ROOT_INO, "g");
-    m.setattr(g, &super::SetAttr { mode: Some(0o2775), gid: Some(50), ..Default::default() })
-        .unwrap();
+    m.setattr(
+        g,
+        &super::SetAttr {
+            mode: Some(0o2775),
+            gid: Some(50),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let inner = m
-        .mknod(Ctx { uid: 7, gid: 7 }, g, b"sub", FileKind::Dir, 0o755, 0, None)
+        .mknod(
+            Ctx { uid: 7, gid: 7 },
+            g,
+            b"sub",
+            FileKind::Dir,
+            0o755,
+            0,
+            None,
+        )
         .unwrap();
     assert_eq!(inner.gid, 50);
     assert_ne!(inner.mode & libc::S_ISGID, 0);
@@ -122,7 +175,10 @@ fn rename(m: &Meta) {
     let b = dir(m, ROOT_INO, "b");
     let f = file(m, a, "f");
     let g = file(m, b, "g");
-    assert!(matches!(m.rename(a, b"f", b, b"g", 1), Err(MetaError::Exists)));
+    assert!(matches!(
+        m.rename(a, b"f", b, b"g", 1),
+        Err(MetaError::Exists)
+    ));
     m.rename(a, b"f", b, b"g", 2).unwrap();
     assert_eq!(m.lookup(b, b"g").unwrap().ino, f);
     assert_eq!(m.lookup(a, b"f").unwrap().ino, g);
@@ -135,12 +191,24 @@ fn rename(m: &Meta) {
     assert_eq!(m.getattr(a).unwrap().nlink, 2);
     assert_eq!(m.getattr(b).unwrap().nlink, 3);
     assert_eq!(m.lookup(c, b"..").unwrap().ino, b);
-    assert!(matches!(m.rename(ROOT_INO, b"b", c, b"x", 0), Err(MetaError::Invalid(_))));
+    assert!(matches!(
+        m.rename(ROOT_INO, b"b", c, b"x", 0),
+        Err(MetaError::Invalid(_))
+    ));
     let e = dir(m, ROOT_INO, "e");
     file(m, e, "x");
-    assert!(matches!(m.rename(b, b"c", ROOT_INO, b"e", 0), Err(MetaError::NotEmpty)));
-    assert!(matches!(m.rename(b, b"g", ROOT_INO, b"e", 0), Err(MetaError::IsDir)));
-    assert!(matches!(m.rename(ROOT_INO, b"e", b, b"g", 0), Err(MetaError::NotDir)));
+    assert!(matches!(
+        m.rename(b, b"c", ROOT_INO, b"e", 0),
+        Err(MetaError::NotEmpty)
+    ));
+    assert!(matches!(
+        m.rename(b, b"g", ROOT_INO, b"e", 0),
+        Err(MetaError::IsDir)
+    ));
+    assert!(matches!(
+        m.rename(ROOT_INO, b"e", b, b"g", 0),
+        Err(MetaError::NotDir)
+    ));
 }
 
 fn readdir_paging(m: &Meta) {
@@ -165,9 +233,24 @@ fn readdir_paging(m: &Meta) {
 fn truncate_masks(m: &Meta) {
     let f = file(m, ROOT_INO, "t");
     let id = m.new_slice_id().unwrap();
-    let s = Slice { seq: 0, id, size: 1000, off: 0, len: 1000, pos: 0 };
-    let far = Slice { seq: 0, id: id + 1, size: 10, off: 0, len: 10, pos: 0 };
-    m.write_slices(f, &[(0, s), (3, far)], 3 * CHUNK_SIZE + 10).unwrap();
+    let s = Slice {
+        seq: 0,
+        id,
+        size: 1000,
+        off: 0,
+        len: 1000,
+        pos: 0,
+    };
+    let far = Slice {
+        seq: 0,
+        id: id + 1,
+        size: 10,
+        off: 0,
+        len: 10,
+        pos: 0,
+    };
+    m.write_slices(f, &[(0, s), (3, far)], 3 * CHUNK_SIZE + 10)
+        .unwrap();
     assert_eq!(m.getattr(f).unwrap().length, 3 * CHUNK_SIZE + 10);
     let n = m.truncate(f, 500).unwrap();
     assert_eq!(n.length, 500);
@@ -186,7 +269,14 @@ fn truncate_masks(m: &Meta) {
     // The mask on chunk 0 is still needed (slice `s` crosses it).
     assert_eq!(m.getattr(f).unwrap().masks.len(), 1);
     // Punching a hole hides a range, keeps the size.
-    let n = m.fallocate(f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 100).unwrap();
+    let n = m
+        .fallocate(
+            f,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            100,
+        )
+        .unwrap();
     assert_eq!(n.length, 2000);
     let segs = m.read_chunk(f, 0).unwrap().0;
     assert_eq!((segs[0].pos, segs[0].len), (100, 400));
@@ -215,8 +305,14 @@ fn unlink_open(m: &Meta) {
 fn xattrs(m: &Meta) {
     let f = file(m, ROOT_INO, "x");
     m.setxattr(f, b"user.a", b"1", 0).unwrap();
-    assert!(matches!(m.setxattr(f, b"user.a", b"2", libc::XATTR_CREATE), Err(MetaError::Exists)));
-    assert!(matches!(m.setxattr(f, b"user.b", b"2", libc::XATTR_REPLACE), Err(MetaError::NoAttr)));
+    assert!(matches!(
+        m.setxattr(f, b"user.a", b"2", libc::XATTR_CREATE),
+        Err(MetaError::Exists)
+    ));
+    assert!(matches!(
+        m.setxattr(f, b"user.b", b"2", libc::XATTR_REPLACE),
+        Err(MetaError::NoAttr)
+    ));
     assert_eq!(m.getxattr(f, b"user.a").unwrap(), b"1");
     assert_eq!(m.listxattr(f).unwrap(), vec![b"user.a".to_vec()]);
     m.removexattr(f, b"user.a").unwrap();

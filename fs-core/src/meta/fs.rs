@@ -16,7 +16,7 @@ use super::{
     CHUNK_SIZE, Entry, FileKind, Ino, MAX_NAME, MAX_SYMLINK, MAX_XATTR_VALUE, Mask, MetaEngine,
     MetaError, Node, ROOT_INO, Result, Slice, Txn, now_ns,
 };
-use crate::chunk::{hidden_slices, visible_segments, Segment};
+use crate::chunk::{Segment, hidden_slices, visible_segments};
 use crate::metrics::Metrics;
 use crate::object::StorageConfig;
 
@@ -164,8 +164,7 @@ fn time_of(t: TimeSet, now: i64) -> i64 {
 fn simplify_masks(masks: &mut Vec<Mask>) {
     let all = masks.clone();
     masks.retain(|m| {
-        !all
-            .iter()
+        !all.iter()
             .any(|o| o.seq > m.seq && o.start <= m.start && o.end >= m.end)
     });
 }
@@ -266,7 +265,9 @@ impl Meta {
         let raw = self
             .txn(false, |tx| tx.get_setting("format"))
             .map_err(|e| match e {
-                MetaError::Engine(m) if m.contains("no such table") || m.contains("does not exist") => {
+                MetaError::Engine(m)
+                    if m.contains("no such table") || m.contains("does not exist") =>
+                {
                     MetaError::NotFormatted(desc.clone())
                 }
                 e => e,
@@ -317,7 +318,9 @@ impl Meta {
         if sid == 0 {
             return Ok(());
         }
-        self.txn(true, |tx| tx.put_session(sid, now_ns() / 1_000_000_000, info))
+        self.txn(true, |tx| {
+            tx.put_session(sid, now_ns() / 1_000_000_000, info)
+        })
     }
 
     /// End this client's session: files it kept alive after unlink are deleted.
@@ -334,10 +337,10 @@ impl Meta {
         self.txn(true, |tx| {
             for ino in tx.list_sustained(sid)? {
                 tx.delete_sustained(sid, ino)?;
-                if let Some(n) = tx.get_node(ino)? {
-                    if n.nlink == 0 {
-                        Self::destroy_node(tx, &n)?;
-                    }
+                if let Some(n) = tx.get_node(ino)?
+                    && n.nlink == 0
+                {
+                    Self::destroy_node(tx, &n)?;
                 }
             }
             tx.delete_session(sid)
@@ -428,7 +431,10 @@ impl Meta {
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
-        self.txn(false, |tx| tx.get_symlink(ino)?.ok_or(MetaError::Invalid("not a symlink")))
+        self.txn(false, |tx| {
+            tx.get_symlink(ino)?
+                .ok_or(MetaError::Invalid("not a symlink"))
+        })
     }
 
     /// Entries of a directory in name order after `after`, at most `limit`.
@@ -442,11 +448,18 @@ impl Meta {
     pub fn statfs(&self) -> Result<StatFs> {
         let fmt = self.format_cached()?;
         let (space, inodes) = self.txn(true, |tx| {
-            Ok((tx.incr_counter(USED_SPACE, 0)?, tx.incr_counter(USED_INODES, 0)?))
+            Ok((
+                tx.incr_counter(USED_SPACE, 0)?,
+                tx.incr_counter(USED_INODES, 0)?,
+            ))
         })?;
         let space = space.max(0) as u64;
         let inodes = inodes.max(0) as u64;
-        let total = if fmt.capacity > 0 { fmt.capacity } else { 1 << 50 };
+        let total = if fmt.capacity > 0 {
+            fmt.capacity
+        } else {
+            1 << 50
+        };
         let itotal = if fmt.inodes > 0 { fmt.inodes } else { 1 << 40 };
         Ok(StatFs {
             total_space: total.max(space),
@@ -471,14 +484,14 @@ impl Meta {
         target: Option<&[u8]>,
     ) -> Result<Node> {
         check_name(name)?;
-        if let Some(t) = target {
-            if t.is_empty() || t.len() > MAX_SYMLINK {
-                return Err(if t.is_empty() {
-                    MetaError::Invalid("empty symlink target")
-                } else {
-                    MetaError::NameTooLong
-                });
-            }
+        if let Some(t) = target
+            && (t.is_empty() || t.len() > MAX_SYMLINK)
+        {
+            return Err(if t.is_empty() {
+                MetaError::Invalid("empty symlink target")
+            } else {
+                MetaError::NameTooLong
+            });
         }
         let fmt = self.format_cached()?;
         let ino = self.new_inode()?;
@@ -688,7 +701,9 @@ impl Meta {
         check_name(name)?;
         check_name(newname)?;
         if flags & !(NOREPLACE | EXCHANGE) != 0 {
-            return Err(MetaError::NotSupported("rename flag (only NOREPLACE and EXCHANGE)"));
+            return Err(MetaError::NotSupported(
+                "rename flag (only NOREPLACE and EXCHANGE)",
+            ));
         }
         if flags == NOREPLACE | EXCHANGE {
             return Err(MetaError::Invalid("RENAME_NOREPLACE with RENAME_EXCHANGE"));
@@ -884,7 +899,9 @@ impl Meta {
             return Err(MetaError::Invalid("fallocate length 0"));
         }
         if mode & !(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE) != 0 {
-            return Err(MetaError::NotSupported("fallocate mode (collapse/insert range)"));
+            return Err(MetaError::NotSupported(
+                "fallocate mode (collapse/insert range)",
+            ));
         }
         if mode & PUNCH_HOLE != 0 && mode & KEEP_SIZE == 0 {
             return Err(MetaError::Invalid("PUNCH_HOLE requires KEEP_SIZE"));
@@ -1004,11 +1021,11 @@ impl Meta {
             return Ok(());
         }
         self.txn(true, |tx| {
-            if let Some(n) = tx.get_node(ino)? {
-                if n.nlink == 0 {
-                    tx.delete_sustained(sid, ino)?;
-                    Self::destroy_node(tx, &n)?;
-                }
+            if let Some(n) = tx.get_node(ino)?
+                && n.nlink == 0
+            {
+                tx.delete_sustained(sid, ino)?;
+                Self::destroy_node(tx, &n)?;
             }
             Ok(())
         })
@@ -1085,7 +1102,13 @@ impl Meta {
 
     /// Replace the slices `old` of a chunk by `new` (their compacted content). Fails with
     /// `Conflict`-free `Ok(false)` when the chunk changed in a way that loses `old`.
-    pub fn replace_slices(&self, ino: Ino, indx: u32, old: &[Slice], new: Option<Slice>) -> Result<bool> {
+    pub fn replace_slices(
+        &self,
+        ino: Ino,
+        indx: u32,
+        old: &[Slice],
+        new: Option<Slice>,
+    ) -> Result<bool> {
         let due = now_ns() / 1_000_000_000 + self.settings.gc_grace_secs;
         self.txn(true, |tx| {
             if tx.get_node(ino)?.is_none() {
@@ -1164,7 +1187,8 @@ impl Meta {
                                 break;
                             }
                             for s in tx.chunk_slices(ino, i)? {
-                                let (a, b) = (cstart + s.pos as u64, cstart + (s.pos + s.len) as u64);
+                                let (a, b) =
+                                    (cstart + s.pos as u64, cstart + (s.pos + s.len) as u64);
                                 if s.seq < m.seq && a < m.end && b > m.start {
                                     needed = true;
                                     break 'scan;

@@ -103,7 +103,12 @@ impl Txn for MemTxn<'_> {
         self.s.edges.remove(&(parent, name.to_vec()));
         Ok(())
     }
-    fn list_edges(&mut self, parent: Ino, after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
+    fn list_edges(
+        &mut self,
+        parent: Ino,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
         use std::ops::Bound;
         let lo = match after {
             Some(a) => Bound::Excluded((parent, a.to_vec())),
@@ -170,7 +175,11 @@ impl Txn for MemTxn<'_> {
     }
     fn chunk_indexes(&mut self, ino: Ino, from: u32, limit: usize) -> Result<Vec<u32>> {
         let mut out: Vec<u32> = Vec::new();
-        for (k, _) in self.s.slices.range((ino, from, 0)..=(ino, u32::MAX, u64::MAX)) {
+        for (k, _) in self
+            .s
+            .slices
+            .range((ino, from, 0)..=(ino, u32::MAX, u64::MAX))
+        {
             if out.last() != Some(&k.1) {
                 if out.len() == limit {
                     break;
@@ -185,7 +194,13 @@ impl Txn for MemTxn<'_> {
         Ok(())
     }
     fn list_reclaim(&mut self, limit: usize) -> Result<Vec<(Ino, u64)>> {
-        Ok(self.s.reclaim.iter().take(limit).map(|(a, b)| (*a, *b)).collect())
+        Ok(self
+            .s
+            .reclaim
+            .iter()
+            .take(limit)
+            .map(|(a, b)| (*a, *b))
+            .collect())
     }
     fn delete_reclaim(&mut self, ino: Ino) -> Result<()> {
         self.s.reclaim.remove(&ino);

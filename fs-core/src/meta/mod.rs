@@ -318,12 +318,11 @@ pub fn open_engine(url: &str) -> Result<Box<dyn MetaEngine>> {
 
 /// A URL with any password replaced by `****`, for logs and errors.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((auth, host)) = rest.split_once('@') {
-            if let Some((user, _)) = auth.split_once(':') {
-                return format!("{scheme}://{user}:****@{host}");
-            }
-        }
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((auth, host)) = rest.split_once('@')
+        && let Some((user, _)) = auth.split_once(':')
+    {
+        return format!("{scheme}://{user}:****@{host}");
     }
     url.to_string()
 }

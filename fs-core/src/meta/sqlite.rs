@@ -21,10 +21,10 @@ pub struct SqliteEngine {
 }
 
 fn sql_err(e: rusqlite::Error) -> MetaError {
-    if let rusqlite::Error::SqliteFailure(f, _) = &e {
-        if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) {
-            return MetaError::Conflict;
-        }
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    {
+        return MetaError::Conflict;
     }
     MetaError::Engine(format!("sqlite: {e}"))
 }
@@ -76,13 +76,14 @@ fn open_conn(path: &str) -> Result<Connection> {
 impl SqliteEngine {
     /// Open (creating the file if needed) the database at `path`.
     pub fn open(path: &str) -> Result<Self> {
-        if let Some(dir) = Path::new(path).parent() {
-            if !dir.as_os_str().is_empty() && !dir.exists() {
-                return Err(MetaError::Format(format!(
-                    "directory {} for the SQLite database does not exist: create it first",
-                    dir.display()
-                )));
-            }
+        if let Some(dir) = Path::new(path).parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.exists()
+        {
+            return Err(MetaError::Format(format!(
+                "directory {} for the SQLite database does not exist: create it first",
+                dir.display()
+            )));
         }
         let writer = open_conn(path)?;
         let mut readers = Vec::with_capacity(READERS);
@@ -119,7 +120,11 @@ impl MetaEngine for SqliteEngine {
         self.writer.lock().execute_batch(SCHEMA).map_err(sql_err)
     }
     fn begin(&self, write: bool) -> Result<Box<dyn Txn + '_>> {
-        let conn = if write { self.writer.lock() } else { self.reader() };
+        let conn = if write {
+            self.writer.lock()
+        } else {
+            self.reader()
+        };
         conn.execute_batch(if write { "BEGIN IMMEDIATE" } else { "BEGIN" })
             .map_err(sql_err)?;
         Ok(Box::new(SqliteTxn { conn, done: false }))
@@ -243,7 +248,10 @@ impl Txn for SqliteTxn<'_> {
     fn get_edge(&mut self, parent: Ino, name: &[u8]) -> Result<Option<Entry>> {
         self.conn
             .prepare_cached("SELECT name, ino, kind FROM edge WHERE parent = ?1 AND name = ?2")
-            .and_then(|mut s| s.query_row(params![parent as i64, name], row_entry).optional())
+            .and_then(|mut s| {
+                s.query_row(params![parent as i64, name], row_entry)
+                    .optional()
+            })
             .map_err(sql_err)
     }
     fn put_edge(&mut self, parent: Ino, e: &Entry) -> Result<()> {
@@ -296,7 +304,10 @@ impl Txn for SqliteTxn<'_> {
     fn get_xattr(&mut self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
         self.conn
             .prepare_cached("SELECT value FROM xattr WHERE ino = ?1 AND name = ?2")
-            .and_then(|mut s| s.query_row(params![ino as i64, name], |r| r.get(0)).optional())
+            .and_then(|mut s| {
+                s.query_row(params![ino as i64, name], |r| r.get(0))
+                    .optional()
+            })
             .map_err(sql_err)
     }
     fn put_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> Result<()> {
@@ -347,7 +358,16 @@ impl Txn for SqliteTxn<'_> {
         self.exec(
             "INSERT INTO slice (ino, indx, seq, id, size, off, len, pos)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![ino as i64, indx, s.seq as i64, s.id as i64, s.size, s.off, s.len, s.pos],
+            params![
+                ino as i64,
+                indx,
+                s.seq as i64,
+                s.id as i64,
+                s.size,
+                s.off,
+                s.len,
+                s.pos
+            ],
         )
     }
     fn delete_slice(&mut self, ino: Ino, indx: u32, seq: u64) -> Result<()> {
@@ -441,8 +461,10 @@ impl Txn for SqliteTxn<'_> {
         self.conn
             .prepare_cached("SELECT sid, heartbeat, info FROM session ORDER BY sid")
             .and_then(|mut s| {
-                s.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?
-                    .collect()
+                s.query_map([], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+                })?
+                .collect()
             })
             .map_err(sql_err)
     }

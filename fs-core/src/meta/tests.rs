@@ -127,9 +127,20 @@ mod cost {
             .unwrap();
         for i in 0..slices {
             let indx = i % chunks;
-            let s = Slice { seq: 0, id: 1000 + i as u64, size: 4096, off: 0, len: 4096, pos: (i / chunks) * 4096 };
-            meta.write_slices(f.ino, &[(indx, s)], indx as u64 * CHUNK_SIZE + 4096 * (i / chunks + 1) as u64)
-                .unwrap();
+            let s = Slice {
+                seq: 0,
+                id: 1000 + i as u64,
+                size: 4096,
+                off: 0,
+                len: 4096,
+                pos: (i / chunks) * 4096,
+            };
+            meta.write_slices(
+                f.ino,
+                &[(indx, s)],
+                indx as u64 * CHUNK_SIZE + 4096 * (i / chunks + 1) as u64,
+            )
+            .unwrap();
         }
         let mut out = Vec::new();
         let mut measure = |op: &dyn Fn()| {
@@ -140,7 +151,17 @@ mod cost {
         let len = meta.getattr(f.ino).unwrap().length;
         measure(&|| drop(meta.truncate(f.ino, len / 2).unwrap()));
         measure(&|| drop(meta.truncate(f.ino, len * 10).unwrap()));
-        measure(&|| drop(meta.fallocate(f.ino, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, len).unwrap()));
+        measure(&|| {
+            drop(
+                meta.fallocate(
+                    f.ino,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    len,
+                )
+                .unwrap(),
+            )
+        });
         measure(&|| drop(meta.fallocate(f.ino, 0, 0, len * 20).unwrap()));
         measure(&|| drop(meta.truncate(f.ino, 0).unwrap()));
         out
@@ -150,7 +171,10 @@ mod cost {
     fn truncate_cost_does_not_grow_with_slices_or_size() {
         let small = costs(20, 1);
         let big = costs(2_000, 640); // 640 chunks = a 40 GiB sparse file
-        assert_eq!(small, big, "engine calls per operation must not depend on the file");
+        assert_eq!(
+            small, big,
+            "engine calls per operation must not depend on the file"
+        );
         assert!(small.iter().all(|&c| c <= 12), "{small:?}");
     }
 }

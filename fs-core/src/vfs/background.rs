@@ -43,11 +43,11 @@ impl Vfs {
             let writers: Vec<_> = self.writers.lock().values().cloned().collect();
             for w in writers {
                 let due = w.dirty_since().is_some_and(|t| t.elapsed() >= interval);
-                if due || (pressure && w.dirty_since().is_some()) {
-                    if let Err(e) = self.flush_writer(&w) {
-                        tracing::error!(volume = %self.volume(), path = %self.path(w.ino), error = %e,
+                if (due || (pressure && w.dirty_since().is_some()))
+                    && let Err(e) = self.flush_writer(&w)
+                {
+                    tracing::error!(volume = %self.volume(), path = %self.path(w.ino), error = %e,
                             "background flush failed; the data written since the last flush is lost and fsync/close will report EIO");
-                    }
                 }
             }
         }
@@ -90,7 +90,9 @@ impl Vfs {
     /// One round of compaction, trimming, reclaiming and object deletion. Returns the number
     /// of objects deleted.
     pub fn clean_once(&self) -> Result<usize, VfsError> {
-        let queued: Vec<_> = std::mem::take(&mut *self.compact_queue.lock()).into_iter().collect();
+        let queued: Vec<_> = std::mem::take(&mut *self.compact_queue.lock())
+            .into_iter()
+            .collect();
         for (ino, indx) in queued {
             if let Err(e) = self.compact(ino, indx) {
                 tracing::warn!(volume = %self.volume(), path = %self.path(ino), chunk = indx, error = %e, "compaction failed");
@@ -152,10 +154,19 @@ impl Vfs {
             let part = data.slice((k * bs) as usize..(k * bs + blen) as usize);
             if let Err(e) = self.wctx.store.put(&key, part) {
                 let _ = self.meta.discard_slices(&[(id, len)]);
-                return Err(VfsError::Flush(super::writer::FlushError::Upload(e.to_string())));
+                return Err(VfsError::Flush(super::writer::FlushError::Upload(
+                    e.to_string(),
+                )));
             }
         }
-        let new = Slice { seq: max_seq, id, size: len, off: 0, len, pos: start };
+        let new = Slice {
+            seq: max_seq,
+            id,
+            size: len,
+            off: 0,
+            len,
+            pos: start,
+        };
         let done = self.meta.replace_slices(ino, indx, &slices, Some(new))?;
         if done {
             self.metrics.compaction();

@@ -245,12 +245,11 @@ impl Vfs {
     // ------------------------------------------------------------ attributes
 
     fn overlay(&self, mut n: Node) -> Node {
-        if n.kind == FileKind::File {
-            if let Some(w) = self.writers.lock().get(&n.ino).cloned() {
-                if let Some(len) = w.pending_length() {
-                    n.length = n.length.max(len);
-                }
-            }
+        if n.kind == FileKind::File
+            && let Some(w) = self.writers.lock().get(&n.ino).cloned()
+            && let Some(len) = w.pending_length()
+        {
+            n.length = n.length.max(len);
         }
         n
     }
@@ -352,7 +351,14 @@ impl Vfs {
         Ok(self.meta.rmdir(parent, name)?)
     }
 
-    pub fn rename(&self, parent: Ino, name: &[u8], newparent: Ino, newname: &[u8], flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         self.check_writable()?;
         self.meta.rename(parent, name, newparent, newname, flags)?;
         if let Ok(n) = self.meta.lookup(newparent, newname) {
@@ -399,7 +405,9 @@ impl Vfs {
 
     pub fn create(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<(Node, u64)> {
         self.check_writable()?;
-        let n = self.meta.mknod(ctx, parent, name, FileKind::File, mode, 0, None)?;
+        let n = self
+            .meta
+            .mknod(ctx, parent, name, FileKind::File, mode, 0, None)?;
         self.remember(parent, name, n.ino);
         self.opened_attrs.lock().insert(n.ino, (n.mtime, n.length));
         let fh = self.new_file_handle(n.ino);
@@ -416,7 +424,10 @@ impl Vfs {
 
     pub fn write(&self, ino: Ino, off: u64, data: &[u8]) -> Result<usize> {
         self.check_writable()?;
-        if off.checked_add(data.len() as u64).is_none_or(|e| e > 1 << 52) {
+        if off
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > 1 << 52)
+        {
             return Err(MetaError::TooBig.into());
         }
         let w = self.writer(ino);
@@ -484,10 +495,10 @@ impl Vfs {
         if last {
             res = self.flush_inode(ino);
             let mut writers = self.writers.lock();
-            if let Some(w) = writers.get(&ino) {
-                if w.pending_length().is_none() {
-                    writers.remove(&ino);
-                }
+            if let Some(w) = writers.get(&ino)
+                && w.pending_length().is_none()
+            {
+                writers.remove(&ino);
             }
         }
         self.meta.close(ino)?;
@@ -500,10 +511,10 @@ impl Vfs {
 
     fn segments(&self, ino: Ino, indx: u32) -> Result<(Arc<Vec<Segment>>, u64)> {
         let ttl = Duration::from_secs_f64(self.settings.attr_timeout.max(0.0));
-        if let Some((s, len, at)) = self.segs.lock().get(&ino).and_then(|m| m.get(&indx)) {
-            if at.elapsed() < ttl {
-                return Ok((s.clone(), *len));
-            }
+        if let Some((s, len, at)) = self.segs.lock().get(&ino).and_then(|m| m.get(&indx))
+            && at.elapsed() < ttl
+        {
+            return Ok((s.clone(), *len));
         }
         let (segs, len) = self.meta.read_chunk(ino, indx)?;
         let segs = Arc::new(segs);
@@ -570,10 +581,10 @@ impl Vfs {
     }
 
     pub fn read(&self, ino: Ino, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
-        if let Some(w) = self.writers.lock().get(&ino).cloned() {
-            if w.pending_length().is_some() {
-                self.flush_writer(&w)?;
-            }
+        if let Some(w) = self.writers.lock().get(&ino).cloned()
+            && w.pending_length().is_some()
+        {
+            self.flush_writer(&w)?;
         }
         let end = off.saturating_add(size as u64);
         let mut attempt = 0;
@@ -639,10 +650,10 @@ impl Vfs {
         if let Ok(plan) = self.plan(ino, start, start + window) {
             let mut blocks: Vec<(String, usize)> = Vec::new();
             for p in plan {
-                if let Piece::Block { key, len, .. } = p {
-                    if blocks.last().map(|b| &b.0) != Some(&key) {
-                        blocks.push((key, len));
-                    }
+                if let Piece::Block { key, len, .. } = p
+                    && blocks.last().map(|b| &b.0) != Some(&key)
+                {
+                    blocks.push((key, len));
                 }
             }
             self.reader.prefetch(blocks);
@@ -676,16 +687,35 @@ impl Vfs {
     /// Entries of an open directory from position `offset`: (next offset, entry),
     /// starting with "." and "..".
     pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> Result<Vec<(u64, Entry)>> {
-        let entries = self.dirs.lock().get(&fh).cloned().ok_or(VfsError::BadHandle)?;
+        let entries = self
+            .dirs
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(VfsError::BadHandle)?;
         let mut out = Vec::new();
         let mut i = offset;
         if i == 0 {
-            out.push((1, Entry { name: b".".to_vec(), ino, kind: FileKind::Dir }));
+            out.push((
+                1,
+                Entry {
+                    name: b".".to_vec(),
+                    ino,
+                    kind: FileKind::Dir,
+                },
+            ));
             i = 1;
         }
         if i == 1 {
             let parent = self.meta.getattr(ino).map(|n| n.parent).unwrap_or(ROOT_INO);
-            out.push((2, Entry { name: b"..".to_vec(), ino: parent.max(ROOT_INO), kind: FileKind::Dir }));
+            out.push((
+                2,
+                Entry {
+                    name: b"..".to_vec(),
+                    ino: parent.max(ROOT_INO),
+                    kind: FileKind::Dir,
+                },
+            ));
             i = 2;
         }
         for (k, e) in entries.iter().enumerate().skip((i - 2) as usize) {

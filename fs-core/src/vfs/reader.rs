@@ -37,7 +37,9 @@ impl Lru {
         self.map.insert(key.to_string(), (data, self.tick));
         self.order.insert(self.tick, key.to_string());
         while self.bytes > self.cap {
-            let Some((_, k)) = self.order.pop_first() else { break };
+            let Some((_, k)) = self.order.pop_first() else {
+                break;
+            };
             if let Some((d, _)) = self.map.remove(&k) {
                 self.bytes -= d.len() as u64;
             }
@@ -65,7 +67,11 @@ pub enum FetchError {
     #[error("block {0} is missing from the object store")]
     Missing(String),
     #[error("block {key} has {got} bytes, expected {want}")]
-    Corrupt { key: String, got: usize, want: usize },
+    Corrupt {
+        key: String,
+        got: usize,
+        want: usize,
+    },
     #[error("{0}")]
     Store(String),
 }
@@ -132,7 +138,8 @@ impl BlockReader {
             if let Ok(b) = &res {
                 self.cache.lock().put(key, b.clone());
             }
-            *flight.result.lock() = Some(res.as_ref().map(|b| b.clone()).map_err(|e| e.to_string()));
+            *flight.result.lock() =
+                Some(res.as_ref().map(|b| b.clone()).map_err(|e| e.to_string()));
             flight.cv.notify_all();
             self.inflight.lock().remove(key);
             return res;

@@ -134,7 +134,13 @@ impl FileWriter {
     }
 
     /// Buffer `data` at file offset `off`.
-    pub fn write(&self, ctx: &WriteCtx, off: u64, data: &[u8], pressure: &dyn Fn()) -> Result<(), MetaError> {
+    pub fn write(
+        &self,
+        ctx: &WriteCtx,
+        off: u64,
+        data: &[u8],
+        pressure: &dyn Fn(),
+    ) -> Result<(), MetaError> {
         ctx.budget.acquire(data.len() as u64, pressure);
         ctx.metrics.buffer_bytes(data.len() as i64);
         let bs = ctx.block_size;

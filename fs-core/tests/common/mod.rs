@@ -71,7 +71,7 @@ impl Mount {
             .expect("creating a temporary directory");
         // Tests run commands as other users: they must be able to reach the mount point.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let mnt = dir.path().join("mnt");
+        let mnt = std::fs::canonicalize(dir.path()).unwrap().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let meta_url = format!("sqlite://{}", dir.path().join("meta.db").display());
         let bucket = dir.path().join("data");
@@ -323,7 +323,7 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
