@@ -127,7 +127,8 @@ fn cut(segs: &mut Vec<Segment>, start: u32, end: u32) {
 pub fn hidden_slices(slices: &[Slice], segs: &[Segment]) -> Vec<Slice> {
     slices
         .iter()
-        .filter(|s| !segs.iter().any(|g| g.seq == s.seq))
+        // Hole slices (id 0) never show bytes but may still cut older data: keep them.
+        .filter(|s| s.id != 0 && !segs.iter().any(|g| g.seq == s.seq))
         .copied()
         .collect()
 }

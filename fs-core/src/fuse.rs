@@ -206,7 +206,7 @@ impl StrataFs {
         match r {
             Ok(n) => {
                 self.finish(op, start, None, path);
-                reply.entry(&self.entry_ttl, &self.attr(&n), GENERATION);
+                reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &self.attr(&n), GENERATION);
             }
             Err(e) => {
                 let no = self.finish(op, start, Some(&e), path);

@@ -38,11 +38,21 @@ impl Default for MountOptions {
             subdir: None,
             nonempty: false,
             threads: 8,
-            allow_other: true,
+            allow_other: default_allow_other(),
             vfs: VfsSettings::default(),
             meta: MetaSettings::default(),
         }
     }
+}
+
+/// Whether other users may use the mount (`allow_other`): always for root (pods run
+/// workloads under other uids), for others only when /etc/fuse.conf permits it.
+pub fn default_allow_other() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root || std::fs::read_to_string("/etc/fuse.conf")
+        .map(|s| s.lines().any(|l| l.trim() == "user_allow_other"))
+        .unwrap_or(false)
 }
 
 /// Errors of `strata mount`, each naming the fix.
@@ -236,6 +246,7 @@ pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(),
         metrics.clone(),
         opts.meta.clone(),
         RetrySettings::default(),
+        opts.vfs.read_only,
     )?;
     let root = match &opts.subdir {
         Some(s) => volume::resolve_dir(&vol.meta, s)?,

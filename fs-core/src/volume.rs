@@ -75,12 +75,22 @@ fn random_uuid() -> String {
 }
 
 /// Check that the object store is reachable with these credentials: put, read back and
-/// delete a probe object under the volume's prefix.
-pub fn probe_store(store: &dyn ObjectStore, volume: &str) -> Result<(), VolumeError> {
+/// delete a probe object under the volume's prefix (only a listing when `read_only`).
+pub fn probe_store(
+    store: &dyn ObjectStore,
+    volume: &str,
+    read_only: bool,
+) -> Result<(), VolumeError> {
     let err = |source| VolumeError::Object {
         store: store.describe(),
         source,
     };
+    if read_only {
+        return store
+            .list(&format!("{volume}/"), None, 1)
+            .map(|_| ())
+            .map_err(err);
+    }
     store.init().map_err(err)?;
     let key = format!("{volume}/.probe-{:016x}", rand::random::<u64>());
     store
@@ -115,7 +125,7 @@ pub fn format(
         source,
     })?;
     let store = layered(raw, metrics.clone(), RetrySettings::default());
-    probe_store(&*store, &opts.name)?;
+    probe_store(&*store, &opts.name, false)?;
     let meta = Meta::new(open_engine(meta_url)?, metrics, MetaSettings::default());
     let fmt = Format {
         name: opts.name.clone(),
@@ -129,12 +139,14 @@ pub fn format(
     Ok(meta.format(&fmt)?)
 }
 
-/// Open a formatted volume: metadata engine, stored format, object store (probed).
+/// Open a formatted volume: metadata engine, stored format, object store (probed; without
+/// writing anything when `read_only`).
 pub fn open(
     meta_url: &str,
     metrics: Arc<Metrics>,
     settings: MetaSettings,
     retry: RetrySettings,
+    read_only: bool,
 ) -> Result<Volume, VolumeError> {
     let meta = Arc::new(Meta::new(open_engine(meta_url)?, metrics.clone(), settings));
     let format = meta.load()?;
@@ -143,7 +155,7 @@ pub fn open(
         source,
     })?;
     let store = layered(raw, metrics, retry);
-    probe_store(&*store, &format.name)?;
+    probe_store(&*store, &format.name, read_only)?;
     Ok(Volume {
         meta,
         format,

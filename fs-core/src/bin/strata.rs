@@ -43,7 +43,8 @@ enum Cmd {
     },
     /// Show a volume's settings, usage and client sessions.
     Status { meta_url: String },
-    /// Change settings of a formatted volume (running mounts pick them up within seconds).
+    /// Change settings of a formatted volume. Capacity and inode limits bind running mounts
+    /// within seconds; new object-store keys are used from the next mount.
     Config {
         meta_url: String,
         /// New capacity limit in GiB (0 = unlimited).

@@ -53,6 +53,9 @@ pub struct MetaSettings {
     pub gc_grace_secs: i64,
     /// Retries of a conflicting transaction before giving up.
     pub max_retries: u32,
+    /// Seconds without heartbeat after which a client's session is considered dead and
+    /// cleaned by the others (its unlinked-but-open files are deleted).
+    pub session_timeout_secs: i64,
 }
 
 impl Default for MetaSettings {
@@ -60,6 +63,7 @@ impl Default for MetaSettings {
         MetaSettings {
             gc_grace_secs: 60,
             max_retries: 50,
+            session_timeout_secs: 60,
         }
     }
 }
@@ -347,12 +351,27 @@ impl Meta {
         })
     }
 
+    /// Clean the sessions of clients that stopped sending heartbeats. Returns how many.
+    pub fn cleanup_stale_sessions(&self) -> Result<usize> {
+        let own = self.sid.load(Ordering::SeqCst);
+        let deadline = now_ns() / 1_000_000_000 - self.settings.session_timeout_secs;
+        let mut n = 0;
+        for (sid, hb, info) in self.sessions()? {
+            if sid != own && hb < deadline {
+                tracing::info!(sid, info = %info, "cleaning the session of a client that stopped");
+                self.cleanup_session(sid)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     pub fn sessions(&self) -> Result<Vec<(u64, i64, String)>> {
         self.txn(false, |tx| tx.list_sessions())
     }
 
     pub fn counter(&self, name: &str) -> Result<i64> {
-        self.txn(true, |tx| tx.incr_counter(name, 0))
+        self.txn(false, |tx| tx.get_counter(name))
     }
 
     fn format_cached(&self) -> Result<Format> {
@@ -385,13 +404,13 @@ impl Meta {
 
     fn check_space(tx: &mut dyn Txn, fmt: &Format, space: i64, inodes: i64) -> Result<()> {
         if space > 0 && fmt.capacity > 0 {
-            let used = tx.incr_counter(USED_SPACE, 0)?;
+            let used = tx.get_counter(USED_SPACE)?;
             if used + space > fmt.capacity as i64 {
                 return Err(MetaError::NoSpace);
             }
         }
         if inodes > 0 && fmt.inodes > 0 {
-            let used = tx.incr_counter(USED_INODES, 0)?;
+            let used = tx.get_counter(USED_INODES)?;
             if used + inodes > fmt.inodes as i64 {
                 return Err(MetaError::NoSpace);
             }
@@ -447,11 +466,8 @@ impl Meta {
 
     pub fn statfs(&self) -> Result<StatFs> {
         let fmt = self.format_cached()?;
-        let (space, inodes) = self.txn(true, |tx| {
-            Ok((
-                tx.incr_counter(USED_SPACE, 0)?,
-                tx.incr_counter(USED_INODES, 0)?,
-            ))
+        let (space, inodes) = self.txn(false, |tx| {
+            Ok((tx.get_counter(USED_SPACE)?, tx.get_counter(USED_INODES)?))
         })?;
         let space = space.max(0) as u64;
         let inodes = inodes.max(0) as u64;
@@ -1055,18 +1071,39 @@ impl Meta {
     }
 
     /// Commit written slices (each within one chunk) in order, growing the file to
-    /// `length` if it is shorter. If the file is gone, the slices become garbage.
-    pub fn write_slices(&self, ino: Ino, slices: &[(u32, Slice)], length: u64) -> Result<Node> {
+    /// `length` if it is shorter. Returns `None` if the file is gone: the slices were queued
+    /// as garbage instead.
+    pub fn write_slices(
+        &self,
+        ino: Ino,
+        slices: &[(u32, Slice)],
+        length: u64,
+    ) -> Result<Option<Node>> {
         let fmt = self.format_cached()?;
         let grace = self.settings.gc_grace_secs;
+        let mut attempt = 0;
         self.txn(true, |tx| {
+            attempt += 1;
             let Some(mut n) = tx.get_node(ino)? else {
                 let due = now_ns() / 1_000_000_000 + grace;
                 for (_, s) in slices {
                     tx.add_garbage(s.id, s.size, due)?;
                 }
-                return Err(MetaError::NotFound);
+                return Ok(None);
             };
+            // A retry after a lost connection may follow a commit that did land: slice ids
+            // are unique, so finding the first one means this commit is already done.
+            if attempt > 1 {
+                if let Some((indx, first)) = slices.first() {
+                    if tx
+                        .chunk_slices(ino, *indx)?
+                        .iter()
+                        .any(|s| s.id == first.id)
+                    {
+                        return Ok(Some(n));
+                    }
+                }
+            }
             let delta = if length > n.length {
                 space_of(n.kind, length) - space_of(n.kind, n.length)
             } else {
@@ -1085,7 +1122,7 @@ impl Meta {
             n.ctime = now;
             tx.put_node(&n)?;
             Self::account(tx, delta, 0)?;
-            Ok(n)
+            Ok(Some(n))
         })
     }
 

@@ -81,6 +81,9 @@ impl Txn for MemTxn<'_> {
         *v += delta;
         Ok(*v)
     }
+    fn get_counter(&mut self, name: &str) -> Result<i64> {
+        Ok(self.s.counters.get(name).copied().unwrap_or(0))
+    }
     fn get_node(&mut self, ino: Ino) -> Result<Option<Node>> {
         Ok(self.s.nodes.get(&ino).cloned())
     }

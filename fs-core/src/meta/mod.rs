@@ -7,6 +7,7 @@
 
 mod fs;
 mod memory;
+mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -15,6 +16,7 @@ pub mod conformance;
 
 pub use fs::{Ctx, FORMAT_VERSION, Format, Meta, MetaSettings, SetAttr, StatFs, TimeSet, space_of};
 pub use memory::MemEngine;
+pub use postgres::PostgresEngine;
 pub use sqlite::SqliteEngine;
 
 use serde::{Deserialize, Serialize};
@@ -242,6 +244,8 @@ pub trait Txn {
     fn set_setting(&mut self, name: &str, value: &str) -> Result<()>;
     /// Add `delta` to a named counter (created at 0) and return the new value.
     fn incr_counter(&mut self, name: &str, delta: i64) -> Result<i64>;
+    /// Value of a named counter (0 if never set); works in read transactions.
+    fn get_counter(&mut self, name: &str) -> Result<i64>;
 
     fn get_node(&mut self, ino: Ino) -> Result<Option<Node>>;
     /// Insert or replace.
@@ -307,11 +311,14 @@ pub fn open_engine(url: &str) -> Result<Box<dyn MetaEngine>> {
         }
         return Ok(Box::new(SqliteEngine::open(path)?));
     }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Box::new(PostgresEngine::open(url)?));
+    }
     if url == "mem://" || url.starts_with("mem://") {
         return Ok(Box::new(MemEngine::new()));
     }
     Err(MetaError::Format(format!(
-        "unsupported metadata URL {}: use sqlite:///path/meta.db",
+        "unsupported metadata URL {}: use sqlite:///path/meta.db or postgres://user:password@host:5432/db",
         redact_url(url)
     )))
 }

@@ -204,6 +204,14 @@ impl Txn for SqliteTxn<'_> {
             .map_err(sql_err)
     }
 
+    fn get_counter(&mut self, name: &str) -> Result<i64> {
+        self.conn
+            .prepare_cached("SELECT value FROM counter WHERE name = ?1")
+            .and_then(|mut s| s.query_row(params![name], |r| r.get(0)).optional())
+            .map(|v| v.unwrap_or(0))
+            .map_err(sql_err)
+    }
+
     fn get_node(&mut self, ino: Ino) -> Result<Option<Node>> {
         self.conn
             .prepare_cached(

@@ -74,6 +74,7 @@ mod cost {
             fn get_setting(&mut self, name: &str) -> Result<Option<String>>;
             fn set_setting(&mut self, name: &str, value: &str) -> Result<()>;
             fn incr_counter(&mut self, name: &str, delta: i64) -> Result<i64>;
+            fn get_counter(&mut self, name: &str) -> Result<i64>;
             fn get_node(&mut self, ino: Ino) -> Result<Option<Node>>;
             fn put_node(&mut self, node: &Node) -> Result<()>;
             fn delete_node(&mut self, ino: Ino) -> Result<()>;

@@ -80,7 +80,14 @@ impl Vfs {
     }
 
     fn cleaner_loop(self: Arc<Self>) {
+        let mut sessions_checked = Instant::now();
         while self.sleep(Duration::from_secs(1)) {
+            if sessions_checked.elapsed() >= Duration::from_secs(10) {
+                sessions_checked = Instant::now();
+                if let Err(e) = self.meta.cleanup_stale_sessions() {
+                    tracing::warn!(volume = %self.volume(), error = %e, "cleaning stale sessions failed");
+                }
+            }
             if let Err(e) = self.clean_once() {
                 tracing::warn!(volume = %self.volume(), error = %e, "background cleaning failed, will retry");
             }
@@ -119,6 +126,7 @@ impl Vfs {
                     deleted += 1;
                 }
                 if !ok {
+                    self.metrics.objects_reclaimed(deleted as u64);
                     return Ok(deleted);
                 }
                 self.meta.forget_garbage(id)?;

@@ -461,7 +461,16 @@ impl Vfs {
     pub fn flush_inode(&self, ino: Ino) -> Result<()> {
         let w = self.writers.lock().get(&ino).cloned();
         match w {
-            Some(w) => self.flush_writer(&w),
+            Some(w) => {
+                let res = self.flush_writer(&w);
+                // Report a failure of an earlier background flush too (once).
+                let earlier = w.take_failure();
+                res?;
+                match earlier {
+                    Some(msg) => Err(FlushError::Upload(msg).into()),
+                    None => Ok(()),
+                }
+            }
             None => Ok(()),
         }
     }
@@ -496,7 +505,7 @@ impl Vfs {
             res = self.flush_inode(ino);
             let mut writers = self.writers.lock();
             if let Some(w) = writers.get(&ino)
-                && w.pending_length().is_none()
+                && w.idle()
             {
                 writers.remove(&ino);
             }

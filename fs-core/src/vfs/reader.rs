@@ -53,7 +53,7 @@ impl Lru {
     }
 }
 
-type FlightResult = Option<Result<Bytes, String>>;
+type FlightResult = Option<Result<Bytes, FetchError>>;
 
 #[derive(Default)]
 struct Flight {
@@ -62,7 +62,7 @@ struct Flight {
 }
 
 /// Error of a block fetch, already retried by the store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     #[error("block {0} is missing from the object store")]
     Missing(String),
@@ -138,8 +138,7 @@ impl BlockReader {
             if let Ok(b) = &res {
                 self.cache.lock().put(key, b.clone());
             }
-            *flight.result.lock() =
-                Some(res.as_ref().map(|b| b.clone()).map_err(|e| e.to_string()));
+            *flight.result.lock() = Some(res.clone());
             flight.cv.notify_all();
             self.inflight.lock().remove(key);
             return res;
@@ -148,11 +147,8 @@ impl BlockReader {
         while r.is_none() {
             flight.cv.wait(&mut r);
         }
-        match r.as_ref() {
-            Some(Ok(b)) => Ok(b.clone()),
-            Some(Err(e)) => Err(FetchError::Store(e.clone())),
-            None => Err(FetchError::Store("fetch abandoned".into())),
-        }
+        r.clone()
+            .unwrap_or_else(|| Err(FetchError::Store("fetch abandoned".into())))
     }
 
     fn fetch(&self, key: &str, len: usize) -> Result<Bytes, FetchError> {

@@ -109,6 +109,8 @@ pub enum FlushError {
 pub struct FileWriter {
     pub ino: Ino,
     state: Mutex<WState>,
+    /// A flush that failed in the background, reported by the next fsync/close.
+    failed: Mutex<Option<String>>,
     flush_lock: Mutex<()>,
     uploads: Arc<Uploads>,
 }
@@ -118,6 +120,7 @@ impl FileWriter {
         FileWriter {
             ino,
             state: Mutex::new(WState::default()),
+            failed: Mutex::new(None),
             flush_lock: Mutex::new(()),
             uploads: Arc::new(Uploads::default()),
         }
@@ -141,6 +144,9 @@ impl FileWriter {
         data: &[u8],
         pressure: &dyn Fn(),
     ) -> Result<(), MetaError> {
+        if data.is_empty() {
+            return Ok(());
+        }
         ctx.budget.acquire(data.len() as u64, pressure);
         ctx.metrics.buffer_bytes(data.len() as i64);
         let bs = ctx.block_size;
@@ -152,19 +158,29 @@ impl FileWriter {
             let indx = (foff / CHUNK_SIZE) as u32;
             let pos = (foff % CHUNK_SIZE) as u32;
             let n = (data.len() - done).min((CHUNK_SIZE - pos as u64) as usize);
-            let slices = st.chunks.entry(indx).or_default();
-            let reuse = matches!(slices.last(), Some(s)
+            let reuse = matches!(st.chunks.get(&indx).and_then(|v| v.last()), Some(s)
                 if pos >= s.pos && pos <= s.pos + s.len && pos - s.pos >= s.sent * bs);
             if !reuse {
-                slices.push(OpenSlice {
-                    id: ctx.meta.new_slice_id()?,
+                let id = match ctx.meta.new_slice_id() {
+                    Ok(id) => id,
+                    Err(e) => {
+                        // Give back what this call took and did not buffer.
+                        let unused = (data.len() - done) as u64;
+                        st.acquired -= unused;
+                        ctx.budget.release(unused);
+                        ctx.metrics.buffer_bytes(-(unused as i64));
+                        return Err(e);
+                    }
+                };
+                st.chunks.entry(indx).or_default().push(OpenSlice {
+                    id,
                     pos,
                     len: 0,
                     blocks: Vec::new(),
                     sent: 0,
                 });
             }
-            let Some(s) = slices.last_mut() else {
+            let Some(s) = st.chunks.get_mut(&indx).and_then(|v| v.last_mut()) else {
                 return Err(MetaError::Invalid("no open slice"));
             };
             let mut rel = (pos - s.pos) as usize;
@@ -221,8 +237,27 @@ impl FileWriter {
     }
 
     /// Upload and commit everything buffered so far. Returns the chunks that received
-    /// slices and how many.
+    /// slices and how many. A failure is also remembered and reported once more by
+    /// [`FileWriter::take_failure`] (the next fsync or close of the file).
     pub fn flush(&self, ctx: &WriteCtx) -> Result<Vec<(u32, usize)>, FlushError> {
+        let res = self.flush_inner(ctx);
+        if let Err(e) = &res {
+            self.failed.lock().get_or_insert_with(|| e.to_string());
+        }
+        res
+    }
+
+    /// The failure of an earlier flush not yet reported to the application.
+    pub fn take_failure(&self) -> Option<String> {
+        self.failed.lock().take()
+    }
+
+    /// Whether the writer holds nothing: no pending data and no unreported failure.
+    pub fn idle(&self) -> bool {
+        self.pending_length().is_none() && self.failed.lock().is_none()
+    }
+
+    fn flush_inner(&self, ctx: &WriteCtx) -> Result<Vec<(u32, usize)>, FlushError> {
         let _guard = self.flush_lock.lock();
         let (chunks, length, acquired) = {
             let mut st = self.state.lock();
@@ -277,8 +312,8 @@ impl FileWriter {
                 Err(FlushError::Upload(e))
             }
             None => match ctx.meta.write_slices(self.ino, &list, length) {
-                Ok(_) => Ok(touched),
-                Err(MetaError::NotFound) => Ok(Vec::new()), // file deleted meanwhile: garbage
+                Ok(Some(_)) => Ok(touched),
+                Ok(None) => Ok(Vec::new()), // file deleted meanwhile: the slices are garbage
                 Err(e) => {
                     let _ = ctx.meta.discard_slices(&ids);
                     Err(e.into())

