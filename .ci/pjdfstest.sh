@@ -184,6 +184,6 @@ if ! is_mounted; then
     tail -20 "$work/mount.log"
     rc=1
 fi
-echo "full output: $out"
+if [ -n "${PJDFSTEST_LOG:-}" ] || [ "${KEEP_WORKDIR:-0}" = 1 ]; then echo "full output: $out"; fi
 echo "pjdfstest: $total_pass passed, $total_fail failed, $total_skip skipped"
 exit "$rc"

@@ -292,22 +292,28 @@ def fuse_mounted(mnt: Path) -> bool:
     return False
 
 
-def daemon_pids(mnt: Path) -> list[int]:
-    """Processes serving `mnt`: command line names the mount point and they hold /dev/fuse."""
+def daemon_pids(mnt: Path, home: Path) -> list[int]:
+    """Processes serving `mnt`: they hold /dev/fuse and either name the mount point on their
+    command line or have a file of `home` open (the log; JuiceFS rewrites and truncates its
+    command line to 256 bytes, hiding the mount point)."""
     out = []
-    want = str(mnt).encode()
+    want, prefix = str(mnt).encode(), str(home) + "/"
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-            if want not in cmd:
-                continue
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").split()
             fds = os.listdir(f"/proc/{d}/fd")
-            if any(os.readlink(f"/proc/{d}/fd/{fd}") == "/dev/fuse" for fd in fds):
-                out.append(int(d))
         except OSError:
             continue
+        links = []
+        for fd in fds:
+            try:
+                links.append(os.readlink(f"/proc/{d}/fd/{fd}"))
+            except OSError:  # closed meanwhile
+                continue
+        if "/dev/fuse" in links and (want in cmd or any(l.startswith(prefix) for l in links)):
+            out.append(int(d))
     return sorted(out)
 
 
@@ -341,6 +347,7 @@ class System:
         self.flags = flags
         self.port = 0
         self.pids: list[int] = []
+        self.used = False  # whether the current client process already ran a session
         self.name = f"bench-{self.kind}"
         self.format_cmd: list[str] = []
         self.mount_cmd: list[str] = []
@@ -355,7 +362,7 @@ class System:
     def mount_args(self) -> list[str]:
         raise NotImplementedError
 
-    def object_gets(self) -> float:
+    def object_gets(self) -> tuple[float, float]:
         raise NotImplementedError
 
     def slices(self, path: Path) -> int:
@@ -398,7 +405,7 @@ class System:
         self.pids = []
         deadline = time.time() + 10
         while not self.pids and time.time() < deadline:
-            self.pids = daemon_pids(self.mnt)
+            self.pids = daemon_pids(self.mnt, self.dir)
             time.sleep(0.05)
         if not self.pids:
             raise RuntimeError(f"{self.label}: no process serving {self.mnt} found")
@@ -413,7 +420,7 @@ class System:
 
     def umount(self) -> None:
         self.cleanup.remove(self.umount)
-        pids = self.pids or daemon_pids(self.mnt)
+        pids = self.pids or daemon_pids(self.mnt, self.dir)
         if fuse_mounted(self.mnt):
             os.sync()
             for attempt in range(20):
@@ -490,8 +497,11 @@ class Strata(System):
                 "--buffer-size", str(f["buffer_mib"]), "--mem-cache-size", str(f["mem_cache_mib"]),
                 "--max-uploads", str(f["uploads"]), self.meta_url(), str(self.mnt)]
 
-    def object_gets(self) -> float:
-        return self.metric_sum(self.metrics_text(), "strata_object_requests_total", r'op="get"')
+    def object_gets(self) -> tuple[float, float]:
+        """(GET requests, bytes downloaded) so far."""
+        t = self.metrics_text()
+        return (self.metric_sum(t, "strata_object_requests_total", r'op="get"'),
+                self.metric_sum(t, "strata_object_bytes_total", r'direction="download"'))
 
     def slices(self, path: Path) -> int:
         out = run([str(self.binary), "info", str(path)]).stdout
@@ -514,17 +524,15 @@ class JuiceFS(System):
         f = self.flags
         return ["-d", "--log", str(self.logfile), "--metrics", f"127.0.0.1:{self.port}",
                 "--buffer-size", str(f["buffer_mib"]), *f["jfs_cache"],
+                "--cache-dir", str(self.dir / "cache"),
                 "--max-uploads", str(f["uploads"]), "--no-usage-report", "--backup-meta", "0",
                 self.meta_url(), str(self.mnt)]
 
-    def object_gets(self) -> float:
-        text = self.metrics_text()
-        for name in ("juicefs_object_request_durations_histogram_seconds_count",
-                     "juicefs_object_request_durations_seconds_count"):
-            v = self.metric_sum(text, name, r'method="GET"')
-            if v:
-                return v
-        return 0.0
+    def object_gets(self) -> tuple[float, float]:
+        """(GET requests, bytes downloaded) so far."""
+        t = self.metrics_text()
+        return (self.metric_sum(t, "juicefs_object_request_durations_histogram_seconds_count", r'method="GET"'),
+                self.metric_sum(t, "juicefs_object_request_data_bytes", r'method="GET"'))
 
     def slices(self, path: Path) -> int:
         # `juicefs info` lists the objects of a file; object names end in

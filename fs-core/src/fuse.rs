@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use crate::meta::{Ctx, FileKind, Ino, MetaError, Node, ROOT_INO, SetAttr, TimeSet};
@@ -271,6 +271,9 @@ impl Filesystem for StrataFs {
         let _ = config.set_congestion_threshold(48);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        // Locks go through the metadata engine so they exclude across clients.
+        let _ = config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS);
+        let _ = config.add_capabilities(InitFlags::FUSE_FLOCK_LOCKS);
         Ok(())
     }
 
@@ -591,13 +594,17 @@ impl Filesystem for StrataFs {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _lock: LockOwner,
+        lock: LockOwner,
         reply: ReplyEmpty,
     ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("flush", ino = i).entered();
         let r = self.vfs.flush(i);
+        // close(2) releases the POSIX locks the closing process holds on the file.
+        if let Err(e) = self.vfs.setlk(i, lock.0, libc::F_UNLCK as u32, 0, u64::MAX, 0) {
+            tracing::warn!(volume = %self.vfs.volume(), path = %self.vfs.path(i), error = %e, "releasing POSIX locks failed");
+        }
         self.reply_empty("flush", start, r, || self.vfs.path(i), reply);
     }
 
@@ -607,13 +614,19 @@ impl Filesystem for StrataFs {
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock: Option<LockOwner>,
+        lock: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("release", ino = i).entered();
+        // The last close of an open file drops its flock (FUSE_RELEASE_FLOCK_UNLOCK).
+        if let Some(owner) = lock {
+            if let Err(e) = self.vfs.setlk(i, owner.0, libc::F_UNLCK as u32, 0, u64::MAX, 0) {
+                tracing::warn!(volume = %self.vfs.volume(), path = %self.vfs.path(i), error = %e, "releasing flock failed");
+            }
+        }
         let r = self.vfs.release(i, fh.0);
         self.reply_empty("release", start, r, || self.vfs.path(i), reply);
     }
@@ -841,6 +854,92 @@ impl Filesystem for StrataFs {
                 let no = self.finish("create", start, Some(&e), || {
                     self.vfs.path_of(p, name.as_bytes())
                 });
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        let start_t = Instant::now();
+        let i = self.real(ino);
+        match self.vfs.getlk(i, owner.0, typ as u32, start, end) {
+            Ok(Some(l)) => {
+                self.finish("getlk", start_t, None, || self.vfs.path(i));
+                reply.locked(l.start, l.end, l.typ as i32, l.pid);
+            }
+            Ok(None) => {
+                self.finish("getlk", start_t, None, || self.vfs.path(i));
+                reply.locked(start, end, libc::F_UNLCK, 0);
+            }
+            Err(e) => {
+                let no = self.finish("getlk", start_t, Some(&e), || self.vfs.path(i));
+                reply.error(no.unwrap_or(Errno::EIO));
+            }
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let start_t = Instant::now();
+        let i = self.real(ino);
+        let _s = tracing::debug_span!("setlk", ino = i, start, end, typ, sleep).entered();
+        match self.vfs.setlk(i, owner.0, typ as u32, start, end, pid) {
+            Ok(true) => {
+                self.finish("setlk", start_t, None, || self.vfs.path(i));
+                reply.ok();
+            }
+            Ok(false) if !sleep => {
+                self.finish("setlk", start_t, None, || self.vfs.path(i));
+                reply.error(Errno::from_i32(libc::EAGAIN));
+            }
+            Ok(false) => {
+                // Wait on a thread of its own so that blocked lockers never occupy the FUSE
+                // workers (the holder's unlock must get through).
+                let vfs = self.vfs.clone();
+                std::thread::spawn(move || {
+                    let mut delay = Duration::from_millis(5);
+                    loop {
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_millis(200));
+                        match vfs.setlk(i, owner.0, typ as u32, start, end, pid) {
+                            Ok(true) => {
+                                vfs.metrics.fuse_op("setlkw", start_t.elapsed(), None);
+                                return reply.ok();
+                            }
+                            Ok(false) => continue,
+                            Err(e) => {
+                                let no = errno_of(&e);
+                                vfs.metrics.fuse_op("setlkw", start_t.elapsed(), Some(no));
+                                return reply.error(Errno::from_i32(no));
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                let no = self.finish("setlk", start_t, Some(&e), || self.vfs.path(i));
                 reply.error(no.unwrap_or(Errno::EIO));
             }
         }

@@ -308,6 +308,26 @@ fn file_create_write_read() {
             &format!("pread({off}, {len})"),
         );
     }
+    // A write across the 64 MiB chunk boundary, and one just after it.
+    let across = pattern(2, (3 * MIB + 5) as usize);
+    {
+        let f = File::create(m.p("across")).unwrap();
+        f.write_all_at(&across, 63 * MIB - 1).unwrap();
+        f.write_all_at(b"after", 64 * MIB + 4 * MIB).unwrap();
+    }
+    let f = File::open(m.p("across")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 68 * MIB + 5);
+    assert_same(
+        &pread(&f, 63 * MIB - 1, across.len()),
+        &across,
+        "write across the chunk boundary",
+    );
+    assert_eq!(pread(&f, 68 * MIB, 5), b"after");
+    assert_zeros(
+        &pread(&f, 66 * MIB + 4, MIB as usize),
+        "hole after the boundary write",
+    );
+    drop(f);
     // Empty file.
     File::create(m.p("empty")).unwrap();
     assert_eq!(stat(&m.p("empty")).len(), 0);
@@ -352,6 +372,53 @@ fn file_random_writes() {
     assert_eq!(f.metadata().unwrap().len(), model.len() as u64);
     drop(f);
     assert_same(&read_all(&p), &model, "after close");
+}
+
+#[test]
+fn file_concurrent_writers() {
+    // Four threads write interleaved 64 KiB stripes of one file, two through a shared
+    // descriptor and two through their own.
+    let m = Mount::new();
+    let p = m.p("striped");
+    let shared = std::sync::Arc::new(
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .open(&p)
+            .unwrap(),
+    );
+    const STRIPE: usize = 64 << 10;
+    const ROUNDS: usize = 40;
+    let mut handles = Vec::new();
+    for t in 0..4usize {
+        let shared = shared.clone();
+        let p = p.clone();
+        handles.push(std::thread::spawn(move || {
+            let own = OpenOptions::new().write(true).open(&p).unwrap();
+            for r in 0..ROUNDS {
+                let idx = r * 4 + t;
+                let data = pattern(idx as u64 + 1000, STRIPE);
+                let f = if t % 2 == 0 { &*shared } else { &own };
+                f.write_all_at(&data, (idx * STRIPE) as u64).unwrap();
+                if r % 10 == 9 {
+                    f.sync_data().unwrap();
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    drop(shared);
+    let got = read_all(&p);
+    assert_eq!(got.len(), 4 * ROUNDS * STRIPE);
+    for idx in 0..4 * ROUNDS {
+        assert_same(
+            &got[idx * STRIPE..(idx + 1) * STRIPE],
+            &pattern(idx as u64 + 1000, STRIPE),
+            &format!("stripe {idx}"),
+        );
+    }
 }
 
 #[test]
@@ -543,8 +610,13 @@ fn file_truncate_grow_shrink() {
     assert_same(&got[..40], &data[..40], "prefix");
     assert_eq!(&got[40..45], b"01234");
     assert_zeros(&got[45..], "after ftruncate shrink + grow");
-    // Write after the regrown region, then shrink to 0 and grow again.
+    // Write at the end of the regrown region, then shrink to 0 and grow again.
     f.write_all_at(b"tail", 4996).unwrap();
+    f.write_all_at(b"mid", 100).unwrap();
+    let got = pread(&f, 0, 10_000);
+    assert_eq!(&got[4996..], b"tail", "written after a shrink + grow");
+    assert_eq!(&got[100..103], b"mid");
+    assert_zeros(&got[103..4996], "between the new writes");
     f.set_len(0).unwrap();
     f.set_len(100).unwrap();
     assert_zeros(&pread(&f, 0, 100), "after truncate to 0 and grow");
@@ -626,6 +698,35 @@ fn file_fallocate() {
     assert_same(&pread(&f, 0, data.len()), &want, "after punch (same fd)");
     drop(f);
     assert_same(&read_all(&p3), &want, "after punch (new open)");
+    // Data written into the punched range afterwards is visible again.
+    {
+        let f = OpenOptions::new().read(true).write(true).open(&p3).unwrap();
+        f.write_all_at(b"refill", ho + 100).unwrap();
+        f.sync_all().unwrap();
+        want[(ho + 100) as usize..(ho + 106) as usize].copy_from_slice(b"refill");
+        assert_same(&pread(&f, 0, data.len()), &want, "write into a punched hole");
+    }
+    // ZERO_RANGE inside the file zeroes it; without KEEP_SIZE past EOF it also grows the file.
+    {
+        let f = OpenOptions::new().read(true).write(true).open(&p3).unwrap();
+        ok(unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, 1000, 500) }, "ZERO_RANGE");
+        want[1000..1500].fill(0);
+        assert_same(&pread(&f, 0, data.len()), &want, "after ZERO_RANGE");
+        assert_eq!(f.metadata().unwrap().len(), data.len() as u64);
+        ok(
+            unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, data.len() as i64 - 3, 10) },
+            "ZERO_RANGE across EOF",
+        );
+        want[data.len() - 3..].fill(0);
+        want.resize(data.len() + 7, 0);
+        assert_eq!(f.metadata().unwrap().len(), data.len() as u64 + 7, "ZERO_RANGE past EOF grows the file");
+        assert_same(&pread(&f, 0, want.len()), &want, "after ZERO_RANGE across EOF");
+        f.set_len(data.len() as u64).unwrap();
+        want.truncate(data.len());
+        // Default mode over existing data keeps it.
+        ok(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, data.len() as i64) }, "fallocate over data");
+        assert_same(&pread(&f, 0, data.len()), &want, "fallocate mode 0 over existing data");
+    }
     // A hole punched past EOF changes nothing.
     let f = OpenOptions::new().read(true).write(true).open(&p3).unwrap();
     ok(
@@ -822,6 +923,57 @@ fn dir_root_dot_and_dotdot() {
     // Path resolution inside stays inside.
     assert_eq!(stat(&m.p("a/b/../..")).ino(), root_ino);
     assert_eq!(stat(&m.p("a/./b/..")).ino(), stat(&m.p("a")).ino());
+}
+
+#[test]
+fn dir_subdir_mount_root_dotdot() {
+    let mut m = Mount::new();
+    fs::create_dir_all(m.p("a/b/c")).unwrap();
+    fs::write(m.p("a/b/inside"), b"in").unwrap();
+    fs::write(m.p("a/outside"), b"out").unwrap();
+    for sub in ["a/b", "a"] {
+        m.umount();
+        m.set_mount_args(&["--subdir", sub]);
+        m.mount();
+        let root_ino = stat(m.path()).ino();
+        let root = readdir_raw(m.path());
+        let dot = root.iter().find(|(n, _)| n == b".").map(|e| e.1);
+        let dotdot = root.iter().find(|(n, _)| n == b"..").map(|e| e.1);
+        assert_eq!(
+            dot,
+            Some(root_ino),
+            "--subdir {sub}: d_ino of . at the mount root"
+        );
+        assert_eq!(
+            dotdot,
+            Some(root_ino),
+            "--subdir {sub}: d_ino of .. at the mount root must not name a directory outside the mounted subtree"
+        );
+        // Entries inside keep distinct inode numbers, and none is the root's.
+        for (n, ino) in root.iter().filter(|(n, _)| n != b"." && n != b"..") {
+            assert_ne!(
+                *ino,
+                root_ino,
+                "--subdir {sub}: entry {} has the root's inode",
+                String::from_utf8_lossy(n)
+            );
+            let st = stat(&m.path().join(std::ffi::OsStr::from_bytes(n)));
+            assert_eq!(
+                st.ino(),
+                *ino,
+                "--subdir {sub}: d_ino vs stat of {}",
+                String::from_utf8_lossy(n)
+            );
+        }
+    }
+    assert_eq!(read_all(&m.p("b/inside")), b"in");
+    assert_eq!(read_all(&m.p("outside")), b"out");
+    let c = readdir_raw(&m.p("b"));
+    assert_eq!(
+        c.iter().find(|(n, _)| n == b"..").map(|e| e.1),
+        Some(stat(m.path()).ino()),
+        "b/.. under --subdir a"
+    );
 }
 
 // ---------------------------------------------------------------------------- rename
@@ -2026,6 +2178,11 @@ fn kill9_keeps_fsynced_data() {
     let g = File::create(&small).unwrap();
     g.write_all_at(b"small and synced", 0).unwrap();
     g.sync_all().unwrap();
+    // Closed without fsync: close stores the data (close-to-open), so it survives too.
+    fs::write(m.p("newdir/closed"), pattern(52, 300_000)).unwrap();
+    // Namespace operations are committed when they return.
+    fs::write(m.p("renamed-from"), b"renamed").unwrap();
+    fs::rename(m.p("renamed-from"), m.p("newdir/renamed-to")).unwrap();
     // Written after the last fsync: may or may not survive, not checked.
     f.write_all_at(b"unsynced", len as u64).unwrap();
 
@@ -2046,6 +2203,17 @@ fn kill9_keeps_fsynced_data() {
         assert_same(&got[..len], &data, "fsynced data after kill -9");
     }
     assert_eq!(read_all(&small), b"small and synced");
+    assert_same(
+        &read_all(&m.p("newdir/closed")),
+        &pattern(52, 300_000),
+        "closed file after kill -9",
+    );
+    assert_eq!(read_all(&m.p("newdir/renamed-to")), b"renamed");
+    io_err(
+        fs::metadata(m.p("renamed-from")),
+        libc::ENOENT,
+        "old name after kill -9",
+    );
     // The volume is usable after the crash.
     fs::write(m.p("after"), b"ok").unwrap();
     assert_eq!(read_all(&m.p("after")), b"ok");

@@ -52,6 +52,7 @@ const CASES: &[(&str, Case)] = &[
     ("xattrs", xattrs),
     ("capacity", capacity),
     ("transaction_rollback", rollback),
+    ("locks", locks),
 ];
 
 /// Run every case against fresh engines from `make`; panics with the case name on failure.
@@ -337,4 +338,31 @@ fn rollback(m: &Meta) {
     });
     assert!(r.is_err());
     assert_eq!(m.txn(false, |tx| tx.get_setting("probe")).unwrap(), None);
+}
+
+fn locks(m: &Meta) {
+    let f = file(m, ROOT_INO, "locked");
+    let (rd, wr, un) = (
+        libc::F_RDLCK as u32,
+        libc::F_WRLCK as u32,
+        libc::F_UNLCK as u32,
+    );
+    assert!(m.setlk(f, 1, wr, 0, 99, 10).unwrap());
+    assert!(!m.setlk(f, 2, rd, 50, 60, 20).unwrap());
+    assert!(m.setlk(f, 2, rd, 100, u64::MAX, 20).unwrap());
+    assert!(
+        m.setlk(f, 3, rd, 100, 200, 30).unwrap(),
+        "shared locks coexist"
+    );
+    let c = m.getlk(f, 3, wr, 0, 10).unwrap().expect("conflict");
+    assert_eq!((c.typ, c.start, c.end, c.pid), (wr, 0, 99, 10));
+    // Unlocking the middle of a range splits it.
+    assert!(m.setlk(f, 1, un, 40, 59, 10).unwrap());
+    assert!(m.setlk(f, 2, wr, 40, 59, 20).unwrap());
+    assert!(!m.setlk(f, 2, wr, 60, 60, 20).unwrap());
+    assert!(m.getlk(f, 9, rd, 150, 150).unwrap().is_none());
+    // A session that ends releases its locks.
+    m.cleanup_session(m.txn(false, |tx| tx.list_sessions()).unwrap()[0].0)
+        .unwrap();
+    assert!(m.getlk(f, 9, wr, 0, u64::MAX).unwrap().is_none());
 }

@@ -13,8 +13,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CHUNK_SIZE, Entry, FileKind, Ino, MAX_NAME, MAX_SYMLINK, MAX_XATTR_VALUE, Mask, MetaEngine,
-    MetaError, Node, ROOT_INO, Result, Slice, Txn, now_ns,
+    CHUNK_SIZE, Entry, FileKind, Ino, LockRange, LockSet, MAX_NAME, MAX_SYMLINK, MAX_XATTR_VALUE,
+    Mask, MetaEngine, MetaError, Node, ROOT_INO, Result, Slice, Txn, now_ns,
 };
 use crate::chunk::{Segment, hidden_slices, visible_segments};
 use crate::metrics::Metrics;
@@ -347,6 +347,7 @@ impl Meta {
                     Self::destroy_node(tx, &n)?;
                 }
             }
+            tx.delete_session_locks(sid)?;
             tx.delete_session(sid)
         })
     }
@@ -1044,6 +1045,104 @@ impl Meta {
                 Self::destroy_node(tx, &n)?;
             }
             Ok(())
+        })
+    }
+
+    // ---------------------------------------------------------------- locks
+
+    fn conflicts(
+        locks: &[LockSet],
+        sid: u64,
+        owner: u64,
+        typ: u32,
+        start: u64,
+        end: u64,
+    ) -> Option<LockRange> {
+        let write = typ == libc::F_WRLCK as u32;
+        locks
+            .iter()
+            .filter(|l| !(l.sid == sid && l.owner == owner))
+            .flat_map(|l| l.ranges.iter())
+            .find(|r| r.start <= end && start <= r.end && (write || r.typ == libc::F_WRLCK as u32))
+            .copied()
+    }
+
+    /// The first lock held by another owner (here or on another client) that conflicts with
+    /// `typ` on `start..=end`, as fcntl(F_GETLK) reports it.
+    pub fn getlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        typ: u32,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<LockRange>> {
+        let sid = self.sid.load(Ordering::SeqCst);
+        self.txn(false, |tx| {
+            let locks = tx.get_locks(ino)?;
+            Ok(Self::conflicts(&locks, sid, owner, typ, start, end))
+        })
+    }
+
+    /// Take (`F_RDLCK`/`F_WRLCK`) or release (`F_UNLCK`) `start..=end` for `owner` of this
+    /// client. Returns `false` when another owner holds a conflicting lock. Locks of a client
+    /// that dies are released when its session is cleaned.
+    pub fn setlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        typ: u32,
+        start: u64,
+        end: u64,
+        pid: u32,
+    ) -> Result<bool> {
+        if start > end {
+            return Err(MetaError::Invalid("lock range"));
+        }
+        let sid = self.sid.load(Ordering::SeqCst);
+        self.txn(true, |tx| {
+            let locks = tx.get_locks(ino)?;
+            if typ != libc::F_UNLCK as u32
+                && Self::conflicts(&locks, sid, owner, typ, start, end).is_some()
+            {
+                return Ok(false);
+            }
+            let mine = locks
+                .iter()
+                .find(|l| l.sid == sid && l.owner == owner)
+                .map(|l| l.ranges.clone())
+                .unwrap_or_default();
+            // Cut the range out of what this owner holds, then add the new lock.
+            let mut out = Vec::with_capacity(mine.len() + 2);
+            for r in mine {
+                if r.end < start || r.start > end {
+                    out.push(r);
+                    continue;
+                }
+                if r.start < start {
+                    out.push(LockRange {
+                        end: start - 1,
+                        ..r
+                    });
+                }
+                if r.end > end {
+                    out.push(LockRange {
+                        start: end + 1,
+                        ..r
+                    });
+                }
+            }
+            if typ != libc::F_UNLCK as u32 {
+                out.push(LockRange {
+                    typ,
+                    start,
+                    end,
+                    pid,
+                });
+            }
+            out.sort_by_key(|r| r.start);
+            tx.put_locks(ino, sid, owner, &out)?;
+            Ok(true)
         })
     }
 

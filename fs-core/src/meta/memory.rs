@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use super::{Entry, Ino, MetaEngine, Node, Result, Slice, Txn};
+use super::{Entry, Ino, LockRange, LockSet, MetaEngine, Node, Result, Slice, Txn};
 
 #[derive(Clone, Default)]
 struct State {
@@ -21,6 +21,7 @@ struct State {
     garbage: BTreeMap<u64, (u32, i64)>,
     sessions: BTreeMap<u64, (i64, String)>,
     sustained: BTreeSet<(u64, Ino)>,
+    locks: BTreeMap<(Ino, u64, u64), Vec<LockRange>>,
 }
 
 #[derive(Default)]
@@ -270,5 +271,29 @@ impl Txn for MemTxn<'_> {
             .filter(|(s, _)| *s == sid)
             .map(|(_, i)| *i)
             .collect())
+    }
+    fn get_locks(&mut self, ino: Ino) -> Result<Vec<LockSet>> {
+        Ok(self
+            .s
+            .locks
+            .range((ino, 0, 0)..=(ino, u64::MAX, u64::MAX))
+            .map(|((_, sid, owner), r)| LockSet {
+                sid: *sid,
+                owner: *owner,
+                ranges: r.clone(),
+            })
+            .collect())
+    }
+    fn put_locks(&mut self, ino: Ino, sid: u64, owner: u64, ranges: &[LockRange]) -> Result<()> {
+        if ranges.is_empty() {
+            self.s.locks.remove(&(ino, sid, owner));
+        } else {
+            self.s.locks.insert((ino, sid, owner), ranges.to_vec());
+        }
+        Ok(())
+    }
+    fn delete_session_locks(&mut self, sid: u64) -> Result<()> {
+        self.s.locks.retain(|(_, s, _), _| *s != sid);
+        Ok(())
     }
 }

@@ -164,6 +164,48 @@ pub struct Slice {
     pub pos: u32,
 }
 
+/// A byte-range lock held by one lock owner: `typ` is `F_RDLCK` or `F_WRLCK`, `end` is
+/// inclusive (`u64::MAX` = to the end of the file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockRange {
+    pub typ: u32,
+    pub start: u64,
+    pub end: u64,
+    pub pid: u32,
+}
+
+/// The locks one owner (session `sid`, kernel lock owner `owner`) holds on an inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockSet {
+    pub sid: u64,
+    pub owner: u64,
+    pub ranges: Vec<LockRange>,
+}
+
+impl LockSet {
+    /// 24 bytes per range, little endian: typ (u32), pid (u32), start, end.
+    pub fn encode(ranges: &[LockRange]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ranges.len() * 24);
+        for r in ranges {
+            out.extend_from_slice(&r.typ.to_le_bytes());
+            out.extend_from_slice(&r.pid.to_le_bytes());
+            out.extend_from_slice(&r.start.to_le_bytes());
+            out.extend_from_slice(&r.end.to_le_bytes());
+        }
+        out
+    }
+    pub fn decode(b: &[u8]) -> Vec<LockRange> {
+        b.chunks_exact(24)
+            .map(|c| LockRange {
+                typ: u32::from_le_bytes(c[0..4].try_into().unwrap_or_default()),
+                pid: u32::from_le_bytes(c[4..8].try_into().unwrap_or_default()),
+                start: u64::from_le_bytes(c[8..16].try_into().unwrap_or_default()),
+                end: u64::from_le_bytes(c[16..24].try_into().unwrap_or_default()),
+            })
+            .collect()
+    }
+}
+
 /// A directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -299,6 +341,13 @@ pub trait Txn {
     fn add_sustained(&mut self, sid: u64, ino: Ino) -> Result<()>;
     fn delete_sustained(&mut self, sid: u64, ino: Ino) -> Result<()>;
     fn list_sustained(&mut self, sid: u64) -> Result<Vec<Ino>>;
+
+    /// Byte-range locks of an inode, all owners.
+    fn get_locks(&mut self, ino: Ino) -> Result<Vec<LockSet>>;
+    /// Replace the ranges one owner holds on an inode (empty: remove the owner's row).
+    fn put_locks(&mut self, ino: Ino, sid: u64, owner: u64, ranges: &[LockRange]) -> Result<()>;
+    /// Drop every lock of a session.
+    fn delete_session_locks(&mut self, sid: u64) -> Result<()>;
 }
 
 /// Open the engine named by a metadata URL.

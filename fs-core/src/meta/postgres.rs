@@ -16,7 +16,10 @@ use postgres::error::SqlState;
 use postgres::types::ToSql;
 use postgres::{Client, NoTls, Row, Statement};
 
-use super::{Entry, FileKind, Ino, MetaEngine, MetaError, Node, Result, Slice, Txn, redact_url};
+use super::{
+    Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Result, Slice, Txn,
+    redact_url,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS setting (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,6 +47,9 @@ CREATE TABLE IF NOT EXISTS session (sid BIGINT PRIMARY KEY, heartbeat BIGINT NOT
   info TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sustained (sid BIGINT NOT NULL, ino BIGINT NOT NULL,
   PRIMARY KEY (sid, ino));
+CREATE TABLE IF NOT EXISTS plock (ino BIGINT NOT NULL, sid BIGINT NOT NULL,
+  owner BIGINT NOT NULL, ranges BYTEA NOT NULL, PRIMARY KEY (ino, sid, owner));
+CREATE INDEX IF NOT EXISTS plock_sid ON plock (sid);
 ";
 
 struct Conn {
@@ -631,5 +637,39 @@ impl Txn for PgTxn<'_> {
             .iter()
             .map(|r| r.get::<_, i64>(0) as u64)
             .collect())
+    }
+    fn get_locks(&mut self, ino: Ino) -> Result<Vec<LockSet>> {
+        Ok(self
+            .query(
+                "SELECT sid, owner, ranges FROM plock WHERE ino = $1",
+                &[&i(ino)],
+            )?
+            .iter()
+            .map(|r| LockSet {
+                sid: r.get::<_, i64>(0) as u64,
+                owner: r.get::<_, i64>(1) as u64,
+                ranges: LockSet::decode(&r.get::<_, Vec<u8>>(2)),
+            })
+            .collect())
+    }
+    fn put_locks(&mut self, ino: Ino, sid: u64, owner: u64, ranges: &[LockRange]) -> Result<()> {
+        if ranges.is_empty() {
+            return self
+                .exec(
+                    "DELETE FROM plock WHERE ino = $1 AND sid = $2 AND owner = $3",
+                    &[&i(ino), &i(sid), &i(owner)],
+                )
+                .map(|_| ());
+        }
+        self.exec(
+            "INSERT INTO plock (ino, sid, owner, ranges) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (ino, sid, owner) DO UPDATE SET ranges = EXCLUDED.ranges",
+            &[&i(ino), &i(sid), &i(owner), &LockSet::encode(ranges)],
+        )
+        .map(|_| ())
+    }
+    fn delete_session_locks(&mut self, sid: u64) -> Result<()> {
+        self.exec("DELETE FROM plock WHERE sid = $1", &[&i(sid)])
+            .map(|_| ())
     }
 }

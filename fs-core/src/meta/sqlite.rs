@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
-use super::{Entry, FileKind, Ino, MetaEngine, MetaError, Node, Result, Slice, Txn};
+use super::{
+    Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Result, Slice, Txn,
+};
 
 const READERS: usize = 4;
 
@@ -55,6 +57,9 @@ CREATE TABLE IF NOT EXISTS session (sid INTEGER PRIMARY KEY, heartbeat INTEGER N
   info TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sustained (sid INTEGER NOT NULL, ino INTEGER NOT NULL,
   PRIMARY KEY (sid, ino)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS plock (ino INTEGER NOT NULL, sid INTEGER NOT NULL,
+  owner INTEGER NOT NULL, ranges BLOB NOT NULL, PRIMARY KEY (ino, sid, owner)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS plock_sid ON plock (sid);
 ";
 
 fn open_conn(path: &str) -> Result<Connection> {
@@ -496,6 +501,43 @@ impl Txn for SqliteTxn<'_> {
                     .collect()
             })
             .map_err(sql_err)
+    }
+
+    fn get_locks(&mut self, ino: Ino) -> Result<Vec<LockSet>> {
+        self.conn
+            .prepare_cached("SELECT sid, owner, ranges FROM plock WHERE ino = ?1")
+            .and_then(|mut s| {
+                s.query_map(params![ino as i64], |r| {
+                    let b: Vec<u8> = r.get(2)?;
+                    Ok(LockSet {
+                        sid: r.get::<_, i64>(0)? as u64,
+                        owner: r.get::<_, i64>(1)? as u64,
+                        ranges: LockSet::decode(&b),
+                    })
+                })?
+                .collect()
+            })
+            .map_err(sql_err)
+    }
+    fn put_locks(&mut self, ino: Ino, sid: u64, owner: u64, ranges: &[LockRange]) -> Result<()> {
+        if ranges.is_empty() {
+            return self.exec(
+                "DELETE FROM plock WHERE ino = ?1 AND sid = ?2 AND owner = ?3",
+                params![ino as i64, sid as i64, owner as i64],
+            );
+        }
+        self.exec(
+            "INSERT OR REPLACE INTO plock (ino, sid, owner, ranges) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                ino as i64,
+                sid as i64,
+                owner as i64,
+                LockSet::encode(ranges)
+            ],
+        )
+    }
+    fn delete_session_locks(&mut self, sid: u64) -> Result<()> {
+        self.exec("DELETE FROM plock WHERE sid = ?1", params![sid as i64])
     }
 }
 

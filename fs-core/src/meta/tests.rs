@@ -109,6 +109,9 @@ mod cost {
             fn add_sustained(&mut self, sid: u64, ino: Ino) -> Result<()>;
             fn delete_sustained(&mut self, sid: u64, ino: Ino) -> Result<()>;
             fn list_sustained(&mut self, sid: u64) -> Result<Vec<Ino>>;
+            fn get_locks(&mut self, ino: Ino) -> Result<Vec<LockSet>>;
+            fn put_locks(&mut self, ino: Ino, sid: u64, owner: u64, ranges: &[LockRange]) -> Result<()>;
+            fn delete_session_locks(&mut self, sid: u64) -> Result<()>;
         }
     }
 

@@ -669,6 +669,34 @@ impl Vfs {
         }
     }
 
+    // ------------------------------------------------------------ locks
+
+    /// fcntl(F_GETLK) (flock arrives as a whole-file lock of the open file's owner).
+    pub fn getlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        typ: u32,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<crate::meta::LockRange>> {
+        Ok(self.meta.getlk(ino, owner, typ, start, end)?)
+    }
+
+    /// Try to take or release a lock; `Ok(false)` when another owner (on any client) holds
+    /// a conflicting one.
+    pub fn setlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        typ: u32,
+        start: u64,
+        end: u64,
+        pid: u32,
+    ) -> Result<bool> {
+        Ok(self.meta.setlk(ino, owner, typ, start, end, pid)?)
+    }
+
     // ------------------------------------------------------------ directories
 
     pub fn opendir(&self, ino: Ino) -> Result<u64> {

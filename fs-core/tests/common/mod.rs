@@ -212,6 +212,11 @@ impl Mount {
         }
     }
 
+    /// Arguments for the next [`Mount::mount`] (e.g. `["--subdir", "a/b"]`).
+    pub fn set_mount_args(&mut self, args: &[&str]) {
+        self.mount_args = args.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Unmount and mount again (a new client process on the same volume).
     pub fn remount(&mut self) {
         self.umount();
