@@ -602,7 +602,10 @@ impl Filesystem for StrataFs {
         let _s = tracing::debug_span!("flush", ino = i).entered();
         let r = self.vfs.flush(i);
         // close(2) releases the POSIX locks the closing process holds on the file.
-        if let Err(e) = self.vfs.setlk(i, lock.0, libc::F_UNLCK as u32, 0, u64::MAX, 0) {
+        if let Err(e) = self
+            .vfs
+            .setlk(i, lock.0, libc::F_UNLCK as u32, 0, u64::MAX, 0)
+        {
             tracing::warn!(volume = %self.vfs.volume(), path = %self.vfs.path(i), error = %e, "releasing POSIX locks failed");
         }
         self.reply_empty("flush", start, r, || self.vfs.path(i), reply);
@@ -623,7 +626,10 @@ impl Filesystem for StrataFs {
         let _s = tracing::debug_span!("release", ino = i).entered();
         // The last close of an open file drops its flock (FUSE_RELEASE_FLOCK_UNLOCK).
         if let Some(owner) = lock {
-            if let Err(e) = self.vfs.setlk(i, owner.0, libc::F_UNLCK as u32, 0, u64::MAX, 0) {
+            if let Err(e) = self
+                .vfs
+                .setlk(i, owner.0, libc::F_UNLCK as u32, 0, u64::MAX, 0)
+            {
                 tracing::warn!(volume = %self.vfs.volume(), path = %self.vfs.path(i), error = %e, "releasing flock failed");
             }
         }

@@ -704,28 +704,57 @@ fn file_fallocate() {
         f.write_all_at(b"refill", ho + 100).unwrap();
         f.sync_all().unwrap();
         want[(ho + 100) as usize..(ho + 106) as usize].copy_from_slice(b"refill");
-        assert_same(&pread(&f, 0, data.len()), &want, "write into a punched hole");
+        assert_same(
+            &pread(&f, 0, data.len()),
+            &want,
+            "write into a punched hole",
+        );
     }
     // ZERO_RANGE inside the file zeroes it; without KEEP_SIZE past EOF it also grows the file.
     {
         let f = OpenOptions::new().read(true).write(true).open(&p3).unwrap();
-        ok(unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, 1000, 500) }, "ZERO_RANGE");
+        ok(
+            unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, 1000, 500) },
+            "ZERO_RANGE",
+        );
         want[1000..1500].fill(0);
         assert_same(&pread(&f, 0, data.len()), &want, "after ZERO_RANGE");
         assert_eq!(f.metadata().unwrap().len(), data.len() as u64);
         ok(
-            unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, data.len() as i64 - 3, 10) },
+            unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_ZERO_RANGE,
+                    data.len() as i64 - 3,
+                    10,
+                )
+            },
             "ZERO_RANGE across EOF",
         );
         want[data.len() - 3..].fill(0);
         want.resize(data.len() + 7, 0);
-        assert_eq!(f.metadata().unwrap().len(), data.len() as u64 + 7, "ZERO_RANGE past EOF grows the file");
-        assert_same(&pread(&f, 0, want.len()), &want, "after ZERO_RANGE across EOF");
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            data.len() as u64 + 7,
+            "ZERO_RANGE past EOF grows the file"
+        );
+        assert_same(
+            &pread(&f, 0, want.len()),
+            &want,
+            "after ZERO_RANGE across EOF",
+        );
         f.set_len(data.len() as u64).unwrap();
         want.truncate(data.len());
         // Default mode over existing data keeps it.
-        ok(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, data.len() as i64) }, "fallocate over data");
-        assert_same(&pread(&f, 0, data.len()), &want, "fallocate mode 0 over existing data");
+        ok(
+            unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, data.len() as i64) },
+            "fallocate over data",
+        );
+        assert_same(
+            &pread(&f, 0, data.len()),
+            &want,
+            "fallocate mode 0 over existing data",
+        );
     }
     // A hole punched past EOF changes nothing.
     let f = OpenOptions::new().read(true).write(true).open(&p3).unwrap();

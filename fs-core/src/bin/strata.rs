@@ -60,6 +60,13 @@ enum Cmd {
     },
     /// Show how a file inside a mount is stored (inode, chunks, slices, objects).
     Info { path: PathBuf },
+    /// Check the metadata of a volume (entries, link counts, orphans, usage counters).
+    Fsck {
+        meta_url: String,
+        /// Fix what is safe to fix (each fix re-checks its finding first).
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Args)]
@@ -205,6 +212,33 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Info { path } => info(&path),
+        Cmd::Fsck { meta_url, repair } => {
+            let meta = Meta::new(
+                open_engine(&meta_url)?,
+                Arc::new(Metrics::new()),
+                MetaSettings::default(),
+            );
+            let fmt = meta.load()?;
+            let report = meta.fsck(repair)?;
+            for p in &report.problems {
+                println!("problem: {p}");
+            }
+            println!(
+                "volume {}: {} inodes, {} entries, {} problems, {} repaired",
+                fmt.name,
+                report.inodes,
+                report.entries,
+                report.problems.len(),
+                report.repaired
+            );
+            if !report.clean() && !repair {
+                bail!(
+                    "fsck found problems: run `strata fsck --repair {}` to fix them",
+                    redact_url(&meta_url)
+                );
+            }
+            Ok(())
+        }
     }
 }
 

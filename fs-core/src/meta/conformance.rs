@@ -53,6 +53,7 @@ const CASES: &[(&str, Case)] = &[
     ("capacity", capacity),
     ("transaction_rollback", rollback),
     ("locks", locks),
+    ("fsck_repairs", fsck_repairs),
 ];
 
 /// Run every case against fresh engines from `make`; panics with the case name on failure.
@@ -60,7 +61,11 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn MetaEngine>) {
     for (name, case) in CASES {
         let cap = if *name == "capacity" { 1 << 20 } else { 0 };
         let meta = formatted(make(), cap);
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&meta)));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            case(&meta);
+            let report = meta.fsck(false).expect("fsck");
+            assert!(report.clean(), "fsck after the case: {:?}", report.problems);
+        }));
         if let Err(e) = r {
             panic!(
                 "conformance case '{name}' failed on {}: {e:?}",
@@ -365,4 +370,31 @@ fn locks(m: &Meta) {
     m.cleanup_session(m.txn(false, |tx| tx.list_sessions()).unwrap()[0].0)
         .unwrap();
     assert!(m.getlk(f, 9, wr, 0, u64::MAX).unwrap().is_none());
+}
+
+fn fsck_repairs(m: &Meta) {
+    let d = dir(m, ROOT_INO, "d");
+    let f = file(m, d, "f");
+    // Break things behind the file system's back.
+    m.txn(true, |tx| {
+        let mut n = tx.get_node(f)?.unwrap();
+        n.nlink = 5;
+        tx.put_node(&n)?;
+        tx.put_edge(
+            ROOT_INO,
+            &super::Entry {
+                name: b"ghost".to_vec(),
+                ino: 999_999,
+                kind: FileKind::File,
+            },
+        )?;
+        tx.incr_counter("used_inodes", 7)?;
+        Ok(())
+    })
+    .unwrap();
+    let r = m.fsck(false).unwrap();
+    assert_eq!(r.problems.len(), 3, "{:?}", r.problems);
+    let r = m.fsck(true).unwrap();
+    assert_eq!(r.repaired, 3, "{:?}", r.problems);
+    assert!(m.fsck(false).unwrap().clean());
 }

@@ -627,6 +627,10 @@ impl Meta {
         Self::destroy_node(tx, &n)
     }
 
+    pub(crate) fn destroy_node_pub(tx: &mut dyn Txn, n: &Node) -> Result<()> {
+        Self::destroy_node(tx, n)
+    }
+
     /// Remove an inode whose last link is gone; its data is reclaimed in the background.
     fn destroy_node(tx: &mut dyn Txn, n: &Node) -> Result<()> {
         tx.delete_node(n.ino)?;

@@ -296,4 +296,48 @@ impl Txn for MemTxn<'_> {
         self.s.locks.retain(|(_, s, _), _| *s != sid);
         Ok(())
     }
+    fn scan_nodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Node>> {
+        use std::ops::Bound;
+        Ok(self
+            .s
+            .nodes
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .take(limit)
+            .map(|(_, n)| n.clone())
+            .collect())
+    }
+    fn scan_edges(
+        &mut self,
+        after: Option<(Ino, &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<(Ino, Entry)>> {
+        use std::ops::Bound;
+        let lo = match after {
+            Some((p, n)) => Bound::Excluded((p, n.to_vec())),
+            None => Bound::Unbounded,
+        };
+        Ok(self
+            .s
+            .edges
+            .range((lo, Bound::Unbounded))
+            .take(limit)
+            .map(|((p, _), e)| (*p, e.clone()))
+            .collect())
+    }
+    fn scan_slice_inodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Ino>> {
+        let mut out: Vec<Ino> = Vec::new();
+        for (k, _) in self.s.slices.range((after + 1, 0, 0)..) {
+            if out.last() != Some(&k.0) {
+                if out.len() == limit {
+                    break;
+                }
+                out.push(k.0);
+            }
+        }
+        Ok(out)
+    }
+    fn set_counter(&mut self, name: &str, value: i64) -> Result<()> {
+        self.s.counters.insert(name.into(), value);
+        Ok(())
+    }
 }

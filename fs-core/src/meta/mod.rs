@@ -6,6 +6,7 @@
 //! (in-process, tests only). The table layout is documented in docs/FORMAT.md.
 
 mod fs;
+mod fsck;
 mod memory;
 mod postgres;
 mod sqlite;
@@ -15,6 +16,7 @@ mod tests;
 pub mod conformance;
 
 pub use fs::{Ctx, FORMAT_VERSION, Format, Meta, MetaSettings, SetAttr, StatFs, TimeSet, space_of};
+pub use fsck::FsckReport;
 pub use memory::MemEngine;
 pub use postgres::PostgresEngine;
 pub use sqlite::SqliteEngine;
@@ -348,6 +350,17 @@ pub trait Txn {
     fn put_locks(&mut self, ino: Ino, sid: u64, owner: u64, ranges: &[LockRange]) -> Result<()>;
     /// Drop every lock of a session.
     fn delete_session_locks(&mut self, sid: u64) -> Result<()>;
+
+    /// Full scans for `strata fsck`, in key order, after the given key, at most `limit`.
+    fn scan_nodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Node>>;
+    fn scan_edges(
+        &mut self,
+        after: Option<(Ino, &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<(Ino, Entry)>>;
+    /// Inodes that have slices.
+    fn scan_slice_inodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Ino>>;
+    fn set_counter(&mut self, name: &str, value: i64) -> Result<()>;
 }
 
 /// Open the engine named by a metadata URL.

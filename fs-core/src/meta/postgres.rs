@@ -672,4 +672,49 @@ impl Txn for PgTxn<'_> {
         self.exec("DELETE FROM plock WHERE sid = $1", &[&i(sid)])
             .map(|_| ())
     }
+    fn scan_nodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Node>> {
+        Ok(self
+            .query(
+                "SELECT ino, kind, mode, uid, gid, atime, mtime, ctime, nlink, length, rdev,
+                 parent, seq, masks FROM node WHERE ino > $1 ORDER BY ino LIMIT $2",
+                &[&i(after), &(limit.min(i64::MAX as usize) as i64)],
+            )?
+            .iter()
+            .map(row_node)
+            .collect())
+    }
+    fn scan_edges(
+        &mut self,
+        after: Option<(Ino, &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<(Ino, Entry)>> {
+        let (p, n) = after.unwrap_or((0, b""));
+        Ok(self
+            .query(
+                "SELECT name, ino, kind, parent FROM edge WHERE (parent, name) > ($1, $2)
+                 ORDER BY parent, name LIMIT $3",
+                &[&i(p), &n, &(limit.min(i64::MAX as usize) as i64)],
+            )?
+            .iter()
+            .map(|r| (r.get::<_, i64>(3) as u64, row_entry(r)))
+            .collect())
+    }
+    fn scan_slice_inodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Ino>> {
+        Ok(self
+            .query(
+                "SELECT DISTINCT ino FROM slice WHERE ino > $1 ORDER BY ino LIMIT $2",
+                &[&i(after), &(limit.min(i64::MAX as usize) as i64)],
+            )?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect())
+    }
+    fn set_counter(&mut self, name: &str, value: i64) -> Result<()> {
+        self.exec(
+            "INSERT INTO counter (name, value) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+            &[&name, &value],
+        )
+        .map(|_| ())
+    }
 }

@@ -539,6 +539,63 @@ impl Txn for SqliteTxn<'_> {
     fn delete_session_locks(&mut self, sid: u64) -> Result<()> {
         self.exec("DELETE FROM plock WHERE sid = ?1", params![sid as i64])
     }
+
+    fn scan_nodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Node>> {
+        self.conn
+            .prepare_cached(
+                "SELECT ino, kind, mode, uid, gid, atime, mtime, ctime, nlink, length, rdev,
+                 parent, seq, masks FROM node WHERE ino > ?1 ORDER BY ino LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![after as i64, limit as i64], row_node)?
+                    .collect()
+            })
+            .map_err(sql_err)
+    }
+    fn scan_edges(
+        &mut self,
+        after: Option<(Ino, &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<(Ino, Entry)>> {
+        let (p, n) = after.unwrap_or((0, b""));
+        self.conn
+            .prepare_cached(
+                "SELECT parent, name, ino, kind FROM edge WHERE (parent, name) > (?1, ?2)
+                 ORDER BY parent, name LIMIT ?3",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![p as i64, n, limit as i64], |r| {
+                    let kind: u8 = r.get(3)?;
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        Entry {
+                            name: r.get(1)?,
+                            ino: r.get::<_, i64>(2)? as u64,
+                            kind: FileKind::from_code(kind).unwrap_or(FileKind::File),
+                        },
+                    ))
+                })?
+                .collect()
+            })
+            .map_err(sql_err)
+    }
+    fn scan_slice_inodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Ino>> {
+        self.conn
+            .prepare_cached("SELECT DISTINCT ino FROM slice WHERE ino > ?1 ORDER BY ino LIMIT ?2")
+            .and_then(|mut s| {
+                s.query_map(params![after as i64, limit as i64], |r| {
+                    Ok(r.get::<_, i64>(0)? as u64)
+                })?
+                .collect()
+            })
+            .map_err(sql_err)
+    }
+    fn set_counter(&mut self, name: &str, value: i64) -> Result<()> {
+        self.exec(
+            "INSERT OR REPLACE INTO counter (name, value) VALUES (?1, ?2)",
+            params![name, value],
+        )
+    }
 }
 
 impl SqliteTxn<'_> {

@@ -112,6 +112,10 @@ mod cost {
             fn get_locks(&mut self, ino: Ino) -> Result<Vec<LockSet>>;
             fn put_locks(&mut self, ino: Ino, sid: u64, owner: u64, ranges: &[LockRange]) -> Result<()>;
             fn delete_session_locks(&mut self, sid: u64) -> Result<()>;
+            fn scan_nodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Node>>;
+            fn scan_edges(&mut self, after: Option<(Ino, &[u8])>, limit: usize) -> Result<Vec<(Ino, Entry)>>;
+            fn scan_slice_inodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Ino>>;
+            fn set_counter(&mut self, name: &str, value: i64) -> Result<()>;
         }
     }
 
