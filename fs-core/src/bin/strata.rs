@@ -143,6 +143,10 @@ struct MountArgs {
     /// Do not run background cleaning (compaction, deletion) in this client.
     #[arg(long)]
     no_bgjob: bool,
+    /// Seconds after which other clients consider this one dead if it stops heartbeating
+    /// (its locks are then released and its open-but-deleted files reclaimed).
+    #[arg(long, default_value_t = 60)]
+    session_timeout: i64,
     /// Metadata URL of a formatted volume.
     meta_url: String,
     mountpoint: PathBuf,
@@ -298,6 +302,7 @@ fn mount_cmd(a: MountArgs, log_level: &str) -> Result<()> {
     opts.vfs.upload_threads = a.max_uploads;
     opts.vfs.background_gc = !a.no_bgjob;
     opts.meta.gc_grace_secs = a.gc_grace;
+    opts.meta.session_timeout_secs = a.session_timeout;
     mount::run(&a.meta_url, &a.mountpoint, &opts)?;
     Ok(())
 }
@@ -386,7 +391,7 @@ fn status(meta_url: &str) -> Result<()> {
     let sessions: Vec<_> = meta
         .sessions()?
         .into_iter()
-        .map(|(sid, hb, info)| serde_json::json!({"sid": sid, "heartbeat": hb, "info": info}))
+        .map(|(sid, hb, info)| serde_json::json!({"sid": sid, "expires": hb, "info": info}))
         .collect();
     let out = serde_json::json!({
         "setting": fmt,

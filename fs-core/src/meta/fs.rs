@@ -53,8 +53,9 @@ pub struct MetaSettings {
     pub gc_grace_secs: i64,
     /// Retries of a conflicting transaction before giving up.
     pub max_retries: u32,
-    /// Seconds without heartbeat after which a client's session is considered dead and
-    /// cleaned by the others (its unlinked-but-open files are deleted).
+    /// Seconds without heartbeat after which this client's session may be considered dead
+    /// and cleaned by the others (its locks released, its unlinked-but-open files deleted).
+    /// Heartbeats are sent every fifth of it.
     pub session_timeout_secs: i64,
 }
 
@@ -310,7 +311,7 @@ impl Meta {
     pub fn new_session(&self, info: &str) -> Result<u64> {
         let sid = self.txn(true, |tx| {
             let sid = tx.incr_counter(COUNTER_SESSION, 1)? as u64;
-            tx.put_session(sid, now_ns() / 1_000_000_000, info)?;
+            tx.put_session(sid, self.session_expiry(), info)?;
             Ok(sid)
         })?;
         self.sid.store(sid, Ordering::SeqCst);
@@ -322,9 +323,7 @@ impl Meta {
         if sid == 0 {
             return Ok(());
         }
-        self.txn(true, |tx| {
-            tx.put_session(sid, now_ns() / 1_000_000_000, info)
-        })
+        self.txn(true, |tx| tx.put_session(sid, self.session_expiry(), info))
     }
 
     /// End this client's session: files it kept alive after unlink are deleted.
@@ -352,10 +351,21 @@ impl Meta {
         })
     }
 
-    /// Clean the sessions of clients that stopped sending heartbeats. Returns how many.
+    /// Unix time until which this client's session counts as alive (stored at each
+    /// heartbeat, so each client brings its own timeout).
+    fn session_expiry(&self) -> i64 {
+        now_ns() / 1_000_000_000 + self.settings.session_timeout_secs.max(2)
+    }
+
+    /// How often the session heartbeat must run.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis((self.settings.session_timeout_secs.max(2) as u64 * 1000) / 5)
+    }
+
+    /// Clean the sessions of clients whose heartbeat expired. Returns how many.
     pub fn cleanup_stale_sessions(&self) -> Result<usize> {
         let own = self.sid.load(Ordering::SeqCst);
-        let deadline = now_ns() / 1_000_000_000 - self.settings.session_timeout_secs;
+        let deadline = now_ns() / 1_000_000_000;
         let mut n = 0;
         for (sid, hb, info) in self.sessions()? {
             if sid != own && hb < deadline {

@@ -335,7 +335,8 @@ pub trait Txn {
     fn list_due_garbage(&mut self, now: i64, limit: usize) -> Result<Vec<(u64, u32)>>;
     fn delete_garbage(&mut self, id: u64) -> Result<()>;
 
-    /// Sessions: a mounted client and its last heartbeat (unix seconds).
+    /// Sessions: a mounted client and the time its liveness expires unless it heartbeats
+    /// again (unix seconds; stored in the `heartbeat` column).
     fn put_session(&mut self, sid: u64, heartbeat: i64, info: &str) -> Result<()>;
     fn delete_session(&mut self, sid: u64) -> Result<()>;
     fn list_sessions(&mut self) -> Result<Vec<(u64, i64, String)>>;

@@ -66,21 +66,27 @@ pub struct PostgresEngine {
 }
 
 fn pg_err(e: postgres::Error) -> MetaError {
-    if let Some(code) = e.code() {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
         if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
         {
             return MetaError::Conflict;
         }
-        if *code == SqlState::UNDEFINED_TABLE {
-            return MetaError::Engine(format!("postgres: {e}: table does not exist"));
+        let c = code.code();
+        // Connection exceptions (08), server shutting down or starting (57), too many
+        // connections: the transaction is lost, retry it on a new connection.
+        if c.starts_with("08") || c.starts_with("57") || c == "53300" {
+            tracing::warn!(code = c, error = %db.message(), "PostgreSQL unavailable, will reconnect and retry");
+            return MetaError::Conflict;
         }
+        if *code == SqlState::UNDEFINED_TABLE {
+            return MetaError::Engine(format!("postgres: {}: table does not exist", db.message()));
+        }
+        return MetaError::Engine(format!("postgres {c}: {}", db.message()));
     }
-    if e.is_closed() || e.as_db_error().is_none() {
-        // Connection-level failure: the transaction is lost, retry it on a new connection.
-        tracing::warn!(error = %e, "postgres connection error, will reconnect and retry");
-        return MetaError::Conflict;
-    }
-    MetaError::Engine(format!("postgres: {e}"))
+    // Connection-level failure (closed socket, I/O): retry on a new connection.
+    tracing::warn!(error = %e, "postgres connection error, will reconnect and retry");
+    MetaError::Conflict
 }
 
 impl PostgresEngine {

@@ -64,7 +64,7 @@ impl Vfs {
                     tracing::warn!(volume = %self.volume(), error = %e, "reloading volume settings failed");
                 }
             }
-            if last.elapsed() >= Duration::from_secs(12) {
+            if last.elapsed() >= self.meta.heartbeat_interval() {
                 last = Instant::now();
                 if let Err(e) = self.meta.heartbeat(&self.session_info()) {
                     tracing::warn!(volume = %self.volume(), error = %e, "session heartbeat failed");
@@ -82,7 +82,7 @@ impl Vfs {
     fn cleaner_loop(self: Arc<Self>) {
         let mut sessions_checked = Instant::now();
         while self.sleep(Duration::from_secs(1)) {
-            if sessions_checked.elapsed() >= Duration::from_secs(10) {
+            if sessions_checked.elapsed() >= self.meta.heartbeat_interval() {
                 sessions_checked = Instant::now();
                 if let Err(e) = self.meta.cleanup_stale_sessions() {
                     tracing::warn!(volume = %self.volume(), error = %e, "cleaning stale sessions failed");

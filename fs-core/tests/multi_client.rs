@@ -1,0 +1,269 @@
+//! Several clients on one volume with the PostgreSQL engine (real server, real FUSE mounts
+//! in separate processes): close-to-open, concurrent creates in one directory, locks that
+//! exclude across clients and are released when a client dies, and a database restart under
+//! load.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata::testing::postgres::PgServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_strata");
+
+fn is_mounted(p: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = p.to_string_lossy();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(&p) && l.contains("fuse"))
+}
+
+struct Mount {
+    child: Option<Child>,
+    path: PathBuf,
+}
+
+impl Mount {
+    fn new(meta: &str, path: &Path, extra: &[&str]) -> Mount {
+        fs::create_dir_all(path).unwrap();
+        let child = Command::new(BIN)
+            .args(["--log-level", "warn", "mount"])
+            .args(extra)
+            .arg(meta)
+            .arg(path)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start strata mount");
+        let start = Instant::now();
+        while !is_mounted(path) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "mount at {} did not come up",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Mount {
+            child: Some(child),
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new(BIN)
+                .args(["umount", "--force"])
+                .arg(&self.path)
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn volume(pg: &PgServer, dir: &Path) -> String {
+    let url = pg.new_database();
+    let out = Command::new(BIN)
+        .args(["format", "--bucket"])
+        .arg(dir.join("data"))
+        .args([&url, "shared"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "format: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    url
+}
+
+#[test]
+fn two_clients_see_each_other_and_create_concurrently() {
+    let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let url = volume(&pg, dir.path());
+    let a = Mount::new(&url, &dir.path().join("a"), &[]);
+    let b = Mount::new(&url, &dir.path().join("b"), &[]);
+
+    // Close-to-open: written and closed on A, opened and read on B.
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::File::create(a.path.join("model.bin"))
+        .unwrap()
+        .write_all(&data)
+        .unwrap();
+    let mut got = Vec::new();
+    fs::File::open(b.path.join("model.bin"))
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got == data, "B read {} bytes, not what A wrote", got.len());
+
+    // 2 x 1,000 creates in one directory from both clients at once.
+    fs::create_dir(a.path.join("d")).unwrap();
+    let handles: Vec<_> = [(a.path.clone(), "a"), (b.path.clone(), "b")]
+        .into_iter()
+        .map(|(root, tag)| {
+            std::thread::spawn(move || {
+                for i in 0..1000 {
+                    let p = root.join("d").join(format!("{tag}-{i}"));
+                    fs::File::create(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    for m in [&a, &b] {
+        let n = fs::read_dir(m.path.join("d")).unwrap().count();
+        assert_eq!(n, 2000, "entries seen through {}", m.path.display());
+    }
+    // Renames are atomic for everyone.
+    fs::rename(a.path.join("model.bin"), a.path.join("d/model.bin")).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(!b.path.join("model.bin").exists());
+    assert_eq!(
+        fs::metadata(b.path.join("d/model.bin")).unwrap().len(),
+        data.len() as u64
+    );
+    drop((a, b));
+    let out = Command::new(BIN).args(["fsck", &url]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fsck: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn flock_nb(f: &fs::File) -> bool {
+    // SAFETY: flock on an open descriptor.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+#[test]
+fn locks_exclude_across_clients_and_die_with_their_client() {
+    let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let url = volume(&pg, dir.path());
+    let mut a = Mount::new(&url, &dir.path().join("a"), &["--session-timeout", "4"]);
+    let b = Mount::new(&url, &dir.path().join("b"), &["--session-timeout", "4"]);
+    fs::write(a.path.join("lock"), b"x").unwrap();
+
+    let fa = fs::File::open(a.path.join("lock")).unwrap();
+    assert!(flock_nb(&fa), "A takes the lock");
+    let fb = fs::File::open(b.path.join("lock")).unwrap();
+    assert!(!flock_nb(&fb), "B must not get A's lock");
+
+    // A blocking waiter on B is woken when A unlocks.
+    let waiter = {
+        let p = b.path.join("lock");
+        std::thread::spawn(move || {
+            let f = fs::File::open(p).unwrap();
+            let t = Instant::now();
+            // SAFETY: flock on an open descriptor.
+            assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+            let waited = t.elapsed();
+            // SAFETY: as above.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+            waited
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    drop(fa);
+    let waited = waiter.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "waiter did not wait: {waited:?}"
+    );
+
+    // A takes it again and dies: B gets it once A's session expires.
+    let fa = fs::File::open(a.path.join("lock")).unwrap();
+    assert!(flock_nb(&fa));
+    assert!(!flock_nb(&fb));
+    a.kill9();
+    std::mem::forget(fa); // its mount is gone
+    let t = Instant::now();
+    while !flock_nb(&fb) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "lock of the killed client not released"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "lock released {:?} after the holder was killed",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn database_restart_under_load_stalls_then_resumes() {
+    let pg = Arc::new(PgServer::start().unwrap_or_else(|e| panic!("{e}")));
+    let dir = tempfile::tempdir().unwrap();
+    let url = volume(&pg, dir.path());
+    let a = Mount::new(&url, &dir.path().join("a"), &[]);
+    let root = a.path.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut done = 0u32;
+            let mut longest = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = Instant::now();
+                let p = root.join(format!("f{done}"));
+                fs::write(&p, format!("file {done}"))
+                    .unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+                longest = longest.max(t.elapsed());
+                done += 1;
+            }
+            (done, longest)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    pg.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    pg.restart().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (done, longest) = load.join().unwrap();
+    eprintln!("{done} files written; longest single operation {longest:?} (database down 3 s)");
+    assert!(
+        longest < Duration::from_secs(13),
+        "an operation stalled {longest:?}"
+    );
+    for i in 0..done {
+        assert_eq!(
+            fs::read_to_string(a.path.join(format!("f{i}"))).unwrap(),
+            format!("file {i}")
+        );
+    }
+    drop(a);
+    let out = Command::new(BIN).args(["fsck", &url]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fsck after restart: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
