@@ -1738,19 +1738,54 @@ fn flock_exclusive() {
     // Closing a descriptor releases its lock; a blocked LOCK_EX then proceeds.
     drop(b);
     let c = File::open(&p).unwrap();
-    let waiter = std::thread::spawn(move || {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let t = Instant::now();
         let rc = unsafe { libc::flock(c.as_raw_fd(), libc::LOCK_EX) };
-        (rc, t.elapsed())
+        let waited = t.elapsed();
+        drop(c);
+        let _ = tx.send((rc, waited));
     });
     std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        rx.try_recv().is_err(),
+        "LOCK_EX did not block while another descriptor held LOCK_SH"
+    );
     drop(a);
-    let (rc, waited) = waiter.join().unwrap();
-    assert_eq!(rc, 0, "blocked LOCK_EX");
+    // On failure the waiter stays blocked in the kernel; the harness then detaches the mount
+    // and kills the mount process, which ends the blocked call.
+    let (rc, waited) = rx.recv_timeout(Duration::from_secs(10)).expect(
+        "a blocked LOCK_EX was not granted within 10 s after the LOCK_SH holders closed their descriptors",
+    );
+    assert_eq!(rc, 0, "blocked LOCK_EX: {}", errname(errno()));
     assert!(
         waited >= Duration::from_millis(250),
         "LOCK_EX did not block: {waited:?}"
     );
+    // Closing the only descriptor of a locked open file description releases its flock.
+    // FUSE sends the release of a closed file asynchronously: allow it a moment.
+    let e = File::open(&p).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || unsafe {
+            libc::flock(e.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)
+        } == 0),
+        "LOCK_EX still refused 5 s after the previous holder closed its descriptor: {}",
+        errname(errno())
+    );
+    drop(e);
+    let f2 = File::open(&p).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || unsafe {
+            libc::flock(f2.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)
+        } == 0),
+        "flock still held 5 s after its only descriptor was closed: {}",
+        errname(errno())
+    );
+    ok(
+        unsafe { libc::flock(f2.as_raw_fd(), libc::LOCK_UN) },
+        "LOCK_UN f2",
+    );
+    drop(f2);
     // A lock taken from another process conflicts too.
     let d = File::open(&p).unwrap();
     ok(
@@ -1894,6 +1929,44 @@ fn fcntl_byte_range_locks() {
         "write lock inside a read-locked file: {}",
         errname(-rc)
     );
+
+    // POSIX: closing *any* descriptor of the file releases all of the process's locks on it.
+    let other = File::open(&p).unwrap();
+    drop(other);
+    let (rc, _) = child_fcntl_lock(&p, libc::F_SETLK, lock_range(libc::F_WRLCK, 0, 0));
+    assert_eq!(
+        rc,
+        0,
+        "whole-file write lock after the holder closed another fd of the file: {}",
+        errname(-rc)
+    );
+
+    // Open file description locks (F_OFD_SETLK) belong to the open file, and go away with
+    // its last close.
+    let g = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let mut ofd = lock_range(libc::F_WRLCK, 0, 10);
+    ok(
+        unsafe { libc::fcntl(g.as_raw_fd(), libc::F_OFD_SETLK, &mut ofd) },
+        "F_OFD_SETLK",
+    );
+    let h = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let mut ofd2 = lock_range(libc::F_WRLCK, 5, 1);
+    fails_with(
+        unsafe { libc::fcntl(h.as_raw_fd(), libc::F_OFD_SETLK, &mut ofd2) } as i64,
+        libc::EAGAIN,
+        "conflicting F_OFD_SETLK from another open file description of the same process",
+    );
+    drop(g);
+    let mut last = 0;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            last = child_fcntl_lock(&p, libc::F_SETLK, lock_range(libc::F_WRLCK, 0, 10)).0;
+            last == 0
+        }),
+        "an OFD lock was still held 5 s after its open file description was closed: {}",
+        errname(-last)
+    );
+    drop(h);
 }
 
 // ---------------------------------------------------------------------------- statfs

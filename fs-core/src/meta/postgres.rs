@@ -59,7 +59,7 @@ struct Conn {
 
 pub struct PostgresEngine {
     url: String,
-    conn_str: String,
+    config: postgres::Config,
     reconnect: Duration,
     pool: Vec<Mutex<Conn>>,
     next: AtomicUsize,
@@ -124,7 +124,7 @@ impl PostgresEngine {
         } else {
             format!("{base}?{}", rest.join("&"))
         };
-        conn_str.parse::<postgres::Config>().map_err(|e| {
+        let mut config = conn_str.parse::<postgres::Config>().map_err(|e| {
             MetaError::Format(format!(
                 "bad PostgreSQL URL {}: {e} (use postgres://user:password@host:5432/database)",
                 redact_url(url)
@@ -132,7 +132,12 @@ impl PostgresEngine {
         })?;
         let engine = PostgresEngine {
             url: url.to_string(),
-            conn_str,
+            config: {
+                if config.get_connect_timeout().is_none() {
+                    config.connect_timeout(Duration::from_secs(5));
+                }
+                config
+            },
             reconnect: Duration::from_secs(reconnect),
             pool: (0..pool_size)
                 .map(|_| {
@@ -160,7 +165,7 @@ impl PostgresEngine {
         let start = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
-            match Client::connect(&self.conn_str, NoTls) {
+            match self.config.connect(NoTls) {
                 Ok(client) => {
                     c.client = Some(client);
                     return Ok(());
