@@ -451,8 +451,13 @@ class System:
         self.pids = []
 
     def remount(self) -> None:
+        t0 = time.time()
         self.umount()
+        t1 = time.time()
         self.mount()
+        t2 = time.time()
+        if t2 - t0 > 10:
+            log(f"{self.label} ({self.backend}): slow remount: unmount {t1 - t0:.1f} s, mount {t2 - t1:.1f} s")
 
     def peak_rss(self) -> int:
         """Largest VmHWM among the processes serving the mount (bytes)."""

@@ -602,10 +602,7 @@ impl Filesystem for StrataFs {
         let _s = tracing::debug_span!("flush", ino = i).entered();
         let r = self.vfs.flush(i);
         // close(2) releases the POSIX locks the closing process holds on the file.
-        if let Err(e) = self
-            .vfs
-            .setlk(i, lock.0, libc::F_UNLCK as u32, 0, u64::MAX, 0)
-        {
+        if let Err(e) = self.vfs.unlock_owner(i, lock.0) {
             tracing::warn!(volume = %self.vfs.volume(), path = %self.vfs.path(i), error = %e, "releasing POSIX locks failed");
         }
         self.reply_empty("flush", start, r, || self.vfs.path(i), reply);
@@ -626,10 +623,7 @@ impl Filesystem for StrataFs {
         let _s = tracing::debug_span!("release", ino = i).entered();
         // The last close of an open file drops its flock (FUSE_RELEASE_FLOCK_UNLOCK).
         if let Some(owner) = lock {
-            if let Err(e) = self
-                .vfs
-                .setlk(i, owner.0, libc::F_UNLCK as u32, 0, u64::MAX, 0)
-            {
+            if let Err(e) = self.vfs.unlock_owner(i, owner.0) {
                 tracing::warn!(volume = %self.vfs.volume(), path = %self.vfs.path(i), error = %e, "releasing flock failed");
             }
         }
@@ -682,12 +676,13 @@ impl Filesystem for StrataFs {
         match self.vfs.readdir(i, fh.0, offset) {
             Ok(entries) => {
                 for (off, e) in entries {
-                    if reply.add(
-                        self.kernel(e.ino),
-                        off,
-                        file_type(e.kind),
-                        OsStr::from_bytes(&e.name),
-                    ) {
+                    // `..` of the mount root is the root itself (never a way out of --subdir).
+                    let kino = if i == self.root && e.name == b".." {
+                        INodeNo(ROOT_INO)
+                    } else {
+                        self.kernel(e.ino)
+                    };
+                    if reply.add(kino, off, file_type(e.kind), OsStr::from_bytes(&e.name)) {
                         break;
                     }
                 }
@@ -899,7 +894,7 @@ impl Filesystem for StrataFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         owner: LockOwner,
         start: u64,
         end: u64,
@@ -911,7 +906,10 @@ impl Filesystem for StrataFs {
         let start_t = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("setlk", ino = i, start, end, typ, sleep).entered();
-        match self.vfs.setlk(i, owner.0, typ as u32, start, end, pid) {
+        match self
+            .vfs
+            .setlk(i, fh.0, owner.0, typ as u32, start, end, pid)
+        {
             Ok(true) => {
                 self.finish("setlk", start_t, None, || self.vfs.path(i));
                 reply.ok();
@@ -929,7 +927,7 @@ impl Filesystem for StrataFs {
                     loop {
                         std::thread::sleep(delay);
                         delay = (delay * 2).min(Duration::from_millis(200));
-                        match vfs.setlk(i, owner.0, typ as u32, start, end, pid) {
+                        match vfs.setlk(i, fh.0, owner.0, typ as u32, start, end, pid) {
                             Ok(true) => {
                                 vfs.metrics.fuse_op("setlkw", start_t.elapsed(), None);
                                 return reply.ok();

@@ -6,10 +6,11 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use strata::testing::mount::{self, TestMount};
 use strata::testing::postgres::PgServer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_strata");
@@ -22,88 +23,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn is_mounted(p: &Path) -> bool {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let p = p.to_string_lossy();
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(&p) && l.contains("fuse"))
-}
-
-struct Mount {
-    child: Option<Child>,
-    path: PathBuf,
-}
-
-impl Mount {
-    fn new(meta: &str, path: &Path, extra: &[&str]) -> Mount {
-        fs::create_dir_all(path).unwrap();
-        let log = fs::File::create(path.with_extension("log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["--log-level", "warn", "mount"])
-            .args(extra)
-            .arg(meta)
-            .arg(path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start strata mount");
-        let start = Instant::now();
-        while !is_mounted(path) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "mount at {} did not come up",
-                path.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Mount {
-            child: Some(child),
-            path: path.to_path_buf(),
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new(BIN)
-                .args(["umount", "--force"])
-                .arg(&self.path)
-                .status();
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn volume(pg: &PgServer, dir: &Path) -> String {
     let url = pg.new_database();
-    let out = Command::new(BIN)
-        .args(["format", "--bucket"])
-        .arg(dir.join("data"))
-        .args([&url, "shared"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "format: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let data = dir.join("data");
+    mount::format(BIN, &["--bucket", data.to_str().unwrap(), &url, "shared"]);
     url
 }
 
@@ -113,8 +36,8 @@ fn two_clients_see_each_other_and_create_concurrently() {
     let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let url = volume(&pg, dir.path());
-    let a = Mount::new(&url, &dir.path().join("a"), &[]);
-    let b = Mount::new(&url, &dir.path().join("b"), &[]);
+    let a = TestMount::new(BIN, &url, &dir.path().join("a"), &[]);
+    let b = TestMount::new(BIN, &url, &dir.path().join("b"), &[]);
 
     // Close-to-open: written and closed on A, opened and read on B.
     let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -177,8 +100,18 @@ fn locks_exclude_across_clients_and_die_with_their_client() {
     let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let url = volume(&pg, dir.path());
-    let mut a = Mount::new(&url, &dir.path().join("a"), &["--session-timeout", "4"]);
-    let b = Mount::new(&url, &dir.path().join("b"), &["--session-timeout", "4"]);
+    let mut a = TestMount::new(
+        BIN,
+        &url,
+        &dir.path().join("a"),
+        &["--session-timeout", "4"],
+    );
+    let b = TestMount::new(
+        BIN,
+        &url,
+        &dir.path().join("b"),
+        &["--session-timeout", "4"],
+    );
     fs::write(a.path.join("lock"), b"x").unwrap();
 
     let fa = fs::File::open(a.path.join("lock")).unwrap();
@@ -263,7 +196,7 @@ fn database_restart_under_load_stalls_then_resumes() {
     let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let url = volume(&pg, dir.path());
-    let a = Mount::new(&url, &dir.path().join("a"), &[]);
+    let a = TestMount::new(BIN, &url, &dir.path().join("a"), &[]);
     let stop = dir.path().join("stop");
     let load = Command::new("python3")
         .args(["-c", LOAD])

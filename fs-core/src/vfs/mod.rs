@@ -93,6 +93,9 @@ struct Readahead {
 struct FileHandle {
     ino: Ino,
     ra: Mutex<Readahead>,
+    /// Lock owners that took locks through this open file (released at its last close:
+    /// open-file-description and flock owners).
+    lock_owners: Mutex<std::collections::HashSet<u64>>,
 }
 
 enum Piece {
@@ -123,6 +126,8 @@ pub struct Vfs {
     segs: Mutex<SegCache>,
     names: Mutex<HashMap<Ino, (Ino, Vec<u8>)>>,
     compact_queue: Mutex<BTreeSet<(Ino, u32)>>,
+    /// Inodes this client ever locked: only their closes need to release locks.
+    locked: Mutex<std::collections::HashSet<Ino>>,
     chunk_commits: Mutex<HashMap<(Ino, u32), usize>>,
     stop: AtomicBool,
     wake: (Mutex<bool>, Condvar),
@@ -174,6 +179,7 @@ impl Vfs {
             segs: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             compact_queue: Mutex::new(BTreeSet::new()),
+            locked: Mutex::new(Default::default()),
             chunk_commits: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
@@ -396,6 +402,7 @@ impl Vfs {
             Arc::new(FileHandle {
                 ino,
                 ra: Mutex::new(Readahead { next: 0, window: 0 }),
+                lock_owners: Mutex::new(Default::default()),
             }),
         );
         *self.open_counts.lock().entry(ino).or_insert(0) += 1;
@@ -486,7 +493,13 @@ impl Vfs {
     }
 
     pub fn release(&self, ino: Ino, fh: u64) -> Result<()> {
-        self.files.lock().remove(&fh);
+        let handle = self.files.lock().remove(&fh);
+        if let Some(h) = handle {
+            for owner in h.lock_owners.lock().drain() {
+                self.meta
+                    .setlk(ino, owner, libc::F_UNLCK as u32, 0, u64::MAX, 0)?;
+            }
+        }
         let last = {
             let mut oc = self.open_counts.lock();
             match oc.get_mut(&ino) {
@@ -683,18 +696,36 @@ impl Vfs {
         Ok(self.meta.getlk(ino, owner, typ, start, end)?)
     }
 
-    /// Try to take or release a lock; `Ok(false)` when another owner (on any client) holds
-    /// a conflicting one.
+    /// Try to take or release a lock through open file `fh`; `Ok(false)` when another owner
+    /// (on any client) holds a conflicting one.
+    #[allow(clippy::too_many_arguments)]
     pub fn setlk(
         &self,
         ino: Ino,
+        fh: u64,
         owner: u64,
         typ: u32,
         start: u64,
         end: u64,
         pid: u32,
     ) -> Result<bool> {
+        if typ != libc::F_UNLCK as u32 {
+            self.locked.lock().insert(ino);
+            if let Some(h) = self.files.lock().get(&fh) {
+                h.lock_owners.lock().insert(owner);
+            }
+        }
         Ok(self.meta.setlk(ino, owner, typ, start, end, pid)?)
+    }
+
+    /// Release every lock `owner` holds on `ino` (close of a file by a process that holds
+    /// POSIX locks on it). Free when this client never locked the inode.
+    pub fn unlock_owner(&self, ino: Ino, owner: u64) -> Result<()> {
+        if self.locked.lock().contains(&ino) {
+            self.meta
+                .setlk(ino, owner, libc::F_UNLCK as u32, 0, u64::MAX, 0)?;
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ directories
