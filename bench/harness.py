@@ -165,6 +165,18 @@ def answers_http(port: int) -> bool:
         return False
 
 
+def du(path: Path) -> int:
+    """Bytes used under path."""
+    total = 0
+    for dp, _, fs in os.walk(path):
+        for f in fs:
+            try:
+                total += os.lstat(os.path.join(dp, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
 def drop_caches() -> bool:
     """sync; echo 3 > /proc/sys/vm/drop_caches. False if not permitted."""
     os.sync()
@@ -191,6 +203,7 @@ class SeaweedFS:
         self.access_key = "bench" + secrets.token_hex(4)
         self.secret_key = secrets.token_hex(16)
         self.endpoint = ""
+        self.master = ""
         self.sockets: list[Path] = []
 
     def start(self) -> None:
@@ -244,6 +257,7 @@ class SeaweedFS:
         out.close()
         self.cleanup.push("seaweedfs", self.stop)
         self.endpoint = f"http://127.0.0.1:{p[6]}"
+        self.master = f"http://127.0.0.1:{p[0]}"
         deadline = time.time() + 60
         while True:
             if self.proc.poll() is not None:
@@ -254,6 +268,16 @@ class SeaweedFS:
             if time.time() > deadline:
                 raise RuntimeError(f"no answer on {self.endpoint} after 60 s: {self.tail()}")
             time.sleep(0.1)
+
+    def vacuum(self) -> None:
+        """Reclaim the space of deleted objects now (weed only does it every 15 min), so a
+        long run does not fill the disk."""
+        try:
+            with urllib.request.urlopen(f"{self.master}/vol/vacuum?garbageThreshold=0.05",
+                                        timeout=600) as r:
+                r.read()
+        except OSError as e:
+            log(f"SeaweedFS vacuum failed (ignored): {e}")
 
     def tail(self) -> str:
         try:
