@@ -345,6 +345,7 @@ fn file_random_writes() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .open(&p)
         .unwrap();
     for i in 0..600 {
@@ -384,6 +385,7 @@ fn file_concurrent_writers() {
         OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .open(&p)
             .unwrap(),
     );
@@ -565,6 +567,7 @@ fn file_o_excl() {
     OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(false)
         .open(&p)
         .unwrap();
     assert_eq!(read_all(&p), b"data");
@@ -642,6 +645,7 @@ fn file_fallocate() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .open(&p)
         .unwrap();
     ok(
@@ -2054,6 +2058,7 @@ fn mmap_shared_write() {
             .read(true)
             .write(true)
             .create(true)
+            .truncate(false)
             .open(&p)
             .unwrap();
         f.set_len(len as u64).unwrap();
@@ -2343,6 +2348,7 @@ fn write_slices(p: &Path, n: usize) -> u64 {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .open(p)
         .unwrap();
     let span = 8192u64 * 4000; // 31 MiB: all in chunk 0

@@ -1206,16 +1206,14 @@ impl Meta {
             };
             // A retry after a lost connection may follow a commit that did land: slice ids
             // are unique, so finding the first one means this commit is already done.
-            if attempt > 1 {
-                if let Some((indx, first)) = slices.first() {
-                    if tx
-                        .chunk_slices(ino, *indx)?
-                        .iter()
-                        .any(|s| s.id == first.id)
-                    {
-                        return Ok(Some(n));
-                    }
-                }
+            if attempt > 1
+                && let Some((indx, first)) = slices.first()
+                && tx
+                    .chunk_slices(ino, *indx)?
+                    .iter()
+                    .any(|s| s.id == first.id)
+            {
+                return Ok(Some(n));
             }
             let delta = if length > n.length {
                 space_of(n.kind, length) - space_of(n.kind, n.length)

@@ -240,12 +240,11 @@ struct PgTxn<'a> {
 
 impl Drop for PgTxn<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            if let Some(c) = self.conn.client.as_mut() {
-                if c.batch_execute("ROLLBACK").is_err() {
-                    self.conn.client = None;
-                }
-            }
+        if !self.done
+            && let Some(c) = self.conn.client.as_mut()
+            && c.batch_execute("ROLLBACK").is_err()
+        {
+            self.conn.client = None;
         }
     }
 }

@@ -234,13 +234,11 @@ impl Mount {
             libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
         }
         let _ = child.wait();
-        if is_fuse_mounted(&self.mnt) {
-            if umount2(&self.mnt, libc::MNT_DETACH).is_err() {
-                let _ = Command::new("fusermount3")
-                    .arg("-uz")
-                    .arg(&self.mnt)
-                    .status();
-            }
+        if is_fuse_mounted(&self.mnt) && umount2(&self.mnt, libc::MNT_DETACH).is_err() {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
         }
         let start = Instant::now();
         while is_fuse_mounted(&self.mnt) && start.elapsed() < MOUNT_TIMEOUT {
