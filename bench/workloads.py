@@ -46,9 +46,9 @@ def make_config(mode: str, ckpt_mib: int | None) -> Config:
         c = Config(mode, runs=1, backends=["local"], big_mib=16, small_count=20, meta_files=50,
                    trunc_frags=64, trunc_samples=3, ckpt_mib=16, ckpt_entry_mib=4, fanout_mib=16)
     elif mode == "quick":
-        c = Config(mode, runs=3, backends=["local", "s3"], big_mib=256, small_count=150,
-                   meta_files=300, trunc_frags=512, trunc_samples=6, ckpt_mib=192,
-                   ckpt_entry_mib=16, fanout_mib=256)
+        c = Config(mode, runs=3, backends=["local", "s3"], big_mib=128, small_count=100,
+                   meta_files=250, trunc_frags=512, trunc_samples=6, ckpt_mib=128,
+                   ckpt_entry_mib=16, fanout_mib=128)
     else:
         c = Config(mode, runs=3, backends=["local", "s3"], big_mib=1024)
     if ckpt_mib:

@@ -622,12 +622,7 @@ impl Filesystem for StrataFs {
         let i = self.real(ino);
         let _s = tracing::debug_span!("release", ino = i).entered();
         // The last close of an open file drops its flock (FUSE_RELEASE_FLOCK_UNLOCK).
-        if let Some(owner) = lock
-            && let Err(e) = self.vfs.unlock_owner(i, owner.0)
-        {
-            tracing::warn!(volume = %self.vfs.volume(), path = %self.vfs.path(i), error = %e, "releasing flock failed");
-        }
-        let r = self.vfs.release(i, fh.0);
+        let r = self.vfs.release(i, fh.0, lock.map(|o| o.0));
         self.reply_empty("release", start, r, || self.vfs.path(i), reply);
     }
 

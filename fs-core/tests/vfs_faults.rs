@@ -82,7 +82,7 @@ fn flaky_store_is_invisible_to_readers_and_writers() {
         let got = vfs.read(n.ino, fh, 0, 2 << 20).unwrap();
         assert!(got == data, "seed {seed}: content differs");
         assert!(fault.injected() > 0, "seed {seed}: no fault was injected");
-        vfs.release(n.ino, fh).unwrap();
+        vfs.release(n.ino, fh, None).unwrap();
         vfs.shutdown();
     }
 }
@@ -122,6 +122,6 @@ fn outage_gives_errors_not_zeros() {
     // The fsync'ed data is intact; the failed write never became visible.
     let got = vfs.read(n.ino, fh, 0, 300_000).unwrap();
     assert!(got == data);
-    vfs.release(n.ino, fh).unwrap();
+    vfs.release(n.ino, fh, None).unwrap();
     vfs.shutdown();
 }

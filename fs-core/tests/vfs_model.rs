@@ -135,7 +135,8 @@ fn run(ops: Vec<Op>) {
                     Some(_) => assert!(matches!(r, Err(VfsError::Meta(MetaError::Exists)))),
                     None => {
                         let (_, fh) = r.unwrap();
-                        vfs.release(ino_of(&vfs, NAMES[a]).unwrap(), fh).unwrap();
+                        vfs.release(ino_of(&vfs, NAMES[a]).unwrap(), fh, None)
+                            .unwrap();
                         m.files.push(Vec::new());
                         m.names.insert(a, m.files.len() - 1);
                     }

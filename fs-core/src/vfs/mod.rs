@@ -492,12 +492,26 @@ impl Vfs {
         self.flush_inode(ino)
     }
 
-    pub fn release(&self, ino: Ino, fh: u64) -> Result<()> {
+    /// Last close of open file `fh`. Locks taken through it (open-file-description locks,
+    /// and the flock owner the kernel names in `flock_owner`) are released, unless another
+    /// open file still holds the same owner id: the kernel reuses the ids of freed files and
+    /// sends RELEASE asynchronously, so a late RELEASE must not drop a newer file's lock.
+    pub fn release(&self, ino: Ino, fh: u64, flock_owner: Option<u64>) -> Result<()> {
         let handle = self.files.lock().remove(&fh);
-        if let Some(h) = handle {
-            for owner in h.lock_owners.lock().drain() {
-                self.meta
-                    .setlk(ino, owner, libc::F_UNLCK as u32, 0, u64::MAX, 0)?;
+        let mut owners: Vec<u64> = handle
+            .map(|h| h.lock_owners.lock().drain().collect())
+            .unwrap_or_default();
+        owners.extend(flock_owner);
+        owners.sort_unstable();
+        owners.dedup();
+        for owner in owners {
+            let in_use = self
+                .files
+                .lock()
+                .values()
+                .any(|h| h.ino == ino && h.lock_owners.lock().contains(&owner));
+            if !in_use {
+                self.unlock_owner(ino, owner)?;
             }
         }
         let last = {
