@@ -5,44 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata::meta::{Ctx, Format, MemEngine, Meta, MetaSettings, ROOT_INO};
+use strata::meta::{Ctx, MetaSettings, ROOT_INO};
 use strata::metrics::Metrics;
-use strata::object::{
-    FaultSettings, FaultStore, MemStore, ObjectStore, RetrySettings, StorageConfig, layered,
-};
+use strata::object::{FaultSettings, FaultStore, MemStore, ObjectStore, RetrySettings, layered};
 use strata::vfs::{Vfs, VfsError, VfsSettings};
 
 fn vfs_over(store: Arc<dyn ObjectStore>) -> Arc<Vfs> {
-    let metrics = Arc::new(Metrics::new());
-    let meta = Arc::new(Meta::new(
-        Box::new(MemEngine::new()),
-        metrics.clone(),
-        MetaSettings::default(),
-    ));
-    let fmt = meta
-        .format(&Format {
-            name: "faults".into(),
-            uuid: "u".into(),
-            version: strata::meta::FORMAT_VERSION,
-            block_size: 64 << 10,
-            capacity: 0,
-            inodes: 0,
-            storage: StorageConfig {
-                storage: "mem".into(),
-                bucket: String::new(),
-                access_key: None,
-                secret_key: None,
-                region: None,
-            },
-        })
-        .unwrap();
-    meta.load().unwrap();
-    meta.new_session("faults").unwrap();
     let settings = VfsSettings {
         mem_cache_size: 0,
         ..VfsSettings::default()
     };
-    Vfs::new(meta, store, fmt, metrics, settings)
+    strata::testing::mem_vfs(store, 64 << 10, MetaSettings::default(), settings)
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {

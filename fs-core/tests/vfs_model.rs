@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use strata::meta::{Ctx, FileKind, Format, MemEngine, Meta, MetaError, MetaSettings, ROOT_INO};
-use strata::metrics::Metrics;
-use strata::object::{MemStore, ObjectStore, StorageConfig};
+use strata::meta::{Ctx, FileKind, MetaError, MetaSettings, ROOT_INO};
+use strata::object::MemStore;
 use strata::vfs::{Vfs, VfsError, VfsSettings};
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
@@ -50,40 +49,13 @@ struct Model {
 }
 
 fn setup() -> Arc<Vfs> {
-    let metrics = Arc::new(Metrics::new());
-    let meta = Arc::new(Meta::new(
-        Box::new(MemEngine::new()),
-        metrics.clone(),
+    strata::testing::mem_vfs(
+        Arc::new(MemStore::new()),
+        16 << 10,
         MetaSettings {
             gc_grace_secs: 0,
             ..MetaSettings::default()
         },
-    ));
-    let fmt = meta
-        .format(&Format {
-            name: "model".into(),
-            uuid: "u".into(),
-            version: strata::meta::FORMAT_VERSION,
-            block_size: 16 << 10,
-            capacity: 0,
-            inodes: 0,
-            storage: StorageConfig {
-                storage: "mem".into(),
-                bucket: String::new(),
-                access_key: None,
-                secret_key: None,
-                region: None,
-            },
-        })
-        .unwrap();
-    meta.load().unwrap();
-    meta.new_session("model").unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(MemStore::new());
-    Vfs::new(
-        meta,
-        store,
-        fmt,
-        metrics,
         VfsSettings {
             compact_threshold: 4,
             ..VfsSettings::default()

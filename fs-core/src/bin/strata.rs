@@ -63,7 +63,8 @@ enum Cmd {
     /// Check the metadata of a volume (entries, link counts, orphans, usage counters).
     Fsck {
         meta_url: String,
-        /// Fix what is safe to fix (each fix re-checks its finding first).
+        /// Fix what is safe to fix. Run it on a volume no client is changing: the scan is
+        /// not one snapshot.
         #[arg(long)]
         repair: bool,
     },
@@ -94,7 +95,7 @@ struct FormatArgs {
     /// Inode limit (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     inodes: u64,
-    /// Metadata URL: sqlite:///path/meta.db
+    /// Metadata URL: sqlite:///path/meta.db or postgres://user:password@host:5432/db
     meta_url: String,
     /// Volume name: 3-63 characters of a-z, 0-9 and '-'.
     name: String,

@@ -20,11 +20,20 @@ pub fn formatted(engine: Box<dyn MetaEngine>, capacity: u64) -> Meta {
             ..MetaSettings::default()
         },
     );
-    meta.format(&Format {
-        name: "conformance".into(),
+    meta.format(&mem_format("conformance", 4 << 20, capacity))
+        .expect("format");
+    meta.load().expect("load");
+    meta.new_session("conformance").expect("session");
+    meta
+}
+
+/// The format of a throwaway volume on the in-memory object store.
+pub fn mem_format(name: &str, block_size: u32, capacity: u64) -> Format {
+    Format {
+        name: name.into(),
         uuid: "00000000-0000-0000-0000-000000000000".into(),
         version: super::FORMAT_VERSION,
-        block_size: 4 << 20,
+        block_size,
         capacity,
         inodes: 0,
         storage: StorageConfig {
@@ -34,11 +43,7 @@ pub fn formatted(engine: Box<dyn MetaEngine>, capacity: u64) -> Meta {
             secret_key: None,
             region: None,
         },
-    })
-    .expect("format");
-    meta.load().expect("load");
-    meta.new_session("conformance").expect("session");
-    meta
+    }
 }
 
 type Case = fn(&Meta);

@@ -1,6 +1,7 @@
 //! `strata fsck`: check the metadata invariants of a volume and, with `repair`, fix what is
-//! safe to fix. Scans in pages; every repair re-checks its finding inside its own
-//! transaction, so a volume in use is never "repaired" from a stale observation.
+//! safe to fix. Scans in pages (not one snapshot), so run `--repair` on a volume that no
+//! client is changing; deletions of dangling entries and orphans re-check their finding in
+//! their own transaction, link-count and counter repairs write the scanned values.
 
 use std::collections::{HashMap, HashSet};
 

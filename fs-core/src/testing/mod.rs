@@ -293,3 +293,26 @@ pub fn object_conformance_ordered(store: &dyn ObjectStore, prefix: &str, order: 
         "empty after cleanup"
     );
 }
+
+/// A VFS over an in-memory metadata engine and `store`, formatted with `block_size`, with a
+/// session: what unit, property and fault-injection tests drive without FUSE.
+pub fn mem_vfs(
+    store: std::sync::Arc<dyn ObjectStore>,
+    block_size: u32,
+    meta: crate::meta::MetaSettings,
+    vfs: crate::vfs::VfsSettings,
+) -> std::sync::Arc<crate::vfs::Vfs> {
+    use std::sync::Arc;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let m = Arc::new(crate::meta::Meta::new(
+        Box::new(crate::meta::MemEngine::new()),
+        metrics.clone(),
+        meta,
+    ));
+    let fmt = m
+        .format(&crate::meta::conformance::mem_format("test", block_size, 0))
+        .expect("format");
+    m.load().expect("load");
+    m.new_session("test").expect("session");
+    crate::vfs::Vfs::new(m, store, fmt, metrics, vfs)
+}

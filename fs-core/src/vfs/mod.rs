@@ -510,8 +510,9 @@ impl Vfs {
                 .lock()
                 .values()
                 .any(|h| h.ino == ino && h.lock_owners.lock().contains(&owner));
-            if !in_use {
-                self.unlock_owner(ino, owner)?;
+            if !in_use && let Err(e) = self.unlock_owner(ino, owner) {
+                // The lock stays until this client's session ends; the close goes on.
+                tracing::warn!(volume = %self.volume(), path = %self.path(ino), error = %e, "releasing locks at close failed");
             }
         }
         let last = {

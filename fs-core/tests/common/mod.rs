@@ -338,40 +338,7 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
 
 /// Is `path` the mount point of a FUSE file system, per /proc/self/mountinfo?
 pub fn is_fuse_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.as_os_str().as_bytes();
-    info.lines().any(|l| {
-        let mut fields = l.split(' ');
-        let mp = fields.nth(4).map(unescape_mountinfo).unwrap_or_default();
-        let fstype = l
-            .split(" - ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .unwrap_or("");
-        mp == want && fstype.starts_with("fuse")
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
+    strata::mount::is_mounted(path)
 }
 
 /// A path as a C string.
