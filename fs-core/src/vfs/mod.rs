@@ -673,12 +673,22 @@ impl Vfs {
         let bs = self.format.block_size as u64;
         let (start, window) = {
             let mut ra = h.ra.lock();
-            if off == ra.next || (off < ra.next && off + n > ra.next) {
+            // The kernel issues readahead requests in parallel on several FUSE threads, so a
+            // sequential reader's requests arrive slightly out of order: anything within a
+            // few blocks of the furthest position read so far counts as sequential.
+            let slack = ra.window.max(4 * bs);
+            let near = off + n + slack >= ra.next && off <= ra.next + slack;
+            if ra.next > 0 && near {
                 ra.window = (ra.window * 2).clamp(bs, self.settings.max_readahead.max(bs));
+            } else if off == 0 {
+                ra.window = bs;
             } else {
                 ra.window = 0;
             }
-            ra.next = off + n;
+            ra.next = ra.next.max(off + n);
+            if !near {
+                ra.next = off + n;
+            }
             (ra.next, ra.window)
         };
         if window == 0 {
