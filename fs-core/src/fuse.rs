@@ -41,6 +41,8 @@ pub fn errno_of(e: &VfsError) -> i32 {
             MetaError::TooManyLinks => libc::EMLINK,
             MetaError::NotSupported(_) => libc::EOPNOTSUPP,
             MetaError::TooBig => libc::EFBIG,
+            MetaError::Quota => libc::EDQUOT,
+            MetaError::CrossQuota => libc::EXDEV,
             MetaError::Conflict
             | MetaError::NotFormatted(_)
             | MetaError::Format(_)
@@ -50,6 +52,7 @@ pub fn errno_of(e: &VfsError) -> i32 {
             FetchError::Missing(_) | FetchError::Corrupt { .. } | FetchError::Store(_),
         ) => libc::EIO,
         VfsError::Flush(FlushError::Meta(MetaError::NoSpace)) => libc::ENOSPC,
+        VfsError::Flush(FlushError::Meta(MetaError::Quota)) => libc::EDQUOT,
         VfsError::Flush(_) => libc::EIO,
         VfsError::ReadOnly => libc::EROFS,
         VfsError::BadHandle => libc::EBADF,
@@ -715,9 +718,9 @@ impl Filesystem for StrataFs {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         let start = Instant::now();
-        match self.vfs.statfs() {
+        match self.vfs.statfs(self.real(ino)) {
             Ok(s) => {
                 self.finish("statfs", start, None, String::new);
                 let bsize = 4096u64;

@@ -168,19 +168,17 @@ pub fn resolve_dir(meta: &Meta, path: &str) -> Result<Ino, VolumeError> {
     let mut ino = ROOT_INO;
     for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
         if part == ".." {
-            return Err(VolumeError::Invalid(format!(
-                "--subdir {path}: '..' is not allowed"
-            )));
+            return Err(VolumeError::Invalid(format!("{path}: '..' is not allowed")));
         }
         let n = meta.lookup(ino, part.as_bytes()).map_err(|e| match e {
             MetaError::NotFound => VolumeError::Invalid(format!(
-                "--subdir {path}: {part} does not exist in the volume; create it first (mount the volume root and mkdir -p it)"
+                "{path}: {part} does not exist in the volume; create it first (mount the volume root and mkdir -p it)"
             )),
             e => e.into(),
         })?;
         if n.kind != FileKind::Dir {
             return Err(VolumeError::Invalid(format!(
-                "--subdir {path}: {part} is not a directory"
+                "{path}: {part} is not a directory"
             )));
         }
         ino = n.ino;

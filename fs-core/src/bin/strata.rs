@@ -60,6 +60,11 @@ enum Cmd {
     },
     /// Show how a file inside a mount is stored (inode, chunks, slices, objects).
     Info { path: PathBuf },
+    /// Directory quotas: limit the bytes and inodes of a directory tree (EDQUOT beyond).
+    Quota {
+        #[command(subcommand)]
+        cmd: QuotaCmd,
+    },
     /// Check the metadata of a volume (entries, link counts, orphans, usage counters).
     Fsck {
         meta_url: String,
@@ -68,6 +73,142 @@ enum Cmd {
         #[arg(long)]
         repair: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum QuotaCmd {
+    /// Set or change the quota of a directory (its current usage is counted).
+    Set {
+        meta_url: String,
+        /// Directory inside the volume, e.g. /tenants/a.
+        #[arg(long)]
+        path: String,
+        /// Capacity: a number of GiB, or with a unit: 100M, 1.5G, 2T (0 = no limit).
+        #[arg(long, default_value = "0")]
+        capacity: String,
+        /// Inode limit (0 = no limit).
+        #[arg(long, default_value_t = 0)]
+        inodes: u64,
+    },
+    /// Show the quota of a directory.
+    Get {
+        meta_url: String,
+        #[arg(long)]
+        path: String,
+    },
+    /// List every quota of the volume.
+    List { meta_url: String },
+    /// Remove the quota of a directory.
+    Delete {
+        meta_url: String,
+        #[arg(long)]
+        path: String,
+    },
+    /// Recount the usage of a quota from its tree; --repair stores the recount.
+    Check {
+        meta_url: String,
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+/// "100M", "1.5G", "2T", "512K" or a bare number of GiB, in bytes.
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1 << 30),
+    };
+    let v: f64 = num.parse().map_err(|_| {
+        anyhow::anyhow!("--capacity {s}: use a number of GiB or a size like 100M, 1.5G, 2T")
+    })?;
+    if v < 0.0 {
+        bail!("--capacity {s}: must not be negative");
+    }
+    Ok((v * mul as f64) as u64)
+}
+
+fn quota_cmd(cmd: QuotaCmd) -> Result<()> {
+    let open = |url: &str| -> Result<Meta> {
+        let meta = Meta::new(
+            open_engine(url)?,
+            Arc::new(Metrics::new()),
+            MetaSettings::default(),
+        );
+        meta.load()?;
+        Ok(meta)
+    };
+    let show = |path: &str, q: &strata::meta::Quota| {
+        let lim = |v: u64| {
+            if v == 0 {
+                "unlimited".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        println!(
+            "{path}: space {} / {} bytes, inodes {} / {}",
+            q.used_space,
+            lim(q.max_space),
+            q.used_inodes,
+            lim(q.max_inodes)
+        );
+    };
+    match cmd {
+        QuotaCmd::Set {
+            meta_url,
+            path,
+            capacity,
+            inodes,
+        } => {
+            let meta = open(&meta_url)?;
+            let dir = volume::resolve_dir(&meta, &path)?;
+            let q = meta.set_quota(dir, parse_size(&capacity)?, inodes)?;
+            show(&path, &q);
+        }
+        QuotaCmd::Get { meta_url, path } => {
+            let meta = open(&meta_url)?;
+            let dir = volume::resolve_dir(&meta, &path)?;
+            match meta.get_quota(dir)? {
+                Some(q) => show(&path, &q),
+                None => bail!("{path} has no quota (set one with `strata quota set`)"),
+            }
+        }
+        QuotaCmd::List { meta_url } => {
+            let meta = open(&meta_url)?;
+            for q in meta.list_quotas()? {
+                show(&format!("inode {}", q.ino), &q);
+            }
+        }
+        QuotaCmd::Delete { meta_url, path } => {
+            let meta = open(&meta_url)?;
+            let dir = volume::resolve_dir(&meta, &path)?;
+            meta.delete_quota(dir)?;
+            println!("{path}: quota removed");
+        }
+        QuotaCmd::Check {
+            meta_url,
+            path,
+            repair,
+        } => {
+            let meta = open(&meta_url)?;
+            let dir = volume::resolve_dir(&meta, &path)?;
+            let (stored, actual) = meta.check_quota(dir, repair)?;
+            show(&format!("{path} (stored)"), &stored);
+            show(&format!("{path} (recounted)"), &actual);
+            if stored != actual && !repair {
+                bail!(
+                    "usage of {path} is off: run `strata quota check --repair` to store the recount"
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -217,6 +358,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Info { path } => info(&path),
+        Cmd::Quota { cmd } => quota_cmd(cmd),
         Cmd::Fsck { meta_url, repair } => {
             let meta = Meta::new(
                 open_engine(&meta_url)?,

@@ -59,6 +59,7 @@ const CASES: &[(&str, Case)] = &[
     ("transaction_rollback", rollback),
     ("locks", locks),
     ("fsck_repairs", fsck_repairs),
+    ("quotas", quotas),
 ];
 
 /// Run every case against fresh engines from `make`; panics with the case name on failure.
@@ -402,4 +403,81 @@ fn fsck_repairs(m: &Meta) {
     let r = m.fsck(true).unwrap();
     assert_eq!(r.repaired, 3, "{:?}", r.problems);
     assert!(m.fsck(false).unwrap().clean());
+}
+
+fn quotas(m: &Meta) {
+    let t = dir(m, ROOT_INO, "tenant");
+    let u = dir(m, t, "user");
+    file(m, t, "pre");
+    m.set_quota(t, 10 << 20, 100).unwrap();
+    m.set_quota(u, 1 << 20, 0).unwrap();
+    let q = m.get_quota(t).unwrap().unwrap();
+    assert_eq!(
+        (q.used_inodes, q.used_space),
+        (2, 4096),
+        "existing tree counted"
+    );
+    // The tightest (inner) limit refuses growth.
+    let f = file(m, u, "f");
+    m.truncate(f, 512 << 10).unwrap();
+    assert!(matches!(m.truncate(f, 2 << 20), Err(MetaError::Quota)));
+    let id = m.new_slice_id().unwrap();
+    let s = Slice {
+        seq: 0,
+        id,
+        size: 1 << 20,
+        off: 0,
+        len: 1 << 20,
+        pos: 0,
+    };
+    m.write_slices(f, &[(0, s)], 1 << 20).unwrap(); // exactly the limit
+    m.truncate(f, 512 << 10).unwrap();
+    let s = Slice {
+        id: id + 1,
+        size: 4096,
+        len: 4096,
+        pos: 1 << 20,
+        ..s
+    };
+    assert!(matches!(
+        m.write_slices(f, &[(0, s)], (1 << 20) + 4096),
+        Err(MetaError::Quota)
+    ));
+    assert_eq!(m.get_quota(u).unwrap().unwrap().used_space, 512 << 10);
+    assert_eq!(
+        m.get_quota(t).unwrap().unwrap().used_space,
+        4096 + (512 << 10)
+    );
+    assert_eq!(m.statfs_at(f).unwrap().total_space, 1 << 20);
+    assert_eq!(m.statfs_at(u).unwrap().avail_space, (1 << 20) - (512 << 10));
+    // An inode limit on the outer quota binds inside the inner one.
+    m.set_quota(t, 10 << 20, 3).unwrap();
+    assert!(matches!(
+        m.mknod(Ctx::ROOT, u, b"g", FileKind::File, 0o644, 0, None),
+        Err(MetaError::Quota)
+    ));
+    // Deleting frees at once; moving a file out releases its usage.
+    m.unlink(t, b"pre").unwrap();
+    file(m, u, "g");
+    m.rename(u, b"f", ROOT_INO, b"f", 0).unwrap();
+    let (qu, qt) = (
+        m.get_quota(u).unwrap().unwrap(),
+        m.get_quota(t).unwrap().unwrap(),
+    );
+    assert_eq!((qu.used_space, qu.used_inodes), (0, 1));
+    assert_eq!((qt.used_space, qt.used_inodes), (4096, 2));
+    // Directories do not move between quotas; hard links do not cross them.
+    dir(m, ROOT_INO, "elsewhere");
+    assert!(matches!(
+        m.rename(t, b"user", ROOT_INO, b"moved", 0),
+        Err(MetaError::CrossQuota)
+    ));
+    assert!(matches!(m.link(f, u, b"l"), Err(MetaError::CrossQuota)));
+    // The stored usage matches a recount.
+    for d in [t, u] {
+        let (stored, actual) = m.check_quota(d, false).unwrap();
+        assert_eq!(stored, actual);
+    }
+    m.delete_quota(u).unwrap();
+    assert!(m.get_quota(u).unwrap().is_none());
 }

@@ -129,6 +129,8 @@ pub struct Meta {
     slices: Mutex<IdRange>,
     open: Mutex<HashMap<Ino, u32>>,
     format: Mutex<Option<Format>>,
+    /// Directories with a quota, and when the set was read (see meta/quota.rs).
+    pub(crate) quota_cache: Mutex<Option<(Instant, Arc<std::collections::HashSet<Ino>>)>>,
 }
 
 impl std::fmt::Debug for Meta {
@@ -185,6 +187,7 @@ impl Meta {
             slices: Mutex::new(IdRange { next: 0, end: 0 }),
             open: Mutex::new(HashMap::new()),
             format: Mutex::new(None),
+            quota_cache: Mutex::new(None),
         }
     }
 
@@ -522,6 +525,7 @@ impl Meta {
         }
         let fmt = self.format_cached()?;
         let ino = self.new_inode()?;
+        let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
             let mut p = get_dir(tx, parent)?;
             if tx.get_edge(parent, name)?.is_some() {
@@ -529,6 +533,8 @@ impl Meta {
             }
             let space = space_of(kind, 0);
             Self::check_space(tx, &fmt, space, 1)?;
+            let chain = self.quota_chain(tx, parent, &qset)?;
+            Self::quota_charge(tx, &chain, space, 1)?;
             let now = now_ns();
             let mut gid = ctx.gid;
             let mut mode = mode & 0o7777;
@@ -583,6 +589,7 @@ impl Meta {
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Node> {
         check_name(name)?;
+        let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
             let mut p = get_dir(tx, parent)?;
             let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
@@ -591,6 +598,13 @@ impl Meta {
             }
             if n.nlink == 0 {
                 return Err(MetaError::NotFound);
+            }
+            if !qset.is_empty() {
+                let to = self.quota_chain(tx, parent, &qset)?;
+                let from = self.quota_chain(tx, n.parent, &qset)?;
+                if to != from || (n.parent == 0 && !to.is_empty()) {
+                    return Err(MetaError::CrossQuota);
+                }
             }
             if n.nlink >= 65000 {
                 return Err(MetaError::TooManyLinks);
@@ -655,6 +669,7 @@ impl Meta {
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         check_name(name)?;
+        let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
             let mut p = get_dir(tx, parent)?;
             let e = tx.get_edge(parent, name)?.ok_or(MetaError::NotFound)?;
@@ -667,7 +682,13 @@ impl Meta {
             p.ctime = now;
             tx.put_node(&p)?;
             if let Some(n) = tx.get_node(e.ino)? {
+                let last = n.nlink <= 1;
+                let space = space_of(n.kind, n.length);
                 self.drop_link(tx, n, now)?;
+                if last {
+                    let chain = self.quota_chain(tx, parent, &qset)?;
+                    Self::quota_charge(tx, &chain, -space, -1)?;
+                }
             }
             Ok(())
         })
@@ -679,6 +700,7 @@ impl Meta {
             b".." => return Err(MetaError::NotEmpty),
             _ => check_name(name)?,
         }
+        let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
             let mut p = get_dir(tx, parent)?;
             let e = tx.get_edge(parent, name)?.ok_or(MetaError::NotFound)?;
@@ -696,6 +718,9 @@ impl Meta {
             tx.put_node(&p)?;
             if let Some(n) = tx.get_node(e.ino)? {
                 self.drop_link(tx, n, now)?;
+                let chain = self.quota_chain(tx, parent, &qset)?;
+                Self::quota_charge(tx, &chain, -space_of(FileKind::Dir, 0), -1)?;
+                tx.delete_quota(e.ino)?;
             }
             Ok(())
         })
@@ -739,6 +764,7 @@ impl Meta {
         if flags == NOREPLACE | EXCHANGE {
             return Err(MetaError::Invalid("RENAME_NOREPLACE with RENAME_EXCHANGE"));
         }
+        let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
             let now = now_ns();
             let mut parents: HashMap<Ino, Node> = HashMap::new();
@@ -762,6 +788,18 @@ impl Meta {
                 return Err(MetaError::Invalid("cannot move a directory below itself"));
             }
             let mut snode = tx.get_node(se.ino)?.ok_or(MetaError::NotFound)?;
+            let src_chain = self.quota_chain(tx, parent, &qset)?;
+            let dst_chain = if newparent == parent {
+                src_chain.clone()
+            } else {
+                self.quota_chain(tx, newparent, &qset)?
+            };
+            let cross = src_chain != dst_chain;
+            if cross && (se.kind == FileKind::Dir || flags & EXCHANGE != 0) {
+                // Moving a tree between quotas would need its usage: refused (EXDEV,
+                // callers like mv fall back to copy + delete).
+                return Err(MetaError::CrossQuota);
+            }
             if flags & EXCHANGE != 0 {
                 let de = de.ok_or(MetaError::NotFound)?;
                 if de.kind == FileKind::Dir
@@ -827,7 +865,12 @@ impl Meta {
                     } else if de.kind == FileKind::Dir {
                         return Err(MetaError::IsDir);
                     }
+                    let last = dnode.nlink <= 1 || dnode.kind == FileKind::Dir;
+                    let dspace = space_of(dnode.kind, dnode.length);
                     self.drop_link(tx, dnode, now)?;
+                    if last {
+                        Self::quota_charge(tx, &dst_chain, -dspace, -1)?;
+                    }
                 }
                 tx.delete_edge(parent, name)?;
                 tx.put_edge(
@@ -844,6 +887,11 @@ impl Meta {
                 }
                 if snode.parent != 0 || snode.kind == FileKind::Dir {
                     snode.parent = newparent;
+                }
+                if cross {
+                    let sspace = space_of(snode.kind, snode.length);
+                    Self::quota_charge(tx, &src_chain, -sspace, -1)?;
+                    Self::quota_charge(tx, &dst_chain, sspace, 1)?;
                 }
                 snode.ctime = now;
                 tx.put_node(&snode)?;
@@ -891,6 +939,7 @@ impl Meta {
             return Err(MetaError::TooBig);
         }
         let fmt = self.format_cached()?;
+        let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
             let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
             match n.kind {
@@ -900,6 +949,8 @@ impl Meta {
             }
             let delta = space_of(n.kind, size) - space_of(n.kind, n.length);
             Self::check_space(tx, &fmt, delta, 0)?;
+            let chain = self.quota_chain(tx, n.parent, &qset)?;
+            Self::quota_charge(tx, &chain, delta, 0)?;
             if size < n.length {
                 n.seq += 1;
                 n.masks.push(Mask {
@@ -942,6 +993,7 @@ impl Meta {
             return Err(MetaError::TooBig);
         }
         let fmt = self.format_cached()?;
+        let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
             let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
             match n.kind {
@@ -963,6 +1015,8 @@ impl Meta {
             if mode & KEEP_SIZE == 0 && end > n.length {
                 delta = space_of(n.kind, end) - space_of(n.kind, n.length);
                 Self::check_space(tx, &fmt, delta, 0)?;
+                let chain = self.quota_chain(tx, n.parent, &qset)?;
+                Self::quota_charge(tx, &chain, delta, 0)?;
                 n.length = end;
             }
             let now = now_ns();
@@ -1193,6 +1247,7 @@ impl Meta {
         length: u64,
     ) -> Result<Option<Node>> {
         let fmt = self.format_cached()?;
+        let qset = self.quota_dirs()?;
         let grace = self.settings.gc_grace_secs;
         let mut attempt = 0;
         self.txn(true, |tx| {
@@ -1221,6 +1276,8 @@ impl Meta {
                 0
             };
             Self::check_space(tx, &fmt, delta, 0)?;
+            let chain = self.quota_chain(tx, n.parent, &qset)?;
+            Self::quota_charge(tx, &chain, delta, 0)?;
             for (indx, s) in slices {
                 n.seq += 1;
                 tx.add_slice(ino, *indx, &Slice { seq: n.seq, ..*s })?;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use super::{Entry, Ino, LockRange, LockSet, MetaEngine, Node, Result, Slice, Txn};
+use super::{Entry, Ino, LockRange, LockSet, MetaEngine, Node, Quota, Result, Slice, Txn};
 
 #[derive(Clone, Default)]
 struct State {
@@ -22,6 +22,7 @@ struct State {
     sessions: BTreeMap<u64, (i64, String)>,
     sustained: BTreeSet<(u64, Ino)>,
     locks: BTreeMap<(Ino, u64, u64), Vec<LockRange>>,
+    quotas: BTreeMap<Ino, Quota>,
 }
 
 #[derive(Default)]
@@ -339,5 +340,19 @@ impl Txn for MemTxn<'_> {
     fn set_counter(&mut self, name: &str, value: i64) -> Result<()> {
         self.s.counters.insert(name.into(), value);
         Ok(())
+    }
+    fn get_quota(&mut self, ino: Ino) -> Result<Option<Quota>> {
+        Ok(self.s.quotas.get(&ino).copied())
+    }
+    fn put_quota(&mut self, q: &Quota) -> Result<()> {
+        self.s.quotas.insert(q.ino, *q);
+        Ok(())
+    }
+    fn delete_quota(&mut self, ino: Ino) -> Result<()> {
+        self.s.quotas.remove(&ino);
+        Ok(())
+    }
+    fn list_quotas(&mut self) -> Result<Vec<Quota>> {
+        Ok(self.s.quotas.values().copied().collect())
     }
 }

@@ -9,6 +9,7 @@ mod fs;
 mod fsck;
 mod memory;
 mod postgres;
+mod quota;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -208,6 +209,16 @@ impl LockSet {
     }
 }
 
+/// A directory quota: limits (0 = none) and the usage of the tree below `ino`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub ino: Ino,
+    pub max_space: u64,
+    pub max_inodes: u64,
+    pub used_space: i64,
+    pub used_inodes: i64,
+}
+
 /// A directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -250,6 +261,10 @@ pub enum MetaError {
     NotSupported(&'static str),
     #[error("file too large")]
     TooBig,
+    #[error("disk quota exceeded")]
+    Quota,
+    #[error("cross-device link (the source and target are under different quotas)")]
+    CrossQuota,
     #[error("transaction conflict")]
     Conflict,
     #[error(
@@ -362,6 +377,11 @@ pub trait Txn {
     /// Inodes that have slices.
     fn scan_slice_inodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Ino>>;
     fn set_counter(&mut self, name: &str, value: i64) -> Result<()>;
+
+    fn get_quota(&mut self, ino: Ino) -> Result<Option<Quota>>;
+    fn put_quota(&mut self, q: &Quota) -> Result<()>;
+    fn delete_quota(&mut self, ino: Ino) -> Result<()>;
+    fn list_quotas(&mut self) -> Result<Vec<Quota>>;
 }
 
 /// Open the engine named by a metadata URL.

@@ -17,8 +17,8 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls, Row, Statement};
 
 use super::{
-    Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Result, Slice, Txn,
-    redact_url,
+    Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Quota, Result, Slice,
+    Txn, redact_url,
 };
 
 const SCHEMA: &str = "
@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS sustained (sid BIGINT NOT NULL, ino BIGINT NOT NULL,
 CREATE TABLE IF NOT EXISTS plock (ino BIGINT NOT NULL, sid BIGINT NOT NULL,
   owner BIGINT NOT NULL, ranges BYTEA NOT NULL, PRIMARY KEY (ino, sid, owner));
 CREATE INDEX IF NOT EXISTS plock_sid ON plock (sid);
+CREATE TABLE IF NOT EXISTS dirquota (ino BIGINT PRIMARY KEY, max_space BIGINT NOT NULL,
+  max_inodes BIGINT NOT NULL, used_space BIGINT NOT NULL, used_inodes BIGINT NOT NULL);
 ";
 
 struct Conn {
@@ -726,5 +728,53 @@ impl Txn for PgTxn<'_> {
             &[&name, &value],
         )
         .map(|_| ())
+    }
+    fn get_quota(&mut self, ino: Ino) -> Result<Option<Quota>> {
+        Ok(self
+            .opt(
+                "SELECT ino, max_space, max_inodes, used_space, used_inodes FROM dirquota WHERE ino = $1",
+                &[&i(ino)],
+            )?
+            .map(|r| row_quota(&r)))
+    }
+    fn put_quota(&mut self, q: &Quota) -> Result<()> {
+        self.exec(
+            "INSERT INTO dirquota (ino, max_space, max_inodes, used_space, used_inodes)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ino) DO UPDATE SET
+             max_space = EXCLUDED.max_space, max_inodes = EXCLUDED.max_inodes,
+             used_space = EXCLUDED.used_space, used_inodes = EXCLUDED.used_inodes",
+            &[
+                &i(q.ino),
+                &i(q.max_space),
+                &i(q.max_inodes),
+                &q.used_space,
+                &q.used_inodes,
+            ],
+        )
+        .map(|_| ())
+    }
+    fn delete_quota(&mut self, ino: Ino) -> Result<()> {
+        self.exec("DELETE FROM dirquota WHERE ino = $1", &[&i(ino)])
+            .map(|_| ())
+    }
+    fn list_quotas(&mut self) -> Result<Vec<Quota>> {
+        Ok(self
+            .query(
+                "SELECT ino, max_space, max_inodes, used_space, used_inodes FROM dirquota ORDER BY ino",
+                &[],
+            )?
+            .iter()
+            .map(row_quota)
+            .collect())
+    }
+}
+
+fn row_quota(r: &Row) -> Quota {
+    Quota {
+        ino: r.get::<_, i64>(0) as u64,
+        max_space: r.get::<_, i64>(1) as u64,
+        max_inodes: r.get::<_, i64>(2) as u64,
+        used_space: r.get(3),
+        used_inodes: r.get(4),
     }
 }

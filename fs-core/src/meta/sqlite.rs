@@ -10,7 +10,8 @@ use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use super::{
-    Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Result, Slice, Txn,
+    Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Quota, Result, Slice,
+    Txn,
 };
 
 const READERS: usize = 4;
@@ -60,6 +61,8 @@ CREATE TABLE IF NOT EXISTS sustained (sid INTEGER NOT NULL, ino INTEGER NOT NULL
 CREATE TABLE IF NOT EXISTS plock (ino INTEGER NOT NULL, sid INTEGER NOT NULL,
   owner INTEGER NOT NULL, ranges BLOB NOT NULL, PRIMARY KEY (ino, sid, owner)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS plock_sid ON plock (sid);
+CREATE TABLE IF NOT EXISTS dirquota (ino INTEGER PRIMARY KEY, max_space INTEGER NOT NULL,
+  max_inodes INTEGER NOT NULL, used_space INTEGER NOT NULL, used_inodes INTEGER NOT NULL);
 ";
 
 fn open_conn(path: &str) -> Result<Connection> {
@@ -167,6 +170,16 @@ fn row_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
         parent: r.get::<_, i64>(11)? as u64,
         seq: r.get::<_, i64>(12)? as u64,
         masks: Node::decode_masks(&masks),
+    })
+}
+
+fn row_quota(r: &rusqlite::Row<'_>) -> rusqlite::Result<Quota> {
+    Ok(Quota {
+        ino: r.get::<_, i64>(0)? as u64,
+        max_space: r.get::<_, i64>(1)? as u64,
+        max_inodes: r.get::<_, i64>(2)? as u64,
+        used_space: r.get(3)?,
+        used_inodes: r.get(4)?,
     })
 }
 
@@ -595,6 +608,39 @@ impl Txn for SqliteTxn<'_> {
             "INSERT OR REPLACE INTO counter (name, value) VALUES (?1, ?2)",
             params![name, value],
         )
+    }
+
+    fn get_quota(&mut self, ino: Ino) -> Result<Option<Quota>> {
+        self.conn
+            .prepare_cached(
+                "SELECT ino, max_space, max_inodes, used_space, used_inodes FROM dirquota WHERE ino = ?1",
+            )
+            .and_then(|mut s| s.query_row(params![ino as i64], row_quota).optional())
+            .map_err(sql_err)
+    }
+    fn put_quota(&mut self, q: &Quota) -> Result<()> {
+        self.exec(
+            "INSERT OR REPLACE INTO dirquota (ino, max_space, max_inodes, used_space, used_inodes)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                q.ino as i64,
+                q.max_space as i64,
+                q.max_inodes as i64,
+                q.used_space,
+                q.used_inodes
+            ],
+        )
+    }
+    fn delete_quota(&mut self, ino: Ino) -> Result<()> {
+        self.exec("DELETE FROM dirquota WHERE ino = ?1", params![ino as i64])
+    }
+    fn list_quotas(&mut self) -> Result<Vec<Quota>> {
+        self.conn
+            .prepare_cached(
+                "SELECT ino, max_space, max_inodes, used_space, used_inodes FROM dirquota ORDER BY ino",
+            )
+            .and_then(|mut s| s.query_map([], row_quota)?.collect())
+            .map_err(sql_err)
     }
 }
 

@@ -116,6 +116,10 @@ mod cost {
             fn scan_edges(&mut self, after: Option<(Ino, &[u8])>, limit: usize) -> Result<Vec<(Ino, Entry)>>;
             fn scan_slice_inodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Ino>>;
             fn set_counter(&mut self, name: &str, value: i64) -> Result<()>;
+            fn get_quota(&mut self, ino: Ino) -> Result<Option<Quota>>;
+            fn put_quota(&mut self, q: &Quota) -> Result<()>;
+            fn delete_quota(&mut self, ino: Ino) -> Result<()>;
+            fn list_quotas(&mut self) -> Result<Vec<Quota>>;
         }
     }
 

@@ -126,6 +126,8 @@ pub struct Vfs {
     segs: Mutex<SegCache>,
     names: Mutex<HashMap<Ino, (Ino, Vec<u8>)>>,
     compact_queue: Mutex<BTreeSet<(Ino, u32)>>,
+    /// Whether a file is below a quota (cached two seconds).
+    quota_files: Mutex<HashMap<Ino, (bool, Instant)>>,
     /// Inodes this client ever locked: only their closes need to release locks.
     locked: Mutex<std::collections::HashSet<Ino>>,
     chunk_commits: Mutex<HashMap<(Ino, u32), usize>>,
@@ -180,6 +182,7 @@ impl Vfs {
             names: Mutex::new(HashMap::new()),
             compact_queue: Mutex::new(BTreeSet::new()),
             locked: Mutex::new(Default::default()),
+            quota_files: Mutex::new(HashMap::new()),
             chunk_commits: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
@@ -307,8 +310,9 @@ impl Vfs {
         Ok(self.overlay(n))
     }
 
-    pub fn statfs(&self) -> Result<StatFs> {
-        Ok(self.meta.statfs()?)
+    /// statfs(2) at `ino`: the nearest directory quota, else the volume.
+    pub fn statfs(&self, ino: Ino) -> Result<StatFs> {
+        Ok(self.meta.statfs_at(ino)?)
     }
 
     // ------------------------------------------------------------ namespace
@@ -440,7 +444,29 @@ impl Vfs {
         let w = self.writer(ino);
         let pressure = || self.wake_background();
         w.write(&self.wctx, off, data, &pressure)?;
+        // Below a quota, commit every block so a client overshoots a limit by at most one
+        // block per file being written, and the writer sees EDQUOT from write().
+        if w.buffered() >= self.format.block_size as u64 && self.under_quota(ino)? {
+            self.flush_inode(ino)?;
+        }
         Ok(data.len())
+    }
+
+    fn under_quota(&self, ino: Ino) -> Result<bool> {
+        let mut cache = self.quota_files.lock();
+        if let Some((v, at)) = cache.get(&ino)
+            && at.elapsed() < Duration::from_secs(2)
+        {
+            return Ok(*v);
+        }
+        drop(cache);
+        let v = self.meta.under_quota(ino)?;
+        cache = self.quota_files.lock();
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(ino, (v, Instant::now()));
+        Ok(v)
     }
 
     fn flush_writer(&self, w: &FileWriter) -> Result<()> {

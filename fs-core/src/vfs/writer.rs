@@ -132,6 +132,11 @@ impl FileWriter {
         (st.dirty_since.is_some() || st.committing).then_some(st.length)
     }
 
+    /// Bytes written since the last flush.
+    pub fn buffered(&self) -> u64 {
+        self.state.lock().acquired
+    }
+
     pub fn dirty_since(&self) -> Option<Instant> {
         self.state.lock().dirty_since
     }
