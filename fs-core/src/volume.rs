@@ -150,6 +150,10 @@ pub fn open(
 ) -> Result<Volume, VolumeError> {
     let meta = Arc::new(Meta::new(open_engine(meta_url)?, metrics.clone(), settings));
     let format = meta.load()?;
+    if !read_only {
+        // Tables added since the volume was formatted (same format version) are created here.
+        meta.engine().init_schema()?;
+    }
     let raw = open_store(&format.storage).map_err(|source| VolumeError::Object {
         store: format!("{} {}", format.storage.storage, format.storage.bucket),
         source,

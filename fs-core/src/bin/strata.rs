@@ -83,12 +83,13 @@ enum QuotaCmd {
         /// Directory inside the volume, e.g. /tenants/a.
         #[arg(long)]
         path: String,
-        /// Capacity: a number of GiB, or with a unit: 100M, 1.5G, 2T (0 = no limit).
-        #[arg(long, default_value = "0")]
-        capacity: String,
-        /// Inode limit (0 = no limit).
-        #[arg(long, default_value_t = 0)]
-        inodes: u64,
+        /// Capacity: a number of GiB, or with a unit: 100M, 1.5G, 2T (0 = no limit; left
+        /// out: unchanged, or unlimited for a new quota).
+        #[arg(long)]
+        capacity: Option<String>,
+        /// Inode limit (0 = no limit; left out: unchanged, or unlimited for a new quota).
+        #[arg(long)]
+        inodes: Option<u64>,
     },
     /// Show the quota of a directory.
     Get {
@@ -127,8 +128,8 @@ fn parse_size(s: &str) -> Result<u64> {
     let v: f64 = num.parse().map_err(|_| {
         anyhow::anyhow!("--capacity {s}: use a number of GiB or a size like 100M, 1.5G, 2T")
     })?;
-    if v < 0.0 {
-        bail!("--capacity {s}: must not be negative");
+    if !v.is_finite() || v < 0.0 || v * mul as f64 >= (1u64 << 62) as f64 {
+        bail!("--capacity {s}: use a size from 0 to 4 EiB");
     }
     Ok((v * mul as f64) as u64)
 }
@@ -168,7 +169,13 @@ fn quota_cmd(cmd: QuotaCmd) -> Result<()> {
         } => {
             let meta = open(&meta_url)?;
             let dir = volume::resolve_dir(&meta, &path)?;
-            let q = meta.set_quota(dir, parse_size(&capacity)?, inodes)?;
+            let cur = meta.get_quota(dir)?;
+            let space = match capacity {
+                Some(c) => parse_size(&c)?,
+                None => cur.map(|q| q.max_space).unwrap_or(0),
+            };
+            let inodes = inodes.or(cur.map(|q| q.max_inodes)).unwrap_or(0);
+            let q = meta.set_quota(dir, space, inodes)?;
             show(&path, &q);
         }
         QuotaCmd::Get { meta_url, path } => {
@@ -188,6 +195,9 @@ fn quota_cmd(cmd: QuotaCmd) -> Result<()> {
         QuotaCmd::Delete { meta_url, path } => {
             let meta = open(&meta_url)?;
             let dir = volume::resolve_dir(&meta, &path)?;
+            if meta.get_quota(dir)?.is_none() {
+                bail!("{path} has no quota");
+            }
             meta.delete_quota(dir)?;
             println!("{path}: quota removed");
         }

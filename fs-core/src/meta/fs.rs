@@ -867,7 +867,9 @@ impl Meta {
                     }
                     let last = dnode.nlink <= 1 || dnode.kind == FileKind::Dir;
                     let dspace = space_of(dnode.kind, dnode.length);
+                    let dino = dnode.ino;
                     self.drop_link(tx, dnode, now)?;
+                    tx.delete_quota(dino)?;
                     if last {
                         Self::quota_charge(tx, &dst_chain, -dspace, -1)?;
                     }

@@ -124,12 +124,14 @@ impl Meta {
         }
         let existing = self.txn(false, |tx| tx.get_quota(dir))?;
         let q = match existing {
-            Some(mut q) => {
+            Some(_) => self.txn(true, |tx| {
+                // Read and write in one transaction so concurrent usage changes are kept.
+                let mut q = tx.get_quota(dir)?.ok_or(MetaError::NotFound)?;
                 q.max_space = max_space;
                 q.max_inodes = max_inodes;
-                self.txn(true, |tx| tx.put_quota(&q))?;
-                q
-            }
+                tx.put_quota(&q)?;
+                Ok(q)
+            })?,
             None => {
                 // Register first (so concurrent changes are charged), then add what existed.
                 let q = Quota {

@@ -442,6 +442,10 @@ impl Vfs {
             return Err(MetaError::TooBig.into());
         }
         let w = self.writer(ino);
+        // A background flush of this file failed (EDQUOT, ENOSPC, EIO): report it now.
+        if let Some(e) = w.take_failure() {
+            return Err(e.into());
+        }
         let pressure = || self.wake_background();
         w.write(&self.wctx, off, data, &pressure)?;
         // Below a quota, commit every block so a client overshoots a limit by at most one
@@ -500,7 +504,7 @@ impl Vfs {
                 let earlier = w.take_failure();
                 res?;
                 match earlier {
-                    Some(msg) => Err(FlushError::Upload(msg).into()),
+                    Some(e) => Err(e.into()),
                     None => Ok(()),
                 }
             }

@@ -110,7 +110,7 @@ pub struct FileWriter {
     pub ino: Ino,
     state: Mutex<WState>,
     /// A flush that failed in the background, reported by the next fsync/close.
-    failed: Mutex<Option<String>>,
+    failed: Mutex<Option<FlushError>>,
     flush_lock: Mutex<()>,
     uploads: Arc<Uploads>,
 }
@@ -247,13 +247,17 @@ impl FileWriter {
     pub fn flush(&self, ctx: &WriteCtx) -> Result<Vec<(u32, usize)>, FlushError> {
         let res = self.flush_inner(ctx);
         if let Err(e) = &res {
-            self.failed.lock().get_or_insert_with(|| e.to_string());
+            self.failed.lock().get_or_insert_with(|| match e {
+                FlushError::Meta(MetaError::Quota) => FlushError::Meta(MetaError::Quota),
+                FlushError::Meta(MetaError::NoSpace) => FlushError::Meta(MetaError::NoSpace),
+                e => FlushError::Upload(e.to_string()),
+            });
         }
         res
     }
 
     /// The failure of an earlier flush not yet reported to the application.
-    pub fn take_failure(&self) -> Option<String> {
+    pub fn take_failure(&self) -> Option<FlushError> {
         self.failed.lock().take()
     }
 
