@@ -198,6 +198,23 @@ impl StrataFs {
         errno.map(Errno::from_i32)
     }
 
+    /// Record the outcome of an operation (metrics, logs) and turn an error into its errno.
+    fn outcome<T>(
+        &self,
+        op: &'static str,
+        start: Instant,
+        r: Result<T, VfsError>,
+        path: impl Fn() -> String,
+    ) -> Result<T, Errno> {
+        match r {
+            Ok(v) => {
+                self.finish(op, start, None, path);
+                Ok(v)
+            }
+            Err(e) => Err(self.finish(op, start, Some(&e), path).unwrap_or(Errno::EIO)),
+        }
+    }
+
     fn reply_entry(
         &self,
         op: &'static str,
@@ -206,15 +223,11 @@ impl StrataFs {
         path: impl Fn() -> String,
         reply: ReplyEntry,
     ) {
-        match r {
+        match self.outcome(op, start, r, path) {
             Ok(n) => {
-                self.finish(op, start, None, path);
-                reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &self.attr(&n), GENERATION);
+                reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &self.attr(&n), GENERATION)
             }
-            Err(e) => {
-                let no = self.finish(op, start, Some(&e), path);
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
@@ -226,15 +239,9 @@ impl StrataFs {
         path: impl Fn() -> String,
         reply: ReplyEmpty,
     ) {
-        match r {
-            Ok(()) => {
-                self.finish(op, start, None, path);
-                reply.ok();
-            }
-            Err(e) => {
-                let no = self.finish(op, start, Some(&e), path);
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+        match self.outcome(op, start, r, path) {
+            Ok(()) => reply.ok(),
+            Err(no) => reply.error(no),
         }
     }
 
@@ -246,15 +253,9 @@ impl StrataFs {
         path: impl Fn() -> String,
         reply: ReplyAttr,
     ) {
-        match r {
-            Ok(n) => {
-                self.finish(op, start, None, path);
-                reply.attr(&self.attr_ttl, &self.attr(&n));
-            }
-            Err(e) => {
-                let no = self.finish(op, start, Some(&e), path);
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+        match self.outcome(op, start, r, path) {
+            Ok(n) => reply.attr(&self.attr_ttl, &self.attr(&n)),
+            Err(no) => reply.error(no),
         }
     }
 }
@@ -337,15 +338,11 @@ impl Filesystem for StrataFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let start = Instant::now();
         let i = self.real(ino);
-        match self.vfs.readlink(i) {
+        match self.outcome("readlink", start, self.vfs.readlink(i), || self.vfs.path(i)) {
             Ok(t) => {
-                self.finish("readlink", start, None, || self.vfs.path(i));
                 reply.data(&t);
             }
-            Err(e) => {
-                let no = self.finish("readlink", start, Some(&e), || self.vfs.path(i));
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
@@ -522,9 +519,8 @@ impl Filesystem for StrataFs {
         let i = self.real(ino);
         let _s = tracing::debug_span!("open", ino = i).entered();
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        match self.vfs.open(i, write) {
+        match self.outcome("open", start, self.vfs.open(i, write), || self.vfs.path(i)) {
             Ok((fh, keep)) => {
-                self.finish("open", start, None, || self.vfs.path(i));
                 let f = if keep {
                     FopenFlags::FOPEN_KEEP_CACHE
                 } else {
@@ -532,10 +528,7 @@ impl Filesystem for StrataFs {
                 };
                 reply.opened(FileHandle(fh), f);
             }
-            Err(e) => {
-                let no = self.finish("open", start, Some(&e), || self.vfs.path(i));
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
@@ -553,15 +546,13 @@ impl Filesystem for StrataFs {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("read", ino = i, offset, size).entered();
-        match self.vfs.read(i, fh.0, offset, size) {
+        match self.outcome("read", start, self.vfs.read(i, fh.0, offset, size), || {
+            self.vfs.path(i)
+        }) {
             Ok(data) => {
-                self.finish("read", start, None, || self.vfs.path(i));
                 reply.data(&data);
             }
-            Err(e) => {
-                let no = self.finish("read", start, Some(&e), || self.vfs.path(i));
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
@@ -580,15 +571,13 @@ impl Filesystem for StrataFs {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("write", ino = i, offset, size = data.len()).entered();
-        match self.vfs.write(i, offset, data) {
+        match self.outcome("write", start, self.vfs.write(i, offset, data), || {
+            self.vfs.path(i)
+        }) {
             Ok(n) => {
-                self.finish("write", start, None, || self.vfs.path(i));
                 reply.written(n as u32);
             }
-            Err(e) => {
-                let no = self.finish("write", start, Some(&e), || self.vfs.path(i));
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
@@ -648,15 +637,11 @@ impl Filesystem for StrataFs {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("opendir", ino = i).entered();
-        match self.vfs.opendir(i) {
+        match self.outcome("opendir", start, self.vfs.opendir(i), || self.vfs.path(i)) {
             Ok(fh) => {
-                self.finish("opendir", start, None, || self.vfs.path(i));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
-            Err(e) => {
-                let no = self.finish("opendir", start, Some(&e), || self.vfs.path(i));
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
@@ -720,9 +705,13 @@ impl Filesystem for StrataFs {
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         let start = Instant::now();
-        match self.vfs.statfs(self.real(ino)) {
+        match self.outcome(
+            "statfs",
+            start,
+            self.vfs.statfs(self.real(ino)),
+            String::new,
+        ) {
             Ok(s) => {
-                self.finish("statfs", start, None, String::new);
                 let bsize = 4096u64;
                 reply.statfs(
                     s.total_space / bsize,
@@ -735,10 +724,7 @@ impl Filesystem for StrataFs {
                     bsize as u32,
                 );
             }
-            Err(e) => {
-                let no = self.finish("statfs", start, Some(&e), String::new);
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
@@ -761,9 +747,13 @@ impl Filesystem for StrataFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let start = Instant::now();
         let i = self.real(ino);
-        match self.vfs.getxattr(i, name.as_bytes()) {
+        match self.outcome(
+            "getxattr",
+            start,
+            self.vfs.getxattr(i, name.as_bytes()),
+            || self.vfs.path(i),
+        ) {
             Ok(v) => {
-                self.finish("getxattr", start, None, || self.vfs.path(i));
                 if size == 0 {
                     reply.size(v.len() as u32);
                 } else if v.len() > size as usize {
@@ -772,19 +762,17 @@ impl Filesystem for StrataFs {
                     reply.data(&v);
                 }
             }
-            Err(e) => {
-                let no = self.finish("getxattr", start, Some(&e), || self.vfs.path(i));
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let start = Instant::now();
         let i = self.real(ino);
-        match self.vfs.listxattr(i) {
+        match self.outcome("listxattr", start, self.vfs.listxattr(i), || {
+            self.vfs.path(i)
+        }) {
             Ok(names) => {
-                self.finish("listxattr", start, None, || self.vfs.path(i));
                 let mut buf = Vec::new();
                 for n in names {
                     buf.extend_from_slice(&n);
@@ -798,10 +786,7 @@ impl Filesystem for StrataFs {
                     reply.data(&buf);
                 }
             }
-            Err(e) => {
-                let no = self.finish("listxattr", start, Some(&e), || self.vfs.path(i));
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
@@ -872,19 +857,20 @@ impl Filesystem for StrataFs {
     ) {
         let start_t = Instant::now();
         let i = self.real(ino);
-        match self.vfs.getlk(i, owner.0, typ as u32, start, end) {
+        match self.outcome(
+            "getlk",
+            start_t,
+            self.vfs.getlk(i, owner.0, typ as u32, start, end),
+            || self.vfs.path(i),
+        ) {
             Ok(Some(l)) => {
-                self.finish("getlk", start_t, None, || self.vfs.path(i));
                 reply.locked(l.start, l.end, l.typ as i32, l.pid);
             }
             Ok(None) => {
                 self.finish("getlk", start_t, None, || self.vfs.path(i));
                 reply.locked(start, end, libc::F_UNLCK, 0);
             }
-            Err(e) => {
-                let no = self.finish("getlk", start_t, Some(&e), || self.vfs.path(i));
-                reply.error(no.unwrap_or(Errno::EIO));
-            }
+            Err(no) => reply.error(no),
         }
     }
 
