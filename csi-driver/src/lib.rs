@@ -1,0 +1,1 @@
+//! Strata CSI driver (Identity, Controller and Node services over a unix socket).

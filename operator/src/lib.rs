@@ -1,0 +1,1 @@
+//! Strata operator: Volume, Quota and CacheGroup custom resources.
