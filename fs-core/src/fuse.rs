@@ -56,6 +56,7 @@ pub fn errno_of(e: &VfsError) -> i32 {
         VfsError::Flush(_) => libc::EIO,
         VfsError::ReadOnly => libc::EROFS,
         VfsError::BadHandle => libc::EBADF,
+        VfsError::Cache(_) => libc::EIO,
     }
 }
 

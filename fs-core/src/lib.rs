@@ -1,6 +1,7 @@
 //! Strata file-system core: metadata engines, object storage, chunked data layout, VFS and
 //! the FUSE adapter. See docs/ARCHITECTURE.md for the map.
 
+pub mod cache;
 pub mod chunk;
 pub mod fuse;
 pub mod meta;

@@ -28,6 +28,14 @@ pub mod names {
     pub const BUFFER_BYTES: &str = "strata_buffer_bytes";
     pub const COMPACTIONS: &str = "strata_compactions";
     pub const OBJECTS_RECLAIMED: &str = "strata_objects_reclaimed";
+    pub const CACHE_HITS: &str = "strata_cache_hits";
+    pub const CACHE_MISSES: &str = "strata_cache_misses";
+    pub const CACHE_PEER_HITS: &str = "strata_cache_peer_hits";
+    pub const CACHE_PEER_ERRORS: &str = "strata_cache_peer_errors";
+    pub const CACHE_BYTES: &str = "strata_cache_bytes";
+    pub const CACHE_EVICTIONS: &str = "strata_cache_evictions";
+    pub const CACHE_CORRUPT: &str = "strata_cache_corrupt_blocks";
+    pub const CACHE_PEER_SERVED: &str = "strata_cache_peer_served";
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -52,6 +60,14 @@ pub struct Metrics {
     buffer_bytes: Gauge,
     compactions: Counter,
     objects_reclaimed: Counter,
+    cache_hits: Family<Labels, Counter>,
+    cache_misses: Counter,
+    cache_peer_hits: Counter,
+    cache_peer_errors: Counter,
+    cache_bytes: Family<Labels, Gauge>,
+    cache_evictions: Family<Labels, Counter>,
+    cache_corrupt: Counter,
+    cache_peer_served: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -139,8 +155,64 @@ impl Metrics {
             "Objects deleted by background reclamation",
             objects_reclaimed.clone(),
         );
+        let cache_hits = Family::<Labels, Counter>::default();
+        registry.register(
+            names::CACHE_HITS,
+            "Block reads served from this client's cache, by tier (memory/disk)",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            names::CACHE_MISSES,
+            "Block reads not in this client's cache (fetched from a peer or the object store)",
+            cache_misses.clone(),
+        );
+        let cache_peer_hits = Counter::default();
+        registry.register(
+            names::CACHE_PEER_HITS,
+            "Block misses served by a peer of the cache group",
+            cache_peer_hits.clone(),
+        );
+        let cache_peer_errors = Counter::default();
+        registry.register(
+            names::CACHE_PEER_ERRORS,
+            "Peer requests that failed or timed out (the read fell back to the object store)",
+            cache_peer_errors.clone(),
+        );
+        let cache_bytes = Family::<Labels, Gauge>::default();
+        registry.register(
+            names::CACHE_BYTES,
+            "Bytes held in the block cache, by tier (memory/disk)",
+            cache_bytes.clone(),
+        );
+        let cache_evictions = Family::<Labels, Counter>::default();
+        registry.register(
+            names::CACHE_EVICTIONS,
+            "Blocks evicted from the cache, by tier (memory/disk)",
+            cache_evictions.clone(),
+        );
+        let cache_corrupt = Counter::default();
+        registry.register(
+            names::CACHE_CORRUPT,
+            "Cached blocks dropped because their checksum or size did not match",
+            cache_corrupt.clone(),
+        );
+        let cache_peer_served = Counter::default();
+        registry.register(
+            names::CACHE_PEER_SERVED,
+            "Blocks this member served to peers of its cache group",
+            cache_peer_served.clone(),
+        );
         Metrics {
             registry,
+            cache_hits,
+            cache_misses,
+            cache_peer_hits,
+            cache_peer_errors,
+            cache_bytes,
+            cache_evictions,
+            cache_corrupt,
+            cache_peer_served,
             fuse_ops,
             fuse_errors,
             fuse_op_seconds,
@@ -211,6 +283,61 @@ impl Metrics {
 
     pub fn objects_reclaimed(&self, n: u64) {
         self.objects_reclaimed.inc_by(n);
+    }
+
+    pub fn cache_hit(&self, tier: &'static str) {
+        self.cache_hits
+            .get_or_create(&vec![("tier", tier.to_string())])
+            .inc();
+    }
+
+    pub fn cache_miss(&self) {
+        self.cache_misses.inc();
+    }
+
+    pub fn cache_peer_hit(&self) {
+        self.cache_peer_hits.inc();
+    }
+
+    pub fn cache_peer_error(&self) {
+        self.cache_peer_errors.inc();
+    }
+
+    pub fn cache_peer_served(&self) {
+        self.cache_peer_served.inc();
+    }
+
+    pub fn cache_bytes(&self, tier: &'static str, bytes: u64) {
+        self.cache_bytes
+            .get_or_create(&vec![("tier", tier.to_string())])
+            .set(bytes as i64);
+    }
+
+    pub fn cache_evictions(&self, tier: &'static str, n: u64) {
+        if n > 0 {
+            self.cache_evictions
+                .get_or_create(&vec![("tier", tier.to_string())])
+                .inc_by(n);
+        }
+    }
+
+    pub fn cache_corrupt(&self) {
+        self.cache_corrupt.inc();
+    }
+
+    /// Counts for tests and `strata warmup`: (memory hits, disk hits, misses, peer hits).
+    pub fn cache_counts(&self) -> (u64, u64, u64, u64) {
+        let hit = |t: &str| {
+            self.cache_hits
+                .get_or_create(&vec![("tier", t.to_string())])
+                .get()
+        };
+        (
+            hit("memory"),
+            hit("disk"),
+            self.cache_misses.get(),
+            self.cache_peer_hits.get(),
+        )
     }
 
     /// The registry as Prometheus text.

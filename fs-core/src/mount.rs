@@ -260,13 +260,14 @@ pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(),
         })?;
         tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
     }
-    let vfs = Vfs::new(
+    let vfs = Vfs::try_new(
         vol.meta.clone(),
         vol.store.clone(),
         vol.format.clone(),
         metrics,
         opts.vfs.clone(),
-    );
+    )
+    .map_err(|e| MountError::Setup(e.to_string()))?;
     vol.meta
         .new_session(&vfs.session_info())
         .map_err(|e| MountError::Volume(e.into()))?;

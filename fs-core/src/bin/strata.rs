@@ -58,6 +58,18 @@ enum Cmd {
         #[arg(long)]
         secret_key: Option<String>,
     },
+    /// Fill the cache of a mount (and of its cache group) with files or whole trees.
+    Warmup {
+        /// Files or directories inside a Strata mount.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Parallel fetches.
+        #[arg(short, long, default_value_t = 8)]
+        threads: usize,
+        /// No progress line, only the summary.
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Show how a file inside a mount is stored (inode, chunks, slices, objects).
     Info { path: PathBuf },
     /// Directory quotas: limit the bytes and inodes of a directory tree (EDQUOT beyond).
@@ -299,9 +311,92 @@ struct MountArgs {
     /// (its locks are then released and its open-but-deleted files reclaimed).
     #[arg(long, default_value_t = 60)]
     session_timeout: i64,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// Metadata URL of a formatted volume.
     meta_url: String,
     mountpoint: PathBuf,
+}
+
+/// Block cache and cache group options of `strata mount`.
+#[derive(Args)]
+struct CacheArgs {
+    /// Disk cache directories, separated by ':' (default /var/cache/strata as root, else
+    /// ~/.cache/strata).
+    #[arg(long)]
+    cache_dir: Option<String>,
+    /// Disk cache size in MiB (0 disables the disk cache).
+    #[arg(long, default_value_t = 102_400)]
+    cache_size: u64,
+    /// Keep at least this share of the cache directory's file system free (0-0.99).
+    #[arg(long, default_value_t = 0.1)]
+    free_space_ratio: f64,
+    /// Do not put blocks written by this mount into the disk cache.
+    #[arg(long)]
+    no_cache_written: bool,
+    /// Join the distributed cache group NAME (mounts with the same NAME share their caches).
+    #[arg(long)]
+    cache_group: Option<String>,
+    /// Where this member serves its peers, HOST:PORT (default: an ephemeral port on the
+    /// node's address; STRATA_NODE_IP or POD_IP set the address).
+    #[arg(long)]
+    cache_group_addr: Option<String>,
+    /// Join the cache group as a pure client: read from peers, serve nothing.
+    #[arg(long)]
+    no_serve: bool,
+    /// Milliseconds before a silent cache group peer is skipped (the read then goes to the
+    /// object store).
+    #[arg(long, default_value_t = 2000)]
+    peer_timeout: u64,
+    /// Members that serve a hot block (spreads thousands of readers of one file).
+    #[arg(long, default_value_t = 3)]
+    hot_replicas: usize,
+}
+
+impl CacheArgs {
+    fn settings(&self) -> Result<strata::cache::CacheSettings> {
+        let dirs: Vec<PathBuf> = match &self.cache_dir {
+            Some(d) => d
+                .split(':')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect(),
+            None => vec![default_cache_dir()],
+        };
+        if !(0.0..1.0).contains(&self.free_space_ratio) {
+            bail!(
+                "--free-space-ratio {} is out of range: give a share between 0 and 0.99",
+                self.free_space_ratio
+            );
+        }
+        if self.cache_group.is_none() && (self.no_serve || self.cache_group_addr.is_some()) {
+            bail!("--no-serve and --cache-group-addr need --cache-group NAME");
+        }
+        Ok(strata::cache::CacheSettings {
+            dirs,
+            disk_size: self.cache_size << 20,
+            free_space_ratio: self.free_space_ratio,
+            cache_written: !self.no_cache_written,
+            group: self.cache_group.clone(),
+            group_addr: self.cache_group_addr.clone(),
+            no_serve: self.no_serve,
+            peer_timeout_ms: self.peer_timeout,
+            hot_replicas: self.hot_replicas,
+            ..Default::default()
+        })
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/cache/strata")
+    } else {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp"))
+            .join(".cache/strata")
+    }
 }
 
 fn init_logging(level: &str) {
@@ -327,6 +422,15 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Format(a) => format(a),
         Cmd::Mount(a) => mount_cmd(a, &cli.log_level),
+        Cmd::Warmup {
+            paths,
+            threads,
+            quiet,
+        } => {
+            let s = strata::cache::warmup::run(&paths, threads, !quiet)?;
+            println!("{}", s.summary());
+            Ok(())
+        }
         Cmd::Umount { mountpoint, force } => {
             mount::unmount(&mountpoint, force)?;
             Ok(())
@@ -456,6 +560,7 @@ fn mount_cmd(a: MountArgs, log_level: &str) -> Result<()> {
     opts.vfs.background_gc = !a.no_bgjob;
     opts.meta.gc_grace_secs = a.gc_grace;
     opts.meta.session_timeout_secs = a.session_timeout;
+    opts.vfs.cache = a.cache.settings()?;
     mount::run(&a.meta_url, &a.mountpoint, &opts)?;
     Ok(())
 }

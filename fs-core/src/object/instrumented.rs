@@ -64,6 +64,18 @@ impl<S: ObjectStore> ObjectStore for InstrumentedStore<S> {
         Ok(data)
     }
 
+    fn get_stream(&self, key: &str, off: u64, sink: &mut dyn FnMut(&[u8])) -> Result<u64> {
+        let mut n = 0u64;
+        let res = self.record("get", key, |s| {
+            s.get_stream(key, off, &mut |c: &[u8]| {
+                n += c.len() as u64;
+                sink(c)
+            })
+        });
+        self.metrics.object_bytes(false, n);
+        res
+    }
+
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let n = data.len() as u64;
         self.record("put", key, |s| s.put(key, data))?;

@@ -10,6 +10,9 @@ use bytes::Bytes;
 
 use super::{ObjectError, ObjectInfo, ObjectStore, Result};
 
+/// Piece size of streamed reads.
+const STREAM_PIECE: usize = 256 << 10;
+
 /// Marker in the names of files being written; such files are never listed and keys may not
 /// contain it.
 const TMP_MARK: &str = ".strata-tmp-";
@@ -206,6 +209,32 @@ impl ObjectStore for LocalStore {
         }
         buf.truncate(done);
         Ok(Bytes::from(buf))
+    }
+
+    fn get_stream(&self, key: &str, off: u64, sink: &mut dyn FnMut(&[u8])) -> Result<u64> {
+        let path = self.path_of(key)?;
+        let file = File::open(&path).map_err(|e| self.io_err(key, e))?;
+        let meta = file.metadata().map_err(|e| self.io_err(key, e))?;
+        if meta.is_dir() {
+            return Err(ObjectError::NotFound(key.to_string()));
+        }
+        let mut buf = vec![0u8; STREAM_PIECE.min(meta.len().saturating_sub(off) as usize)];
+        let mut pos = off;
+        loop {
+            match file.read_at(&mut buf, pos) {
+                Ok(0) => break,
+                Ok(n) => {
+                    sink(&buf[..n]);
+                    pos += n as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io_err(key, e)),
+            }
+            if buf.is_empty() {
+                break;
+            }
+        }
+        Ok(pos - off)
     }
 
     fn put(&self, key: &str, data: Bytes) -> Result<()> {

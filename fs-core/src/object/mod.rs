@@ -80,6 +80,14 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn init(&self) -> Result<()>;
     /// Read `len` bytes at `off` (`None`: to the end). Reading past the end returns what exists.
     fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes>;
+    /// Read from `off` to the end, handing the data to `sink` piece by piece as it arrives
+    /// (so a reader can use the first bytes before the rest is there). Returns the number of
+    /// bytes delivered. A store that cannot stream delivers one piece.
+    fn get_stream(&self, key: &str, off: u64, sink: &mut dyn FnMut(&[u8])) -> Result<u64> {
+        let b = self.get(key, off, None)?;
+        sink(&b);
+        Ok(b.len() as u64)
+    }
     /// Store an object; replaces any object with that key atomically (readers see old or new).
     fn put(&self, key: &str, data: Bytes) -> Result<()>;
     /// Delete an object. Deleting a missing object is not an error.
@@ -106,6 +114,9 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
     }
     fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
         (**self).get(key, off, len)
+    }
+    fn get_stream(&self, key: &str, off: u64, sink: &mut dyn FnMut(&[u8])) -> Result<u64> {
+        (**self).get_stream(key, off, sink)
     }
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
         (**self).put(key, data)

@@ -110,6 +110,19 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
         self.run("get", key, |s| s.get(key, off, len))
     }
 
+    /// A stream cut by a transient failure resumes where it stopped (objects are immutable,
+    /// so the rest is the same bytes).
+    fn get_stream(&self, key: &str, off: u64, sink: &mut dyn FnMut(&[u8])) -> Result<u64> {
+        let mut got = 0u64;
+        self.run("get", key, |s| {
+            s.get_stream(key, off + got, &mut |c: &[u8]| {
+                got += c.len() as u64;
+                sink(c)
+            })
+        })?;
+        Ok(got)
+    }
+
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
         self.run("put", key, |s| s.put(key, data.clone()))
     }

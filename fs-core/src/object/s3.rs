@@ -474,6 +474,70 @@ impl ObjectStore for S3Store {
         })?
     }
 
+    /// Streams the body: pieces are handed over as the connection delivers them.
+    fn get_stream(&self, key: &str, off: u64, sink: &mut dyn FnMut(&[u8])) -> Result<u64> {
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.settings.bucket)
+            .key(self.full_key(key));
+        if off > 0 {
+            req = req.range(format!("bytes={off}-"));
+        }
+        let out = self.block_on(async {
+            match req.send().await {
+                Ok(out) => Ok(Some(out)),
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => Ok(None),
+                Err(e) => Err(self.map_err("get", key, &e)),
+            }
+        })??;
+        let Some(out) = out else { return Ok(0) };
+        // A server that ignored the Range header sends the whole object: skip the head.
+        let mut skip = if off > 0 && out.content_range().is_none() {
+            off
+        } else {
+            0
+        };
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| ObjectError::Other("the S3 store is shut down".to_string()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::result::Result<Bytes, String>>(16);
+        let mut body = out.body;
+        rt.spawn(async move {
+            loop {
+                let item = match body.try_next().await {
+                    Ok(Some(c)) => Ok(c),
+                    Ok(None) => return,
+                    Err(e) => Err(e.to_string()),
+                };
+                let stop = item.is_err();
+                if tx.send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let mut n = 0u64;
+        for item in rx {
+            let mut c = item.map_err(|e| {
+                ObjectError::Transient(self.scrub(format!(
+                    "get {key:?} on {}: reading the body: {e}",
+                    self.describe()
+                )))
+            })?;
+            if skip > 0 {
+                let k = skip.min(c.len() as u64);
+                skip -= k;
+                c = c.slice(k as usize..);
+            }
+            if !c.is_empty() {
+                sink(&c);
+                n += c.len() as u64;
+            }
+        }
+        Ok(n)
+    }
+
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let full = self.full_key(key);
         if data.len() > MULTIPART_THRESHOLD {

@@ -24,6 +24,32 @@ impl Vfs {
         }
         let me = self.clone();
         threads.push(spawn("heartbeat", move || me.heartbeat_loop()));
+        if self.reader.group().is_some() {
+            self.refresh_group();
+            let me = self.clone();
+            threads.push(spawn("group-members", move || {
+                while me.sleep(Duration::from_secs(2)) {
+                    me.refresh_group();
+                }
+            }));
+        }
+    }
+
+    /// Re-read the cache group's members from the live sessions.
+    fn refresh_group(&self) {
+        let Some(g) = self.reader.group() else { return };
+        match self.meta.sessions() {
+            Ok(sessions) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                g.refresh(&sessions, now);
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.volume(), group = %g.name(), error = %e, "reading cache group members failed")
+            }
+        }
     }
 
     fn sleep(&self, d: Duration) -> bool {
@@ -76,7 +102,12 @@ impl Vfs {
     /// Description of this client stored with its session.
     pub fn session_info(&self) -> String {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("host={} pid={}", host.trim(), std::process::id())
+        let group = self
+            .reader
+            .group()
+            .map(|g| g.session_info())
+            .unwrap_or_default();
+        format!("host={} pid={}{group}", host.trim(), std::process::id())
     }
 
     fn cleaner_loop(self: Arc<Self>) {

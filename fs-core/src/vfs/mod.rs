@@ -4,6 +4,7 @@
 //! and deletion of unreferenced objects.
 
 mod background;
+mod cache_ops;
 pub mod pool;
 pub mod reader;
 pub mod writer;
@@ -16,6 +17,9 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::CacheSettings;
+use crate::cache::disk::DiskCache;
+use crate::cache::group::Group;
 use crate::chunk::{Segment, block_key};
 use crate::meta::{
     CHUNK_SIZE, Ctx, Entry, FileKind, Format, Ino, Meta, MetaError, Node, ROOT_INO, SetAttr, StatFs,
@@ -48,6 +52,8 @@ pub struct VfsSettings {
     pub read_only: bool,
     /// Run background cleaning (trim, reclaim, object deletion) in this client.
     pub background_gc: bool,
+    /// Disk cache and cache group.
+    pub cache: CacheSettings,
 }
 
 impl Default for VfsSettings {
@@ -64,6 +70,7 @@ impl Default for VfsSettings {
             compact_threshold: 100,
             read_only: false,
             background_gc: true,
+            cache: CacheSettings::default(),
         }
     }
 }
@@ -81,6 +88,8 @@ pub enum VfsError {
     ReadOnly,
     #[error("unknown file handle")]
     BadHandle,
+    #[error("cache: {0}")]
+    Cache(String),
 }
 
 pub type Result<T> = std::result::Result<T, VfsError>;
@@ -143,6 +152,8 @@ impl std::fmt::Debug for Vfs {
 }
 
 impl Vfs {
+    /// A VFS; a disk cache or cache group that cannot be set up is logged and left out
+    /// (use [`Vfs::try_new`] to fail instead).
     pub fn new(
         meta: Arc<Meta>,
         store: Arc<dyn ObjectStore>,
@@ -150,11 +161,66 @@ impl Vfs {
         metrics: Arc<Metrics>,
         settings: VfsSettings,
     ) -> Arc<Self> {
+        match Self::try_new(
+            meta.clone(),
+            store.clone(),
+            format.clone(),
+            metrics.clone(),
+            settings.clone(),
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(volume = %format.name, error = %e, "running without the disk cache and cache group");
+                let mut s = settings;
+                s.cache.dirs.clear();
+                s.cache.group = None;
+                Self::try_new(meta, store, format, metrics, s)
+                    .expect("a VFS without disk cache and group has nothing to set up")
+            }
+        }
+    }
+
+    /// A VFS with its disk cache and cache group, or the error that prevents them.
+    pub fn try_new(
+        meta: Arc<Meta>,
+        store: Arc<dyn ObjectStore>,
+        format: Format,
+        metrics: Arc<Metrics>,
+        settings: VfsSettings,
+    ) -> Result<Arc<Self>> {
+        let disk = if settings.cache.disk_enabled() {
+            Some(
+                DiskCache::open(
+                    &settings.cache.dirs,
+                    &format.uuid,
+                    settings.cache.disk_size,
+                    settings.cache.free_space_ratio,
+                    metrics.clone(),
+                )
+                .map_err(|e| VfsError::Cache(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let reader = Arc::new(BlockReader::new(
             store.clone(),
             settings.mem_cache_size,
             settings.prefetch_threads,
+            disk,
+            &settings.cache,
+            metrics.clone(),
         ));
+        if settings.cache.group.is_some() {
+            let g = Group::start(
+                &settings.cache,
+                &format.name,
+                &format.uuid,
+                &reader,
+                metrics.clone(),
+            )
+            .map_err(|e| VfsError::Cache(e.to_string()))?;
+            reader.set_group(g);
+        }
         let wctx = Arc::new(WriteCtx {
             meta: meta.clone(),
             store,
@@ -165,7 +231,7 @@ impl Vfs {
             volume: format.name.clone(),
             block_size: format.block_size,
         });
-        Arc::new(Vfs {
+        Ok(Arc::new(Vfs {
             meta,
             settings,
             metrics,
@@ -187,7 +253,7 @@ impl Vfs {
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             threads: Mutex::new(Vec::new()),
-        })
+        }))
     }
 
     pub fn volume(&self) -> &str {
@@ -685,8 +751,7 @@ impl Vfs {
             match p {
                 Piece::Zero(n) => out.resize(out.len() + n, 0),
                 Piece::Block { key, len, from, to } => {
-                    let b = self.reader.get(&key, len)?;
-                    out.extend_from_slice(&b[from..to]);
+                    self.reader.read_into(&key, len, from, to, &mut out)?;
                 }
             }
         }
@@ -859,6 +924,9 @@ impl Vfs {
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         if name == Self::INFO_XATTR {
             return self.info(ino);
+        }
+        if let Some(v) = self.cache_xattr(ino, name) {
+            return v;
         }
         Ok(self.meta.getxattr(ino, name)?)
     }

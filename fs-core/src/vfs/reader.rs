@@ -1,63 +1,33 @@
-//! Block reads: a bounded in-memory LRU of block objects, single-flight fetches (concurrent
-//! readers of one block wait for the one request in flight) and background prefetch.
+//! Block reads through the cache tiers: memory, local disk, the cache group's owner of the
+//! block, then the object store. One fetch per block however many readers ask at once (single
+//! flight), and readers of a block being fetched are served as soon as the bytes they asked
+//! for have arrived (read while filling), not when the whole block is there.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use super::pool::Pool;
+use crate::cache::disk::DiskCache;
+use crate::cache::group::Group;
+use crate::cache::{CacheSettings, MemCache};
+use crate::metrics::Metrics;
 use crate::object::{ObjectError, ObjectStore};
 
-struct Lru {
-    map: HashMap<String, (Bytes, u64)>,
-    order: BTreeMap<u64, String>,
-    tick: u64,
-    bytes: u64,
-    cap: u64,
-}
+/// Waiters are woken every time this many more bytes of a block have arrived.
+const WAKE_STEP: usize = 128 << 10;
 
-impl Lru {
-    fn get(&mut self, key: &str) -> Option<Bytes> {
-        let (data, t) = self.map.get_mut(key)?;
-        self.order.remove(t);
-        self.tick += 1;
-        *t = self.tick;
-        self.order.insert(self.tick, key.to_string());
-        Some(data.clone())
-    }
-    fn put(&mut self, key: &str, data: Bytes) {
-        if data.len() as u64 > self.cap {
-            return;
-        }
-        self.remove(key);
-        self.tick += 1;
-        self.bytes += data.len() as u64;
-        self.map.insert(key.to_string(), (data, self.tick));
-        self.order.insert(self.tick, key.to_string());
-        while self.bytes > self.cap {
-            let Some((_, k)) = self.order.pop_first() else {
-                break;
-            };
-            if let Some((d, _)) = self.map.remove(&k) {
-                self.bytes -= d.len() as u64;
-            }
-        }
-    }
-    fn remove(&mut self, key: &str) {
-        if let Some((d, t)) = self.map.remove(key) {
-            self.order.remove(&t);
-            self.bytes -= d.len() as u64;
-        }
-    }
+#[derive(Default)]
+struct Fill {
+    buf: Vec<u8>,
+    done: Option<Result<Bytes, FetchError>>,
 }
-
-type FlightResult = Option<Result<Bytes, FetchError>>;
 
 #[derive(Default)]
 struct Flight {
-    result: Mutex<FlightResult>,
+    fill: Mutex<Fill>,
     cv: Condvar,
 }
 
@@ -76,108 +46,486 @@ pub enum FetchError {
     Store(String),
 }
 
+/// Where a fetch may get a block it does not have.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Source {
+    /// Peers of the cache group, then the object store (readers of this mount).
+    Any,
+    /// The object store only (serving a peer that already chose this member).
+    Store,
+}
+
+/// How a flight's fetch runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// On the fetch pool: the caller waits only for the bytes it needs.
+    Foreground,
+    /// On the prefetch pool, nobody waits.
+    Prefetch,
+    /// In the calling thread (peer server threads: never queue behind local work).
+    Inline,
+}
+
 pub struct BlockReader {
     store: Arc<dyn ObjectStore>,
-    cache: Mutex<Lru>,
+    mem: Mutex<MemCache>,
+    disk: Option<Arc<DiskCache>>,
+    group: OnceLock<Arc<Group>>,
     inflight: Mutex<HashMap<String, Arc<Flight>>>,
-    pool: Pool,
+    fetchers: Pool,
+    prefetchers: Pool,
+    metrics: Arc<Metrics>,
+    cache_written: bool,
 }
 
 impl BlockReader {
-    pub fn new(store: Arc<dyn ObjectStore>, cache_bytes: u64, threads: usize) -> Self {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        mem_bytes: u64,
+        prefetch_threads: usize,
+        disk: Option<Arc<DiskCache>>,
+        settings: &CacheSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         BlockReader {
             store,
-            cache: Mutex::new(Lru {
-                map: HashMap::new(),
-                order: BTreeMap::new(),
-                tick: 0,
-                bytes: 0,
-                cap: cache_bytes,
-            }),
+            mem: Mutex::new(MemCache::new(mem_bytes)),
+            disk,
+            group: OnceLock::new(),
             inflight: Mutex::new(HashMap::new()),
-            pool: Pool::new("prefetch", threads),
+            fetchers: Pool::new("fetch", settings.fetch_threads.max(1)),
+            prefetchers: Pool::new("prefetch", prefetch_threads.max(1)),
+            metrics,
+            cache_written: settings.cache_written,
         }
     }
 
-    /// Put a block just written (read-after-write without a GET).
+    /// Join a cache group (once, at mount).
+    pub fn set_group(&self, group: Arc<Group>) {
+        let _ = self.group.set(group);
+    }
+
+    pub fn group(&self) -> Option<&Arc<Group>> {
+        self.group.get()
+    }
+
+    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+        self.disk.as_ref()
+    }
+
+    fn mem_put(&self, key: &str, data: Bytes) {
+        let (evicted, bytes) = {
+            let mut m = self.mem.lock();
+            (m.put(key, data), m.bytes())
+        };
+        self.metrics.cache_evictions("memory", evicted as u64);
+        self.metrics.cache_bytes("memory", bytes);
+    }
+
+    /// A block just written by this client (read-after-write and peers without a GET): to
+    /// the disk tier when there is one, else to memory.
     pub fn insert(&self, key: &str, data: Bytes) {
-        self.cache.lock().put(key, data);
+        match &self.disk {
+            Some(d) if self.cache_written => d.put_async(key, data),
+            Some(_) => {}
+            None => self.mem_put(key, data),
+        }
     }
 
+    /// Forget a block (its object is being deleted).
     pub fn forget(&self, key: &str) {
-        self.cache.lock().remove(key);
+        self.mem.lock().remove(key);
+        if let Some(d) = &self.disk {
+            d.remove(key);
+        }
     }
 
+    /// Whether the block is in this client's memory or disk tier.
     pub fn cached(&self, key: &str) -> bool {
-        self.cache.lock().map.contains_key(key)
+        self.mem.lock().contains(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
     }
 
-    /// The whole block `key` of `len` bytes, from cache or from the store (one request per
-    /// block however many readers ask at once).
-    pub fn get(&self, key: &str, len: usize) -> Result<Bytes, FetchError> {
-        if let Some(b) = self.cache.lock().get(key) {
+    /// The block from memory or disk (a disk hit is promoted to memory).
+    fn local(&self, key: &str, len: usize) -> Option<Bytes> {
+        if let Some(b) = self.mem.lock().get(key) {
+            self.metrics.cache_hit("memory");
+            return Some(b);
+        }
+        let b = self.disk.as_ref()?.get(key, len)?;
+        self.metrics.cache_hit("disk");
+        self.mem_put(key, b.clone());
+        Some(b)
+    }
+
+    /// Append bytes `[from, to)` of block `key` (`len` bytes) to `out`, waiting only until
+    /// those bytes have arrived.
+    pub fn read_into(
+        self: &Arc<Self>,
+        key: &str,
+        len: usize,
+        from: usize,
+        to: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FetchError> {
+        if let Some(b) = self.local(key, len) {
+            return copy_range(&b, key, from, to, out);
+        }
+        let flight = self.flight(key, len, Source::Any, Run::Foreground);
+        wait_range(&flight, key, from, to, out)
+    }
+
+    /// The whole block.
+    pub fn get(self: &Arc<Self>, key: &str, len: usize) -> Result<Bytes, FetchError> {
+        self.get_from(key, len, Source::Any)
+    }
+
+    /// The whole block for a peer of the group: fetched in this thread, from `source`.
+    pub fn get_from(
+        self: &Arc<Self>,
+        key: &str,
+        len: usize,
+        source: Source,
+    ) -> Result<Bytes, FetchError> {
+        if let Some(b) = self.local(key, len) {
             return Ok(b);
         }
-        let (flight, leader) = {
-            let mut inflight = self.inflight.lock();
-            match inflight.get(key) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Arc::new(Flight::default());
-                    inflight.insert(key.to_string(), f.clone());
-                    (f, true)
-                }
-            }
-        };
-        if leader {
-            // Another reader may have filled the cache between our check and the flight.
-            let res = match self.cache.lock().get(key) {
-                Some(b) => Ok(b),
-                None => self.fetch(key, len),
-            };
-            if let Ok(b) = &res {
-                self.cache.lock().put(key, b.clone());
-            }
-            *flight.result.lock() = Some(res.clone());
-            flight.cv.notify_all();
-            self.inflight.lock().remove(key);
-            return res;
+        let flight = self.flight(key, len, source, Run::Inline);
+        let mut f = flight.fill.lock();
+        while f.done.is_none() {
+            flight.cv.wait(&mut f);
         }
-        let mut r = flight.result.lock();
-        while r.is_none() {
-            flight.cv.wait(&mut r);
-        }
-        r.clone()
-            .unwrap_or_else(|| Err(FetchError::Store("fetch abandoned".into())))
-    }
-
-    fn fetch(&self, key: &str, len: usize) -> Result<Bytes, FetchError> {
-        match self.store.get(key, 0, None) {
-            Ok(b) if b.len() == len => Ok(b),
-            Ok(b) => Err(FetchError::Corrupt {
-                key: key.to_string(),
-                got: b.len(),
-                want: len,
-            }),
-            Err(ObjectError::NotFound(_)) => Err(FetchError::Missing(key.to_string())),
-            Err(e) => Err(FetchError::Store(e.to_string())),
-        }
+        f.done.clone().expect("checked above")
     }
 
     /// Fetch blocks in the background (readahead); errors are left for the real read.
     pub fn prefetch(self: &Arc<Self>, blocks: Vec<(String, usize)>) {
         for (key, len) in blocks {
-            if self.cached(&key) || self.inflight.lock().contains_key(&key) {
+            if self.inflight.lock().contains_key(&key) || self.cached(&key) {
                 continue;
             }
-            let me = self.clone();
-            self.pool.spawn(move || {
-                let _ = me.get(&key, len);
-            });
+            self.flight(&key, len, Source::Any, Run::Prefetch);
         }
     }
 
+    /// The flight of `key`, joining the one in progress or starting one.
+    fn flight(self: &Arc<Self>, key: &str, len: usize, source: Source, run: Run) -> Arc<Flight> {
+        let flight = {
+            let mut inflight = self.inflight.lock();
+            if let Some(f) = inflight.get(key) {
+                return f.clone();
+            }
+            let f = Arc::new(Flight::default());
+            inflight.insert(key.to_string(), f.clone());
+            f
+        };
+        let me = self.clone();
+        let (k, f) = (key.to_string(), flight.clone());
+        let job = move || me.fetch(&k, len, &f, source);
+        match run {
+            Run::Foreground => self.fetchers.spawn(job),
+            Run::Prefetch => self.prefetchers.spawn(job),
+            Run::Inline => job(),
+        }
+        flight
+    }
+
+    /// Fill `flight` with block `key`: local tiers (another reader may have just finished
+    /// it), the group's owner, the object store; then cache it and wake everyone.
+    fn fetch(self: &Arc<Self>, key: &str, len: usize, flight: &Flight, source: Source) {
+        let res = match self.local(key, len) {
+            Some(b) => Ok(b),
+            None => {
+                self.metrics.cache_miss();
+                self.fetch_remote(key, len, flight, source)
+            }
+        };
+        if let Ok(b) = &res {
+            self.mem_put(key, b.clone());
+            if let Some(d) = &self.disk {
+                d.put_async(key, b.clone());
+            }
+        }
+        {
+            let mut f = flight.fill.lock();
+            f.buf = Vec::new();
+            f.done = Some(res);
+        }
+        flight.cv.notify_all();
+        self.inflight.lock().remove(key);
+    }
+
+    fn fetch_remote(
+        &self,
+        key: &str,
+        len: usize,
+        flight: &Flight,
+        source: Source,
+    ) -> Result<Bytes, FetchError> {
+        flight.fill.lock().buf.reserve_exact(len);
+        let mut woken = 0usize;
+        let mut sink = |c: &[u8]| {
+            let filled = {
+                let mut f = flight.fill.lock();
+                let room = len.saturating_sub(f.buf.len());
+                f.buf.extend_from_slice(&c[..c.len().min(room)]);
+                f.buf.len()
+            };
+            if filled >= woken + WAKE_STEP || filled >= len {
+                woken = filled;
+                flight.cv.notify_all();
+            }
+        };
+        if source == Source::Any
+            && let Some(g) = self.group.get()
+            && let Some(peer) = g.target(key)
+        {
+            match g.fetch(&peer, key, len, &mut sink) {
+                Ok(()) => self.metrics.cache_peer_hit(),
+                Err(e) => {
+                    self.metrics.cache_peer_error();
+                    g.mark_down(&peer);
+                    tracing::info!(peer = %peer, key, error = %e, "cache group peer failed, reading from the object store");
+                }
+            }
+        }
+        // Whatever the peer did not deliver comes from the store; a stream cut short is
+        // continued once more before it counts as corrupt.
+        for _ in 0..2 {
+            let have = flight.fill.lock().buf.len();
+            if have >= len {
+                break;
+            }
+            match self.store.get_stream(key, have as u64, &mut sink) {
+                Ok(_) => {}
+                Err(ObjectError::NotFound(_)) => return Err(FetchError::Missing(key.to_string())),
+                Err(e) => return Err(FetchError::Store(e.to_string())),
+            }
+        }
+        let mut f = flight.fill.lock();
+        if f.buf.len() != len {
+            return Err(FetchError::Corrupt {
+                key: key.to_string(),
+                got: f.buf.len(),
+                want: len,
+            });
+        }
+        Ok(Bytes::from(std::mem::take(&mut f.buf)))
+    }
+
     pub fn shutdown(&self) {
-        self.pool.shutdown();
+        self.prefetchers.shutdown();
+        self.fetchers.shutdown();
+        if let Some(d) = &self.disk {
+            d.shutdown();
+        }
+        if let Some(g) = self.group.get() {
+            g.shutdown();
+        }
+    }
+}
+
+fn copy_range(
+    b: &[u8],
+    key: &str,
+    from: usize,
+    to: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), FetchError> {
+    match b.get(from..to) {
+        Some(s) => {
+            out.extend_from_slice(s);
+            Ok(())
+        }
+        None => Err(FetchError::Corrupt {
+            key: key.to_string(),
+            got: b.len(),
+            want: to,
+        }),
+    }
+}
+
+fn wait_range(
+    flight: &Flight,
+    key: &str,
+    from: usize,
+    to: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), FetchError> {
+    let mut f = flight.fill.lock();
+    loop {
+        if let Some(done) = &f.done {
+            let b = done.clone()?;
+            return copy_range(&b, key, from, to, out);
+        }
+        if f.buf.len() >= to {
+            out.extend_from_slice(&f.buf[from..to]);
+            return Ok(());
+        }
+        flight.cv.wait(&mut f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::object::{MemStore, ObjectInfo};
+
+    /// A store that counts GETs and streams slowly in small pieces.
+    struct SlowStore {
+        inner: MemStore,
+        gets: AtomicUsize,
+        delay: Duration,
+    }
+
+    impl ObjectStore for SlowStore {
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+        fn init(&self) -> crate::object::Result<()> {
+            Ok(())
+        }
+        fn get(&self, key: &str, off: u64, len: Option<u64>) -> crate::object::Result<Bytes> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            self.inner.get(key, off, len)
+        }
+        fn get_stream(
+            &self,
+            key: &str,
+            off: u64,
+            sink: &mut dyn FnMut(&[u8]),
+        ) -> crate::object::Result<u64> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            let b = self.inner.get(key, off, None)?;
+            for c in b.chunks(64 << 10) {
+                std::thread::sleep(self.delay);
+                sink(c);
+            }
+            Ok(b.len() as u64)
+        }
+        fn put(&self, key: &str, data: Bytes) -> crate::object::Result<()> {
+            self.inner.put(key, data)
+        }
+        fn delete(&self, key: &str) -> crate::object::Result<()> {
+            self.inner.delete(key)
+        }
+        fn head(&self, key: &str) -> crate::object::Result<ObjectInfo> {
+            self.inner.head(key)
+        }
+        fn list(
+            &self,
+            p: &str,
+            s: Option<&str>,
+            l: usize,
+        ) -> crate::object::Result<Vec<ObjectInfo>> {
+            self.inner.list(p, s, l)
+        }
+    }
+
+    fn setup(delay_ms: u64, disk: Option<Arc<DiskCache>>) -> (Arc<SlowStore>, Arc<BlockReader>) {
+        let store = Arc::new(SlowStore {
+            inner: MemStore::new(),
+            gets: AtomicUsize::new(0),
+            delay: Duration::from_millis(delay_ms),
+        });
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        store.put("v/chunks/0/0/1_0_1048576", Bytes::from(data)).unwrap();
+        let reader = Arc::new(BlockReader::new(
+            store.clone(),
+            64 << 20,
+            2,
+            disk,
+            &CacheSettings::default(),
+            Arc::new(Metrics::new()),
+        ));
+        (store, reader)
+    }
+
+    #[test]
+    fn concurrent_readers_share_one_fetch() {
+        let (store, reader) = setup(2, None);
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let r = reader.clone();
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    let from = i * 100_000;
+                    r.read_into("v/chunks/0/0/1_0_1048576", 1 << 20, from, from + 4096, &mut out)
+                        .unwrap();
+                    assert_eq!(out[0], (from % 251) as u8);
+                    out.len()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 4096);
+        }
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+        // Now cached: no more requests.
+        let b = reader.get("v/chunks/0/0/1_0_1048576", 1 << 20).unwrap();
+        assert_eq!(b.len(), 1 << 20);
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn first_bytes_arrive_before_the_whole_block() {
+        // 16 pieces of 64 KiB, 30 ms each: the whole block takes ~480 ms.
+        let (_store, reader) = setup(30, None);
+        let start = std::time::Instant::now();
+        let mut out = Vec::new();
+        reader
+            .read_into("v/chunks/0/0/1_0_1048576", 1 << 20, 0, 4096, &mut out)
+            .unwrap();
+        let first = start.elapsed();
+        let whole = reader.get("v/chunks/0/0/1_0_1048576", 1 << 20).unwrap();
+        let all = start.elapsed();
+        assert_eq!(&whole[..4096], &out[..]);
+        assert!(
+            first * 3 < all,
+            "first bytes after {first:?}, whole block after {all:?}"
+        );
+    }
+
+    #[test]
+    fn missing_and_short_blocks_are_errors_never_zeros() {
+        let (store, reader) = setup(0, None);
+        let mut out = Vec::new();
+        let e = reader
+            .read_into("v/chunks/0/0/9_0_10", 10, 0, 10, &mut out)
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Missing(_)), "{e}");
+        store.put("v/chunks/0/0/2_0_100", Bytes::from(vec![1u8; 50])).unwrap();
+        let e = reader.get("v/chunks/0/0/2_0_100", 100).unwrap_err();
+        assert!(matches!(e, FetchError::Corrupt { got: 50, .. }), "{e}");
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn disk_tier_serves_after_memory_is_gone() {
+        let t = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(
+            &[t.path().to_path_buf()],
+            "u",
+            64 << 20,
+            0.0,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let (store, reader) = setup(0, Some(disk.clone()));
+        reader.get("v/chunks/0/0/1_0_1048576", 1 << 20).unwrap();
+        reader.shutdown(); // waits for the disk write
+        let reader2 = Arc::new(BlockReader::new(
+            store.clone(),
+            64 << 20,
+            1,
+            Some(disk),
+            &CacheSettings::default(),
+            Arc::new(Metrics::new()),
+        ));
+        let b = reader2.get("v/chunks/0/0/1_0_1048576", 1 << 20).unwrap();
+        assert_eq!(b[1000], (1000 % 251) as u8);
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
     }
 }

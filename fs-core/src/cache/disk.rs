@@ -1,0 +1,477 @@
+//! The block cache on local disk. One directory per `--cache-dir` entry, each holding
+//! `<dir>/<volume uuid>/raw/<block key>` files and a `tmp/` staging area. A cached file is the
+//! block followed by an 8-byte trailer: CRC-32C of the block (little endian) and the magic
+//! `STB1` (see docs/FORMAT.md, "Disk cache"). A file whose size, magic or checksum is wrong is
+//! deleted and reported as a miss, so corrupt data is refetched, never returned.
+//!
+//! The index (keys and sizes, segmented LRU) lives in memory and is rebuilt from the files at
+//! startup by a background scan, oldest first, so a remount keeps its warm cache. Reads do not
+//! wait for the scan: a key not yet indexed is looked up on disk directly.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::slru::Slru;
+use crate::metrics::Metrics;
+use crate::vfs::pool::Pool;
+
+const MAGIC: &[u8; 4] = b"STB1";
+const TRAILER: usize = 8;
+
+/// Errors setting up the disk cache (each names the directory and the fix).
+#[derive(Debug, thiserror::Error)]
+pub enum DiskCacheError {
+    #[error("cache directory {dir}: {err} (choose a writable directory with --cache-dir, or --cache-size 0 to disable the disk cache)")]
+    Dir { dir: String, err: std::io::Error },
+}
+
+struct Dir {
+    root: PathBuf,
+    index: Mutex<Slru>,
+    /// Fraction of the file system that must stay free.
+    free_ratio: f64,
+    last_space_check: Mutex<Option<Instant>>,
+}
+
+/// The disk tier: a set of cache directories, a block maps to one by hash.
+pub struct DiskCache {
+    dirs: Vec<Arc<Dir>>,
+    writers: Pool,
+    pending: AtomicU64,
+    max_pending: u64,
+    metrics: Arc<Metrics>,
+    tmp_seq: AtomicU64,
+}
+
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with('/')
+        && key
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Encode a block as a cache file body.
+pub fn encode(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + TRAILER);
+    out.extend_from_slice(data);
+    out.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+    out.extend_from_slice(MAGIC);
+    out
+}
+
+/// Decode a cache file body of a block of `len` bytes; `None` if it does not verify.
+pub fn decode(mut file: Vec<u8>, len: usize) -> Option<Bytes> {
+    if file.len() != len + TRAILER || &file[len + 4..] != MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(file[len..len + 4].try_into().ok()?);
+    file.truncate(len);
+    if crc32c::crc32c(&file) != crc {
+        return None;
+    }
+    Some(Bytes::from(file))
+}
+
+impl DiskCache {
+    /// Open (creating) the cache directories for volume `uuid`, `total` bytes split evenly
+    /// between them. Starts the background index rebuild.
+    pub fn open(
+        dirs: &[PathBuf],
+        uuid: &str,
+        total: u64,
+        free_ratio: f64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, DiskCacheError> {
+        let per_dir = total / dirs.len().max(1) as u64;
+        let mut out = Vec::new();
+        for d in dirs {
+            let root = d.join(uuid);
+            let mk = |p: &Path| {
+                fs::create_dir_all(p).map_err(|err| DiskCacheError::Dir {
+                    dir: d.display().to_string(),
+                    err,
+                })
+            };
+            mk(&root.join("raw"))?;
+            // Leftovers of writes interrupted by a crash.
+            let _ = fs::remove_dir_all(root.join("tmp"));
+            mk(&root.join("tmp"))?;
+            // Check we can write there now rather than failing every block later.
+            let probe = root.join("tmp").join("probe");
+            File::create(&probe)
+                .and_then(|mut f| f.write_all(b"x"))
+                .map_err(|err| DiskCacheError::Dir {
+                    dir: d.display().to_string(),
+                    err,
+                })?;
+            let _ = fs::remove_file(&probe);
+            out.push(Arc::new(Dir {
+                root,
+                index: Mutex::new(Slru::new(per_dir)),
+                free_ratio: free_ratio.clamp(0.0, 0.99),
+                last_space_check: Mutex::new(None),
+            }));
+        }
+        let cache = Arc::new(DiskCache {
+            dirs: out,
+            writers: Pool::new("cache-write", 2),
+            pending: AtomicU64::new(0),
+            max_pending: 256 << 20,
+            metrics,
+            tmp_seq: AtomicU64::new(0),
+        });
+        for d in &cache.dirs {
+            let d = d.clone();
+            let me = Arc::downgrade(&cache);
+            let _ = std::thread::Builder::new()
+                .name("cache-scan".into())
+                .spawn(move || {
+                    let started = Instant::now();
+                    let n = d.rebuild_index();
+                    if let Some(c) = me.upgrade() {
+                        c.report_bytes();
+                    }
+                    tracing::info!(dir = %d.root.display(), blocks = n, seconds = started.elapsed().as_secs_f64(), "disk cache index rebuilt");
+                });
+        }
+        Ok(cache)
+    }
+
+    fn dir(&self, key: &str) -> &Arc<Dir> {
+        let i = crc32c::crc32c(key.as_bytes()) as usize % self.dirs.len();
+        &self.dirs[i]
+    }
+
+    /// Bytes indexed in all directories.
+    pub fn bytes(&self) -> u64 {
+        self.dirs.iter().map(|d| d.index.lock().bytes()).sum()
+    }
+
+    fn report_bytes(&self) {
+        self.metrics.cache_bytes("disk", self.bytes());
+    }
+
+    /// Whether the block is cached (indexed, or present on disk before the scan reached it).
+    pub fn contains(&self, key: &str) -> bool {
+        if !valid_key(key) {
+            return false;
+        }
+        let d = self.dir(key);
+        d.index.lock().contains(key) || d.path(key).exists()
+    }
+
+    /// The block, verified; `None` on a miss or a corrupt file (which is then removed).
+    pub fn get(&self, key: &str, len: usize) -> Option<Bytes> {
+        if !valid_key(key) {
+            return None;
+        }
+        let d = self.dir(key);
+        let path = d.path(key);
+        let mut f = File::open(&path).ok()?;
+        let mut buf = Vec::with_capacity(len + TRAILER);
+        if f.read_to_end(&mut buf).is_err() {
+            return None;
+        }
+        match decode(buf, len) {
+            Some(b) => {
+                let mut idx = d.index.lock();
+                if !idx.touch(key) {
+                    // Found before the startup scan indexed it.
+                    idx.restore(key, (len + TRAILER) as u64);
+                }
+                Some(b)
+            }
+            None => {
+                tracing::warn!(key, path = %path.display(), "cached block failed verification, dropping it");
+                self.metrics.cache_corrupt();
+                let _ = fs::remove_file(&path);
+                d.index.lock().remove(key);
+                self.report_bytes();
+                None
+            }
+        }
+    }
+
+    /// Store a block in the background (dropped when too much is already queued).
+    pub fn put_async(self: &Arc<Self>, key: &str, data: Bytes) {
+        if !valid_key(key) || self.contains(key) {
+            return;
+        }
+        let n = data.len() as u64;
+        if self.pending.fetch_add(n, Ordering::AcqRel) + n > self.max_pending {
+            self.pending.fetch_sub(n, Ordering::AcqRel);
+            return;
+        }
+        let me = self.clone();
+        let key = key.to_string();
+        self.writers.spawn(move || {
+            if let Err(e) = me.put(&key, &data) {
+                tracing::warn!(key = %key, error = %e, "writing a block to the disk cache failed");
+            }
+            me.pending.fetch_sub(n, Ordering::AcqRel);
+        });
+    }
+
+    /// Store a block now.
+    pub fn put(&self, key: &str, data: &[u8]) -> std::io::Result<()> {
+        if !valid_key(key) {
+            return Ok(());
+        }
+        let d = self.dir(key);
+        if d.index.lock().cap() == 0 {
+            return Ok(());
+        }
+        let size = (data.len() + TRAILER) as u64;
+        d.make_space(size, &self.metrics);
+        let tmp = d.root.join("tmp").join(format!(
+            "{}.{}",
+            std::process::id(),
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let path = d.path(key);
+        let res = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&encode(data))?;
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&tmp, &path)
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+            return res;
+        }
+        let evicted = d.index.lock().insert(key, size);
+        for k in &evicted {
+            let _ = fs::remove_file(d.path(k));
+        }
+        self.metrics.cache_evictions("disk", evicted.len() as u64);
+        self.report_bytes();
+        Ok(())
+    }
+
+    /// Drop a block (e.g. its object was deleted).
+    pub fn remove(&self, key: &str) {
+        if !valid_key(key) {
+            return;
+        }
+        let d = self.dir(key);
+        let _ = fs::remove_file(d.path(key));
+        d.index.lock().remove(key);
+    }
+
+    /// Wait for queued writes.
+    pub fn shutdown(&self) {
+        self.writers.shutdown();
+    }
+}
+
+impl Dir {
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join("raw").join(key)
+    }
+
+    /// Evict for `incoming` bytes, and further while the file system's free share is below
+    /// the configured ratio (checked at most once a second).
+    fn make_space(&self, incoming: u64, metrics: &Metrics) {
+        let mut evicted = {
+            let mut idx = self.index.lock();
+            let target = idx.cap().saturating_sub(incoming);
+            idx.evict_to(target)
+        };
+        let check = {
+            let mut last = self.last_space_check.lock();
+            let due = last.is_none_or(|t| t.elapsed().as_secs() >= 1);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if check
+            && self.free_ratio > 0.0
+            && let Some((free, total)) = fs_space(&self.root)
+        {
+            let want = (total as f64 * self.free_ratio) as u64 + incoming;
+            if free < want {
+                let mut idx = self.index.lock();
+                let target = idx.bytes().saturating_sub(want - free);
+                evicted.extend(idx.evict_to(target));
+            }
+        }
+        for k in &evicted {
+            let _ = fs::remove_file(self.path(k));
+        }
+        metrics.cache_evictions("disk", evicted.len() as u64);
+    }
+
+    /// Index the files on disk, oldest first. Returns the number of blocks.
+    fn rebuild_index(&self) -> usize {
+        let raw = self.root.join("raw");
+        let mut found: Vec<(SystemTime, String, u64)> = Vec::new();
+        let mut stack = vec![raw.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                let Ok(md) = e.metadata() else { continue };
+                let p = e.path();
+                if md.is_dir() {
+                    stack.push(p);
+                } else if let Ok(rel) = p.strip_prefix(&raw)
+                    && let Some(key) = rel.to_str()
+                {
+                    let t = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                    found.push((t, key.to_string(), md.len()));
+                }
+            }
+        }
+        found.sort();
+        let n = found.len();
+        let evicted = {
+            let mut idx = self.index.lock();
+            for (_, k, size) in &found {
+                if !idx.contains(k) {
+                    idx.restore(k, *size);
+                }
+            }
+            // The cache may have been made smaller since the last mount.
+            let cap = idx.cap();
+            idx.evict_to(cap)
+        };
+        for k in evicted {
+            let _ = fs::remove_file(self.path(&k));
+        }
+        n
+    }
+}
+
+/// (free, total) bytes of the file system holding `p`.
+fn fs_space(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct; c is NUL-terminated.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        let frsize = st.f_frsize as u64;
+        Some((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, cap: u64) -> Arc<DiskCache> {
+        DiskCache::open(
+            &[dir.to_path_buf()],
+            "uuid",
+            cap,
+            0.0,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    }
+
+    fn wait_scan(c: &DiskCache, blocks: usize) {
+        for _ in 0..200 {
+            if c.dirs[0].index.lock().len() >= blocks {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn blocks_round_trip_and_survive_reopen() {
+        let t = tempfile::tempdir().unwrap();
+        let c = open(t.path(), 1 << 20);
+        c.put("vol/chunks/0/0/1_0_5", b"hello").unwrap();
+        assert_eq!(&c.get("vol/chunks/0/0/1_0_5", 5).unwrap()[..], b"hello");
+        assert!(c.get("vol/chunks/0/0/2_0_5", 5).is_none());
+        drop(c);
+        let c = open(t.path(), 1 << 20);
+        wait_scan(&c, 1);
+        assert_eq!(c.bytes(), 5 + TRAILER as u64);
+        assert!(c.contains("vol/chunks/0/0/1_0_5"));
+        assert_eq!(&c.get("vol/chunks/0/0/1_0_5", 5).unwrap()[..], b"hello");
+    }
+
+    #[test]
+    fn corrupt_or_truncated_blocks_are_dropped_not_returned() {
+        let t = tempfile::tempdir().unwrap();
+        let c = open(t.path(), 1 << 20);
+        let key = "vol/chunks/0/0/7_0_4";
+        c.put(key, b"abcd").unwrap();
+        let path = t.path().join("uuid/raw").join(key);
+        let mut raw = fs::read(&path).unwrap();
+        raw[1] ^= 0xff;
+        fs::write(&path, &raw).unwrap();
+        assert!(c.get(key, 4).is_none(), "a flipped bit must not be served");
+        assert!(!path.exists(), "the corrupt file is removed");
+        assert!(!c.contains(key));
+        c.put(key, b"abcd").unwrap();
+        let raw = fs::read(&path).unwrap();
+        fs::write(&path, &raw[..raw.len() - 3]).unwrap();
+        assert!(c.get(key, 4).is_none(), "a truncated file must not be served");
+        // A wrong expected length (a different block under the same key) is a miss too.
+        c.put(key, b"abcd").unwrap();
+        assert!(c.get(key, 5).is_none());
+    }
+
+    #[test]
+    fn eviction_keeps_within_capacity_and_deletes_files() {
+        let t = tempfile::tempdir().unwrap();
+        let block = vec![7u8; 1000];
+        let per = (block.len() + TRAILER) as u64;
+        let c = open(t.path(), per * 3);
+        for i in 0..10 {
+            c.put(&format!("v/chunks/0/0/{i}_0_1000"), &block).unwrap();
+        }
+        assert!(c.bytes() <= per * 3);
+        let files = fs::read_dir(t.path().join("uuid/raw/v/chunks/0/0"))
+            .unwrap()
+            .count();
+        assert_eq!(files, 3);
+        assert!(c.contains("v/chunks/0/0/9_0_1000"));
+        assert!(!c.contains("v/chunks/0/0/0_0_1000"));
+    }
+
+    #[test]
+    fn reopening_smaller_evicts_down_to_the_new_size() {
+        let t = tempfile::tempdir().unwrap();
+        let block = vec![1u8; 100];
+        let per = (block.len() + TRAILER) as u64;
+        let c = open(t.path(), per * 10);
+        for i in 0..10 {
+            c.put(&format!("v/chunks/0/0/{i}_0_100"), &block).unwrap();
+        }
+        drop(c);
+        let c = open(t.path(), per * 4);
+        wait_scan(&c, 4);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(c.bytes() <= per * 4, "{}", c.bytes());
+    }
+
+    #[test]
+    fn zero_capacity_stores_nothing_and_bad_keys_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let c = open(t.path(), 0);
+        c.put("v/chunks/0/0/1_0_1", b"x").unwrap();
+        assert!(!c.contains("v/chunks/0/0/1_0_1"));
+        let c = open(t.path(), 1 << 20);
+        c.put("../escape", b"x").unwrap();
+        c.put("/abs", b"x").unwrap();
+        assert!(!t.path().join("escape").exists());
+        assert!(c.get("../escape", 1).is_none());
+    }
+}
