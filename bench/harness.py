@@ -1,12 +1,13 @@
 """Setting up and tearing down what the benchmark needs: the peer's install, the strata build,
-a throwaway SeaweedFS S3 server on 127.0.0.1, formatted volumes and FUSE mounts of Strata and
-JuiceFS. Everything started is registered with a Cleanup stack that runs on normal exit,
-on exceptions and on SIGINT/SIGTERM."""
+a throwaway SeaweedFS S3 server and a throwaway PostgreSQL server on 127.0.0.1, formatted
+volumes and FUSE mounts of Strata and JuiceFS. Everything started is registered with a
+Cleanup stack that runs on normal exit, on exceptions and on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -177,6 +178,22 @@ def du(path: Path) -> int:
     return total
 
 
+def wait_du(path: Path, want: int, timeout: float = 60, quiet: float = 2.0) -> int:
+    """Wait until `want` bytes are used under `path` or the usage has not changed for `quiet`
+    seconds (a disk cache filled in the background); the bytes used then."""
+    deadline = time.time() + timeout
+    last, since = -1, time.time()
+    while True:
+        used = du(path)
+        if used >= want or time.time() > deadline:
+            return used
+        if used != last:
+            last, since = used, time.time()
+        elif time.time() - since >= quiet:
+            return used
+        time.sleep(0.2)
+
+
 def drop_caches() -> bool:
     """sync; echo 3 > /proc/sys/vm/drop_caches. False if not permitted."""
     os.sync()
@@ -303,6 +320,164 @@ class SeaweedFS:
         return out.splitlines()[0] if out else "?"
 
 
+# --------------------------------------------------------------------------- PostgreSQL
+
+PG_INSTALL_HINT = ("PostgreSQL is not installed: `apt-get install postgresql` (Debian), or run "
+                   "without it: `--meta sqlite`")
+
+
+def find_pg_bin() -> Path | None:
+    """Directory of the newest installed PostgreSQL server binaries (Debian layout
+    /usr/lib/postgresql/<version>/bin), like fs-core/src/testing/postgres.rs."""
+    root = Path("/usr/lib/postgresql")
+    if not root.is_dir():
+        return None
+    found = [d / "bin" for d in root.iterdir()
+             if (d / "bin" / "postgres").is_file() and (d / "bin" / "initdb").is_file()]
+    found.sort(key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parent.name.split(".")])
+    return found[-1] if found else None
+
+
+class PostgreSQL:
+    """A throwaway PostgreSQL server for the metadata of both systems, started like
+    fs-core/src/testing/postgres.rs: `initdb` (trust authentication) in the scratch directory,
+    `postgres` listening on a random port of 127.0.0.1 only, its unix socket in its own
+    directory. As root the server runs as the `postgres` system user (initdb refuses root).
+    Unlike the Rust tests, durability settings (fsync, synchronous_commit, full_page_writes)
+    stay at their defaults: the benchmark measures a normally configured server. Stopped and
+    its data directory deleted by the cleanup stack."""
+
+    def __init__(self, root: Path, cleanup: Cleanup) -> None:
+        bin_dir = find_pg_bin()
+        if bin_dir is None:
+            raise RuntimeError(PG_INSTALL_HINT)
+        self.bin = bin_dir
+        self.dir = root / "postgres"
+        self.data = self.dir / "data"
+        self.cleanup = cleanup
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.user: tuple[int, int] | None = None
+        if os.geteuid() == 0:
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root but there is no `postgres` user (initdb refuses "
+                                   "root): apt-get install postgresql") from None
+            self.user = (pw.pw_uid, pw.pw_gid)
+
+    def _as_user(self) -> dict:
+        """subprocess arguments that run a server binary as the postgres user."""
+        if self.user is None:
+            return {}
+        return {"user": self.user[0], "group": self.user[1], "extra_groups": []}
+
+    def _check_reachable(self) -> None:
+        """The postgres user must be able to enter every parent of its directory."""
+        if self.user is None:
+            return
+        for p in self.dir.parents:
+            st = p.stat()
+            if st.st_uid != self.user[0] and not st.st_mode & 0o001:
+                raise RuntimeError(
+                    f"PostgreSQL runs as the `postgres` user, which cannot enter {p} (mode "
+                    f"{st.st_mode & 0o777:o}): pass --workdir with a directory every user can "
+                    "traverse, e.g. --workdir /tmp")
+
+    def start(self) -> None:
+        self._check_reachable()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        if self.user:
+            os.chown(self.dir, *self.user)
+        p = run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
+                 "-E", "UTF8", "--no-locale", "--no-sync"], check=False, timeout=300, cwd=self.dir,
+                **self._as_user())
+        if p.returncode != 0:
+            raise RuntimeError(f"initdb failed ({p.returncode}):\n{p.stdout[-3000:]}")
+        last = ""
+        for _ in range(3):
+            try:
+                self._start_once()
+                return
+            except RuntimeError as e:  # the port was taken meanwhile: try another one
+                last = str(e)
+                self._kill()
+        raise RuntimeError(f"PostgreSQL did not start: {last}")
+
+    def _start_once(self) -> None:
+        self.port = free_ports(1)[0]
+        sock = self.dir / f".s.PGSQL.{self.port}"
+        if len(str(sock).encode()) > 107:
+            raise RuntimeError(f"the PostgreSQL socket path {sock} is too long for a unix socket: "
+                               "pass a shorter --workdir, e.g. --workdir /tmp")
+        logf = self.dir / "server.log"
+        out = open(logf, "ab")
+        if self.user:
+            os.chown(logf, *self.user)
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data),
+             "-c", "listen_addresses=127.0.0.1", "-p", str(self.port),
+             "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=200"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.dir,
+            start_new_session=True, **self._as_user())
+        out.close()
+        self.cleanup.push("postgresql", self.stop)
+        deadline = time.time() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}: {self.tail()}")
+            if run([str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port),
+                    "-t", "1"], check=False, timeout=10).returncode == 0:
+                log(f"PostgreSQL at 127.0.0.1:{self.port} (pid {self.proc.pid})")
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"no answer on 127.0.0.1:{self.port} after 60 s: {self.tail()}")
+            time.sleep(0.1)
+
+    def recreate_database(self, name: str) -> None:
+        """An empty database `name` (dropped first if it exists)."""
+        conn = ["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
+        run([str(self.bin / "dropdb"), *conn, "--if-exists", name], timeout=120)
+        run([str(self.bin / "createdb"), *conn, name], timeout=120)
+
+    def url(self, db: str) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/{db}"
+
+    def tail(self) -> str:
+        try:
+            return "\n".join((self.dir / "server.log").read_text(errors="replace").splitlines()[-15:])
+        except OSError:
+            return ""
+
+    def _kill(self) -> None:
+        """Stop the server: fast shutdown (SIGINT), SIGKILL to the group after 30 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGINT)
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log("PostgreSQL did not stop within 30 s: killing it")
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+        self.proc = None
+        self.cleanup.remove(self.stop)
+
+    def stop(self) -> None:
+        """Stop the server and delete its data directory (the log stays with the scratch dir)."""
+        self._kill()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+    def version(self) -> str:
+        out = run([str(self.bin / "postgres"), "--version"], check=False).stdout.strip()
+        return out.splitlines()[0] if out else "?"
+
+
 # --------------------------------------------------------------------------- mounts
 
 def fuse_mounted(mnt: Path) -> bool:
@@ -359,12 +534,19 @@ class System:
     kind = "?"
 
     def __init__(self, binary: Path, root: Path, backend: str, store: dict, cleanup: Cleanup,
-                 flags: dict) -> None:
+                 flags: dict, pg: PostgreSQL | None = None) -> None:
+        """Metadata in SQLite (a file in the system's directory) or, with `pg`, in the database
+        `<kind>_<backend>` of that PostgreSQL server."""
         self.binary = binary
         self.backend = backend
-        self.dir = root / backend / self.kind
+        self.pg = pg
+        self.engine = "postgres" if pg else "sqlite"
+        self.dir = root / f"{self.engine}-{backend}" / self.kind
         self.mnt = self.dir / "mnt"
         self.meta_db = self.dir / "meta.db"
+        self.pg_db = f"{self.kind}_{backend}"
+        # (directory, MiB) of a local disk block cache for the next mount; None: no disk cache.
+        self.disk_cache: tuple[Path, int] | None = None
         self.logfile = self.dir / "mount.log"
         self.store = store
         self.cleanup = cleanup
@@ -413,6 +595,8 @@ class System:
     def format(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.mnt.mkdir(parents=True)
+        if self.pg:
+            self.pg.recreate_database(self.pg_db)
         self.format_cmd = [str(self.binary), "format", *self.format_args()]
         run(self.format_cmd, timeout=120)
 
@@ -509,11 +693,24 @@ class System:
         return total
 
 
+def strata_disk_cache_missing(binary: Path) -> str | None:
+    """None if `strata mount` has a local disk block cache (--cache-dir and --cache-size),
+    else why not."""
+    text = run([str(binary), "mount", "--help"], check=False).stdout
+    if "--cache-dir" not in text:
+        return "no disk cache in this build"
+    if "--cache-size" not in text:
+        return "this build has --cache-dir but no --cache-size"
+    return None
+
+
 class Strata(System):
     label = "Strata"
     kind = "strata"
 
     def meta_url(self) -> str:
+        if self.pg:
+            return self.pg.url(self.pg_db)
         return f"sqlite://{self.meta_db}"
 
     def format_args(self) -> list[str]:
@@ -522,9 +719,12 @@ class Strata(System):
 
     def mount_args(self) -> list[str]:
         f = self.flags
+        cache = []
+        if self.disk_cache:
+            cache = ["--cache-dir", str(self.disk_cache[0]), "--cache-size", str(self.disk_cache[1])]
         return ["-d", "--log", str(self.logfile), "--metrics", f"127.0.0.1:{self.port}",
                 "--buffer-size", str(f["buffer_mib"]), "--mem-cache-size", str(f["mem_cache_mib"]),
-                "--max-uploads", str(f["uploads"]), self.meta_url(), str(self.mnt)]
+                *cache, "--max-uploads", str(f["uploads"]), self.meta_url(), str(self.mnt)]
 
     def object_gets(self) -> tuple[float, float]:
         """(GET requests, bytes downloaded) so far."""
@@ -542,6 +742,8 @@ class JuiceFS(System):
     kind = "juicefs"
 
     def meta_url(self) -> str:
+        if self.pg:
+            return self.pg.url(self.pg_db) + "?sslmode=disable"
         return f"sqlite3://{self.meta_db}"
 
     def format_args(self) -> list[str]:
@@ -551,9 +753,12 @@ class JuiceFS(System):
 
     def mount_args(self) -> list[str]:
         f = self.flags
+        if self.disk_cache:
+            cache = ["--cache-size", str(self.disk_cache[1]), "--cache-dir", str(self.disk_cache[0])]
+        else:
+            cache = [*f["jfs_cache"], "--cache-dir", str(self.dir / "cache")]
         return ["-d", "--log", str(self.logfile), "--metrics", f"127.0.0.1:{self.port}",
-                "--buffer-size", str(f["buffer_mib"]), *f["jfs_cache"],
-                "--cache-dir", str(self.dir / "cache"),
+                "--buffer-size", str(f["buffer_mib"]), *cache,
                 "--max-uploads", str(f["uploads"]), "--no-usage-report", "--backup-meta", "0",
                 self.meta_url(), str(self.mnt)]
 

@@ -39,12 +39,15 @@ class Config:
     ckpt_entry_mib: int = 32
     fanout_mib: int = 1024
     fanout_readers: int = 8
+    metas: list[str] = field(default_factory=lambda: ["sqlite", "postgres"])  # metadata engines
+    cache_mib: int = 0           # disk cache of workload 8 (default: twice the big file, >= 256)
 
 
 def make_config(mode: str, ckpt_mib: int | None) -> Config:
     if mode == "smoke":
         c = Config(mode, runs=1, backends=["local"], big_mib=16, small_count=20, meta_files=50,
-                   trunc_frags=64, trunc_samples=3, ckpt_mib=16, ckpt_entry_mib=4, fanout_mib=16)
+                   trunc_frags=64, trunc_samples=3, ckpt_mib=16, ckpt_entry_mib=4, fanout_mib=16,
+                   metas=["sqlite"])
     elif mode == "quick":
         c = Config(mode, runs=3, backends=["local", "s3"], big_mib=128, small_count=100,
                    meta_files=250, trunc_frags=512, trunc_samples=6, ckpt_mib=128,
@@ -53,6 +56,7 @@ def make_config(mode: str, ckpt_mib: int | None) -> Config:
         c = Config(mode, runs=3, backends=["local", "s3"], big_mib=1024)
     if ckpt_mib:
         c.ckpt_mib = ckpt_mib
+    c.cache_mib = max(256, 2 * c.big_mib)
     return c
 
 
