@@ -82,7 +82,7 @@ cleanup() {
 trap cleanup EXIT
 
 STRATA_LOG=warn "$strata" format --bucket "$work/data" "$meta" pjdfstest >&2 || die "strata format failed"
-STRATA_LOG=info "$strata" mount "$meta" "$mnt" >"$work/mount.log" 2>&1 &
+STRATA_LOG=info "$strata" mount --cache-dir "$work/cache" "$meta" "$mnt" >"$work/mount.log" 2>&1 &
 mount_pid=$!
 for _ in $(seq 1 300); do
     is_mounted && break

@@ -88,6 +88,7 @@ pub struct StrataFs {
     root: Ino,
     attr_ttl: Duration,
     entry_ttl: Duration,
+    dir_entry_ttl: Duration,
 }
 
 fn to_time(ns: i64) -> SystemTime {
@@ -128,11 +129,13 @@ impl StrataFs {
     pub fn new(vfs: Arc<Vfs>, root: Ino) -> Self {
         let attr_ttl = Duration::from_secs_f64(vfs.settings.attr_timeout.max(0.0));
         let entry_ttl = Duration::from_secs_f64(vfs.settings.entry_timeout.max(0.0));
+        let dir_entry_ttl = Duration::from_secs_f64(vfs.settings.dir_entry_timeout.max(0.0));
         StrataFs {
             vfs,
             root,
             attr_ttl,
             entry_ttl,
+            dir_entry_ttl,
         }
     }
 
@@ -226,7 +229,12 @@ impl StrataFs {
     ) {
         match self.outcome(op, start, r, path) {
             Ok(n) => {
-                reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &self.attr(&n), GENERATION)
+                let ttl = if n.kind == crate::meta::FileKind::Dir {
+                    &self.dir_entry_ttl
+                } else {
+                    &self.entry_ttl
+                };
+                reply.entry_with_ttls(&self.attr_ttl, ttl, &self.attr(&n), GENERATION)
             }
             Err(no) => reply.error(no),
         }

@@ -295,9 +295,16 @@ struct MountArgs {
     /// Kernel attribute cache timeout in seconds.
     #[arg(long, default_value_t = 1.0)]
     attr_cache: f64,
-    /// Kernel entry cache timeout in seconds.
+    /// Kernel entry cache timeout in seconds (names of files).
     #[arg(long, default_value_t = 1.0)]
     entry_cache: f64,
+    /// Kernel entry cache timeout in seconds for names of directories.
+    #[arg(long, default_value_t = 1.0)]
+    dir_entry_cache: f64,
+    /// Seconds the chunk maps of a file (where its data is) are trusted without asking the
+    /// metadata engine (default: --attr-cache). Longer suits read-mostly data sets and models.
+    #[arg(long)]
+    open_cache: Option<f64>,
     /// Parallel uploads.
     #[arg(long, default_value_t = 16)]
     max_uploads: usize,
@@ -556,6 +563,8 @@ fn mount_cmd(a: MountArgs, log_level: &str) -> Result<()> {
     opts.vfs.mem_cache_size = a.mem_cache_size << 20;
     opts.vfs.attr_timeout = a.attr_cache;
     opts.vfs.entry_timeout = a.entry_cache;
+    opts.vfs.dir_entry_timeout = a.dir_entry_cache;
+    opts.vfs.open_cache_timeout = a.open_cache;
     opts.vfs.upload_threads = a.max_uploads;
     opts.vfs.background_gc = !a.no_bgjob;
     opts.meta.gc_grace_secs = a.gc_grace;

@@ -28,7 +28,9 @@ const TRAILER: usize = 8;
 /// Errors setting up the disk cache (each names the directory and the fix).
 #[derive(Debug, thiserror::Error)]
 pub enum DiskCacheError {
-    #[error("cache directory {dir}: {err} (choose a writable directory with --cache-dir, or --cache-size 0 to disable the disk cache)")]
+    #[error(
+        "cache directory {dir}: {err} (choose a writable directory with --cache-dir, or --cache-size 0 to disable the disk cache)"
+    )]
     Dir { dir: String, err: std::io::Error },
 }
 
@@ -422,7 +424,10 @@ mod tests {
         c.put(key, b"abcd").unwrap();
         let raw = fs::read(&path).unwrap();
         fs::write(&path, &raw[..raw.len() - 3]).unwrap();
-        assert!(c.get(key, 4).is_none(), "a truncated file must not be served");
+        assert!(
+            c.get(key, 4).is_none(),
+            "a truncated file must not be served"
+        );
         // A wrong expected length (a different block under the same key) is a miss too.
         c.put(key, b"abcd").unwrap();
         assert!(c.get(key, 5).is_none());

@@ -47,7 +47,9 @@ const PIECE: usize = 256 << 10;
 pub enum GroupError {
     #[error("--cache-group {0:?}: use 1-63 characters of a-z, A-Z, 0-9, '-', '_' and '.'")]
     BadName(String),
-    #[error("--cache-group-addr {addr}: {err} (give HOST:PORT of this node, port 0 for any free port)")]
+    #[error(
+        "--cache-group-addr {addr}: {err} (give HOST:PORT of this node, port 0 for any free port)"
+    )]
     Listen { addr: String, err: std::io::Error },
 }
 
@@ -158,8 +160,10 @@ impl Group {
             name,
             advertised,
             self_id,
-            token: format!("{:08x}", crc32c::crc32c(format!("strata-group:{uuid}").as_bytes()))
-                + uuid,
+            token: format!(
+                "{:08x}",
+                crc32c::crc32c(format!("strata-group:{uuid}").as_bytes())
+            ) + uuid,
             key_prefix: format!("{volume}/chunks/"),
             settings: settings.clone(),
             metrics,
@@ -579,12 +583,32 @@ mod tests {
 
     fn sessions() -> Vec<(u64, i64, String)> {
         vec![
-            (1, 100, "host=a pid=1 cache_group=g cache_addr=10.0.0.1:1".into()),
-            (2, 100, "host=b pid=2 cache_group=g cache_addr=10.0.0.2:1".into()),
-            (3, 100, "host=c pid=3 cache_group=g cache_addr=10.0.0.3:1".into()),
-            (4, 100, "host=d pid=4 cache_group=other cache_addr=10.0.0.4:1".into()),
+            (
+                1,
+                100,
+                "host=a pid=1 cache_group=g cache_addr=10.0.0.1:1".into(),
+            ),
+            (
+                2,
+                100,
+                "host=b pid=2 cache_group=g cache_addr=10.0.0.2:1".into(),
+            ),
+            (
+                3,
+                100,
+                "host=c pid=3 cache_group=g cache_addr=10.0.0.3:1".into(),
+            ),
+            (
+                4,
+                100,
+                "host=d pid=4 cache_group=other cache_addr=10.0.0.4:1".into(),
+            ),
             (5, 100, "host=e pid=5 cache_group=g".into()),
-            (6, 10, "host=f pid=6 cache_group=g cache_addr=10.0.0.6:1".into()),
+            (
+                6,
+                10,
+                "host=f pid=6 cache_group=g cache_addr=10.0.0.6:1".into(),
+            ),
         ]
     }
 

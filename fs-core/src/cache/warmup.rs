@@ -23,7 +23,9 @@ const RANGE: u64 = 64 << 20;
 pub enum WarmupError {
     #[error("{0}: no such file or directory")]
     Missing(PathBuf),
-    #[error("{0} is not inside a Strata mount (mount the volume with `strata mount` and give a path inside it)")]
+    #[error(
+        "{0} is not inside a Strata mount (mount the volume with `strata mount` and give a path inside it)"
+    )]
     NotStrata(PathBuf),
     #[error("{path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },
@@ -181,7 +183,9 @@ pub fn run(paths: &[PathBuf], threads: usize, progress: bool) -> Result<Summary,
                             fetched.fetch_add(field(&a, "fetched"), Ordering::Relaxed);
                             cached.fetch_add(field(&a, "cached"), Ordering::Relaxed);
                         }
-                        Err(e) => failures.lock().push((i, format!("{}: {e}", path.display()))),
+                        Err(e) => failures
+                            .lock()
+                            .push((i, format!("{}: {e}", path.display()))),
                     }
                     done_bytes.fetch_add(n, Ordering::Relaxed);
                 }

@@ -51,12 +51,28 @@ impl TestMount {
         m
     }
 
+    /// The disk cache goes beside the mount point unless the caller chose one.
+    fn cache_args(&self) -> Vec<String> {
+        if self
+            .extra
+            .iter()
+            .any(|a| a.starts_with("--cache-dir") || a.starts_with("--cache-size"))
+        {
+            return Vec::new();
+        }
+        vec![
+            "--cache-dir".into(),
+            self.path.with_extension("cache").display().to_string(),
+        ]
+    }
+
     fn start(&mut self) {
         fs::create_dir_all(&self.path).expect("create mount point");
         let log = fs::File::create(self.path.with_extension("log")).expect("mount log");
         let child = Command::new(&self.bin)
             .args(["--log-level", "warn", "mount"])
             .args(&self.extra)
+            .args(self.cache_args())
             .arg(&self.meta)
             .arg(&self.path)
             .stdout(Stdio::null())

@@ -18,9 +18,10 @@ impl Vfs {
     /// Answer a virtual cache attribute, or `None` if `name` is not one.
     pub(super) fn cache_xattr(&self, ino: Ino, name: &[u8]) -> Option<Result<Vec<u8>>> {
         if name == CACHED_XATTR {
-            return Some(self.cache_state(ino).map(|(cached, len)| {
-                format!("cached={cached} length={len}").into_bytes()
-            }));
+            return Some(
+                self.cache_state(ino)
+                    .map(|(cached, len)| format!("cached={cached} length={len}").into_bytes()),
+            );
         }
         let rest = std::str::from_utf8(name).ok()?.strip_prefix(WARMUP_XATTR)?;
         let parsed = rest
@@ -30,7 +31,9 @@ impl Vfs {
             Some((off, len)) => self
                 .warmup(ino, off, len)
                 .map(|(fetched, cached)| format!("fetched={fetched} cached={cached}").into_bytes()),
-            None => Err(MetaError::Invalid("user.strata.warmup:OFF:LEN expects two numbers").into()),
+            None => {
+                Err(MetaError::Invalid("user.strata.warmup:OFF:LEN expects two numbers").into())
+            }
         })
     }
 

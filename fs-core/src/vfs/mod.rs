@@ -37,6 +37,11 @@ pub struct VfsSettings {
     /// Seconds the kernel may cache attributes and entries.
     pub attr_timeout: f64,
     pub entry_timeout: f64,
+    /// Seconds the kernel may cache names that lead to directories.
+    pub dir_entry_timeout: f64,
+    /// Seconds a file's chunk maps (which slices hold its data) are trusted without asking
+    /// the metadata engine again; `None`: the attribute timeout.
+    pub open_cache_timeout: Option<f64>,
     /// Bytes of written data buffered before writers wait for uploads.
     pub buffer_size: u64,
     /// Bytes of blocks kept in memory for reads.
@@ -60,6 +65,8 @@ impl Default for VfsSettings {
     fn default() -> Self {
         VfsSettings {
             attr_timeout: 1.0,
+            dir_entry_timeout: 1.0,
+            open_cache_timeout: None,
             entry_timeout: 1.0,
             buffer_size: 300 << 20,
             mem_cache_size: 256 << 20,
@@ -643,7 +650,12 @@ impl Vfs {
     }
 
     fn segments(&self, ino: Ino, indx: u32) -> Result<(Arc<Vec<Segment>>, u64)> {
-        let ttl = Duration::from_secs_f64(self.settings.attr_timeout.max(0.0));
+        let ttl = Duration::from_secs_f64(
+            self.settings
+                .open_cache_timeout
+                .unwrap_or(self.settings.attr_timeout)
+                .max(0.0),
+        );
         if let Some((s, len, at)) = self.segs.lock().get(&ino).and_then(|m| m.get(&indx))
             && at.elapsed() < ttl
         {

@@ -29,6 +29,15 @@ struct Fill {
 struct Flight {
     fill: Mutex<Fill>,
     cv: Condvar,
+    /// Set by whoever runs the fetch: a prefetch still queued when a reader needs the
+    /// block is run by the reader's side instead (it never waits behind the queue).
+    started: std::sync::atomic::AtomicBool,
+}
+
+impl Flight {
+    fn claim(&self) -> bool {
+        !self.started.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
 }
 
 /// Error of a block fetch, already retried by the store.
@@ -209,18 +218,29 @@ impl BlockReader {
 
     /// The flight of `key`, joining the one in progress or starting one.
     fn flight(self: &Arc<Self>, key: &str, len: usize, source: Source, run: Run) -> Arc<Flight> {
-        let flight = {
+        let (flight, joined) = {
             let mut inflight = self.inflight.lock();
-            if let Some(f) = inflight.get(key) {
-                return f.clone();
+            match inflight.get(key) {
+                Some(f) => (f.clone(), true),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    inflight.insert(key.to_string(), f.clone());
+                    (f, false)
+                }
             }
-            let f = Arc::new(Flight::default());
-            inflight.insert(key.to_string(), f.clone());
-            f
         };
+        if joined
+            && (run == Run::Prefetch || flight.started.load(std::sync::atomic::Ordering::Acquire))
+        {
+            return flight;
+        }
         let me = self.clone();
         let (k, f) = (key.to_string(), flight.clone());
-        let job = move || me.fetch(&k, len, &f, source);
+        let job = move || {
+            if f.claim() {
+                me.fetch(&k, len, &f, source)
+            }
+        };
         match run {
             Run::Foreground => self.fetchers.spawn(job),
             Run::Prefetch => self.prefetchers.spawn(job),
@@ -431,7 +451,9 @@ mod tests {
             delay: Duration::from_millis(delay_ms),
         });
         let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
-        store.put("v/chunks/0/0/1_0_1048576", Bytes::from(data)).unwrap();
+        store
+            .put("v/chunks/0/0/1_0_1048576", Bytes::from(data))
+            .unwrap();
         let reader = Arc::new(BlockReader::new(
             store.clone(),
             64 << 20,
@@ -452,8 +474,14 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut out = Vec::new();
                     let from = i * 100_000;
-                    r.read_into("v/chunks/0/0/1_0_1048576", 1 << 20, from, from + 4096, &mut out)
-                        .unwrap();
+                    r.read_into(
+                        "v/chunks/0/0/1_0_1048576",
+                        1 << 20,
+                        from,
+                        from + 4096,
+                        &mut out,
+                    )
+                    .unwrap();
                     assert_eq!(out[0], (from % 251) as u8);
                     out.len()
                 })
@@ -496,7 +524,9 @@ mod tests {
             .read_into("v/chunks/0/0/9_0_10", 10, 0, 10, &mut out)
             .unwrap_err();
         assert!(matches!(e, FetchError::Missing(_)), "{e}");
-        store.put("v/chunks/0/0/2_0_100", Bytes::from(vec![1u8; 50])).unwrap();
+        store
+            .put("v/chunks/0/0/2_0_100", Bytes::from(vec![1u8; 50]))
+            .unwrap();
         let e = reader.get("v/chunks/0/0/2_0_100", 100).unwrap_err();
         assert!(matches!(e, FetchError::Corrupt { got: 50, .. }), "{e}");
         assert!(out.is_empty());

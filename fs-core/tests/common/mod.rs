@@ -135,6 +135,21 @@ impl Mount {
         is_fuse_mounted(&self.mnt)
     }
 
+    /// The disk cache lives in the test's directory unless the test chose its own.
+    fn cache_args(&self) -> Vec<String> {
+        if self
+            .mount_args
+            .iter()
+            .any(|a| a.starts_with("--cache-dir") || a.starts_with("--cache-size"))
+        {
+            return Vec::new();
+        }
+        vec![
+            "--cache-dir".into(),
+            self.dir.path().join("cache").display().to_string(),
+        ]
+    }
+
     /// Start `strata mount META MNT` in the foreground as a child process and wait until the
     /// kernel lists the mount.
     pub fn mount(&mut self) {
@@ -148,6 +163,7 @@ impl Mount {
         let mut child = Command::new(strata_bin())
             .arg("mount")
             .args(&self.mount_args)
+            .args(self.cache_args())
             .arg(&self.meta_url)
             .arg(&self.mnt)
             .env(

@@ -1,0 +1,241 @@
+//! The block cache through real mounts: one fetch per block however many readers (one mount
+//! and a cache group of three), a second mount of the group reads with no object-store GET,
+//! a member killed mid-read does not fail its peers' reads, the disk cache survives a remount,
+//! and `strata warmup` fills the cache.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use strata::testing::mount::{self, TestMount};
+
+const BIN: &str = env!("CARGO_BIN_EXE_strata");
+const MIB: usize = 1 << 20;
+/// 16 blocks of 4 MiB.
+const FILE: usize = 64 * MIB;
+const BLOCKS: u64 = 16;
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i / 4096) as u8).wrapping_mul(31) ^ (i as u8) ^ seed)
+        .collect()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A counter of a mount's /metrics (sum over label sets matching `prefix`).
+fn metric(port: u16, prefix: &str) -> u64 {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn gets(port: u16) -> u64 {
+    metric(port, "strata_object_requests_total{op=\"get\"}")
+}
+
+struct Vol {
+    dir: tempfile::TempDir,
+    meta: String,
+}
+
+/// A formatted volume with files written through a mount that caches nothing, so every
+/// reader below starts cold.
+fn volume(files: &[(&str, u8)]) -> Vol {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = format!("sqlite://{}/meta.db", dir.path().display());
+    let data = dir.path().join("data");
+    mount::format(
+        BIN,
+        &["--bucket", data.to_str().unwrap(), &meta, "cachevol"],
+    );
+    let w = TestMount::new(
+        BIN,
+        &meta,
+        &dir.path().join("writer"),
+        &["--cache-size", "0", "--mem-cache-size", "0"],
+    );
+    for (name, seed) in files {
+        fs::write(w.path.join(name), pattern(*seed, FILE)).unwrap();
+    }
+    drop(w);
+    Vol { dir, meta }
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut f = fs::File::open(path).unwrap();
+    let mut out = Vec::with_capacity(FILE);
+    let mut buf = vec![0u8; MIB];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// `readers` threads reading whole files at once; each checks the content.
+fn read_concurrently(paths: Vec<PathBuf>, seed: u8) {
+    let want = std::sync::Arc::new(pattern(seed, FILE));
+    let threads: Vec<_> = paths
+        .into_iter()
+        .map(|p| {
+            let want = want.clone();
+            std::thread::spawn(move || {
+                let got = read_all(&p);
+                assert!(got == *want, "{} read back different bytes", p.display());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+fn member(v: &Vol, name: &str, port: u16, extra: &[&str]) -> TestMount {
+    let cache = v.dir.path().join(format!("{name}-cache"));
+    let mut args = vec![
+        "--cache-dir".to_string(),
+        cache.display().to_string(),
+        "--metrics".to_string(),
+        format!("127.0.0.1:{port}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    TestMount::new(BIN, &v.meta, &v.dir.path().join(name), &args)
+}
+
+#[test]
+fn eight_readers_of_a_cold_file_fetch_each_block_once() {
+    let v = volume(&[("model.bin", 1)]);
+    let port = free_port();
+    let m = member(&v, "m", port, &[]);
+    // The mount itself checks the store once (the volume's marker object).
+    let base = gets(port);
+    read_concurrently(vec![m.path.join("model.bin"); 8], 1);
+    assert_eq!(gets(port) - base, BLOCKS, "one GET per block");
+    assert!(metric(port, "strata_cache_misses_total") >= BLOCKS);
+}
+
+#[test]
+fn remount_keeps_the_disk_cache_and_warmup_fills_it() {
+    let v = volume(&[("a.bin", 2), ("b.bin", 3)]);
+    let port = free_port();
+    let mut m = member(&v, "m", port, &[]);
+    let base = gets(port);
+    // Warm one file with the CLI, read the other cold.
+    let out = Command::new(BIN)
+        .args(["warmup", "--threads", "4"])
+        .arg(m.path.join("a.bin"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("1 files"), "{summary}");
+    assert!(summary.contains("0% already cached"), "{summary}");
+    assert_eq!(gets(port) - base, BLOCKS, "warmup fetched each block once");
+    assert_eq!(read_all(&m.path.join("a.bin")), pattern(2, FILE));
+    assert_eq!(
+        gets(port) - base,
+        BLOCKS,
+        "reading a warmed file needs no GET"
+    );
+    // Warming again: all cached already.
+    let out = Command::new(BIN)
+        .args(["warmup", "-q"])
+        .arg(&m.path)
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(summary.contains("2 files"), "{summary}");
+    assert!(summary.contains("50% already cached"), "{summary}");
+    // Remount: memory is gone, the disk cache is not.
+    m.unmount();
+    m.remount();
+    let base = gets(port);
+    assert_eq!(read_all(&m.path.join("b.bin")), pattern(3, FILE));
+    assert_eq!(read_all(&m.path.join("a.bin")), pattern(2, FILE));
+    assert_eq!(
+        gets(port) - base,
+        0,
+        "warm read right after remount: no GET"
+    );
+    assert!(metric(port, "strata_cache_hits_total{tier=\"disk\"}") >= 2 * BLOCKS);
+    // Outside a mount, warmup says what to do.
+    let out = Command::new(BIN).args(["warmup", "/tmp"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not inside a Strata mount"));
+}
+
+#[test]
+fn a_cache_group_shares_blocks_and_survives_a_dead_member() {
+    let v = volume(&[("f1.bin", 4), ("f2.bin", 5), ("f3.bin", 6)]);
+    let group = ["--cache-group", "g1", "--cache-group-addr", "127.0.0.1:0"];
+    let ports = [free_port(), free_port(), free_port()];
+    let mut a = member(&v, "a", ports[0], &group);
+    let b = member(&v, "b", ports[1], &group);
+    let c = member(&v, "c", ports[2], &group);
+    // Membership is re-read every 2 s.
+    std::thread::sleep(Duration::from_secs(4));
+    let base: u64 = ports.iter().map(|p| gets(*p)).sum();
+    let total = || ports.iter().map(|p| gets(*p)).sum::<u64>() - base;
+
+    // 8 readers spread over the 3 mounts: each block fetched from the store once in all.
+    let mut paths = Vec::new();
+    for i in 0..8 {
+        paths.push([&a, &b, &c][i % 3].path.join("f1.bin"));
+    }
+    read_concurrently(paths, 4);
+    let errors: Vec<u64> = ports
+        .iter()
+        .map(|p| metric(*p, "strata_cache_peer_errors_total"))
+        .collect();
+    assert_eq!(
+        total(),
+        BLOCKS,
+        "one GET per block across the group (peer errors {errors:?}; logs:\n{}\n{}\n{}",
+        a.log(),
+        b.log(),
+        c.log()
+    );
+
+    // Read through A, then through B and C: no new GET, B and C were served by peers.
+    assert_eq!(read_all(&a.path.join("f2.bin")), pattern(5, FILE));
+    let after_a = total();
+    assert_eq!(after_a, 2 * BLOCKS);
+    assert_eq!(read_all(&b.path.join("f2.bin")), pattern(5, FILE));
+    assert_eq!(read_all(&c.path.join("f2.bin")), pattern(5, FILE));
+    assert_eq!(total(), after_a, "second read through the group: 0 GETs");
+    assert!(metric(ports[1], "strata_cache_peer_hits_total") > 0);
+
+    // Kill A while B reads a cold file: B's read still succeeds (from the store).
+    let reader = {
+        let p = b.path.join("f3.bin");
+        std::thread::spawn(move || read_all(&p))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    a.kill9();
+    let got = reader.join().unwrap();
+    assert!(got == pattern(6, FILE), "read through B after A died");
+    assert_eq!(read_all(&c.path.join("f3.bin")), pattern(6, FILE));
+}
