@@ -708,6 +708,12 @@ class Strata(System):
     label = "Strata"
     kind = "strata"
 
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        # Builds with a disk cache turn it on by default (outside the scratch directory):
+        # workloads 1-7 switch it off, like JuiceFS's --cache-size 0.
+        self.has_disk_cache = strata_disk_cache_missing(self.binary) is None
+
     def meta_url(self) -> str:
         if self.pg:
             return self.pg.url(self.pg_db)
@@ -722,6 +728,8 @@ class Strata(System):
         cache = []
         if self.disk_cache:
             cache = ["--cache-dir", str(self.disk_cache[0]), "--cache-size", str(self.disk_cache[1])]
+        elif self.has_disk_cache:
+            cache = ["--cache-size", "0", "--cache-dir", str(self.dir / "cache")]
         return ["-d", "--log", str(self.logfile), "--metrics", f"127.0.0.1:{self.port}",
                 "--buffer-size", str(f["buffer_mib"]), "--mem-cache-size", str(f["mem_cache_mib"]),
                 *cache, "--max-uploads", str(f["uploads"]), self.meta_url(), str(self.mnt)]

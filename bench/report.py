@@ -182,7 +182,7 @@ def render(res, meta: dict, chart: Path) -> str:
     L.append(
         "Matching settings: block size 4 MiB, buffer 300 MiB, 16 parallel uploads on both; "
         "Strata keeps its 256 MiB in-memory block cache (`--mem-cache-size 256`); in workloads "
-        "1-7 neither has a local disk cache (JuiceFS runs with `--cache-size 0`), so reads go "
+        "1-7 neither has a local disk cache (both run with `--cache-size 0`), so reads go "
         "to the object store, JuiceFS's through its read-ahead buffers. Workload 8 mounts both "
         f"with a local disk cache of the same size ({cfg.get('cache_mib', '?')} MiB, "
         "`--cache-dir DIR --cache-size N`) in separate mount sessions. JuiceFS is formatted "
