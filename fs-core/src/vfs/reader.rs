@@ -206,10 +206,11 @@ impl BlockReader {
         f.done.clone().expect("checked above")
     }
 
-    /// Fetch blocks in the background (readahead); errors are left for the real read.
+    /// Fetch blocks in the background (readahead) into memory: from the disk tier when
+    /// there, else from a peer or the store. Errors are left for the real read.
     pub fn prefetch(self: &Arc<Self>, blocks: Vec<(String, usize)>) {
         for (key, len) in blocks {
-            if self.inflight.lock().contains_key(&key) || self.cached(&key) {
+            if self.inflight.lock().contains_key(&key) || self.mem.lock().contains(&key) {
                 continue;
             }
             self.flight(&key, len, Source::Any, Run::Prefetch);
