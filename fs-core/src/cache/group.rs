@@ -284,9 +284,10 @@ impl Group {
         self.conns.lock().remove(addr);
     }
 
-    fn connect(&self, addr: &str) -> std::io::Result<TcpStream> {
-        if let Some(c) = self.conns.lock().get_mut(addr).and_then(|v| v.pop()) {
-            return Ok(c);
+    /// A connection to `addr`: a pooled one (`reused` true) or a new one.
+    fn connect(&self, addr: &str, reuse: bool) -> std::io::Result<(TcpStream, bool)> {
+        if reuse && let Some(c) = self.conns.lock().get_mut(addr).and_then(|v| v.pop()) {
+            return Ok((c, true));
         }
         let timeout = Duration::from_millis(self.settings.peer_timeout_ms.max(1));
         let sa: SocketAddr = addr.to_socket_addrs()?.next().ok_or_else(|| {
@@ -294,7 +295,7 @@ impl Group {
         })?;
         let s = TcpStream::connect_timeout(&sa, timeout)?;
         s.set_nodelay(true)?;
-        Ok(s)
+        Ok((s, false))
     }
 
     /// Ask `peer` for block `key` (`len` bytes), streaming it into `sink`.
@@ -305,23 +306,67 @@ impl Group {
         len: usize,
         sink: &mut dyn FnMut(&[u8]),
     ) -> Result<(), String> {
+        let delivered = std::cell::Cell::new(0usize);
+        let mut counting = |c: &[u8]| {
+            delivered.set(delivered.get() + c.len());
+            sink(c)
+        };
+        match self.fetch_on(peer, key, len, true, &mut counting) {
+            // A pooled connection the peer closed meanwhile (idle timeout, restart): one
+            // more try on a new connection before the peer counts as failed.
+            Err((true, _)) if delivered.get() == 0 => self
+                .fetch_on(peer, key, len, false, &mut counting)
+                .map_err(|e| e.1),
+            other => other.map_err(|e| e.1),
+        }
+    }
+
+    /// One request; the error says whether the connection was a pooled one.
+    fn fetch_on(
+        &self,
+        peer: &str,
+        key: &str,
+        len: usize,
+        reuse: bool,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), (bool, String)> {
+        let (stream, reused) = self
+            .connect(peer, reuse)
+            .map_err(|e| (false, format!("connect: {e}")))?;
+        self.request(&stream, peer, key, len, sink)
+            .map_err(|e| (reused, e))?;
+        self.conns
+            .lock()
+            .entry(peer.to_string())
+            .or_default()
+            .push(stream);
+        Ok(())
+    }
+
+    fn request(
+        &self,
+        stream: &TcpStream,
+        peer: &str,
+        key: &str,
+        len: usize,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), String> {
         let owner = self.ranked(key).into_iter().next();
         // A replica asking the owner says so: the owner must not forward again.
         let hop = u8::from(owner.as_deref() == Some(peer) && self.is_hot(key));
-        let stream = self.connect(peer).map_err(|e| format!("connect: {e}"))?;
         let timeout = Duration::from_millis(self.settings.peer_timeout_ms.max(1));
         stream
             .set_read_timeout(Some(timeout))
             .and_then(|_| stream.set_write_timeout(Some(timeout)))
             .map_err(|e| e.to_string())?;
-        let mut w = &stream;
+        let mut w = stream;
         write!(
             w,
             "GET /v1/block?key={key}&len={len} HTTP/1.1\r\nHost: {peer}\r\nX-Strata-Token: {}\r\nX-Strata-Hop: {hop}\r\n\r\n",
             self.token
         )
         .map_err(|e| format!("send: {e}"))?;
-        let mut r = BufReader::with_capacity(PIECE, &stream);
+        let mut r = BufReader::with_capacity(PIECE, stream);
         let (status, headers) = read_head(&mut r).map_err(|e| format!("answer: {e}"))?;
         let clen: usize = headers
             .get("content-length")
@@ -352,12 +397,6 @@ impl Group {
             sink(&buf[..n]);
             left -= n;
         }
-        drop(r);
-        self.conns
-            .lock()
-            .entry(peer.to_string())
-            .or_default()
-            .push(stream);
         Ok(())
     }
 
