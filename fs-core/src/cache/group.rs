@@ -156,24 +156,18 @@ impl Group {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
             format!("{}:{}", host.trim(), std::process::id())
         });
-        let group = Arc::new(Group {
+        let group = Arc::new(Group::with_identity(
             name,
             advertised,
             self_id,
-            token: format!(
+            format!(
                 "{:08x}",
                 crc32c::crc32c(format!("strata-group:{uuid}").as_bytes())
             ) + uuid,
-            key_prefix: format!("{volume}/chunks/"),
-            settings: settings.clone(),
+            format!("{volume}/chunks/"),
+            settings.clone(),
             metrics,
-            members: RwLock::new(Vec::new()),
-            down: Mutex::new(HashMap::new()),
-            hot_seen: Mutex::new(HashMap::new()),
-            hot: Mutex::new(HashMap::new()),
-            conns: Mutex::new(HashMap::new()),
-            stop: AtomicBool::new(false),
-        });
+        ));
         if let Some(l) = listener {
             let g = Arc::downgrade(&group);
             let r = Arc::downgrade(reader);
@@ -187,6 +181,33 @@ impl Group {
         }
         tracing::info!(group = %group.name, addr = ?group.advertised, "joined cache group");
         Ok(group)
+    }
+
+    /// A member with no peers known yet and nothing served.
+    fn with_identity(
+        name: String,
+        advertised: Option<String>,
+        self_id: String,
+        token: String,
+        key_prefix: String,
+        settings: CacheSettings,
+        metrics: Arc<Metrics>,
+    ) -> Group {
+        Group {
+            name,
+            advertised,
+            self_id,
+            token,
+            key_prefix,
+            settings,
+            metrics,
+            members: RwLock::new(Vec::new()),
+            down: Mutex::new(HashMap::new()),
+            hot_seen: Mutex::new(HashMap::new()),
+            hot: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -603,21 +624,15 @@ mod tests {
     use super::*;
 
     fn group(addr: &str) -> Group {
-        Group {
-            name: "g".into(),
-            advertised: Some(addr.into()),
-            self_id: addr.into(),
-            token: "t".into(),
-            key_prefix: "v/chunks/".into(),
-            settings: CacheSettings::default(),
-            metrics: Arc::new(Metrics::new()),
-            members: RwLock::new(Vec::new()),
-            down: Mutex::new(HashMap::new()),
-            hot_seen: Mutex::new(HashMap::new()),
-            hot: Mutex::new(HashMap::new()),
-            conns: Mutex::new(HashMap::new()),
-            stop: AtomicBool::new(false),
-        }
+        Group::with_identity(
+            "g".into(),
+            Some(addr.into()),
+            addr.into(),
+            "t".into(),
+            "v/chunks/".into(),
+            CacheSettings::default(),
+            Arc::new(Metrics::new()),
+        )
     }
 
     fn sessions() -> Vec<(u64, i64, String)> {

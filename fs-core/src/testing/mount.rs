@@ -14,6 +14,18 @@ pub fn is_mounted(p: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(&p) && l.contains("fuse"))
 }
 
+/// `--cache-dir DIR` for a test mount, unless its arguments already choose the disk cache
+/// (tests never use the machine's default cache directory).
+pub fn cache_args(mount_args: &[String], dir: &Path) -> Vec<String> {
+    if mount_args
+        .iter()
+        .any(|a| a.starts_with("--cache-dir") || a.starts_with("--cache-size"))
+    {
+        return Vec::new();
+    }
+    vec!["--cache-dir".into(), dir.display().to_string()]
+}
+
 /// Run `strata format ARGS` and panic with its output if it fails.
 pub fn format(bin: &str, args: &[&str]) {
     let out = Command::new(bin)
@@ -53,17 +65,7 @@ impl TestMount {
 
     /// The disk cache goes beside the mount point unless the caller chose one.
     fn cache_args(&self) -> Vec<String> {
-        if self
-            .extra
-            .iter()
-            .any(|a| a.starts_with("--cache-dir") || a.starts_with("--cache-size"))
-        {
-            return Vec::new();
-        }
-        vec![
-            "--cache-dir".into(),
-            self.path.with_extension("cache").display().to_string(),
-        ]
+        cache_args(&self.extra, &self.path.with_extension("cache"))
     }
 
     fn start(&mut self) {

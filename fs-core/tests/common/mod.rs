@@ -137,17 +137,7 @@ impl Mount {
 
     /// The disk cache lives in the test's directory unless the test chose its own.
     fn cache_args(&self) -> Vec<String> {
-        if self
-            .mount_args
-            .iter()
-            .any(|a| a.starts_with("--cache-dir") || a.starts_with("--cache-size"))
-        {
-            return Vec::new();
-        }
-        vec![
-            "--cache-dir".into(),
-            self.dir.path().join("cache").display().to_string(),
-        ]
+        strata::testing::mount::cache_args(&self.mount_args, &self.dir.path().join("cache"))
     }
 
     /// Start `strata mount META MNT` in the foreground as a child process and wait until the
