@@ -14,9 +14,21 @@ use strata::testing::mount::{self, TestMount};
 
 const BIN: &str = env!("CARGO_BIN_EXE_strata");
 const MIB: usize = 1 << 20;
-/// 16 blocks of 4 MiB.
-const FILE: usize = 64 * MIB;
-const BLOCKS: u64 = 16;
+
+/// Size of the test files: 64 MiB (16 blocks of 4 MiB), or `STRATA_CACHE_TEST_MIB` (a multiple
+/// of 4; e.g. 1024 to check the 1 GiB acceptance figures by hand).
+fn file_size() -> usize {
+    std::env::var("STRATA_CACHE_TEST_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|m| *m >= 4 && m % 4 == 0)
+        .unwrap_or(64)
+        * MIB
+}
+
+fn blocks() -> u64 {
+    (file_size() / (4 * MIB)) as u64
+}
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
@@ -71,7 +83,7 @@ fn volume(files: &[(&str, u8)]) -> Vol {
         &["--cache-size", "0", "--mem-cache-size", "0"],
     );
     for (name, seed) in files {
-        fs::write(w.path.join(name), pattern(*seed, FILE)).unwrap();
+        fs::write(w.path.join(name), pattern(*seed, file_size())).unwrap();
     }
     drop(w);
     Vol { dir, meta }
@@ -79,7 +91,7 @@ fn volume(files: &[(&str, u8)]) -> Vol {
 
 fn read_all(path: &Path) -> Vec<u8> {
     let mut f = fs::File::open(path).unwrap();
-    let mut out = Vec::with_capacity(FILE);
+    let mut out = Vec::with_capacity(file_size());
     let mut buf = vec![0u8; MIB];
     loop {
         let n = f.read(&mut buf).unwrap();
@@ -92,7 +104,7 @@ fn read_all(path: &Path) -> Vec<u8> {
 
 /// `readers` threads reading whole files at once; each checks the content.
 fn read_concurrently(paths: Vec<PathBuf>, seed: u8) {
-    let want = std::sync::Arc::new(pattern(seed, FILE));
+    let want = std::sync::Arc::new(pattern(seed, file_size()));
     let threads: Vec<_> = paths
         .into_iter()
         .map(|p| {
@@ -129,8 +141,8 @@ fn eight_readers_of_a_cold_file_fetch_each_block_once() {
     // The mount itself checks the store once (the volume's marker object).
     let base = gets(port);
     read_concurrently(vec![m.path.join("model.bin"); 8], 1);
-    assert_eq!(gets(port) - base, BLOCKS, "one GET per block");
-    assert!(metric(port, "strata_cache_misses_total") >= BLOCKS);
+    assert_eq!(gets(port) - base, blocks(), "one GET per block");
+    assert!(metric(port, "strata_cache_misses_total") >= blocks());
 }
 
 #[test]
@@ -153,11 +165,15 @@ fn remount_keeps_the_disk_cache_and_warmup_fills_it() {
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(summary.contains("1 files"), "{summary}");
     assert!(summary.contains("0% already cached"), "{summary}");
-    assert_eq!(gets(port) - base, BLOCKS, "warmup fetched each block once");
-    assert_eq!(read_all(&m.path.join("a.bin")), pattern(2, FILE));
     assert_eq!(
         gets(port) - base,
-        BLOCKS,
+        blocks(),
+        "warmup fetched each block once"
+    );
+    assert_eq!(read_all(&m.path.join("a.bin")), pattern(2, file_size()));
+    assert_eq!(
+        gets(port) - base,
+        blocks(),
         "reading a warmed file needs no GET"
     );
     // Warming again: all cached already.
@@ -173,14 +189,14 @@ fn remount_keeps_the_disk_cache_and_warmup_fills_it() {
     m.unmount();
     m.remount();
     let base = gets(port);
-    assert_eq!(read_all(&m.path.join("b.bin")), pattern(3, FILE));
-    assert_eq!(read_all(&m.path.join("a.bin")), pattern(2, FILE));
+    assert_eq!(read_all(&m.path.join("b.bin")), pattern(3, file_size()));
+    assert_eq!(read_all(&m.path.join("a.bin")), pattern(2, file_size()));
     assert_eq!(
         gets(port) - base,
         0,
         "warm read right after remount: no GET"
     );
-    assert!(metric(port, "strata_cache_hits_total{tier=\"disk\"}") >= 2 * BLOCKS);
+    assert!(metric(port, "strata_cache_hits_total{tier=\"disk\"}") >= 2 * blocks());
     // Outside a mount, warmup says what to do.
     let out = Command::new(BIN).args(["warmup", "/tmp"]).output().unwrap();
     assert!(!out.status.success());
@@ -212,7 +228,7 @@ fn a_cache_group_shares_blocks_and_survives_a_dead_member() {
         .collect();
     assert_eq!(
         total(),
-        BLOCKS,
+        blocks(),
         "one GET per block across the group (peer errors {errors:?}; logs:\n{}\n{}\n{}",
         a.log(),
         b.log(),
@@ -220,11 +236,11 @@ fn a_cache_group_shares_blocks_and_survives_a_dead_member() {
     );
 
     // Read through A, then through B and C: no new GET, B and C were served by peers.
-    assert_eq!(read_all(&a.path.join("f2.bin")), pattern(5, FILE));
+    assert_eq!(read_all(&a.path.join("f2.bin")), pattern(5, file_size()));
     let after_a = total();
-    assert_eq!(after_a, 2 * BLOCKS);
-    assert_eq!(read_all(&b.path.join("f2.bin")), pattern(5, FILE));
-    assert_eq!(read_all(&c.path.join("f2.bin")), pattern(5, FILE));
+    assert_eq!(after_a, 2 * blocks());
+    assert_eq!(read_all(&b.path.join("f2.bin")), pattern(5, file_size()));
+    assert_eq!(read_all(&c.path.join("f2.bin")), pattern(5, file_size()));
     assert_eq!(total(), after_a, "second read through the group: 0 GETs");
     assert!(metric(ports[1], "strata_cache_peer_hits_total") > 0);
 
@@ -236,6 +252,9 @@ fn a_cache_group_shares_blocks_and_survives_a_dead_member() {
     std::thread::sleep(Duration::from_millis(100));
     a.kill9();
     let got = reader.join().unwrap();
-    assert!(got == pattern(6, FILE), "read through B after A died");
-    assert_eq!(read_all(&c.path.join("f3.bin")), pattern(6, FILE));
+    assert!(
+        got == pattern(6, file_size()),
+        "read through B after A died"
+    );
+    assert_eq!(read_all(&c.path.join("f3.bin")), pattern(6, file_size()));
 }
