@@ -555,6 +555,7 @@ impl Filesystem for StrataFs {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("read", ino = i, offset, size).entered();
+        self.vfs.adopt_file_handle(i, fh.0);
         match self.outcome("read", start, self.vfs.read(i, fh.0, offset, size), || {
             self.vfs.path(i)
         }) {
@@ -569,7 +570,7 @@ impl Filesystem for StrataFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _wf: WriteFlags,
@@ -580,6 +581,7 @@ impl Filesystem for StrataFs {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("write", ino = i, offset, size = data.len()).entered();
+        self.vfs.adopt_file_handle(i, fh.0);
         match self.outcome("write", start, self.vfs.write(i, offset, data), || {
             self.vfs.path(i)
         }) {
@@ -594,13 +596,14 @@ impl Filesystem for StrataFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock: LockOwner,
         reply: ReplyEmpty,
     ) {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("flush", ino = i).entered();
+        self.vfs.adopt_file_handle(i, fh.0);
         let r = self.vfs.flush(i);
         // close(2) releases the POSIX locks the closing process holds on the file.
         if let Err(e) = self.vfs.unlock_owner(i, lock.0) {
@@ -622,6 +625,7 @@ impl Filesystem for StrataFs {
         let start = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("release", ino = i).entered();
+        self.vfs.adopt_file_handle(i, fh.0);
         // The last close of an open file drops its flock (FUSE_RELEASE_FLOCK_UNLOCK).
         let r = self.vfs.release(i, fh.0, lock.map(|o| o.0));
         self.reply_empty("release", start, r, || self.vfs.path(i), reply);
@@ -899,6 +903,7 @@ impl Filesystem for StrataFs {
         let start_t = Instant::now();
         let i = self.real(ino);
         let _s = tracing::debug_span!("setlk", ino = i, start, end, typ, sleep).entered();
+        self.vfs.adopt_file_handle(i, fh.0);
         match self
             .vfs
             .setlk(i, fh.0, owner.0, typ as u32, start, end, pid)
@@ -988,4 +993,56 @@ pub fn mount(
     config.clone_fd = true;
     let session = fuser::Session::new(fs, mountpoint, &config)?;
     session.run()
+}
+
+/// Serve a FUSE connection handed over by a keeper ([`crate::fusefd`]) instead of mounting:
+/// a fresh connection directly (the kernel sends INIT), a resumed one through the relay.
+/// Worker threads share the connection's descriptor (no `clone_fd`), so that requests a dead
+/// client had read are re-queued by `FUSE_NOTIFY_RESEND` rather than aborted. `on_serving`
+/// runs once requests are being answered. Returns when the kernel ends the connection
+/// (unmount) or fuser's end of the relay closes.
+pub fn serve_fd(
+    vfs: Arc<Vfs>,
+    root: Ino,
+    handover: crate::fusefd::Handover,
+    settings: &MountSettings,
+    on_serving: impl FnOnce(Arc<std::os::fd::OwnedFd>, std::os::unix::net::UnixStream),
+) -> io::Result<()> {
+    let fs = StrataFs::new(vfs, root);
+    let mut config = Config::default();
+    config.acl = if settings.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(settings.threads.max(1));
+    config.clone_fd = false;
+    let crate::fusefd::Handover {
+        dev,
+        resume,
+        relay,
+        conn,
+    } = handover;
+    let dev = Arc::new(dev);
+    if !resume {
+        let own = dev.try_clone()?;
+        let session = fuser::Session::from_fd(fs, own, config.acl, config)?;
+        on_serving(dev, conn);
+        return session.run();
+    }
+    let (fuser_end, relay_end) = match relay {
+        Some(p) => p,
+        None => crate::fusefd::relay_pair()?,
+    };
+    let relay = crate::fusefd::start_relay(dev.clone(), relay_end)?;
+    let session = fuser::Session::from_fd(fs, fuser_end, config.acl, config)?;
+    on_serving(dev, conn);
+    let res = session.run();
+    let _ = relay.join();
+    match res {
+        // The relay closes fuser's end when the kernel connection ends: fuser then sees an
+        // empty read, which it reports as an invalid request.
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(()),
+        other => other,
+    }
 }

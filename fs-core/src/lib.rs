@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod chunk;
 pub mod fuse;
+pub mod fusefd;
 pub mod meta;
 pub mod metrics;
 pub mod mount;

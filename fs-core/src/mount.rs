@@ -29,6 +29,15 @@ pub struct MountOptions {
     pub allow_other: bool,
     pub vfs: VfsSettings,
     pub meta: MetaSettings,
+    /// Take an already mounted FUSE connection from the keeper listening on this unix socket
+    /// (the CSI node plugin) instead of mounting (see [`crate::fusefd`]).
+    pub fuse_fd_socket: Option<PathBuf>,
+    /// Object-store keys replacing those stored in the volume for this client (never
+    /// serialized, never logged).
+    #[serde(skip)]
+    pub access_key: Option<String>,
+    #[serde(skip)]
+    pub secret_key: Option<String>,
 }
 
 impl Default for MountOptions {
@@ -41,6 +50,9 @@ impl Default for MountOptions {
             allow_other: default_allow_other(),
             vfs: VfsSettings::default(),
             meta: MetaSettings::default(),
+            fuse_fd_socket: None,
+            access_key: None,
+            secret_key: None,
         }
     }
 }
@@ -238,16 +250,13 @@ pub fn unmount(mp: &Path, force: bool) -> Result<(), MountError> {
 
 /// Mount and serve in this process until unmounted. `on_ready` runs once the mount is live.
 pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(), MountError> {
+    if opts.fuse_fd_socket.is_some() {
+        return run_handover(meta_url, mountpoint, opts);
+    }
     check_fuse()?;
     let mp = check_mountpoint(mountpoint, opts.nonempty)?;
     let metrics = Arc::new(Metrics::new());
-    let vol = volume::open(
-        meta_url,
-        metrics.clone(),
-        opts.meta.clone(),
-        RetrySettings::default(),
-        opts.vfs.read_only,
-    )?;
+    let vol = open_volume(meta_url, metrics.clone(), opts)?;
     let root = match &opts.subdir {
         Some(s) => volume::resolve_dir(&vol.meta, s)?,
         None => ROOT_INO,
@@ -308,4 +317,119 @@ pub fn wait_mounted(
         mp.display(),
         timeout
     ))
+}
+
+/// Open the volume, with the object-store keys of `opts` when given.
+fn open_volume(
+    meta_url: &str,
+    metrics: Arc<Metrics>,
+    opts: &MountOptions,
+) -> Result<volume::Volume, MountError> {
+    if opts.access_key.is_none() && opts.secret_key.is_none() {
+        return Ok(volume::open(
+            meta_url,
+            metrics,
+            opts.meta.clone(),
+            RetrySettings::default(),
+            opts.vfs.read_only,
+        )?);
+    }
+    let engine = crate::meta::open_engine(meta_url).map_err(VolumeError::from)?;
+    let meta = Arc::new(crate::meta::Meta::new(
+        engine,
+        metrics.clone(),
+        opts.meta.clone(),
+    ));
+    let mut format = meta.load().map_err(VolumeError::from)?;
+    if !opts.vfs.read_only {
+        meta.engine().init_schema().map_err(VolumeError::from)?;
+    }
+    if let Some(k) = &opts.access_key {
+        format.storage.access_key = Some(k.clone());
+    }
+    if let Some(k) = &opts.secret_key {
+        format.storage.secret_key = Some(k.clone());
+    }
+    let raw = crate::object::open_store(&format.storage).map_err(|source| VolumeError::Object {
+        store: format!("{} {}", format.storage.storage, format.storage.bucket),
+        source,
+    })?;
+    let store = crate::object::layered(raw, metrics, RetrySettings::default());
+    volume::probe_store(&*store, &format.name, opts.vfs.read_only)?;
+    Ok(volume::Volume {
+        meta,
+        format,
+        store,
+    })
+}
+
+/// `strata mount --fuse-fd-socket PATH`: serve a connection mounted by a keeper (the CSI
+/// node plugin). The mount outlives this process: a termination signal flushes and exits
+/// without unmounting, and the next client resumes the same connection.
+fn run_handover(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(), MountError> {
+    let socket = opts.fuse_fd_socket.clone().unwrap_or_default();
+    let metrics = Arc::new(Metrics::new());
+    let vol = open_volume(meta_url, metrics.clone(), opts)?;
+    let root = match &opts.subdir {
+        Some(s) => volume::resolve_dir(&vol.meta, s)?,
+        None => ROOT_INO,
+    };
+    if let Some(addr) = &opts.metrics {
+        let bound = metrics::serve(metrics.clone(), addr)
+            .map_err(|e| MountError::Setup(format!("--metrics {addr}: cannot listen: {e}")))?;
+        tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
+    }
+    let vfs = Vfs::new(
+        vol.meta.clone(),
+        vol.store.clone(),
+        vol.format.clone(),
+        metrics,
+        opts.vfs.clone(),
+    );
+    // Never reuse a handle number an earlier client of this connection gave the kernel.
+    vfs.set_handle_base_from_clock();
+    vol.meta
+        .new_session(&vfs.session_info())
+        .map_err(|e| MountError::Volume(e.into()))?;
+    vfs.start_background();
+    let handover = crate::fusefd::take(&socket, Duration::from_secs(30)).map_err(|e| {
+        MountError::Setup(format!(
+            "cannot take the FUSE descriptor from {}: {e}",
+            socket.display()
+        ))
+    })?;
+    let resume = handover.resume;
+    {
+        let vfs = vfs.clone();
+        let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+            // SAFETY: sigwait on a set built from constants.
+            let sig = unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::sigaddset(&mut set, s);
+                }
+                let mut sig = 0;
+                libc::sigwait(&set, &mut sig);
+                sig
+            };
+            tracing::info!(signal = sig, "signal received: flushing and leaving the mount to the next client");
+            vfs.shutdown();
+            std::process::exit(0);
+        });
+    }
+    let settings = MountSettings {
+        fsname: format!("strata:{}", vol.format.name),
+        threads: opts.threads,
+        read_only: opts.vfs.read_only,
+        allow_other: opts.allow_other,
+    };
+    tracing::info!(volume = %vol.format.name, meta = %redact_url(meta_url), store = %vol.store.describe(),
+        mountpoint = %mountpoint.display(), resume, "serving a handed-over FUSE connection");
+    let res = crate::fuse::serve_fd(vfs.clone(), root, handover, &settings, |dev, conn| {
+        crate::fusefd::serve_keeper(conn, socket.clone(), dev);
+    });
+    tracing::info!(volume = %vol.format.name, mountpoint = %mountpoint.display(), "connection ended, flushing");
+    vfs.shutdown();
+    res.map_err(|e| MountError::Setup(format!("serving the FUSE connection failed: {e}")))
 }

@@ -320,6 +320,16 @@ struct MountArgs {
     session_timeout: i64,
     #[command(flatten)]
     cache: CacheArgs,
+    /// Serve a FUSE connection mounted by a keeper (the CSI node plugin) and handed over on
+    /// this unix socket, instead of mounting; the mount then survives this process.
+    #[arg(long, value_name = "PATH")]
+    fuse_fd_socket: Option<PathBuf>,
+    /// Object-store access key replacing the one stored in the volume.
+    #[arg(long, env = "STRATA_ACCESS_KEY", hide_env_values = true)]
+    access_key: Option<String>,
+    /// Object-store secret key replacing the one stored in the volume.
+    #[arg(long, env = "STRATA_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
     /// Metadata URL of a formatted volume.
     meta_url: String,
     mountpoint: PathBuf,
@@ -341,6 +351,9 @@ struct CacheArgs {
     /// Do not put blocks written by this mount into the disk cache.
     #[arg(long)]
     no_cache_written: bool,
+    /// On random reads, fetch only the bytes asked for (uncached) instead of whole blocks.
+    #[arg(long)]
+    random_read_ranges: bool,
     /// Join the distributed cache group NAME (mounts with the same NAME share their caches).
     #[arg(long)]
     cache_group: Option<String>,
@@ -384,6 +397,7 @@ impl CacheArgs {
             disk_size: self.cache_size << 20,
             free_space_ratio: self.free_space_ratio,
             cache_written: !self.no_cache_written,
+            random_whole_blocks: !self.random_read_ranges,
             group: self.cache_group.clone(),
             group_addr: self.cache_group_addr.clone(),
             no_serve: self.no_serve,
@@ -570,6 +584,9 @@ fn mount_cmd(a: MountArgs, log_level: &str) -> Result<()> {
     opts.meta.gc_grace_secs = a.gc_grace;
     opts.meta.session_timeout_secs = a.session_timeout;
     opts.vfs.cache = a.cache.settings()?;
+    opts.fuse_fd_socket = a.fuse_fd_socket.clone();
+    opts.access_key = a.access_key.clone();
+    opts.secret_key = a.secret_key.clone();
     mount::run(&a.meta_url, &a.mountpoint, &opts)?;
     Ok(())
 }

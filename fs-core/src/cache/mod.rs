@@ -28,8 +28,10 @@ pub struct CacheSettings {
     pub free_space_ratio: f64,
     /// Also cache blocks this client writes (read-after-write and peers without a GET).
     pub cache_written: bool,
-    /// On a random (non-sequential) read, fetch the whole block in the background too.
-    pub prefetch_random: bool,
+    /// On a random (non-sequential) read of a block not cached, fetch and cache the whole
+    /// block (default), or only the bytes asked for, uncached (`--random-read-ranges`: for
+    /// large files read at random, e.g. embedding tables, where whole blocks waste transfer).
+    pub random_whole_blocks: bool,
     /// Threads fetching blocks for readers (prefetches have their own).
     pub fetch_threads: usize,
     /// Cache group this mount belongs to (`--cache-group`).
@@ -54,7 +56,7 @@ impl Default for CacheSettings {
             disk_size: 0,
             free_space_ratio: 0.1,
             cache_written: true,
-            prefetch_random: false,
+            random_whole_blocks: true,
             fetch_threads: 16,
             group: None,
             group_addr: None,

@@ -7,6 +7,7 @@ mod background;
 mod cache_ops;
 pub mod pool;
 pub mod reader;
+mod resume;
 pub mod writer;
 
 use std::collections::{BTreeSet, HashMap};
@@ -732,9 +733,10 @@ impl Vfs {
             self.flush_writer(&w)?;
         }
         let end = off.saturating_add(size as u64);
+        let ranged = !self.settings.cache.random_whole_blocks && self.is_random(fh, off);
         let mut attempt = 0;
         let out = loop {
-            match self.read_range(ino, off, end) {
+            match self.read_range(ino, off, end, ranged) {
                 Err(VfsError::Fetch(FetchError::Missing(k))) if attempt == 0 => {
                     // A compaction or truncation may have replaced the slice: re-read the
                     // chunk map once. Still missing afterwards is an error, never zeros.
@@ -749,7 +751,18 @@ impl Vfs {
         Ok(out)
     }
 
-    fn read_range(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<u8>> {
+    /// Whether a read at `off` through `fh` is far from where the previous read ended.
+    fn is_random(&self, fh: u64, off: u64) -> bool {
+        let Some(h) = self.files.lock().get(&fh).cloned() else {
+            return false;
+        };
+        let ra = h.ra.lock();
+        let slack = 4 * self.format.block_size as u64;
+        off != 0 && (off + slack < ra.next || off > ra.next + slack)
+    }
+
+    /// The bytes `[off, end)`; `ranged`: blocks not cached are read as byte ranges, uncached.
+    fn read_range(&self, ino: Ino, off: u64, end: u64, ranged: bool) -> Result<Vec<u8>> {
         let plan = self.plan(ino, off, end)?;
         let total: usize = plan
             .iter()
@@ -762,6 +775,9 @@ impl Vfs {
         for p in plan {
             match p {
                 Piece::Zero(n) => out.resize(out.len() + n, 0),
+                Piece::Block { key, len, from, to } if ranged => {
+                    self.reader.read_range_into(&key, len, from, to, &mut out)?;
+                }
                 Piece::Block { key, len, from, to } => {
                     self.reader.read_into(&key, len, from, to, &mut out)?;
                 }
@@ -887,12 +903,7 @@ impl Vfs {
     /// Entries of an open directory from position `offset`: (next offset, entry),
     /// starting with "." and "..".
     pub fn readdir(&self, ino: Ino, fh: u64, offset: u64) -> Result<Vec<(u64, Entry)>> {
-        let entries = self
-            .dirs
-            .lock()
-            .get(&fh)
-            .cloned()
-            .ok_or(VfsError::BadHandle)?;
+        let entries = self.dir_entries(ino, fh)?;
         let mut out = Vec::new();
         let mut i = offset;
         if i == 0 {

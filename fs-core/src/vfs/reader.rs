@@ -183,6 +183,36 @@ impl BlockReader {
         wait_range(&flight, key, from, to, out)
     }
 
+    /// Like [`BlockReader::read_into`] for random reads that should not pull in whole
+    /// blocks: a cached or in-flight block is used, otherwise only `[from, to)` is read from
+    /// the object store and nothing is cached.
+    pub fn read_range_into(
+        self: &Arc<Self>,
+        key: &str,
+        len: usize,
+        from: usize,
+        to: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FetchError> {
+        if self.inflight.lock().contains_key(key) || self.cached(key) {
+            return self.read_into(key, len, from, to, out);
+        }
+        self.metrics.cache_miss();
+        match self.store.get(key, from as u64, Some((to - from) as u64)) {
+            Ok(b) if b.len() == to - from => {
+                out.extend_from_slice(&b);
+                Ok(())
+            }
+            Ok(b) => Err(FetchError::Corrupt {
+                key: key.to_string(),
+                got: from + b.len(),
+                want: to,
+            }),
+            Err(ObjectError::NotFound(_)) => Err(FetchError::Missing(key.to_string())),
+            Err(e) => Err(FetchError::Store(e.to_string())),
+        }
+    }
+
     /// The whole block.
     pub fn get(self: &Arc<Self>, key: &str, len: usize) -> Result<Bytes, FetchError> {
         self.get_from(key, len, Source::Any)
@@ -531,6 +561,30 @@ mod tests {
         let e = reader.get("v/chunks/0/0/2_0_100", 100).unwrap_err();
         assert!(matches!(e, FetchError::Corrupt { got: 50, .. }), "{e}");
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn range_reads_fetch_only_the_range_and_cache_nothing() {
+        let (store, reader) = setup(0, None);
+        let mut out = Vec::new();
+        reader
+            .read_range_into("v/chunks/0/0/1_0_1048576", 1 << 20, 1000, 1100, &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 100);
+        assert_eq!(out[0], (1000 % 251) as u8);
+        assert!(!reader.cached("v/chunks/0/0/1_0_1048576"));
+        // A cached block is used as it is.
+        reader.get("v/chunks/0/0/1_0_1048576", 1 << 20).unwrap();
+        let before = store.gets.load(Ordering::SeqCst);
+        out.clear();
+        reader
+            .read_range_into("v/chunks/0/0/1_0_1048576", 1 << 20, 0, 10, &mut out)
+            .unwrap();
+        assert_eq!(store.gets.load(Ordering::SeqCst), before);
+        let e = reader
+            .read_range_into("v/chunks/0/0/8_0_10", 10, 0, 10, &mut out)
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Missing(_)), "{e}");
     }
 
     #[test]
