@@ -211,6 +211,9 @@ fn a_cache_group_shares_blocks_and_survives_a_dead_member() {
     let mut a = member(&v, "a", ports[0], &group);
     let b = member(&v, "b", ports[1], &group);
     let c = member(&v, "c", ports[2], &group);
+    // A pure client: reads through the group, owns and serves nothing.
+    let d_port = free_port();
+    let d = member(&v, "d", d_port, &["--cache-group", "g1", "--no-serve"]);
     // Membership is re-read every 2 s.
     std::thread::sleep(Duration::from_secs(4));
     let base: u64 = ports.iter().map(|p| gets(*p)).sum();
@@ -242,6 +245,14 @@ fn a_cache_group_shares_blocks_and_survives_a_dead_member() {
     assert_eq!(read_all(&b.path.join("f2.bin")), pattern(5, file_size()));
     assert_eq!(read_all(&c.path.join("f2.bin")), pattern(5, file_size()));
     assert_eq!(total(), after_a, "second read through the group: 0 GETs");
+    let d_base = gets(d_port);
+    assert_eq!(read_all(&d.path.join("f2.bin")), pattern(5, file_size()));
+    assert_eq!(
+        gets(d_port),
+        d_base,
+        "a --no-serve member reads from its peers"
+    );
+    assert_eq!(total(), after_a);
     assert!(metric(ports[1], "strata_cache_peer_hits_total") > 0);
 
     // Kill A while B reads a cold file: B's read still succeeds (from the store).
