@@ -33,7 +33,7 @@ enum Cmd {
     /// Create a volume: metadata at META_URL, data in an object store.
     Format(FormatArgs),
     /// Mount a volume with FUSE.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Unmount a mounted volume.
     Umount {
         mountpoint: PathBuf,
@@ -442,7 +442,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Format(a) => format(a),
-        Cmd::Mount(a) => mount_cmd(a, &cli.log_level),
+        Cmd::Mount(a) => mount_cmd(*a, &cli.log_level),
         Cmd::Warmup {
             paths,
             threads,
