@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", strata_operator::crd::crds_yaml().unwrap());
+}

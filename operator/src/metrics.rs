@@ -1,0 +1,196 @@
+//! Prometheus metrics of the operator and the small HTTP server that exposes them
+//! (`/metrics`, `/healthz`, `/readyz`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<KindLabel, Counter>,
+    failures: Family<KindLabel, Counter>,
+    duration: Family<KindLabel, Histogram>,
+    pub leader: Gauge,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("strata_operator");
+        let reconciles = Family::<KindLabel, Counter>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        let failures = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that failed and were requeued with backoff",
+            failures.clone(),
+        );
+        let duration = Family::<KindLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile",
+            duration.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            leader,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Count a reconcile of `kind` and time it until the guard drops.
+    pub fn reconcile(&self, kind: &str) -> ReconcileTimer<'_> {
+        let l = KindLabel { kind: kind.into() };
+        self.reconciles.get_or_create(&l).inc();
+        ReconcileTimer {
+            metrics: self,
+            label: l,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn reconcile_failed(&self, kind: &str) {
+        self.failures
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Serve `/metrics`, `/healthz` (always ok) and `/readyz` (ok once controllers run).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (mut sock, _) = listener.accept().await?;
+            let m = self.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split_whitespace().nth(1).unwrap_or("/");
+                let (status, ctype, body) = match path {
+                    "/metrics" => (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        m.encode(),
+                    ),
+                    "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                    "/readyz" if m.ready.load(Ordering::Relaxed) => {
+                        ("200 OK", "text/plain", "ok\n".to_string())
+                    }
+                    "/readyz" => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "not ready\n".to_string(),
+                    ),
+                    _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    }
+}
+
+/// Observes the reconcile duration on drop.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    label: KindLabel,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .duration
+            .get_or_create(&self.label)
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_endpoint_serves_counters_and_health() {
+        let m = Arc::new(Metrics::new());
+        drop(m.reconcile("Volume"));
+        m.reconcile_failed("Volume");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(m.clone().serve(listener));
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let body = get("/metrics").await;
+        assert!(
+            body.contains("strata_operator_reconciles_total{kind=\"Volume\"} 1"),
+            "{body}"
+        );
+        assert!(body.contains("strata_operator_reconcile_failures_total{kind=\"Volume\"} 1"));
+        assert!(
+            body.contains("strata_operator_reconcile_duration_seconds_count{kind=\"Volume\"} 1")
+        );
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        m.set_ready(true);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    }
+}

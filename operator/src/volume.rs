@@ -1,0 +1,405 @@
+//! Volume controller: format or adopt the file system, maintain its StorageClasses, report
+//! usage and health; on deletion remove the StorageClasses and, only with
+//! `deletionPolicy: Delete`, the data.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Resource, ResourceExt};
+use tracing::{Instrument, info, info_span};
+
+use crate::conditions::{self, Outcome};
+use crate::context::{Context, FIELD_MANAGER, apply_status, blocking};
+use crate::crd::{
+    DeletionPolicy, FINALIZER, MANAGED_BY, StorageClassSpec, VOLUME_LABEL, Volume, VolumeStatus,
+    human_bytes, parse_quantity,
+};
+use crate::errors::{Error, Result, object_key};
+use crate::fsops::{FsError, VolumeRequest};
+
+/// Default CSI `pathPattern`: a tenant namespace's PVCs land under `tenants/<namespace>`.
+pub const DEFAULT_PATH_PATTERN: &str = "tenants/${pvc.namespace}/${pv.name}";
+
+/// File-system name of a Volume.
+pub fn fs_name(vol: &Volume) -> String {
+    vol.spec.name.clone().unwrap_or_else(|| vol.name_any())
+}
+
+/// What `ensure_volume` is asked for.
+pub fn volume_request(vol: &Volume) -> Result<VolumeRequest> {
+    let capacity = match &vol.spec.capacity {
+        Some(c) => parse_quantity(c)
+            .ok_or_else(|| Error::Invalid(format!("spec.capacity {c:?} is not a quantity")))?,
+        None => 0,
+    };
+    let storage = match vol.spec.storage.type_ {
+        crate::crd::StorageType::File => "file",
+        crate::crd::StorageType::S3 => "s3",
+    };
+    Ok(VolumeRequest {
+        name: fs_name(vol),
+        storage: storage.into(),
+        bucket: vol.spec.storage.bucket_url(),
+        region: vol.spec.storage.region.clone(),
+        block_size_kib: vol.spec.format.block_size_ki_b,
+        // Rounded up to whole GiB (the volume limit's unit).
+        capacity_gib: capacity.div_ceil(1 << 30),
+        inodes: vol.spec.inodes.unwrap_or(0),
+    })
+}
+
+/// The StorageClasses a Volume asks for (one named after it by default).
+pub fn storage_class_specs(vol: &Volume) -> Vec<StorageClassSpec> {
+    if vol.spec.storage_classes.is_empty() {
+        vec![StorageClassSpec {
+            name: vol.name_any(),
+            is_default: false,
+            path_pattern: None,
+            on_delete: Default::default(),
+            reclaim_policy: Default::default(),
+            mount_options: vec![],
+        }]
+    } else {
+        vol.spec.storage_classes.clone()
+    }
+}
+
+/// A StorageClass of the CSI driver for `vol`, with `extra` mount options appended.
+pub fn storage_class(
+    vol: &Volume,
+    spec: &StorageClassSpec,
+    extra: &[String],
+    ctx: &Context,
+) -> StorageClass {
+    let secret = &vol.spec.credentials_secret_ref;
+    let mut params = BTreeMap::new();
+    params.insert(
+        "pathPattern".to_string(),
+        spec.path_pattern
+            .clone()
+            .unwrap_or_else(|| DEFAULT_PATH_PATTERN.to_string()),
+    );
+    params.insert("onDelete".into(), spec.on_delete.as_str().into());
+    let mut opts: Vec<String> = vol.spec.mount_options.clone();
+    if let Some(c) = &vol.spec.cache {
+        if let Some(size) = c.size_mi_b {
+            opts.push(format!("cache-size={size}"));
+        }
+        if let Some(dir) = &c.dir {
+            params.insert("cacheDir".into(), dir.clone());
+        }
+    }
+    opts.extend(spec.mount_options.iter().cloned());
+    opts.extend(extra.iter().cloned());
+    if !opts.is_empty() {
+        params.insert("mountOptions".into(), opts.join(","));
+    }
+    params.insert("mountImage".into(), ctx.settings.image.clone());
+    for p in ["provisioner", "node-stage", "controller-expand"] {
+        params.insert(
+            format!("csi.storage.k8s.io/{p}-secret-name"),
+            secret.name.clone(),
+        );
+        params.insert(
+            format!("csi.storage.k8s.io/{p}-secret-namespace"),
+            secret.namespace.clone(),
+        );
+    }
+    let mut labels = BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (VOLUME_LABEL.to_string(), vol.name_any()),
+    ]);
+    labels.insert("app.kubernetes.io/part-of".into(), "strata".into());
+    let mut annotations = BTreeMap::new();
+    if spec.is_default {
+        annotations.insert(
+            "storageclass.kubernetes.io/is-default-class".to_string(),
+            "true".to_string(),
+        );
+    }
+    StorageClass {
+        metadata: kube::api::ObjectMeta {
+            name: Some(spec.name.clone()),
+            labels: Some(labels),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            owner_references: vol.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        provisioner: ctx.settings.csi_driver.clone(),
+        parameters: Some(params),
+        reclaim_policy: Some(spec.reclaim_policy.as_str().into()),
+        allow_volume_expansion: Some(true),
+        volume_binding_mode: Some("Immediate".into()),
+        mount_options: None,
+        allowed_topologies: None,
+    }
+}
+
+/// Server-side apply a StorageClass; its parameters are immutable, so a class whose
+/// parameters changed is deleted and created again (existing PVs keep working: they carry
+/// their own copy).
+pub async fn apply_storage_class(ctx: &Context, sc: &StorageClass) -> Result<()> {
+    let api: Api<StorageClass> = Api::all(ctx.client.clone());
+    let name = sc.name_any();
+    if let Some(cur) = api.get_opt(&name).await?
+        && (cur.parameters != sc.parameters
+            || cur.reclaim_policy != sc.reclaim_policy
+            || cur.provisioner != sc.provisioner
+            || cur.volume_binding_mode != sc.volume_binding_mode)
+    {
+        info!(storageclass = %name, "parameters changed: recreating the StorageClass");
+        api.delete(&name, &DeleteParams::default()).await?;
+    }
+    let mut obj = serde_json::to_value(sc).map_err(|e| Error::Invalid(e.to_string()))?;
+    obj["apiVersion"] = "storage.k8s.io/v1".into();
+    obj["kind"] = "StorageClass".into();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Context>) -> Result<Action> {
+    let key = object_key(&*vol);
+    let span = info_span!("reconcile", object = %key);
+    async move {
+        let _t = ctx.metrics.reconcile("Volume");
+        let api: Api<Volume> = Api::all(ctx.client.clone());
+        let res = finalizer(&api, FINALIZER, vol, |ev| async {
+            match ev {
+                Finalizer::Apply(v) => apply(&api, &v, &ctx).await,
+                Finalizer::Cleanup(v) => cleanup(&v, &ctx).await,
+            }
+        })
+        .await
+        .map_err(Error::from_finalizer);
+        if res.is_ok() {
+            ctx.record_success(&key);
+        }
+        res
+    }
+    .instrument(span)
+    .await
+}
+
+async fn set_status(
+    api: &Api<Volume>,
+    vol: &Volume,
+    ctx: &Context,
+    mut status: VolumeStatus,
+    outcome: &Outcome,
+) -> Result<()> {
+    let old = vol.status.clone().unwrap_or_default();
+    status.observed_generation = vol.metadata.generation;
+    status.conditions = conditions::conditions(&old.conditions, outcome, vol.metadata.generation);
+    if conditions::ready_reason(&old.conditions) != Some(outcome.reason()) && !outcome.is_ready() {
+        ctx.event(
+            vol,
+            true,
+            outcome.reason(),
+            "Reconcile",
+            outcome.message().into(),
+        )
+        .await;
+    }
+    apply_status(api, vol, &status).await
+}
+
+async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action> {
+    let old = vol.status.clone().unwrap_or_default();
+    let keep = VolumeStatus {
+        uuid: old.uuid.clone(),
+        origin: old.origin.clone(),
+        ..Default::default()
+    };
+    let target = match ctx.read_target(&vol.spec.credentials_secret_ref).await? {
+        Ok(t) => t,
+        Err(outcome) => {
+            set_status(api, vol, ctx, keep, &outcome).await?;
+            return Ok(Action::requeue(ctx.retry()));
+        }
+    };
+    let req = volume_request(vol)?;
+    let fs = ctx.fs.clone();
+    let res = blocking(move || {
+        let info = fs.ensure_volume(&target, &req)?;
+        let usage = fs.usage(&target)?;
+        Ok((info, usage))
+    })
+    .await;
+    let (info, usage) = match res {
+        Ok(v) => v,
+        Err(Error::Fs(e)) => {
+            let reason = match &e {
+                FsError::NameMismatch { .. } => "NameMismatch",
+                FsError::Invalid(_) => "FormatRefused",
+                FsError::Backend(_) => "BackendUnavailable",
+            };
+            set_status(
+                api,
+                vol,
+                ctx,
+                keep,
+                &Outcome::degraded(reason, e.to_string()),
+            )
+            .await?;
+            if e.is_transient() {
+                return Err(e.into());
+            }
+            return Ok(Action::requeue(ctx.retry()));
+        }
+        Err(e) => return Err(e),
+    };
+    if old.uuid.as_deref() != Some(info.uuid.as_str()) {
+        let (reason, note) = if info.formatted {
+            (
+                "Formatted",
+                format!("formatted file system {} ({})", info.name, info.uuid),
+            )
+        } else {
+            (
+                "Adopted",
+                format!("adopted existing file system {} ({})", info.name, info.uuid),
+            )
+        };
+        ctx.event(vol, false, reason, "Format", note).await;
+    }
+    if info.block_size_kib != vol.spec.format.block_size_ki_b && old.uuid.is_none() {
+        ctx.event(
+            vol,
+            true,
+            "BlockSizeDiffers",
+            "Format",
+            format!(
+                "the adopted volume has block size {} KiB, not the {} KiB of spec.format",
+                info.block_size_kib, vol.spec.format.block_size_ki_b
+            ),
+        )
+        .await;
+    }
+    if info.limits_changed {
+        ctx.event(
+            vol,
+            false,
+            "LimitsChanged",
+            "Configure",
+            format!(
+                "capacity {} inodes {} (0 = unlimited)",
+                vol.spec.capacity.as_deref().unwrap_or("0"),
+                vol.spec.inodes.unwrap_or(0)
+            ),
+        )
+        .await;
+    }
+
+    // StorageClasses: apply the wanted ones, delete ours that are no longer wanted.
+    let wanted = storage_class_specs(vol);
+    for spec in &wanted {
+        apply_storage_class(ctx, &storage_class(vol, spec, &[], ctx)).await?;
+    }
+    let sc_api: Api<StorageClass> = Api::all(ctx.client.clone());
+    let ours = sc_api
+        .list(&ListParams::default().labels(&format!("{VOLUME_LABEL}={}", vol.name_any())))
+        .await?;
+    for sc in ours {
+        let n = sc.name_any();
+        let is_cache_group_class = sc.labels().contains_key(crate::crd::CACHE_GROUP_LABEL);
+        if !is_cache_group_class && !wanted.iter().any(|w| w.name == n) {
+            sc_api.delete(&n, &DeleteParams::default()).await?;
+        }
+    }
+
+    let capacity = (usage.capacity_bytes > 0).then_some(usage.capacity_bytes);
+    let status = VolumeStatus {
+        uuid: Some(info.uuid.clone()),
+        origin: Some(if old.origin.is_some() {
+            old.origin.clone().unwrap_or_default()
+        } else if info.formatted {
+            "Formatted".into()
+        } else {
+            "Adopted".into()
+        }),
+        used_bytes: Some(usage.used_bytes),
+        used_inodes: Some(usage.used_inodes),
+        capacity_bytes: capacity,
+        usage: Some(format!(
+            "{} / {}",
+            human_bytes(usage.used_bytes),
+            capacity
+                .map(human_bytes)
+                .unwrap_or_else(|| "unlimited".into())
+        )),
+        storage_classes: wanted.iter().map(|w| w.name.clone()).collect(),
+        ..Default::default()
+    };
+    let outcome = Outcome::ready(
+        "VolumeReady",
+        format!(
+            "file system {} is formatted and reachable; StorageClass {}",
+            info.name,
+            status.storage_classes.join(", ")
+        ),
+    );
+    if !conditions::is_ready(&old.conditions) {
+        ctx.event(vol, false, "Ready", "Reconcile", outcome.message().into())
+            .await;
+    }
+    set_status(api, vol, ctx, status, &outcome).await?;
+    Ok(Action::requeue(ctx.resync()))
+}
+
+async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action> {
+    let sc_api: Api<StorageClass> = Api::all(ctx.client.clone());
+    let ours = sc_api
+        .list(&ListParams::default().labels(&format!("{VOLUME_LABEL}={}", vol.name_any())))
+        .await?;
+    for sc in ours {
+        sc_api
+            .delete(&sc.name_any(), &DeleteParams::default())
+            .await?;
+    }
+    if vol.spec.deletion_policy == DeletionPolicy::Delete {
+        match ctx.read_target(&vol.spec.credentials_secret_ref).await? {
+            Ok(target) => {
+                let fs = ctx.fs.clone();
+                blocking(move || Ok(fs.empty_volume(&target)?)).await?;
+                ctx.event(
+                    vol,
+                    false,
+                    "DataDeleted",
+                    "Delete",
+                    format!(
+                        "deletionPolicy Delete: removed every file of {}",
+                        fs_name(vol)
+                    ),
+                )
+                .await;
+            }
+            Err(outcome) => {
+                // Without the Secret the data cannot be reached: keep the finalizer so the
+                // data is not silently left behind, and say why.
+                return Err(Error::Invalid(format!(
+                    "deletionPolicy Delete needs the Secret to delete the data: {}",
+                    outcome.message()
+                )));
+            }
+        }
+    } else {
+        info!("deletionPolicy Retain: the file system's data is kept");
+    }
+    Ok(Action::await_change())
+}
+
+/// Whether `vol` reached Ready (for dependants).
+pub fn is_ready(vol: &Volume) -> bool {
+    vol.status
+        .as_ref()
+        .is_some_and(|s| conditions::is_ready(&s.conditions))
+}
