@@ -549,11 +549,7 @@ fn serve_client(st: &KeeperState, conn: UnixStream) -> io::Result<()> {
             let resume = st.initialised.load(Ordering::SeqCst);
             let (a, b) = relay_pair()?;
             let tag: &[u8] = if resume { b"R" } else { b"F" };
-            send_fds(
-                &conn,
-                tag,
-                &[dev.as_raw_fd(), a.as_raw_fd(), b.as_raw_fd()],
-            )?;
+            send_fds(&conn, tag, &[dev.as_raw_fd(), a.as_raw_fd(), b.as_raw_fd()])?;
         }
         b'H' => {
             if let Some(fd) = fds.pop() {

@@ -401,22 +401,27 @@ fn run_handover(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Resul
     let resume = handover.resume;
     {
         let vfs = vfs.clone();
-        let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
-            // SAFETY: sigwait on a set built from constants.
-            let sig = unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                    libc::sigaddset(&mut set, s);
-                }
-                let mut sig = 0;
-                libc::sigwait(&set, &mut sig);
-                sig
-            };
-            tracing::info!(signal = sig, "signal received: flushing and leaving the mount to the next client");
-            vfs.shutdown();
-            std::process::exit(0);
-        });
+        let _ = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                // SAFETY: sigwait on a set built from constants.
+                let sig = unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                        libc::sigaddset(&mut set, s);
+                    }
+                    let mut sig = 0;
+                    libc::sigwait(&set, &mut sig);
+                    sig
+                };
+                tracing::info!(
+                    signal = sig,
+                    "signal received: flushing and leaving the mount to the next client"
+                );
+                vfs.shutdown();
+                std::process::exit(0);
+            });
     }
     let settings = MountSettings {
         fsname: format!("strata:{}", vol.format.name),
