@@ -578,10 +578,10 @@ mod tests {
             .unwrap();
         assert_eq!((q.limit_bytes, q.limit_inodes), (100 << 20, 1000));
         assert_eq!(q.used_inodes, 0);
-        // The parent `tenants` is counted by the volume, the quota counts below team-a.
+        // The volume counts the two directories created (tenants, team-a; not the root).
         let u = fs.usage(&t).unwrap();
         assert_eq!(u.capacity_bytes, 20 << 30);
-        assert!(u.used_inodes >= 3, "root, tenants, team-a: {u:?}");
+        assert_eq!(u.used_inodes, 2, "{u:?}");
 
         // A file created below the quota directory is charged to it.
         let meta = fs.meta(&t).unwrap();

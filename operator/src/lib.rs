@@ -6,9 +6,11 @@
 pub mod cachegroup;
 pub mod conditions;
 pub mod context;
+pub mod controller;
 pub mod crd;
 pub mod errors;
 pub mod fsops;
+pub mod leader;
 pub mod metrics;
 pub mod quota;
 pub mod settings;

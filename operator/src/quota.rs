@@ -57,9 +57,10 @@ async fn set_status(
     status.observed_generation = q.metadata.generation;
     status.conditions = conditions::conditions(&old.conditions, outcome, q.metadata.generation);
     if conditions::ready_reason(&old.conditions) != Some(outcome.reason()) && !outcome.is_ready() {
+        let warn = matches!(outcome, Outcome::Degraded { .. });
         ctx.event(
             q,
-            true,
+            warn,
             outcome.reason(),
             "Reconcile",
             outcome.message().into(),

@@ -200,9 +200,10 @@ async fn set_status(
     status.observed_generation = vol.metadata.generation;
     status.conditions = conditions::conditions(&old.conditions, outcome, vol.metadata.generation);
     if conditions::ready_reason(&old.conditions) != Some(outcome.reason()) && !outcome.is_ready() {
+        let warn = matches!(outcome, Outcome::Degraded { .. });
         ctx.event(
             vol,
-            true,
+            warn,
             outcome.reason(),
             "Reconcile",
             outcome.message().into(),

@@ -1,0 +1,781 @@
+//! Reconcile scenarios against the tower-test mock API server: finalizer added, fs actions,
+//! owned objects applied, Events, status patched by server-side apply, cleanup on delete,
+//! errors requeued with backoff; and leader election against the same mock.
+
+mod mock;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use mock::{Fixed, Step, done, not_found, scenario};
+use serde_json::{Value, json};
+use strata_operator::crd::{CacheGroup, Quota, Volume};
+use strata_operator::errors::error_policy;
+use strata_operator::fsops::{FsError, MemFs};
+use strata_operator::{cachegroup, quota, volume};
+
+const NS: &str = "strata-system";
+const META: &str = "postgres://strata:pw@db:5432/vol1";
+
+fn volume_obj(finalizer: bool, status: Value, extra: Value) -> Volume {
+    let mut v = json!({
+        "apiVersion": "strata.io/v1alpha1", "kind": "Volume",
+        "metadata": {"name": "vol1", "uid": "u-vol1", "generation": 3},
+        "spec": {
+            "credentialsSecretRef": {"name": "vol1-secret", "namespace": NS},
+            "storage": {"type": "s3", "bucket": "https://vol1.s3.example.com"},
+            "capacity": "10Ti",
+            "cache": {"sizeMiB": 2048},
+            "mountOptions": ["buffer-size=600"],
+        },
+    });
+    if finalizer {
+        v["metadata"]["finalizers"] = json!(["strata.io/cleanup"]);
+    }
+    if !status.is_null() {
+        v["status"] = status;
+    }
+    if let Value::Object(m) = extra {
+        for (k, val) in m {
+            if k == "deletionTimestamp" {
+                v["metadata"][k] = val;
+            } else {
+                v["spec"][k] = val;
+            }
+        }
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+fn secret() -> Value {
+    use base64_like::enc;
+    json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "vol1-secret", "namespace": NS},
+        "data": {"metaurl": enc(META), "access-key": enc("AK"), "secret-key": enc("SK")}})
+}
+
+/// Tiny base64 encoder for fixtures (Secrets carry base64 data).
+mod base64_like {
+    pub fn enc(s: &str) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let b = s.as_bytes();
+        let mut out = String::new();
+        for c in b.chunks(3) {
+            let n = (c[0] as u32) << 16
+                | (*c.get(1).unwrap_or(&0) as u32) << 8
+                | *c.get(2).unwrap_or(&0) as u32;
+            for i in 0..4 {
+                if i <= c.len() {
+                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+fn ready_status() -> Value {
+    json!({"uuid": "00000000-0000-0000-0000-000000000001", "origin": "Formatted",
+        "conditions": [{"type": "Ready", "status": "True", "reason": "VolumeReady", "message": "",
+            "lastTransitionTime": "2026-11-22T00:00:00Z", "observedGeneration": 3}]})
+}
+
+fn sc_list(names: &[&str]) -> Value {
+    let items: Vec<Value> = names
+        .iter()
+        .map(|n| json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": n, "labels": {"strata.io/volume": "vol1"}}, "provisioner": "csi.strata.io"}))
+        .collect();
+    json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClassList", "metadata": {}, "items": items})
+}
+
+const VOL_PATH: &str = "/apis/strata.io/v1alpha1/volumes/vol1";
+const SECRET_PATH: &str = "/api/v1/namespaces/strata-system/secrets/vol1-secret";
+const SC_PATH: &str = "/apis/storage.k8s.io/v1/storageclasses";
+
+#[tokio::test]
+async fn volume_gets_finalizer_first() {
+    let fs = Arc::new(MemFs::default());
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("PATCH", VOL_PATH, 200, volume_json(true)).check(|b| {
+                // JSON patch: test + add of the finalizer list.
+                assert_eq!(b[1]["path"], "/metadata/finalizers", "{b}");
+                assert_eq!(b[1]["value"], json!(["strata.io/cleanup"]));
+            }),
+        ],
+    );
+    let vol = volume_obj(false, Value::Null, json!({}));
+    let action = volume::reconcile(Arc::new(vol), ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    done(task).await;
+    assert!(
+        fs.calls.lock().is_empty(),
+        "no fs action before the finalizer"
+    );
+}
+
+#[tokio::test]
+async fn new_volume_is_formatted_gets_storage_class_and_ready_status() {
+    let fs = Arc::new(MemFs::default());
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", SECRET_PATH, 200, secret()),
+            Step::event("default", "Formatted"),
+            Step::new("GET", format!("{SC_PATH}/vol1"), 404, not_found()),
+            Step::new("PATCH", format!("{SC_PATH}/vol1"), 200, Value::Null)
+                .query("fieldManager=strata-operator")
+                .check(|b| {
+                    assert_eq!(b["provisioner"], "csi.strata.io");
+                    assert_eq!(b["allowVolumeExpansion"], true);
+                    let p = &b["parameters"];
+                    assert_eq!(p["pathPattern"], "tenants/${pvc.namespace}/${pv.name}");
+                    assert_eq!(p["mountOptions"], "buffer-size=600,cache-size=2048");
+                    assert_eq!(
+                        p["csi.storage.k8s.io/node-stage-secret-name"],
+                        "vol1-secret"
+                    );
+                    assert_eq!(p["csi.storage.k8s.io/provisioner-secret-namespace"], NS);
+                    assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "Volume");
+                    assert_eq!(b["metadata"]["labels"]["strata.io/volume"], "vol1");
+                    assert!(
+                        !b.to_string().contains("pw@"),
+                        "no secret in the StorageClass"
+                    );
+                }),
+            Step::new("GET", SC_PATH, 200, sc_list(&["vol1", "old-class"]))
+                .query("labelSelector=strata.io%2Fvolume%3Dvol1"),
+            Step::new(
+                "DELETE",
+                format!("{SC_PATH}/old-class"),
+                200,
+                sc_list(&["old-class"])["items"][0].clone(),
+            ),
+            Step::event("default", "Ready"),
+            Step::new(
+                "PATCH",
+                format!("{VOL_PATH}/status"),
+                200,
+                volume_json(true),
+            )
+            .query("force=true")
+            .check(|b| {
+                assert_eq!(b["kind"], "Volume");
+                let s = &b["status"];
+                assert_eq!(s["observedGeneration"], 3);
+                assert_eq!(s["conditions"][0]["type"], "Ready");
+                assert_eq!(s["conditions"][0]["status"], "True");
+                assert_eq!(s["conditions"][2]["type"], "Degraded");
+                assert_eq!(s["conditions"][2]["status"], "False");
+                assert_eq!(s["origin"], "Formatted");
+                assert_eq!(s["capacityBytes"], 10u64 << 40);
+                assert_eq!(s["usage"], "0 / 10Ti");
+                assert_eq!(s["storageClasses"], json!(["vol1"]));
+                assert!(s["uuid"].is_string());
+            }),
+        ],
+    );
+    let vol = volume_obj(true, Value::Null, json!({}));
+    let action = volume::reconcile(Arc::new(vol), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    done(task).await;
+    assert_eq!(*fs.calls.lock(), vec!["ensure_volume vol1", "usage"]);
+    let vols = fs.volumes.lock();
+    let v = vols
+        .get(META)
+        .expect("formatted under the Secret's metaurl");
+    assert_eq!((v.capacity_gib, v.block_size_kib), (10 << 10, 4096));
+}
+
+#[tokio::test]
+async fn ready_volume_is_adopted_without_events_and_changed_class_is_recreated() {
+    let fs = Arc::new(MemFs::default());
+    // Formatted earlier (same name): adopted, never reformatted.
+    fs.volumes.lock().insert(
+        META.into(),
+        strata_operator::fsops::MemVolume {
+            name: "vol1".into(),
+            uuid: "00000000-0000-0000-0000-000000000001".into(),
+            block_size_kib: 4096,
+            capacity_gib: 10 << 10,
+            inodes: 0,
+            usage: strata_operator::fsops::Usage {
+                used_bytes: 3 << 29,
+                used_inodes: 7,
+                capacity_bytes: 10 << 40,
+                inodes: 0,
+            },
+            quotas: Default::default(),
+            emptied: false,
+        },
+    );
+    let stale = json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": "vol1"}, "provisioner": "csi.strata.io",
+        "parameters": {"pathPattern": "x"}, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"});
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", SECRET_PATH, 200, secret()),
+            Step::new("GET", format!("{SC_PATH}/vol1"), 200, stale),
+            Step::new(
+                "DELETE",
+                format!("{SC_PATH}/vol1"),
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            ),
+            Step::new("PATCH", format!("{SC_PATH}/vol1"), 200, Value::Null),
+            Step::new("GET", SC_PATH, 200, sc_list(&["vol1"])),
+            Step::new(
+                "PATCH",
+                format!("{VOL_PATH}/status"),
+                200,
+                volume_json(true),
+            )
+            .check(|b| {
+                let s = &b["status"];
+                assert_eq!(s["usage"], "1.5Gi / 10Ti");
+                assert_eq!(s["usedInodes"], 7);
+                assert_eq!(s["uuid"], "00000000-0000-0000-0000-000000000001");
+                assert_eq!(
+                    s["conditions"][0]["lastTransitionTime"],
+                    "2026-11-22T00:00:00Z"
+                );
+            }),
+        ],
+    );
+    let vol = volume_obj(true, ready_status(), json!({}));
+    volume::reconcile(Arc::new(vol), ctx).await.unwrap();
+    done(task).await;
+    assert_eq!(fs.volumes.lock().len(), 1);
+}
+
+#[tokio::test]
+async fn missing_secret_and_name_mismatch_are_degraded_not_formatted() {
+    let fs = Arc::new(MemFs::default());
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", SECRET_PATH, 404, not_found()),
+            Step::event("default", "SecretNotFound"),
+            Step::new(
+                "PATCH",
+                format!("{VOL_PATH}/status"),
+                200,
+                volume_json(true),
+            )
+            .check(|b| {
+                let c = &b["status"]["conditions"];
+                assert_eq!(c[0]["status"], "False");
+                assert_eq!(c[0]["reason"], "SecretNotFound");
+                assert_eq!(c[2]["status"], "True");
+                assert!(
+                    c[2]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("strata-system/vol1-secret")
+                );
+            }),
+        ],
+    );
+    let action = volume::reconcile(Arc::new(volume_obj(true, Value::Null, json!({}))), ctx)
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(20)));
+    done(task).await;
+    assert!(fs.calls.lock().is_empty());
+
+    // The metadata holds another volume: Degraded NameMismatch, nothing formatted or applied.
+    fs.fail.lock().push(FsError::NameMismatch {
+        existing: "other".into(),
+        wanted: "vol1".into(),
+    });
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", SECRET_PATH, 200, secret()),
+            Step::event("default", "NameMismatch"),
+            Step::new(
+                "PATCH",
+                format!("{VOL_PATH}/status"),
+                200,
+                volume_json(true),
+            )
+            .check(|b| {
+                assert_eq!(b["status"]["conditions"][0]["reason"], "NameMismatch");
+            }),
+        ],
+    );
+    volume::reconcile(Arc::new(volume_obj(true, Value::Null, json!({}))), ctx)
+        .await
+        .unwrap();
+    done(task).await;
+    assert!(fs.volumes.lock().is_empty());
+}
+
+#[tokio::test]
+async fn deleted_volume_removes_classes_and_with_delete_policy_its_data() {
+    let fs = Arc::new(MemFs::default());
+    fs.volumes.lock().insert(
+        META.into(),
+        strata_operator::fsops::MemVolume {
+            name: "vol1".into(),
+            uuid: "u".into(),
+            block_size_kib: 4096,
+            capacity_gib: 0,
+            inodes: 0,
+            usage: Default::default(),
+            quotas: Default::default(),
+            emptied: false,
+        },
+    );
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", SC_PATH, 200, sc_list(&["vol1"])),
+            Step::new(
+                "DELETE",
+                format!("{SC_PATH}/vol1"),
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            ),
+            Step::new("GET", SECRET_PATH, 200, secret()),
+            Step::event("default", "DataDeleted"),
+            Step::new("PATCH", VOL_PATH, 200, volume_json(true)).check(|b| {
+                assert_eq!(b[1]["op"], "remove", "finalizer removed: {b}");
+                assert_eq!(b[1]["path"], "/metadata/finalizers/0");
+            }),
+        ],
+    );
+    let vol = volume_obj(
+        true,
+        ready_status(),
+        json!({"deletionTimestamp": "2026-11-22T01:00:00Z", "deletionPolicy": "Delete"}),
+    );
+    volume::reconcile(Arc::new(vol), ctx).await.unwrap();
+    done(task).await;
+    assert!(fs.volumes.lock()[META].emptied);
+
+    // Retain (the default): classes go, the data stays, no Secret needed.
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", SC_PATH, 200, sc_list(&[])),
+            Step::new("PATCH", VOL_PATH, 200, volume_json(true)),
+        ],
+    );
+    let vol = volume_obj(
+        true,
+        ready_status(),
+        json!({"deletionTimestamp": "2026-11-22T01:00:00Z"}),
+    );
+    volume::reconcile(Arc::new(vol), ctx).await.unwrap();
+    done(task).await;
+    assert_eq!(
+        fs.calls
+            .lock()
+            .iter()
+            .filter(|c| *c == "empty_volume")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn api_errors_requeue_with_growing_backoff() {
+    let fs = Arc::new(MemFs::default());
+    let err = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "etcd down", "reason": "InternalError"});
+    let (ctx, task) = scenario(
+        fs,
+        Fixed(None),
+        vec![
+            Step::new("GET", SECRET_PATH, 500, err.clone()),
+            Step::new("GET", SECRET_PATH, 500, err),
+        ],
+    );
+    let vol = Arc::new(volume_obj(true, Value::Null, json!({})));
+    let e1 = volume::reconcile(vol.clone(), ctx.clone())
+        .await
+        .unwrap_err();
+    assert!(e1.to_string().contains("etcd down"), "{e1}");
+    assert_eq!(
+        error_policy(vol.clone(), &e1, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    let e2 = volume::reconcile(vol.clone(), ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error_policy(vol, &e2, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    done(task).await;
+    assert!(
+        ctx.metrics
+            .encode()
+            .contains("strata_operator_reconcile_failures_total{kind=\"Volume\"} 2")
+    );
+}
+
+fn quota_obj(deleting: bool, status: Value) -> Quota {
+    let mut q = json!({
+        "apiVersion": "strata.io/v1alpha1", "kind": "Quota",
+        "metadata": {"name": "team-quota", "namespace": "team-a", "uid": "u-q", "generation": 1,
+            "finalizers": ["strata.io/cleanup"], "creationTimestamp": "2026-11-22T00:00:00Z"},
+        "spec": {"volume": "vol1", "capacity": "500Gi", "inodes": 100000},
+    });
+    if deleting {
+        q["metadata"]["deletionTimestamp"] = json!("2026-11-22T02:00:00Z");
+    }
+    if !status.is_null() {
+        q["status"] = status;
+    }
+    serde_json::from_value(q).unwrap()
+}
+
+fn volume_json(ready: bool) -> Value {
+    let status = if ready { ready_status() } else { json!({}) };
+    serde_json::to_value(volume_obj(true, status, json!({}))).unwrap()
+}
+
+fn quota_json() -> Value {
+    serde_json::to_value(quota_obj(false, Value::Null)).unwrap()
+}
+
+const QUOTA_PATH: &str = "/apis/strata.io/v1alpha1/namespaces/team-a/quotas";
+
+#[tokio::test]
+async fn quota_sets_tenant_directory_quota_and_reports_usage() {
+    let fs = Arc::new(MemFs::default());
+    fs.volumes.lock().insert(
+        META.into(),
+        strata_operator::fsops::MemVolume {
+            name: "vol1".into(),
+            uuid: "u".into(),
+            block_size_kib: 4096,
+            capacity_gib: 0,
+            inodes: 0,
+            usage: Default::default(),
+            quotas: Default::default(),
+            emptied: false,
+        },
+    );
+    let q = quota_obj(false, Value::Null);
+    let list = json!({"apiVersion": "strata.io/v1alpha1", "kind": "QuotaList", "metadata": {},
+        "items": [serde_json::to_value(&q).unwrap()]});
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", QUOTA_PATH, 200, list),
+            Step::new("GET", VOL_PATH, 200, volume_json(true)),
+            Step::new("GET", SECRET_PATH, 200, secret()),
+            Step::event("team-a", "QuotaApplied"),
+            Step::new(
+                "PATCH",
+                format!("{QUOTA_PATH}/team-quota/status"),
+                200,
+                quota_json(),
+            )
+            .check(|b| {
+                let s = &b["status"];
+                assert_eq!(s["path"], "tenants/team-a");
+                assert_eq!(s["limitBytes"], 500u64 << 30);
+                assert_eq!(s["limitInodes"], 100000);
+                assert_eq!(s["usedBytes"], 0);
+                assert_eq!(s["usage"], "0 / 500Gi");
+                assert_eq!(s["inodeUsage"], "0 / 100000");
+                assert_eq!(s["conditions"][0]["status"], "True");
+            }),
+        ],
+    );
+    quota::reconcile(Arc::new(q), ctx).await.unwrap();
+    done(task).await;
+    assert_eq!(
+        *fs.calls.lock(),
+        vec![format!(
+            "set_dir_quota tenants/team-a {} 100000",
+            500u64 << 30
+        )]
+    );
+
+    // Deleting the Quota removes the limit (files stay) and the finalizer.
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", VOL_PATH, 200, volume_json(true)),
+            Step::new("GET", SECRET_PATH, 200, secret()),
+            Step::event("team-a", "QuotaRemoved"),
+            Step::new(
+                "PATCH",
+                format!("{QUOTA_PATH}/team-quota"),
+                200,
+                quota_json(),
+            ),
+        ],
+    );
+    quota::reconcile(Arc::new(quota_obj(true, Value::Null)), ctx)
+        .await
+        .unwrap();
+    done(task).await;
+    assert!(fs.volumes.lock()[META].quotas.is_empty());
+}
+
+#[tokio::test]
+async fn quota_waits_for_its_volume() {
+    let fs = Arc::new(MemFs::default());
+    let q = quota_obj(false, Value::Null);
+    let list = json!({"apiVersion": "strata.io/v1alpha1", "kind": "QuotaList", "metadata": {}, "items": []});
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", QUOTA_PATH, 200, list),
+            Step::new("GET", VOL_PATH, 200, volume_json(false)),
+            Step::event("team-a", "VolumeNotReady"),
+            Step::new(
+                "PATCH",
+                format!("{QUOTA_PATH}/team-quota/status"),
+                200,
+                quota_json(),
+            )
+            .check(|b| {
+                let c = &b["status"]["conditions"];
+                assert_eq!(c[0]["reason"], "VolumeNotReady");
+                assert_eq!(c[1]["type"], "Progressing");
+                assert_eq!(c[1]["status"], "True");
+            }),
+        ],
+    );
+    let a = quota::reconcile(Arc::new(q), ctx).await.unwrap();
+    assert_eq!(a, Action::requeue(Duration::from_secs(20)));
+    done(task).await;
+    assert!(fs.calls.lock().is_empty());
+}
+
+fn cachegroup_obj(deleting: bool) -> CacheGroup {
+    let mut c = json!({
+        "apiVersion": "strata.io/v1alpha1", "kind": "CacheGroup",
+        "metadata": {"name": "gpu", "uid": "u-cg", "generation": 2, "finalizers": ["strata.io/cleanup"]},
+        "spec": {"volume": "vol1", "nodeSelector": {"gpu": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "medium": {"hostPath": {"path": "/mnt/nvme/strata"}}, "sizePerNode": "200Gi",
+            "warmupPaths": ["models/llama"], "replicas": 3, "storageClassName": "vol1-gpu"},
+    });
+    if deleting {
+        c["metadata"]["deletionTimestamp"] = json!("2026-11-22T02:00:00Z");
+    }
+    serde_json::from_value(c).unwrap()
+}
+
+const DS_PATH: &str = "/apis/apps/v1/namespaces/strata-system/daemonsets/strata-cache-gpu";
+
+#[tokio::test]
+async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() {
+    let fs = Arc::new(MemFs::default());
+    let pods = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+        {"metadata": {"name": "a"}, "status": {"podIP": "10.0.0.1"}},
+        {"metadata": {"name": "b"}, "status": {"podIP": "10.0.0.2"}}]});
+    let (ctx, task) = scenario(
+        fs,
+        Fixed(Some((30, 10))),
+        vec![
+            Step::new("GET", VOL_PATH, 200, volume_json(true)),
+            Step::new("PATCH", DS_PATH, 200, Value::Null)
+                .query("fieldManager=strata-operator")
+                .check(|b| {
+                    let pod = &b["spec"]["template"]["spec"];
+                    let args: Vec<String> =
+                        serde_json::from_value(pod["containers"][0]["args"].clone()).unwrap();
+                    let joined = args.join(" ");
+                    assert!(
+                        joined.starts_with("mount $(META_URL) /mnt/strata --cache-group gpu"),
+                        "{joined}"
+                    );
+                    assert!(joined.contains("--cache-size 204800"), "{joined}");
+                    assert!(joined.contains("--hot-replicas 3"));
+                    assert!(joined.contains("--cache-group-addr $(NODE_IP):9568"));
+                    assert!(joined.contains("--buffer-size=600"));
+                    assert_eq!(pod["nodeSelector"]["gpu"], "true");
+                    assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
+                    assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/mnt/nvme/strata");
+                    assert_eq!(
+                        pod["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"],
+                        "vol1-secret"
+                    );
+                    assert_eq!(pod["containers"][1]["name"], "warmup");
+                    assert!(
+                        pod["containers"][1]["command"][2]
+                            .as_str()
+                            .unwrap()
+                            .contains("strata warmup '/mnt/strata/models/llama'")
+                    );
+                    assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "CacheGroup");
+                })
+                .reply_with_status(json!({"numberReady": 2, "desiredNumberScheduled": 2,
+                    "currentNumberScheduled": 2, "numberMisscheduled": 0})),
+            Step::new("GET", format!("{SC_PATH}/vol1-gpu"), 404, not_found()),
+            Step::new("PATCH", format!("{SC_PATH}/vol1-gpu"), 200, Value::Null).check(|b| {
+                assert_eq!(
+                    b["parameters"]["mountOptions"],
+                    "buffer-size=600,cache-size=2048,cache-group=gpu,no-serve"
+                );
+                assert_eq!(b["metadata"]["labels"]["strata.io/cache-group"], "gpu");
+            }),
+            Step::new("GET", "/api/v1/namespaces/strata-system/pods", 200, pods)
+                .query("labelSelector=strata.io%2Fcache-group%3Dgpu"),
+            Step::event("default", "MembersReady"),
+            Step::new(
+                "PATCH",
+                "/apis/strata.io/v1alpha1/cachegroups/gpu/status",
+                200,
+                serde_json::to_value(cachegroup_obj(false)).unwrap(),
+            )
+            .check(|b| {
+                let s = &b["status"];
+                assert_eq!(s["members"], "2/2");
+                assert_eq!(s["hitRatio"], "0.75");
+                assert_eq!(s["clientMountOptions"], "cache-group=gpu,no-serve");
+                assert_eq!(s["conditions"][0]["status"], "True");
+            }),
+        ],
+    );
+    cachegroup::reconcile(Arc::new(cachegroup_obj(false)), ctx)
+        .await
+        .unwrap();
+    done(task).await;
+
+    let (ctx, task) = scenario(
+        Arc::new(MemFs::default()),
+        Fixed(None),
+        vec![
+            Step::new("GET", VOL_PATH, 200, volume_json(true)),
+            Step::new("GET", DS_PATH, 200, Value::Null).reply_with_status(json!({})),
+            Step::new(
+                "DELETE",
+                DS_PATH,
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            )
+            .check(|b| assert_eq!(b["propagationPolicy"], "Foreground")),
+            Step::new(
+                "GET",
+                format!("{SC_PATH}/vol1-gpu"),
+                200,
+                sc_list(&["vol1-gpu"])["items"][0].clone(),
+            ),
+            Step::new(
+                "DELETE",
+                format!("{SC_PATH}/vol1-gpu"),
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            ),
+            Step::event("default", "Deleted"),
+            Step::new(
+                "PATCH",
+                "/apis/strata.io/v1alpha1/cachegroups/gpu",
+                200,
+                serde_json::to_value(cachegroup_obj(false)).unwrap(),
+            ),
+        ],
+    );
+    cachegroup::reconcile(Arc::new(cachegroup_obj(true)), ctx)
+        .await
+        .unwrap();
+    done(task).await;
+}
+
+/// Replies to a DaemonSet request: a DaemonSet (from the request body when present) with `status`.
+trait ReplyWithStatus {
+    fn reply_with_status(self, status: Value) -> Step;
+}
+
+impl ReplyWithStatus for Step {
+    fn reply_with_status(mut self, status: Value) -> Step {
+        self.reply = json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "strata-cache-gpu", "namespace": NS},
+            "spec": {"selector": {"matchLabels": {"strata.io/cache-group": "gpu"}},
+                "template": {"spec": {"containers": []}}},
+            "status": status});
+        self
+    }
+}
+
+const LEASE_PATH: &str =
+    "/apis/coordination.k8s.io/v1/namespaces/strata-system/leases/strata-operator-leader";
+
+fn elector(
+    ctx: &strata_operator::context::Context,
+    id: &str,
+) -> strata_operator::leader::LeaderElector {
+    strata_operator::leader::LeaderElector::new(
+        ctx.client.clone(),
+        strata_operator::leader::LeaseSettings {
+            name: "strata-operator-leader".into(),
+            namespace: NS.into(),
+            identity: id.into(),
+            lease_duration: Duration::from_secs(15),
+            renew: Duration::from_secs(5),
+        },
+    )
+}
+
+#[tokio::test]
+async fn leader_election_creates_a_missing_lease_and_respects_a_live_holder() {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let held = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "strata-operator-leader", "namespace": NS, "resourceVersion": "7"},
+        "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15,
+            "renewTime": now.to_string(), "leaseTransitions": 2}});
+    let expired = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "strata-operator-leader", "namespace": NS, "resourceVersion": "8"},
+        "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15,
+            "renewTime": "2026-01-01T00:00:00.000000Z", "leaseTransitions": 2}});
+    let (ctx, task) = scenario(
+        Arc::new(MemFs::default()),
+        Fixed(None),
+        vec![
+            Step::new("GET", LEASE_PATH, 404, not_found()),
+            Step::new(
+                "POST",
+                "/apis/coordination.k8s.io/v1/namespaces/strata-system/leases",
+                201,
+                Value::Null,
+            )
+            .check(|b| assert_eq!(b["spec"]["holderIdentity"], "me")),
+            Step::new("GET", LEASE_PATH, 200, held),
+            Step::new("GET", LEASE_PATH, 200, expired),
+            Step::new("PUT", LEASE_PATH, 200, Value::Null).check(|b| {
+                assert_eq!(b["spec"]["holderIdentity"], "me");
+                assert_eq!(b["spec"]["leaseTransitions"], 3);
+                assert_eq!(
+                    b["metadata"]["resourceVersion"], "8",
+                    "optimistic concurrency"
+                );
+            }),
+        ],
+    );
+    let me = elector(&ctx, "me");
+    assert!(
+        me.try_acquire().await.unwrap(),
+        "missing Lease: created and held"
+    );
+    assert!(!me.try_acquire().await.unwrap(), "live holder: not taken");
+    assert!(
+        me.try_acquire().await.unwrap(),
+        "expired holder: taken over"
+    );
+    done(task).await;
+}
