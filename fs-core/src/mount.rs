@@ -250,6 +250,16 @@ pub fn unmount(mp: &Path, force: bool) -> Result<(), MountError> {
 
 /// Mount and serve in this process until unmounted. `on_ready` runs once the mount is live.
 pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(), MountError> {
+    // `-`: the URL (which may hold a password) comes from the environment, not the command line.
+    let from_env;
+    let meta_url = if meta_url == "-" {
+        from_env = std::env::var("STRATA_META_URL").map_err(|_| {
+            MountError::Setup("META_URL is `-` but STRATA_META_URL is not set".into())
+        })?;
+        from_env.as_str()
+    } else {
+        meta_url
+    };
     if opts.fuse_fd_socket.is_some() {
         return run_handover(meta_url, mountpoint, opts);
     }

@@ -1,0 +1,745 @@
+//! Node service: one shared FUSE mount per Strata volume per node (mounted by this plugin,
+//! served by a mount client that receives the descriptor), bind mounts for staging and
+//! publishing, reference counts and recovery persisted under the state directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use strata::fusefd::{FdKeeper, mount_fuse};
+use tonic::{Request, Response, Status};
+
+use crate::csi::{self, node_server::Node};
+use crate::errors::{CsiError, Result, blocking};
+use crate::locks::OpLocks;
+use crate::mounter::{ClientSpec, ProcessMounter};
+use crate::params::{self, CTX_PATH, CTX_SUBDIR, Params, Secrets};
+
+/// Node plugin settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeSettings {
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    /// Topology segments reported by NodeGetInfo (e.g. `topology.strata.io/region`).
+    pub topology: BTreeMap<String, String>,
+    pub strata_bin: PathBuf,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            node_id: String::new(),
+            state_dir: PathBuf::from("/var/lib/strata-csi"),
+            topology: BTreeMap::new(),
+            strata_bin: crate::mounter::default_strata_bin(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct StageRec {
+    volume_id: String,
+    key: String,
+    subpath: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct PubRec {
+    volume_id: String,
+    staging: String,
+    readonly: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    stages: BTreeMap<String, StageRec>,
+    publishes: BTreeMap<String, PubRec>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedSpec {
+    metaurl: String,
+    access_key: Option<String>,
+    secret_key: Option<String>,
+    session_token: Option<String>,
+    options: Vec<(String, Option<String>)>,
+}
+
+struct Base {
+    keeper: FdKeeper,
+    child: Option<Child>,
+    spec: ClientSpec,
+}
+
+struct Inner {
+    settings: NodeSettings,
+    mounter: ProcessMounter,
+    bases: Mutex<HashMap<String, Base>>,
+    state: Mutex<State>,
+}
+
+#[derive(Clone)]
+pub struct NodeService {
+    inner: Arc<Inner>,
+    locks: OpLocks,
+}
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| CsiError::InvalidArgument("path contains NUL".into()))
+}
+
+fn sys_mount(src: &Path, dst: &Path, flags: libc::c_ulong) -> Result<()> {
+    let (s, d) = (cstr(src)?, cstr(dst)?);
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            d.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(CsiError::io(
+            &format!("mount {} on {}", src.display(), dst.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<()> {
+    sys_mount(src, dst, libc::MS_BIND)?;
+    if readonly {
+        sys_mount(
+            Path::new("none"),
+            dst,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+        )?;
+    }
+    Ok(())
+}
+
+/// Lazy unmount; not mounted is fine.
+fn umount(p: &Path) {
+    if let Ok(c) = cstr(p) {
+        // SAFETY: valid C string.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+fn mounted(p: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = p.to_string_lossy();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_ref()))
+}
+
+/// Health of a mount: `None` when healthy, else what is wrong. A stat that does not answer
+/// within 3 s counts as broken (a connection without a client queues requests).
+fn check_health(p: &Path) -> Option<String> {
+    let p = p.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::metadata(&p).map(|_| ()));
+    });
+    match rx.recv_timeout(Duration::from_secs(3)) {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            Some("transport endpoint is not connected".into())
+        }
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("the mount does not answer".into()),
+    }
+}
+
+fn statvfs(p: &Path) -> Result<libc::statvfs> {
+    let c = cstr(p)?;
+    // SAFETY: statvfs fills a zeroed struct.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return Err(CsiError::io("statvfs", std::io::Error::last_os_error()));
+        }
+        Ok(s)
+    }
+}
+
+impl Inner {
+    fn vol_dir(&self, key: &str) -> PathBuf {
+        self.settings.state_dir.join("volumes").join(key)
+    }
+
+    fn save(&self, st: &State) -> Result<()> {
+        let p = self.settings.state_dir.join("state.json");
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(st).unwrap_or_default())
+            .and_then(|_| std::fs::rename(&tmp, &p))
+            .map_err(|e| CsiError::io("saving node state", e))
+    }
+
+    fn spec(
+        &self,
+        key: &str,
+        secrets: Secrets,
+        options: Vec<(String, Option<String>)>,
+    ) -> ClientSpec {
+        let dir = self.vol_dir(key);
+        ClientSpec {
+            key: key.to_string(),
+            socket: dir.join("fd.sock"),
+            mountpoint: dir.join("mnt"),
+            options,
+            secrets,
+            log: dir.join("client.log"),
+        }
+    }
+
+    /// Mount the whole volume once per node (fresh FUSE connection, keeper, client).
+    fn mount_base(&self, spec: ClientSpec) -> Result<Base> {
+        let dir = self.vol_dir(&spec.key);
+        std::fs::create_dir_all(&spec.mountpoint).map_err(|e| CsiError::io("state dir", e))?;
+        let saved = SavedSpec {
+            metaurl: spec.secrets.metaurl.clone(),
+            access_key: spec.secrets.access_key.clone(),
+            secret_key: spec.secrets.secret_key.clone(),
+            session_token: spec.secrets.session_token.clone(),
+            options: spec.options.clone(),
+        };
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(dir.join("spec.json"))
+                .map_err(|e| CsiError::io("saving mount spec", e))?;
+            std::io::Write::write_all(&mut f, &serde_json::to_vec(&saved).unwrap_or_default())
+                .map_err(|e| CsiError::io("saving mount spec", e))?;
+        }
+        let ro = spec.options.iter().any(|(k, _)| k == "read-only");
+        let dev = mount_fuse(&spec.mountpoint, &format!("strata:{}", spec.key), ro)
+            .map_err(|e| CsiError::io("mounting /dev/fuse", e))?;
+        let keeper = match FdKeeper::start(&spec.socket, Some(dev), false) {
+            Ok(k) => k,
+            Err(e) => {
+                umount(&spec.mountpoint);
+                return Err(CsiError::io("fd socket", e));
+            }
+        };
+        let child = self.mounter.start(&spec)?;
+        let base = Base {
+            keeper,
+            child: Some(child),
+            spec,
+        };
+        if !base.keeper.wait_serving(Duration::from_secs(60)) {
+            let log = std::fs::read_to_string(&base.spec.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            self.unmount_base(base);
+            return Err(CsiError::Internal(format!(
+                "the mount client did not start serving: {}",
+                tail.join(" | ")
+            )));
+        }
+        Ok(base)
+    }
+
+    fn unmount_base(&self, mut base: Base) {
+        umount(&base.spec.mountpoint);
+        base.keeper.stop();
+        if let Some(mut c) = base.child.take() {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restart dead clients (watchdog tick).
+    fn tick(&self) {
+        let mut bases = self.bases.lock();
+        for b in bases.values_mut() {
+            let dead = match &mut b.child {
+                Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+                None => b.keeper.has_fd() && b.keeper.clients() == 0,
+            };
+            if dead {
+                tracing::warn!(key = %b.spec.key, "mount client gone; starting a new one on the same connection");
+                match self.mounter.start(&b.spec) {
+                    Ok(c) => b.child = Some(c),
+                    Err(e) => tracing::error!(error = %e, "restarting the mount client failed"),
+                }
+            }
+        }
+    }
+
+    /// After a restart of the node plugin: adopt healthy mounts (their client hands the
+    /// descriptor back), remount broken ones and re-bind their staging and target paths.
+    fn recover(&self) {
+        let st = std::fs::read(self.settings.state_dir.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<State>(&b).ok())
+            .unwrap_or_default();
+        let keys: std::collections::BTreeSet<String> =
+            st.stages.values().map(|s| s.key.clone()).collect();
+        for key in keys {
+            let Some(saved) = std::fs::read(self.vol_dir(&key).join("spec.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<SavedSpec>(&b).ok())
+            else {
+                continue;
+            };
+            let secrets = Secrets {
+                metaurl: saved.metaurl,
+                access_key: saved.access_key,
+                secret_key: saved.secret_key,
+                session_token: saved.session_token,
+            };
+            let spec = self.spec(&key, secrets, saved.options);
+            if mounted(&spec.mountpoint) && check_health(&spec.mountpoint).is_none() {
+                match FdKeeper::start(&spec.socket, None, true) {
+                    Ok(keeper) => {
+                        tracing::info!(key = %key, "adopted a live mount; waiting for its client to hand the descriptor back");
+                        self.bases.lock().insert(
+                            key,
+                            Base {
+                                keeper,
+                                child: None,
+                                spec,
+                            },
+                        );
+                    }
+                    Err(e) => tracing::error!(error = %e, "fd socket"),
+                }
+                continue;
+            }
+            tracing::warn!(key = %key, "mount broken after restart; mounting again");
+            umount(&spec.mountpoint);
+            match self.mount_base(spec) {
+                Ok(base) => {
+                    for (staging, s) in st.stages.iter().filter(|(_, s)| s.key == key) {
+                        umount(Path::new(staging));
+                        let src = base.spec.mountpoint.join(&s.subpath);
+                        if let Err(e) = bind(&src, Path::new(staging), false) {
+                            tracing::error!(error = %e, "re-binding staging path");
+                        }
+                        for (target, p) in
+                            st.publishes.iter().filter(|(_, p)| &p.staging == staging)
+                        {
+                            umount(Path::new(target));
+                            if let Err(e) = bind(Path::new(staging), Path::new(target), p.readonly)
+                            {
+                                tracing::error!(error = %e, "re-binding target path");
+                            }
+                        }
+                    }
+                    self.bases.lock().insert(key, base);
+                }
+                Err(e) => tracing::error!(error = %e, "recovering a mount failed"),
+            }
+        }
+        *self.state.lock() = st;
+    }
+}
+
+impl NodeService {
+    pub fn new(settings: NodeSettings) -> Result<NodeService> {
+        std::fs::create_dir_all(settings.state_dir.join("volumes"))
+            .map_err(|e| CsiError::io("state dir", e))?;
+        let inner = Arc::new(Inner {
+            mounter: ProcessMounter {
+                strata_bin: settings.strata_bin.clone(),
+            },
+            settings,
+            bases: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
+        });
+        inner.recover();
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("mount-watchdog".into())
+            .spawn(move || {
+                while let Some(i) = weak.upgrade() {
+                    i.tick();
+                    drop(i);
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+            .map_err(|e| CsiError::io("watchdog", e))?;
+        Ok(NodeService {
+            inner,
+            locks: OpLocks::default(),
+        })
+    }
+}
+
+fn need(v: &str, what: &str) -> Result<()> {
+    if v.is_empty() {
+        return Err(CsiError::InvalidArgument(format!("{what} is required")));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        req: Request<csi::NodeStageVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("NodeStageVolume", volume_id = %r.volume_id);
+        need(&r.volume_id, "volume_id")?;
+        need(&r.staging_target_path, "staging_target_path")?;
+        let cap = r
+            .volume_capability
+            .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
+        crate::controller::check_capabilities(std::slice::from_ref(&cap))?;
+        let secrets = Secrets::parse(&r.secrets)?;
+        let params = Params::parse(&r.volume_context)?;
+        let subpath = if let Some(s) = r.volume_context.get(CTX_SUBDIR) {
+            s.trim_matches('/').to_string()
+        } else if let Some(p) = r.volume_context.get(CTX_PATH) {
+            p.clone()
+        } else {
+            params::split_volume_id(&r.volume_id)
+                .map(|(_, p)| p.to_string())
+                .unwrap_or_default()
+        };
+        if !subpath.is_empty() {
+            params::check_path(&subpath)?;
+        }
+        let _g = self.locks.try_lock(&r.volume_id)?;
+        let inner = self.inner.clone();
+        let volume_id = r.volume_id.clone();
+        let staging = PathBuf::from(&r.staging_target_path);
+        blocking(span.clone(), move || {
+            let key = secrets.volume_key();
+            let rec = StageRec {
+                volume_id: volume_id.clone(),
+                key: key.clone(),
+                subpath: subpath.clone(),
+            };
+            if let Some(old) = inner.state.lock().stages.get(&r.staging_target_path) {
+                if *old == rec && mounted(&staging) {
+                    return Ok(());
+                }
+                if old.volume_id != volume_id {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "{} is staged for volume {}",
+                        staging.display(),
+                        old.volume_id
+                    )));
+                }
+            }
+            let src = {
+                let mut bases = inner.bases.lock();
+                if !bases.contains_key(&key) {
+                    let spec = inner.spec(&key, secrets, params.mount_options.clone());
+                    drop(bases);
+                    let base = inner.mount_base(spec)?;
+                    bases = inner.bases.lock();
+                    bases.insert(key.clone(), base);
+                }
+                bases[&key].spec.mountpoint.join(&subpath)
+            };
+            if !src.is_dir() {
+                inner.release_base_if_unused(&key);
+                return Err(CsiError::NotFound(format!(
+                    "directory {subpath:?} does not exist in the volume"
+                )));
+            }
+            std::fs::create_dir_all(&staging).map_err(|e| CsiError::io("staging path", e))?;
+            if !mounted(&staging) {
+                bind(&src, &staging, false)?;
+            }
+            let mut st = inner.state.lock();
+            st.stages.insert(r.staging_target_path.clone(), rec);
+            inner.save(&st)
+        })
+        .await?;
+        Ok(Response::new(csi::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("NodeUnstageVolume", volume_id = %r.volume_id);
+        need(&r.volume_id, "volume_id")?;
+        need(&r.staging_target_path, "staging_target_path")?;
+        let _g = self.locks.try_lock(&r.volume_id)?;
+        let inner = self.inner.clone();
+        blocking(span.clone(), move || {
+            let staging = PathBuf::from(&r.staging_target_path);
+            umount(&staging);
+            let rec = {
+                let mut st = inner.state.lock();
+                let rec = st.stages.remove(&r.staging_target_path);
+                inner.save(&st)?;
+                rec
+            };
+            if let Some(rec) = rec {
+                inner.release_base_if_unused(&rec.key);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<csi::NodePublishVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("NodePublishVolume", volume_id = %r.volume_id);
+        need(&r.volume_id, "volume_id")?;
+        need(&r.staging_target_path, "staging_target_path")?;
+        need(&r.target_path, "target_path")?;
+        let cap = r
+            .volume_capability
+            .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
+        crate::controller::check_capabilities(std::slice::from_ref(&cap))?;
+        let group = match &cap.access_type {
+            Some(csi::volume_capability::AccessType::Mount(m))
+                if !m.volume_mount_group.is_empty() =>
+            {
+                Some(m.volume_mount_group.parse::<u32>().map_err(|_| {
+                    CsiError::InvalidArgument(format!(
+                        "volume_mount_group {:?} is not a gid",
+                        m.volume_mount_group
+                    ))
+                })?)
+            }
+            _ => None,
+        };
+        use csi::volume_capability::access_mode::Mode;
+        let mode = cap.access_mode.as_ref().map_or(0, |m| m.mode);
+        let readonly = r.readonly
+            || mode == Mode::SingleNodeReaderOnly as i32
+            || mode == Mode::MultiNodeReaderOnly as i32;
+        let _g = self.locks.try_lock(&r.volume_id)?;
+        let inner = self.inner.clone();
+        blocking(span.clone(), move || {
+            let staged = inner
+                .state
+                .lock()
+                .stages
+                .get(&r.staging_target_path)
+                .cloned();
+            match staged {
+                Some(s) if s.volume_id == r.volume_id => {}
+                _ => {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {} is not staged at {}",
+                        r.volume_id, r.staging_target_path
+                    )));
+                }
+            }
+            let rec = PubRec {
+                volume_id: r.volume_id.clone(),
+                staging: r.staging_target_path.clone(),
+                readonly,
+            };
+            let target = PathBuf::from(&r.target_path);
+            if let Some(old) = inner.state.lock().publishes.get(&r.target_path) {
+                if *old == rec && mounted(&target) {
+                    return Ok(());
+                }
+                return Err(CsiError::AlreadyExists(format!(
+                    "{} is already published with other settings",
+                    r.target_path
+                )));
+            }
+            if let Some(gid) = group {
+                let staging = Path::new(&r.staging_target_path);
+                std::os::unix::fs::chown(staging, None, Some(gid))
+                    .map_err(|e| CsiError::io("volume_mount_group", e))?;
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(staging)
+                    .map_err(|e| CsiError::io("stat", e))?
+                    .permissions()
+                    .mode();
+                std::fs::set_permissions(
+                    staging,
+                    std::fs::Permissions::from_mode((mode & 0o7777) | 0o2070),
+                )
+                .map_err(|e| CsiError::io("volume_mount_group", e))?;
+            }
+            std::fs::create_dir_all(&target).map_err(|e| CsiError::io("target path", e))?;
+            bind(Path::new(&r.staging_target_path), &target, readonly)?;
+            let mut st = inner.state.lock();
+            st.publishes.insert(r.target_path.clone(), rec);
+            inner.save(&st)
+        })
+        .await?;
+        Ok(Response::new(csi::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("NodeUnpublishVolume", volume_id = %r.volume_id);
+        need(&r.volume_id, "volume_id")?;
+        need(&r.target_path, "target_path")?;
+        let _g = self.locks.try_lock(&r.volume_id)?;
+        let inner = self.inner.clone();
+        blocking(span.clone(), move || {
+            let target = PathBuf::from(&r.target_path);
+            while mounted(&target) {
+                umount(&target);
+            }
+            let _ = std::fs::remove_dir(&target);
+            let mut st = inner.state.lock();
+            st.publishes.remove(&r.target_path);
+            inner.save(&st)
+        })
+        .await?;
+        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> std::result::Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("NodeGetVolumeStats", volume_id = %r.volume_id);
+        need(&r.volume_id, "volume_id")?;
+        need(&r.volume_path, "volume_path")?;
+        let inner = self.inner.clone();
+        let resp = blocking(span.clone(), move || {
+            let known = {
+                let st = inner.state.lock();
+                st.publishes
+                    .get(&r.volume_path)
+                    .is_some_and(|p| p.volume_id == r.volume_id)
+                    || st
+                        .stages
+                        .get(&r.volume_path)
+                        .is_some_and(|s| s.volume_id == r.volume_id)
+            };
+            let path = PathBuf::from(&r.volume_path);
+            if !known {
+                return Err(CsiError::NotFound(format!(
+                    "volume {} is not published at {}",
+                    r.volume_id, r.volume_path
+                )));
+            }
+            if let Some(why) = check_health(&path) {
+                return Ok(csi::NodeGetVolumeStatsResponse {
+                    usage: vec![],
+                    volume_condition: Some(csi::VolumeCondition {
+                        abnormal: true,
+                        message: why,
+                    }),
+                });
+            }
+            let s = statvfs(&path)?;
+            let bs = s.f_frsize as i64;
+            let (total, free) = (s.f_blocks as i64 * bs, s.f_bavail as i64 * bs);
+            let (itotal, ifree) = (s.f_files as i64, s.f_ffree as i64);
+            use csi::volume_usage::Unit;
+            Ok(csi::NodeGetVolumeStatsResponse {
+                usage: vec![
+                    csi::VolumeUsage {
+                        available: free,
+                        total,
+                        used: total - free,
+                        unit: Unit::Bytes as i32,
+                    },
+                    csi::VolumeUsage {
+                        available: ifree,
+                        total: itotal,
+                        used: itotal - ifree,
+                        unit: Unit::Inodes as i32,
+                    },
+                ],
+                volume_condition: Some(csi::VolumeCondition {
+                    abnormal: false,
+                    message: "healthy".into(),
+                }),
+            })
+        })
+        .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _req: Request<csi::NodeExpandVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        Err(CsiError::Unimplemented(
+            "no node expansion is needed: the quota is raised by the controller".into(),
+        )
+        .into())
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _req: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> std::result::Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        use csi::node_service_capability::{Rpc, Type, rpc::Type as T};
+        let caps = [
+            T::StageUnstageVolume,
+            T::GetVolumeStats,
+            T::VolumeCondition,
+            T::VolumeMountGroup,
+            T::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| csi::NodeServiceCapability {
+            r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: caps,
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _req: Request<csi::NodeGetInfoRequest>,
+    ) -> std::result::Result<Response<csi::NodeGetInfoResponse>, Status> {
+        let s = &self.inner.settings;
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: s.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: (!s.topology.is_empty()).then(|| csi::Topology {
+                segments: s.topology.clone().into_iter().collect(),
+            }),
+        }))
+    }
+}
+
+impl Inner {
+    /// Unmount the shared mount of `key` when no staging path uses it any more.
+    fn release_base_if_unused(&self, key: &str) {
+        let used = self.state.lock().stages.values().any(|s| s.key == key);
+        if used {
+            return;
+        }
+        if let Some(base) = self.bases.lock().remove(key) {
+            tracing::info!(key, "last user gone; unmounting the shared mount");
+            self.unmount_base(base);
+        }
+    }
+}

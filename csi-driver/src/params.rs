@@ -1,0 +1,286 @@
+//! StorageClass parameters, secrets and volume ids (documented in docs/CSI.md).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use crate::errors::{CsiError, Result};
+
+pub const DRIVER_NAME: &str = "csi.strata.io";
+/// Volume-context keys set by CreateVolume.
+pub const CTX_VOLUME: &str = "strata.io/volume";
+pub const CTX_PATH: &str = "strata.io/path";
+/// Volume attribute of a static PV: a directory inside the volume.
+pub const CTX_SUBDIR: &str = "subdir";
+/// Extended attribute recording the onDelete policy of a provisioned directory.
+pub const XATTR_ON_DELETE: &[u8] = b"user.strata.csi.on-delete";
+
+/// `strata mount` flags a StorageClass may set in `mountOptions` (`key` or `key=value`).
+pub const MOUNT_OPTIONS: &[&str] = &[
+    "threads",
+    "buffer-size",
+    "mem-cache-size",
+    "attr-cache",
+    "entry-cache",
+    "dir-entry-cache",
+    "open-cache",
+    "max-uploads",
+    "gc-grace",
+    "no-bgjob",
+    "session-timeout",
+    "read-only",
+    "metrics",
+    "cache-dir",
+    "cache-size",
+    "free-space-ratio",
+    "no-cache-written",
+    "random-read-ranges",
+    "cache-group",
+    "cache-group-addr",
+    "no-serve",
+    "peer-timeout",
+    "hot-replicas",
+];
+
+/// Secrets of a request (`metaurl` required; object-store keys optional). Never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secrets {
+    pub metaurl: String,
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+    pub session_token: Option<String>,
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secrets(***)")
+    }
+}
+
+impl Secrets {
+    pub fn parse(m: &HashMap<String, String>) -> Result<Secrets> {
+        let metaurl = m
+            .get("metaurl")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                CsiError::InvalidArgument(
+                    "secret key `metaurl` (the volume's META_URL) is required".into(),
+                )
+            })?
+            .clone();
+        Ok(Secrets {
+            metaurl,
+            access_key: m.get("access-key").cloned(),
+            secret_key: m.get("secret-key").cloned(),
+            session_token: m.get("session-token").cloned(),
+        })
+    }
+
+    /// Environment for the mount client (the keys never go on a command line).
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut v = vec![("STRATA_META_URL".to_string(), self.metaurl.clone())];
+        if let Some(k) = &self.access_key {
+            v.push(("STRATA_ACCESS_KEY".into(), k.clone()));
+        }
+        if let Some(k) = &self.secret_key {
+            v.push(("STRATA_SECRET_KEY".into(), k.clone()));
+        }
+        if let Some(k) = &self.session_token {
+            v.push(("STRATA_SESSION_TOKEN".into(), k.clone()));
+        }
+        v
+    }
+
+    /// A stable key for the Strata volume behind `metaurl` (one shared mount per node).
+    pub fn volume_key(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.metaurl.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("v{h:016x}")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDelete {
+    Delete,
+    Retain,
+    Archive,
+}
+
+impl OnDelete {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDelete::Delete => "delete",
+            OnDelete::Retain => "retain",
+            OnDelete::Archive => "archive",
+        }
+    }
+    pub fn parse(s: &str) -> Option<OnDelete> {
+        match s {
+            "delete" => Some(OnDelete::Delete),
+            "retain" => Some(OnDelete::Retain),
+            "archive" => Some(OnDelete::Archive),
+            _ => None,
+        }
+    }
+}
+
+/// Parsed StorageClass parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    pub path_pattern: Option<String>,
+    pub on_delete: OnDelete,
+    pub mount_options: Vec<(String, Option<String>)>,
+    pub mount_image: Option<String>,
+    pub mount_cpu: Option<String>,
+    pub mount_memory: Option<String>,
+    pub cache_dir: Option<String>,
+}
+
+impl Params {
+    pub fn parse(m: &HashMap<String, String>) -> Result<Params> {
+        let mut p = Params {
+            path_pattern: None,
+            on_delete: OnDelete::Delete,
+            mount_options: parse_mount_options(m.get("mountOptions").map_or("", |s| s))?,
+            mount_image: m.get("mountImage").cloned(),
+            mount_cpu: m.get("mountCPU").cloned(),
+            mount_memory: m.get("mountMemory").cloned(),
+            cache_dir: m.get("cacheDir").cloned(),
+        };
+        if let Some(s) = m.get("pathPattern") {
+            p.path_pattern = Some(s.clone());
+        }
+        if let Some(s) = m.get("onDelete") {
+            p.on_delete = OnDelete::parse(s).ok_or_else(|| {
+                CsiError::InvalidArgument(format!(
+                    "parameter onDelete={s:?}: use delete, retain or archive"
+                ))
+            })?;
+        }
+        Ok(p)
+    }
+}
+
+/// `cache-size=1024,cache-group=g1,no-bgjob` → flags, each checked against [`MOUNT_OPTIONS`].
+pub fn parse_mount_options(s: &str) -> Result<Vec<(String, Option<String>)>> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim().to_string())),
+            None => (item, None),
+        };
+        if !MOUNT_OPTIONS.contains(&k) {
+            return Err(CsiError::InvalidArgument(format!(
+                "mountOptions: unknown option {k:?}; known: {}",
+                MOUNT_OPTIONS.join(", ")
+            )));
+        }
+        out.push((k.to_string(), v));
+    }
+    Ok(out)
+}
+
+/// The directory of a new PV: `pathPattern` with `${pvc.namespace}`, `${pvc.name}` and
+/// `${pv.name}` substituted.
+pub fn pv_path(
+    pattern: Option<&str>,
+    pv_name: &str,
+    params: &HashMap<String, String>,
+) -> Result<String> {
+    let ns = params.get("csi.storage.k8s.io/pvc/namespace");
+    let pvc = params.get("csi.storage.k8s.io/pvc/name");
+    let pattern = match (pattern, ns) {
+        (Some(p), _) => p.to_string(),
+        (None, Some(_)) => "tenants/${pvc.namespace}/${pv.name}".into(),
+        (None, None) => "volumes/${pv.name}".into(),
+    };
+    let mut path = pattern.replace("${pv.name}", pv_name);
+    for (var, val) in [("${pvc.namespace}", ns), ("${pvc.name}", pvc)] {
+        if path.contains(var) {
+            let v = val.ok_or_else(|| {
+                CsiError::InvalidArgument(format!(
+                    "pathPattern uses {var} but the provisioner did not pass it (run external-provisioner with --extra-create-metadata)"
+                ))
+            })?;
+            path = path.replace(var, v);
+        }
+    }
+    check_path(&path)?;
+    Ok(path)
+}
+
+/// A relative path inside a volume: no empty, `.` or `..` components.
+pub fn check_path(path: &str) -> Result<()> {
+    if path.is_empty()
+        || path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == ".." || c.len() > 255)
+    {
+        return Err(CsiError::InvalidArgument(format!(
+            "invalid path {path:?} inside the volume"
+        )));
+    }
+    Ok(())
+}
+
+/// `volume_id` of a provisioned directory: `<strata volume name>/<path>`.
+pub fn volume_id(volume: &str, path: &str) -> String {
+    format!("{volume}/{path}")
+}
+
+/// Split a provisioned volume id; `None` for an id that is not ours (static PVs).
+pub fn split_volume_id(id: &str) -> Option<(&str, &str)> {
+    let (v, p) = id.split_once('/')?;
+    (!v.is_empty() && check_path(p).is_ok()).then_some((v, p))
+}
+
+/// Requested capacity: required, else limit, else 1 GiB; OUT_OF_RANGE when limit < required.
+pub fn capacity(required: i64, limit: i64) -> Result<u64> {
+    if required < 0 || limit < 0 {
+        return Err(CsiError::InvalidArgument("negative capacity".into()));
+    }
+    if limit > 0 && required > limit {
+        return Err(CsiError::OutOfRange(format!(
+            "required_bytes {required} > limit_bytes {limit}"
+        )));
+    }
+    Ok(if required > 0 {
+        required as u64
+    } else if limit > 0 {
+        limit as u64
+    } else {
+        1 << 30
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_options() {
+        let mut m = HashMap::new();
+        assert_eq!(pv_path(None, "pv1", &m).unwrap(), "volumes/pv1");
+        m.insert("csi.storage.k8s.io/pvc/namespace".into(), "ns".into());
+        assert_eq!(pv_path(None, "pv1", &m).unwrap(), "tenants/ns/pv1");
+        assert!(pv_path(Some("a/${pvc.name}"), "pv1", &m).is_err());
+        assert!(pv_path(Some("../x"), "pv1", &m).is_err());
+        let o = parse_mount_options("cache-size=1024, cache-group=g1,no-bgjob").unwrap();
+        assert_eq!(o.len(), 3);
+        assert_eq!(o[2], ("no-bgjob".into(), None));
+        let e = parse_mount_options("cache-size=1,bogus=2").unwrap_err();
+        assert!(e.to_string().contains("\"bogus\""));
+        assert_eq!(
+            split_volume_id("vol/tenants/a/pv"),
+            Some(("vol", "tenants/a/pv"))
+        );
+        assert_eq!(split_volume_id("plainhandle"), None);
+        assert_eq!(capacity(0, 0).unwrap(), 1 << 30);
+        assert!(matches!(capacity(10, 5), Err(CsiError::OutOfRange(_))));
+        let s = Secrets::parse(&HashMap::from([("metaurl".into(), "sqlite:///x".into())])).unwrap();
+        assert_eq!(format!("{s:?}"), "Secrets(***)");
+        assert!(Secrets::parse(&HashMap::new()).is_err());
+    }
+}

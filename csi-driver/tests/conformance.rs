@@ -1,0 +1,653 @@
+//! Conformance test in the spirit of csi-sanity: drives the real `strata-csi` binary over its
+//! unix socket the way kubelet and the external provisioner/resizer do, with real FUSE mounts
+//! in process mode: Identity; Controller create/validate/expand/capacity/delete with
+//! idempotency and bad arguments; Node stage/publish/stats/unpublish/unstage with
+//! idempotency and bad arguments; and a mount client killed under a published volume.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use strata_csi::csi::controller_client::ControllerClient;
+use strata_csi::csi::identity_client::IdentityClient;
+use strata_csi::csi::node_client::NodeClient;
+use strata_csi::csi::{self, volume_capability};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+const CSI: &str = env!("CARGO_BIN_EXE_strata-csi");
+
+fn strata_bin() -> PathBuf {
+    Path::new(CSI).parent().unwrap().join("strata")
+}
+
+struct Guard {
+    plugin: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.plugin.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Unmount everything below the test directory, deepest first; abort FUSE
+        // connections so that nothing waits for a client.
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let d = self.dir.to_string_lossy().to_string();
+        let mut mps: Vec<(String, String)> = info
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                Some((f.get(4)?.to_string(), f.get(2)?.to_string()))
+            })
+            .filter(|(m, _)| m.starts_with(&d))
+            .collect();
+        mps.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
+        for (m, dev) in mps {
+            if let Some(minor) = dev.split(':').nth(1) {
+                let _ = fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), b"1");
+            }
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        // Mount clients started by the plugin exit once their connection ends.
+    }
+}
+
+fn mount_cap(mode: volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(volume_capability::AccessType::Mount(
+            volume_capability::MountVolume::default(),
+        )),
+        access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+async fn channel(sock: &Path) -> Channel {
+    let sock = sock.to_path_buf();
+    let start = Instant::now();
+    loop {
+        let s = sock.clone();
+        let r = Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let s = s.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+                }
+            }))
+            .await;
+        match r {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > Duration::from_secs(20) => panic!("connect: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    r.expect_err("expected an error").code()
+}
+
+/// Read `path` on another thread, so that a hung mount cannot hang the test.
+fn read_within(path: PathBuf, limit: Duration) -> Option<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(b) = fs::read(&path) {
+                let _ = tx.send(b);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    rx.recv_timeout(limit + Duration::from_secs(1)).ok()
+}
+
+fn client_pids(state: &Path) -> Vec<i32> {
+    let mut out = vec![];
+    let want = state.to_string_lossy().to_string();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("--fuse-fd-socket") && cmd.contains(&want) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_sanity_groups_with_real_mounts() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root for FUSE and bind mounts");
+        return;
+    }
+    assert!(
+        strata_bin().exists(),
+        "{} is missing: build it first (cargo build -p fs-core)",
+        strata_bin().display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let meta = format!("sqlite://{}/meta.db", root.display());
+    let out = Command::new(strata_bin())
+        .args(["format", "--storage", "file", "--bucket"])
+        .arg(root.join("objects"))
+        .args([&meta, "csivol"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sock = root.join("csi.sock");
+    let state = root.join("state");
+    let mut g = Guard {
+        plugin: None,
+        dir: root.clone(),
+    };
+    g.plugin = Some(
+        Command::new(CSI)
+            .args([
+                "--controller",
+                "--node",
+                "--node-id",
+                "node-1",
+                "--topology",
+                "topology.strata.io/region=r1",
+            ])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--strata-bin")
+            .arg(strata_bin())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(root.join("plugin.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let ch = channel(&sock).await;
+    let mut id = IdentityClient::new(ch.clone());
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut node = NodeClient::new(ch.clone());
+    use volume_capability::access_mode::Mode;
+    let caps = vec![mount_cap(Mode::MultiNodeMultiWriter)];
+    let secrets: HashMap<String, String> = HashMap::from([("metaurl".into(), meta.clone())]);
+
+    // ---- Identity
+    let info = id
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "csi.strata.io");
+    assert!(!info.vendor_version.is_empty());
+    let p = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(p.ready, Some(true));
+    let pc = id
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pc.capabilities.len(), 2);
+
+    // ---- Controller: bad arguments
+    let base = csi::CreateVolumeRequest {
+        name: "pvc-1".into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 1 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: caps.clone(),
+        parameters: HashMap::from([("csi.storage.k8s.io/pvc/namespace".into(), "team-a".into())]),
+        secrets: secrets.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            ctl.create_volume(csi::CreateVolumeRequest {
+                name: String::new(),
+                ..base.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            ctl.create_volume(csi::CreateVolumeRequest {
+                volume_capabilities: vec![],
+                ..base.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            ctl.create_volume(csi::CreateVolumeRequest {
+                secrets: HashMap::new(),
+                ..base.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let mut bad = base.clone();
+    bad.parameters
+        .insert("mountOptions".into(), "cache-size=10,bogus-flag=1".into());
+    let e = ctl.create_volume(bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("bogus-flag"), "{}", e.message());
+    let block = csi::VolumeCapability {
+        access_type: Some(volume_capability::AccessType::Block(Default::default())),
+        access_mode: Some(volume_capability::AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    };
+    assert_eq!(
+        code(
+            ctl.create_volume(csi::CreateVolumeRequest {
+                volume_capabilities: vec![block],
+                ..base.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+
+    // ---- Controller: create, idempotency, incompatible size
+    let v = ctl
+        .create_volume(base.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.volume_id, "csivol/tenants/team-a/pvc-1");
+    assert_eq!(v.capacity_bytes, 1 << 20);
+    let v2 = ctl
+        .create_volume(base.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v2.volume_id, v.volume_id);
+    let mut other = base.clone();
+    other.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 5 << 20,
+        limit_bytes: 0,
+    });
+    assert_eq!(code(ctl.create_volume(other).await), Code::AlreadyExists);
+
+    // ---- Controller: validate, capacity, capabilities
+    let vr = ctl
+        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: v.volume_id.clone(),
+            volume_context: v.volume_context.clone(),
+            volume_capabilities: caps.clone(),
+            secrets: secrets.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(vr.confirmed.is_some());
+    assert_eq!(
+        code(
+            ctl.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: "csivol/volumes/missing".into(),
+                volume_capabilities: caps.clone(),
+                secrets: secrets.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            ctl.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: v.volume_id.clone(),
+                secrets: secrets.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    ctl.get_capacity(csi::GetCapacityRequest {
+        volume_capabilities: caps.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cc = ctl
+        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cc.capabilities.len() >= 3);
+    assert_eq!(
+        code(
+            ctl.list_snapshots(csi::ListSnapshotsRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+
+    // ---- Node: info, capabilities, bad arguments
+    let ni = node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ni.node_id, "node-1");
+    assert_eq!(
+        ni.accessible_topology.unwrap().segments["topology.strata.io/region"],
+        "r1"
+    );
+    let nc = node
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(nc.capabilities.len() >= 4);
+    let staging = root.join("kubelet/staging/pv1");
+    let target = root.join("kubelet/pods/p1/volumes/pv1");
+    fs::create_dir_all(&staging).unwrap();
+    let stage = csi::NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(caps[0].clone()),
+        secrets: secrets.clone(),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            node.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: String::new(),
+                ..stage.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            node.node_stage_volume(csi::NodeStageVolumeRequest {
+                staging_target_path: String::new(),
+                ..stage.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            node.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_capability: None,
+                ..stage.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let publish = csi::NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(caps[0].clone()),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(node.node_publish_volume(publish.clone()).await),
+        Code::FailedPrecondition,
+        "publish before stage"
+    );
+    assert_eq!(
+        code(
+            node.node_publish_volume(csi::NodePublishVolumeRequest {
+                target_path: String::new(),
+                ..publish.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+
+    // ---- Node: stage, publish (twice each), I/O through the target
+    node.node_stage_volume(stage.clone()).await.unwrap();
+    node.node_stage_volume(stage.clone()).await.unwrap();
+    node.node_publish_volume(publish.clone()).await.unwrap();
+    node.node_publish_volume(publish.clone()).await.unwrap();
+    fs::write(target.join("hello.txt"), b"through the target").unwrap();
+    assert_eq!(
+        fs::read(target.join("hello.txt")).unwrap(),
+        b"through the target"
+    );
+    // A read-only publication of the same staged volume.
+    let ro_target = root.join("kubelet/pods/p2/volumes/pv1");
+    node.node_publish_volume(csi::NodePublishVolumeRequest {
+        target_path: ro_target.to_string_lossy().into(),
+        readonly: true,
+        ..publish.clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        fs::read(ro_target.join("hello.txt")).unwrap(),
+        b"through the target"
+    );
+    assert!(
+        fs::write(ro_target.join("no.txt"), b"x").is_err(),
+        "read-only target accepted a write"
+    );
+
+    // ---- Node: stats (quota) and expansion
+    let stats = |node: &mut NodeClient<Channel>| {
+        let req = csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: target.to_string_lossy().into(),
+            ..Default::default()
+        };
+        let mut n = node.clone();
+        async move { n.node_get_volume_stats(req).await }
+    };
+    let s = stats(&mut node).await.unwrap().into_inner();
+    assert!(!s.volume_condition.as_ref().unwrap().abnormal);
+    let bytes = s
+        .usage
+        .iter()
+        .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
+        .unwrap();
+    assert_eq!(bytes.total, 1 << 20, "{s:?}");
+    let inodes = s
+        .usage
+        .iter()
+        .find(|u| u.unit == csi::volume_usage::Unit::Inodes as i32)
+        .unwrap();
+    assert!(inodes.used >= 1);
+    assert_eq!(
+        code(
+            node.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: root.join("nowhere").to_string_lossy().into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            node.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let ex = ctl
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 4 << 20,
+                limit_bytes: 0,
+            }),
+            secrets: secrets.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ex.capacity_bytes, 4 << 20);
+    assert!(!ex.node_expansion_required);
+    assert_eq!(
+        code(
+            ctl.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                secrets: secrets.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            ctl.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: "csivol/volumes/none".into(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 1,
+                    limit_bytes: 0
+                }),
+                secrets: secrets.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    // The quota cache of the statfs path is re-read within about 2 s.
+    let t = Instant::now();
+    loop {
+        let s = stats(&mut node).await.unwrap().into_inner();
+        if s.usage[0].total == 4 << 20 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "expanded capacity not visible: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // ---- Kill the mount client under the published volume
+    let pids = client_pids(&state);
+    assert_eq!(pids.len(), 1, "one shared mount client expected: {pids:?}");
+    // SAFETY: kill of a pid we found.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let killed = Instant::now();
+    let got = read_within(target.join("hello.txt"), Duration::from_secs(5));
+    let took = killed.elapsed();
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"through the target"[..]),
+        "target not readable within 5 s of SIGKILL: {}",
+        fs::read_to_string(root.join("plugin.log")).unwrap_or_default()
+    );
+    eprintln!(
+        "reader of the target succeeded {:.3} s after the client was killed",
+        took.as_secs_f64()
+    );
+    fs::write(target.join("after.txt"), b"still writable").unwrap();
+    assert_eq!(
+        fs::read(target.join("after.txt")).unwrap(),
+        b"still writable"
+    );
+    assert_ne!(client_pids(&state), pids, "a new client serves the mount");
+
+    // ---- Unpublish / unstage (twice each), delete (twice), fake ids
+    for t in [&target, &ro_target] {
+        let r = csi::NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: t.to_string_lossy().into(),
+        };
+        node.node_unpublish_volume(r.clone()).await.unwrap();
+        node.node_unpublish_volume(r).await.unwrap();
+        assert!(!t.exists());
+    }
+    assert_eq!(
+        code(
+            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                target_path: String::new()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let unstage = csi::NodeUnstageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+    };
+    node.node_unstage_volume(unstage.clone()).await.unwrap();
+    node.node_unstage_volume(unstage).await.unwrap();
+    let t = Instant::now();
+    while !client_pids(&state).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "client still running after the last unstage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let del = csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets: secrets.clone(),
+    };
+    ctl.delete_volume(del.clone()).await.unwrap();
+    ctl.delete_volume(del).await.unwrap();
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: "reallyfakevolumeid".into(),
+        secrets: secrets.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code(
+            ctl.delete_volume(csi::DeleteVolumeRequest {
+                volume_id: String::new(),
+                secrets: secrets.clone()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    // The directory is gone from the volume.
+    let v3 = ctl
+        .create_volume(base.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v3.volume_id, v.volume_id);
+    drop(g);
+}
