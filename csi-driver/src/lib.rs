@@ -14,4 +14,5 @@ pub mod locks;
 pub mod mounter;
 pub mod node;
 pub mod params;
+pub mod pod;
 pub mod server;
