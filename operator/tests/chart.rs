@@ -38,7 +38,13 @@ fn run(cmd: &mut Command) -> String {
 
 fn render(args: &[&str]) -> String {
     run(Command::new(tool("helm"))
-        .args(["template", "strata", &chart(), "--namespace", "strata-system"])
+        .args([
+            "template",
+            "strata",
+            &chart(),
+            "--namespace",
+            "strata-system",
+        ])
         .args(args))
 }
 
@@ -74,12 +80,17 @@ fn strict<T: DeserializeOwned + serde::Serialize>(doc: &Value) -> Vec<String> {
     let round = serde_json::to_value(&typed).unwrap();
     let mut out = vec![];
     dropped(doc, &round, "", &mut out);
-    out.into_iter().map(|p| format!("unknown field {p}")).collect()
+    out.into_iter()
+        .map(|p| format!("unknown field {p}"))
+        .collect()
 }
 
 /// Check every object of a rendered stream; returns (kinds seen, problems).
 fn check_objects(yaml: &str) -> (Vec<String>, Vec<String>) {
-    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as sched, storage::v1 as storage};
+    use k8s_openapi::api::{
+        apps::v1 as apps, core::v1 as core, policy::v1 as policy, rbac::v1 as rbac,
+        scheduling::v1 as sched, storage::v1 as storage,
+    };
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).unwrap();
     let (mut kinds, mut problems) = (vec![], vec![]);
@@ -118,49 +129,106 @@ fn default_render_has_every_component_and_valid_objects() {
     let yaml = render(&[]);
     let (kinds, problems) = check_objects(&yaml);
     assert_eq!(problems, Vec::<String>::new());
-    for k in ["CSIDriver", "DaemonSet", "Deployment", "PriorityClass", "PodDisruptionBudget", "CustomResourceDefinition", "ClusterRole"] {
+    for k in [
+        "CSIDriver",
+        "DaemonSet",
+        "Deployment",
+        "PriorityClass",
+        "PodDisruptionBudget",
+        "CustomResourceDefinition",
+        "ClusterRole",
+    ] {
         assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
     }
-    assert_eq!(kinds.iter().filter(|k| *k == "CustomResourceDefinition").count(), 3);
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| *k == "CustomResourceDefinition")
+            .count(),
+        3
+    );
     assert!(yaml.contains("attachRequired: false") && yaml.contains("podInfoOnMount: true"));
     assert!(yaml.contains("--extra-create-metadata"));
     assert!(yaml.contains("/var/lib/kubelet/plugins/csi.strata.io/csi.sock"));
     assert!(yaml.contains("helm.sh/resource-policy: keep"));
-    assert!(!yaml.contains("strata-grafana-dashboard"), "dashboard is optional, off by default");
+    assert!(
+        !yaml.contains("strata-grafana-dashboard"),
+        "dashboard is optional, off by default"
+    );
     // kubectl parses every object offline (`apply --dry-run=client` needs an API server for
     // discovery; `annotate --local` decodes the same way without one).
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("r.yaml");
     std::fs::write(&f, &yaml).unwrap();
-    let out = run(Command::new(tool("kubectl")).args(["annotate", "--local", "-o", "name", "strata.io/checked=true", "-f"]).arg(&f));
-    assert!(out.contains("customresourcedefinition.apiextensions.k8s.io/volumes.strata.io"), "{out}");
+    let out = run(Command::new(tool("kubectl"))
+        .args([
+            "annotate",
+            "--local",
+            "-o",
+            "name",
+            "strata.io/checked=true",
+            "-f",
+        ])
+        .arg(&f));
+    assert!(
+        out.contains("customresourcedefinition.apiextensions.k8s.io/volumes.strata.io"),
+        "{out}"
+    );
 }
 
 #[test]
 fn custom_values_render_and_bad_values_are_refused() {
     let yaml = render(&[
-        "--set", "kubeletDir=/var/snap/microk8s/common/var/lib/kubelet",
-        "--set", "image.repository=registry.example.com/strata", "--set", "image.tag=v9",
-        "--set", "operator.enabled=false", "--set", "priorityClasses.create=false",
-        "--set", "podDisruptionBudget.enabled=false", "--set", "grafanaDashboard.enabled=true",
-        "--set", "node.mountMode=pod", "--set", "controller.replicas=3",
+        "--set",
+        "kubeletDir=/var/snap/microk8s/common/var/lib/kubelet",
+        "--set",
+        "image.repository=registry.example.com/strata",
+        "--set",
+        "image.tag=v9",
+        "--set",
+        "operator.enabled=false",
+        "--set",
+        "priorityClasses.create=false",
+        "--set",
+        "podDisruptionBudget.enabled=false",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "node.mountMode=pod",
+        "--set",
+        "controller.replicas=3",
     ]);
     let (kinds, problems) = check_objects(&yaml);
     assert_eq!(problems, Vec::<String>::new());
     assert!(yaml.contains("/var/snap/microk8s/common/var/lib/kubelet/plugins_registry"));
     assert!(yaml.contains("image: registry.example.com/strata:v9"));
-    assert!(!yaml.contains("strata-operator\n") || !yaml.contains("command: [\"strata-operator\"]"));
-    assert!(!kinds.iter().any(|k| k == "PriorityClass" || k == "PodDisruptionBudget"));
+    assert!(
+        !yaml.contains("strata-operator\n") || !yaml.contains("command: [\"strata-operator\"]")
+    );
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| k == "PriorityClass" || k == "PodDisruptionBudget")
+    );
     assert!(yaml.contains("--mount-mode=pod") && yaml.contains("replicas: 3"));
     assert!(yaml.contains("strata-grafana-dashboard"));
 
     let out = Command::new(tool("helm"))
-        .args(["template", "strata", &chart(), "--set", "node.mountMode=sideways"])
+        .args([
+            "template",
+            "strata",
+            &chart(),
+            "--set",
+            "node.mountMode=sideways",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("mountMode"), "values.schema.json names the field: {err}");
+    assert!(
+        err.contains("mountMode"),
+        "values.schema.json names the field: {err}"
+    );
 }
 
 #[test]
