@@ -11,18 +11,19 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::finalizer::Event as Finalizer;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{Instrument, info_span};
 
-use crate::conditions::{self, Outcome};
-use crate::context::{Context, FIELD_MANAGER, apply_status, blocking};
-use crate::crd::{
-    CACHE_GROUP_LABEL, CacheGroup, CacheGroupStatus, FINALIZER, MANAGED_BY, StorageClassSpec,
-    VOLUME_LABEL, Volume, parse_quantity,
+use crate::conditions::Outcome;
+use crate::context::{
+    Context, FIELD_MANAGER, apply_status, blocking, outcome_conditions, reconcile_finalized,
 };
-use crate::errors::{Error, Result, object_key};
+use crate::crd::{
+    CACHE_GROUP_LABEL, CacheGroup, CacheGroupStatus, MANAGED_BY, StorageClassSpec, VOLUME_LABEL,
+    Volume, parse_quantity,
+};
+use crate::errors::{Error, Result};
 use crate::volume::{apply_storage_class, is_ready, storage_class, storage_class_specs};
 
 /// Name of the DaemonSet of a CacheGroup.
@@ -192,25 +193,13 @@ pub fn daemonset(cg: &CacheGroup, vol: &Volume, ctx: &Context) -> Result<DaemonS
 }
 
 pub async fn reconcile(cg: Arc<CacheGroup>, ctx: Arc<Context>) -> Result<Action> {
-    let key = object_key(&*cg);
-    let span = info_span!("reconcile", object = %key);
-    async move {
-        let _t = ctx.metrics.reconcile("CacheGroup");
-        let api: Api<CacheGroup> = Api::all(ctx.client.clone());
-        let res = finalizer(&api, FINALIZER, cg, |ev| async {
-            match ev {
-                Finalizer::Apply(c) => apply(&api, &c, &ctx).await,
-                Finalizer::Cleanup(c) => cleanup(&c, &ctx).await,
-            }
-        })
-        .await
-        .map_err(Error::from_finalizer);
-        if res.is_ok() {
-            ctx.record_success(&key);
+    let api: Api<CacheGroup> = Api::all(ctx.client.clone());
+    reconcile_finalized("CacheGroup", &api, cg, &ctx, |ev| async {
+        match ev {
+            Finalizer::Apply(c) => apply(&api, &c, &ctx).await,
+            Finalizer::Cleanup(c) => cleanup(&c, &ctx).await,
         }
-        res
-    }
-    .instrument(span)
+    })
     .await
 }
 
@@ -223,18 +212,7 @@ async fn set_status(
 ) -> Result<()> {
     let old = cg.status.clone().unwrap_or_default();
     status.observed_generation = cg.metadata.generation;
-    status.conditions = conditions::conditions(&old.conditions, outcome, cg.metadata.generation);
-    if conditions::ready_reason(&old.conditions) != Some(outcome.reason()) {
-        let warn = matches!(outcome, Outcome::Degraded { .. });
-        ctx.event(
-            cg,
-            warn,
-            outcome.reason(),
-            "Reconcile",
-            outcome.message().into(),
-        )
-        .await;
-    }
+    status.conditions = outcome_conditions(ctx, cg, &old.conditions, outcome, true).await;
     apply_status(api, cg, &status).await
 }
 

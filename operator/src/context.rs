@@ -15,7 +15,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::conditions::Outcome;
+use crate::conditions::{self, Outcome};
 use crate::crd::SecretRef;
 use crate::errors::{Error, Result};
 use crate::fsops::{FsOps, FsTarget};
@@ -207,6 +207,74 @@ pub async fn blocking<R: Send + 'static>(
 }
 
 /// Server-side apply of `status` to the status subresource of `obj`.
+/// One reconcile of `obj` under the operator's finalizer: a span naming the object, the
+/// reconcile timer of `kind`, the finalizer dance (`body` gets Apply or Cleanup), errors
+/// unwrapped from the finalizer, and the success bookkeeping for the backoff.
+pub async fn reconcile_finalized<K, F, Fut>(
+    kind: &'static str,
+    api: &Api<K>,
+    obj: Arc<K>,
+    ctx: &Context,
+    body: F,
+) -> Result<kube::runtime::controller::Action>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: FnOnce(kube::runtime::finalizer::Event<K>) -> Fut,
+    Fut: std::future::Future<Output = Result<kube::runtime::controller::Action>>,
+{
+    use tracing::Instrument;
+    let key = crate::errors::object_key(&*obj);
+    let span = tracing::info_span!("reconcile", object = %key);
+    async move {
+        let _t = ctx.metrics.reconcile(kind);
+        let res = kube::runtime::finalizer::finalizer(api, crate::crd::FINALIZER, obj, body)
+            .await
+            .map_err(Error::from_finalizer);
+        if res.is_ok() {
+            ctx.record_success(&key);
+        }
+        res
+    }
+    .instrument(span)
+    .await
+}
+
+/// The conditions a status gets for `outcome`, and an Event when the Ready reason changes
+/// (`event_when_ready`: also when it becomes Ready).
+pub async fn outcome_conditions<K>(
+    ctx: &Context,
+    obj: &K,
+    old: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    outcome: &Outcome,
+    event_when_ready: bool,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let generation = obj.meta().generation;
+    if conditions::ready_reason(old) != Some(outcome.reason())
+        && (event_when_ready || !outcome.is_ready())
+    {
+        let warn = matches!(outcome, Outcome::Degraded { .. });
+        ctx.event(
+            obj,
+            warn,
+            outcome.reason(),
+            "Reconcile",
+            outcome.message().into(),
+        )
+        .await;
+    }
+    conditions::conditions(old, outcome, generation)
+}
+
 pub async fn apply_status<K, S>(api: &Api<K>, obj: &K, status: &S) -> Result<()>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::finalizer::Event as Finalizer;
 use kube::{Api, ResourceExt};
-use tracing::{Instrument, info, info_span};
+use tracing::info;
 
 use crate::conditions::{self, Outcome};
-use crate::context::{Context, apply_status, blocking};
-use crate::crd::{FINALIZER, Quota, QuotaStatus, Volume, human_bytes, parse_quantity};
-use crate::errors::{Error, Result, object_key};
+use crate::context::{Context, apply_status, blocking, outcome_conditions, reconcile_finalized};
+use crate::crd::{Quota, QuotaStatus, Volume, human_bytes, parse_quantity};
+use crate::errors::{Error, Result};
 use crate::fsops::FsError;
 use crate::volume::is_ready;
 
@@ -23,26 +23,14 @@ pub fn tenant_dir(namespace: &str) -> String {
 }
 
 pub async fn reconcile(q: Arc<Quota>, ctx: Arc<Context>) -> Result<Action> {
-    let key = object_key(&*q);
-    let span = info_span!("reconcile", object = %key);
-    async move {
-        let _t = ctx.metrics.reconcile("Quota");
-        let ns = q.namespace().unwrap_or_default();
-        let api: Api<Quota> = Api::namespaced(ctx.client.clone(), &ns);
-        let res = finalizer(&api, FINALIZER, q, |ev| async {
-            match ev {
-                Finalizer::Apply(q) => apply(&api, &q, &ctx).await,
-                Finalizer::Cleanup(q) => cleanup(&q, &ctx).await,
-            }
-        })
-        .await
-        .map_err(Error::from_finalizer);
-        if res.is_ok() {
-            ctx.record_success(&key);
+    let ns = q.namespace().unwrap_or_default();
+    let api: Api<Quota> = Api::namespaced(ctx.client.clone(), &ns);
+    reconcile_finalized("Quota", &api, q, &ctx, |ev| async {
+        match ev {
+            Finalizer::Apply(q) => apply(&api, &q, &ctx).await,
+            Finalizer::Cleanup(q) => cleanup(&q, &ctx).await,
         }
-        res
-    }
-    .instrument(span)
+    })
     .await
 }
 
@@ -55,18 +43,7 @@ async fn set_status(
 ) -> Result<()> {
     let old = q.status.clone().unwrap_or_default();
     status.observed_generation = q.metadata.generation;
-    status.conditions = conditions::conditions(&old.conditions, outcome, q.metadata.generation);
-    if conditions::ready_reason(&old.conditions) != Some(outcome.reason()) && !outcome.is_ready() {
-        let warn = matches!(outcome, Outcome::Degraded { .. });
-        ctx.event(
-            q,
-            warn,
-            outcome.reason(),
-            "Reconcile",
-            outcome.message().into(),
-        )
-        .await;
-    }
+    status.conditions = outcome_conditions(ctx, q, &old.conditions, outcome, false).await;
     apply_status(api, q, &status).await
 }
 

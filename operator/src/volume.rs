@@ -8,17 +8,19 @@ use std::sync::Arc;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::finalizer::Event as Finalizer;
 use kube::{Api, Resource, ResourceExt};
-use tracing::{Instrument, info, info_span};
+use tracing::info;
 
 use crate::conditions::{self, Outcome};
-use crate::context::{Context, FIELD_MANAGER, apply_status, blocking};
-use crate::crd::{
-    DeletionPolicy, FINALIZER, MANAGED_BY, StorageClassSpec, VOLUME_LABEL, Volume, VolumeStatus,
-    human_bytes, parse_quantity,
+use crate::context::{
+    Context, FIELD_MANAGER, apply_status, blocking, outcome_conditions, reconcile_finalized,
 };
-use crate::errors::{Error, Result, object_key};
+use crate::crd::{
+    DeletionPolicy, MANAGED_BY, StorageClassSpec, VOLUME_LABEL, Volume, VolumeStatus, human_bytes,
+    parse_quantity,
+};
+use crate::errors::{Error, Result};
 use crate::fsops::{FsError, VolumeRequest};
 
 /// Default CSI `pathPattern`: a tenant namespace's PVCs land under `tenants/<namespace>`.
@@ -167,25 +169,13 @@ pub async fn apply_storage_class(ctx: &Context, sc: &StorageClass) -> Result<()>
 }
 
 pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Context>) -> Result<Action> {
-    let key = object_key(&*vol);
-    let span = info_span!("reconcile", object = %key);
-    async move {
-        let _t = ctx.metrics.reconcile("Volume");
-        let api: Api<Volume> = Api::all(ctx.client.clone());
-        let res = finalizer(&api, FINALIZER, vol, |ev| async {
-            match ev {
-                Finalizer::Apply(v) => apply(&api, &v, &ctx).await,
-                Finalizer::Cleanup(v) => cleanup(&v, &ctx).await,
-            }
-        })
-        .await
-        .map_err(Error::from_finalizer);
-        if res.is_ok() {
-            ctx.record_success(&key);
+    let api: Api<Volume> = Api::all(ctx.client.clone());
+    reconcile_finalized("Volume", &api, vol, &ctx, |ev| async {
+        match ev {
+            Finalizer::Apply(v) => apply(&api, &v, &ctx).await,
+            Finalizer::Cleanup(v) => cleanup(&v, &ctx).await,
         }
-        res
-    }
-    .instrument(span)
+    })
     .await
 }
 
@@ -198,18 +188,7 @@ async fn set_status(
 ) -> Result<()> {
     let old = vol.status.clone().unwrap_or_default();
     status.observed_generation = vol.metadata.generation;
-    status.conditions = conditions::conditions(&old.conditions, outcome, vol.metadata.generation);
-    if conditions::ready_reason(&old.conditions) != Some(outcome.reason()) && !outcome.is_ready() {
-        let warn = matches!(outcome, Outcome::Degraded { .. });
-        ctx.event(
-            vol,
-            warn,
-            outcome.reason(),
-            "Reconcile",
-            outcome.message().into(),
-        )
-        .await;
-    }
+    status.conditions = outcome_conditions(ctx, vol, &old.conditions, outcome, false).await;
     apply_status(api, vol, &status).await
 }
 
