@@ -31,6 +31,7 @@ impl<S: ObjectStore> InstrumentedStore<S> {
         let elapsed = start.elapsed();
         let failed = matches!(&res, Err(e) if !matches!(e, ObjectError::NotFound(_)));
         self.metrics.object_request(op, elapsed, !failed);
+        tracing::trace!(op, key, ?elapsed, ok = !failed, "object request");
         if let Err(e) = &res {
             match e {
                 ObjectError::NotFound(_) => tracing::debug!(op, key, "object not found"),

@@ -72,7 +72,9 @@ impl TestMount {
         fs::create_dir_all(&self.path).expect("create mount point");
         let log = fs::File::create(self.path.with_extension("log")).expect("mount log");
         let child = Command::new(&self.bin)
-            .args(["--log-level", "warn", "mount"])
+            .arg("--log-level")
+            .arg(std::env::var("STRATA_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .arg("mount")
             .args(&self.extra)
             .args(self.cache_args())
             .arg(&self.meta)
