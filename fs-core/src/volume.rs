@@ -107,12 +107,13 @@ pub fn probe_store(
     Ok(())
 }
 
-/// `strata format`: create the volume (or accept the same name again).
+/// `strata format`: create the volume (or accept the same name again). Returns the stored
+/// format and whether this call created it (`false`: the volume existed and nothing changed).
 pub fn format(
     meta_url: &str,
     opts: &FormatOptions,
     metrics: Arc<Metrics>,
-) -> Result<Format, VolumeError> {
+) -> Result<(Format, bool), VolumeError> {
     check_name(&opts.name)?;
     let bs = opts.block_size_kib;
     if !(64..=16384).contains(&bs) || !bs.is_power_of_two() {
@@ -136,7 +137,9 @@ pub fn format(
         inodes: opts.inodes,
         storage: opts.storage.clone(),
     };
-    Ok(meta.format(&fmt)?)
+    let stored = meta.format(&fmt)?;
+    let created = stored.uuid == fmt.uuid;
+    Ok((stored, created))
 }
 
 /// Open a formatted volume: metadata engine, stored format, object store (probed; without
@@ -188,4 +191,46 @@ pub fn resolve_dir(meta: &Meta, path: &str) -> Result<Ino, VolumeError> {
         ino = n.ino;
     }
     Ok(ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(name: &str, dir: &std::path::Path) -> FormatOptions {
+        FormatOptions {
+            name: name.to_string(),
+            storage: StorageConfig {
+                storage: "file".into(),
+                bucket: dir.join("data").display().to_string(),
+                access_key: None,
+                secret_key: None,
+                region: None,
+            },
+            block_size_kib: 4096,
+            capacity_gib: 0,
+            inodes: 0,
+        }
+    }
+
+    #[test]
+    fn format_tells_a_new_volume_from_an_existing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/meta.db", dir.path().display());
+        let m = Arc::new(Metrics::new());
+        let (first, created) = format(&url, &opts("vol1", dir.path()), m.clone()).unwrap();
+        assert!(created);
+        let mut again = opts("vol1", dir.path());
+        again.block_size_kib = 1024;
+        let (second, created) = format(&url, &again, m.clone()).unwrap();
+        assert!(!created, "the same name again changes nothing");
+        assert_eq!(second.uuid, first.uuid);
+        assert_eq!(second.block_size, 4096 << 10, "stored settings are kept");
+        let err = format(&url, &opts("other", dir.path()), m).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("already formatted as volume 'vol1'"),
+            "{err}"
+        );
+    }
 }

@@ -164,7 +164,10 @@ fn remount_keeps_the_disk_cache_and_warmup_fills_it() {
     let v = volume(&[("a.bin", 2), ("b.bin", 3)]);
     let port = free_port();
     let mut m = member(&v, "m", port, &[]);
-    let (a_blocks, b_blocks) = (objects(&m.path.join("a.bin")), objects(&m.path.join("b.bin")));
+    let (a_blocks, b_blocks) = (
+        objects(&m.path.join("a.bin")),
+        objects(&m.path.join("b.bin")),
+    );
     let base = gets(port);
     // Warm one file with the CLI, read the other cold.
     let out = Command::new(BIN)

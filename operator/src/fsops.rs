@@ -280,7 +280,7 @@ impl FsOps for StrataFs {
                     capacity_gib: req.capacity_gib,
                     inodes: req.inodes,
                 };
-                let fmt = volume::format(&t.meta_url, &opts, self.metrics.clone())?;
+                let (fmt, _) = volume::format(&t.meta_url, &opts, self.metrics.clone())?;
                 Ok(VolumeInfo {
                     name: fmt.name,
                     uuid: fmt.uuid,

@@ -547,11 +547,16 @@ fn format(a: FormatArgs) -> Result<()> {
         capacity_gib: a.capacity,
         inodes: a.inodes,
     };
-    let fmt = volume::format(&a.meta_url, &opts, Arc::new(Metrics::new()))?;
+    let (fmt, created) = volume::format(&a.meta_url, &opts, Arc::new(Metrics::new()))?;
     println!(
-        "volume {} ({}) formatted: metadata {}, data {} {}, block size {} KiB",
+        "volume {} ({}) {}: metadata {}, data {} {}, block size {} KiB",
         fmt.name,
         fmt.uuid,
+        if created {
+            "formatted"
+        } else {
+            "already exists, nothing changed (its stored settings are kept; change limits with `strata config`)"
+        },
         redact_url(&a.meta_url),
         fmt.storage.storage,
         fmt.storage.bucket,
