@@ -2,12 +2,15 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use strata_csi::controller::{ControllerService, Metas};
+use strata_csi::mounter::{Mounter, POD_GRACE, ProcessMounter};
 use strata_csi::node::{NodeService, NodeSettings};
 use strata_csi::params::Secrets;
+use strata_csi::pod::{PodMounter, PodSettings};
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum MountMode {
@@ -33,8 +36,29 @@ struct Cli {
     /// Serve the Node service.
     #[arg(long)]
     node: bool,
+    /// Where mount clients run: child processes of this plugin, or one mount Pod per
+    /// shared mount (docs/CSI.md).
     #[arg(long, value_enum, default_value = "process")]
     mount_mode: MountMode,
+    /// Pod mode: image of the mount Pods (required with --mount-mode pod).
+    #[arg(long)]
+    mount_image: Option<String>,
+    /// Pod mode: namespace of the mount Pods and their Secrets.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "strata-system")]
+    mount_namespace: String,
+    /// Pod mode: CPU request and limit of a mount Pod, e.g. 500m.
+    #[arg(long)]
+    mount_cpu: Option<String>,
+    /// Pod mode: memory request and limit of a mount Pod, e.g. 2Gi.
+    #[arg(long)]
+    mount_memory: Option<String>,
+    /// Pod mode: host directory for the mount Pods' disk cache (default: an emptyDir).
+    #[arg(long)]
+    mount_cache_dir: Option<String>,
+    /// Pod mode: seconds a shared mount may go without a client before its mount Pod is
+    /// created again (kubelet restarts a crashed container by itself).
+    #[arg(long, default_value_t = POD_GRACE.as_secs_f64())]
+    mount_pod_grace: f64,
     #[arg(long, default_value = "/var/lib/strata-csi")]
     state_dir: PathBuf,
     /// `strata` binary used by process mode (default: next to this one, else PATH).
@@ -50,6 +74,36 @@ struct Cli {
     log_level: String,
 }
 
+async fn pod_mounter(cli: &Cli) -> Result<Mounter> {
+    let image =
+        cli.mount_image.clone().filter(|i| !i.is_empty()).context(
+            "--mount-mode pod requires --mount-image IMAGE (the image of the mount Pods)",
+        )?;
+    let grace = Duration::try_from_secs_f64(cli.mount_pod_grace)
+        .context("--mount-pod-grace takes seconds (a number >= 0)")?;
+    let client = kube::Client::try_default().await.context(
+        "--mount-mode pod needs the Kubernetes API: no in-cluster service account \
+         (KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT and its token) and no usable \
+         kubeconfig (KUBECONFIG or ~/.kube/config)",
+    )?;
+    tracing::info!(namespace = %cli.mount_namespace, image = %image, "pod mount mode");
+    Ok(Mounter::Pod {
+        pods: Box::new(PodMounter {
+            client,
+            settings: PodSettings {
+                namespace: cli.mount_namespace.clone(),
+                node_name: cli.node_id.clone(),
+                image,
+                cpu: cli.mount_cpu.clone(),
+                memory: cli.mount_memory.clone(),
+                cache_dir: cli.mount_cache_dir.clone(),
+            },
+        }),
+        rt: tokio::runtime::Handle::current(),
+        grace,
+    })
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -60,9 +114,6 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if cli.mount_mode == MountMode::Pod {
-        anyhow::bail!("--mount-mode pod is not available in this build; use --mount-mode process");
-    }
     let default_secrets = match &cli.default_metaurl_file {
         Some(p) => Some(Secrets {
             metaurl: std::fs::read_to_string(p)
@@ -92,7 +143,18 @@ async fn main() -> Result<()> {
         if let Some(b) = &cli.strata_bin {
             s.strata_bin = b.clone();
         }
-        Some(NodeService::new(s)?)
+        let mounter = match cli.mount_mode {
+            MountMode::Process => Mounter::Process(ProcessMounter {
+                strata_bin: s.strata_bin.clone(),
+            }),
+            MountMode::Pod => pod_mounter(&cli).await?,
+        };
+        // Recovery of earlier mounts blocks (mounts, API calls in pod mode).
+        Some(
+            tokio::task::spawn_blocking(move || NodeService::with_mounter(s, mounter))
+                .await
+                .context("node service setup")??,
+        )
     } else {
         None
     };

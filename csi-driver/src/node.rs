@@ -6,9 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -18,7 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::csi::{self, node_server::Node};
 use crate::errors::{CsiError, Result, blocking};
 use crate::locks::OpLocks;
-use crate::mounter::{ClientSpec, ProcessMounter};
+use crate::mounter::{Client, ClientSpec, Consumer, Mounter, PodParams, ProcessMounter};
 use crate::params::{self, CTX_PATH, CTX_SUBDIR, Params, Secrets};
 
 /// Node plugin settings.
@@ -70,19 +69,45 @@ struct SavedSpec {
     secret_key: Option<String>,
     session_token: Option<String>,
     options: Vec<(String, Option<String>)>,
+    #[serde(default)]
+    pod: PodParams,
 }
 
 struct Base {
     keeper: FdKeeper,
-    child: Option<Child>,
+    client: Client,
     spec: ClientSpec,
 }
 
+/// How often the watchdog retries stopping a client whose stop failed (a mount Pod the
+/// API server did not let us delete).
+const ORPHAN_RETRY: Duration = Duration::from_secs(5);
+
 struct Inner {
     settings: NodeSettings,
-    mounter: ProcessMounter,
+    mounter: Mounter,
     bases: Mutex<HashMap<String, Base>>,
     state: Mutex<State>,
+    /// Held while a consumer list is computed and written, so that lists land in order.
+    consumers_lock: Mutex<()>,
+    /// Clients of released mounts whose stop failed, with the time of the next try.
+    orphans: Mutex<HashMap<String, (ClientSpec, Instant)>>,
+}
+
+/// The publications served by the shared mount `key`: every target published from a
+/// staging path of that mount, sorted.
+fn consumers_of(st: &State, key: &str) -> Vec<Consumer> {
+    let mut out: Vec<Consumer> = st
+        .publishes
+        .iter()
+        .filter(|(_, p)| st.stages.get(&p.staging).is_some_and(|s| s.key == key))
+        .map(|(target, p)| Consumer {
+            volume_id: p.volume_id.clone(),
+            target_path: target.clone(),
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[derive(Clone)]
@@ -192,6 +217,7 @@ impl Inner {
         key: &str,
         secrets: Secrets,
         options: Vec<(String, Option<String>)>,
+        pod: PodParams,
     ) -> ClientSpec {
         let dir = self.vol_dir(key);
         ClientSpec {
@@ -201,6 +227,18 @@ impl Inner {
             options,
             secrets,
             log: dir.join("client.log"),
+            pod,
+        }
+    }
+
+    /// Write the consumer list of `key` where its client is (the mount Pod's annotation).
+    /// A failure is logged, not returned: the list is informational and written again on
+    /// the next change and with a re-created Pod.
+    fn sync_consumers(&self, key: &str) {
+        let _g = self.consumers_lock.lock();
+        let list = consumers_of(&self.state.lock(), key);
+        if let Err(e) = self.mounter.set_consumers(key, &list) {
+            tracing::warn!(key, error = %e, "recording the consumers of the shared mount failed");
         }
     }
 
@@ -214,6 +252,7 @@ impl Inner {
             secret_key: spec.secrets.secret_key.clone(),
             session_token: spec.secrets.session_token.clone(),
             options: spec.options.clone(),
+            pod: spec.pod.clone(),
         };
         {
             use std::os::unix::fs::OpenOptionsExt;
@@ -237,56 +276,108 @@ impl Inner {
                 return Err(CsiError::io("fd socket", e));
             }
         };
-        let child = self.mounter.start(&spec)?;
+        // A new client for this key: a pending stop of an earlier one must not remove it.
+        self.orphans.lock().remove(&spec.key);
+        let consumers = consumers_of(&self.state.lock(), &spec.key);
+        let client = match self.mounter.start(&spec, &consumers) {
+            Ok(c) => c,
+            Err(e) => {
+                umount(&spec.mountpoint);
+                keeper.stop();
+                self.stop_client(&spec, self.mounter.adopted());
+                return Err(e);
+            }
+        };
         let base = Base {
             keeper,
-            child: Some(child),
+            client,
             spec,
         };
-        if !base.keeper.wait_serving(Duration::from_secs(60)) {
-            let log = std::fs::read_to_string(&base.spec.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+        let timeout = self.mounter.start_timeout();
+        if !base.keeper.wait_serving(timeout) {
+            let why = self.mounter.diagnose(&base.spec);
             self.unmount_base(base);
             return Err(CsiError::Internal(format!(
-                "the mount client did not start serving: {}",
-                tail.join(" | ")
+                "the mount client did not start serving within {} s: {why}",
+                timeout.as_secs()
             )));
         }
         Ok(base)
     }
 
-    fn unmount_base(&self, mut base: Base) {
+    fn unmount_base(&self, base: Base) {
         umount(&base.spec.mountpoint);
         base.keeper.stop();
-        if let Some(mut c) = base.child.take() {
-            let start = std::time::Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        self.stop_client(&base.spec, base.client);
+    }
+
+    /// Stop a client; when that fails (API server unreachable), the watchdog tries again.
+    fn stop_client(&self, spec: &ClientSpec, client: Client) {
+        if let Err(e) = self.mounter.stop(spec, client) {
+            tracing::warn!(key = %spec.key, error = %e, "stopping the mount client failed; retrying in the background");
+            self.orphans.lock().insert(
+                spec.key.clone(),
+                (spec.clone(), Instant::now() + ORPHAN_RETRY),
+            );
         }
     }
 
-    /// Restart dead clients (watchdog tick).
+    /// Watchdog tick: start a client again for each shared mount whose client is gone, and
+    /// retry the stops that failed. The decisions are taken under the lock, the starts
+    /// (API calls in pod mode) outside it.
     fn tick(&self) {
-        let mut bases = self.bases.lock();
-        for b in bases.values_mut() {
-            let dead = match &mut b.child {
-                Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-                None => b.keeper.has_fd() && b.keeper.clients() == 0,
+        let now = Instant::now();
+        let due: Vec<ClientSpec> = {
+            let mut bases = self.bases.lock();
+            bases
+                .values_mut()
+                .filter_map(|b| {
+                    self.mounter
+                        .due(&mut b.client, &b.keeper, now)
+                        .then(|| b.spec.clone())
+                })
+                .collect()
+        };
+        for spec in due {
+            tracing::warn!(key = %spec.key, "mount client gone; starting a new one on the same connection");
+            let started = {
+                let _g = self.consumers_lock.lock();
+                let consumers = consumers_of(&self.state.lock(), &spec.key);
+                self.mounter.start(&spec, &consumers)
             };
-            if dead {
-                tracing::warn!(key = %b.spec.key, "mount client gone; starting a new one on the same connection");
-                match self.mounter.start(&b.spec) {
-                    Ok(c) => b.child = Some(c),
-                    Err(e) => tracing::error!(error = %e, "restarting the mount client failed"),
+            match started {
+                Ok(c) => {
+                    let mut bases = self.bases.lock();
+                    match bases.get_mut(&spec.key) {
+                        Some(b) => b.client = c,
+                        None => {
+                            // Released meanwhile: the new client has nothing to serve.
+                            drop(bases);
+                            self.stop_client(&spec, c);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(key = %spec.key, error = %e, "restarting the mount client failed")
                 }
             }
         }
+        // Under the lock, so that a mount of the same key (which drops the pending stop)
+        // waits for a stop in flight instead of having its new client removed.
+        let mut orphans = self.orphans.lock();
+        orphans.retain(|key, (spec, at)| {
+            if *at > now {
+                return true;
+            }
+            match self.mounter.stop(spec, self.mounter.adopted()) {
+                Ok(()) => false,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "stopping the mount client failed again");
+                    *at = Instant::now() + ORPHAN_RETRY;
+                    true
+                }
+            }
+        });
     }
 
     /// After a restart of the node plugin: adopt healthy mounts (their client hands the
@@ -311,7 +402,7 @@ impl Inner {
                 secret_key: saved.secret_key,
                 session_token: saved.session_token,
             };
-            let spec = self.spec(&key, secrets, saved.options);
+            let spec = self.spec(&key, secrets, saved.options, saved.pod);
             if mounted(&spec.mountpoint) && check_health(&spec.mountpoint).is_none() {
                 match FdKeeper::start(&spec.socket, None, true) {
                     Ok(keeper) => {
@@ -320,7 +411,7 @@ impl Inner {
                             key,
                             Base {
                                 keeper,
-                                child: None,
+                                client: self.mounter.adopted(),
                                 spec,
                             },
                         );
@@ -355,20 +446,35 @@ impl Inner {
             }
         }
         *self.state.lock() = st;
+        let keys: Vec<String> = self.bases.lock().keys().cloned().collect();
+        for key in keys {
+            self.sync_consumers(&key);
+        }
     }
 }
 
 impl NodeService {
+    /// Node service with process mount mode (clients are child processes).
     pub fn new(settings: NodeSettings) -> Result<NodeService> {
+        let mounter = Mounter::Process(ProcessMounter {
+            strata_bin: settings.strata_bin.clone(),
+        });
+        NodeService::with_mounter(settings, mounter)
+    }
+
+    /// Node service whose clients `mounter` runs. Recovers the mounts of an earlier run
+    /// first, which may block (mounts, API calls): call it from a blocking thread, not from
+    /// an async task.
+    pub fn with_mounter(settings: NodeSettings, mounter: Mounter) -> Result<NodeService> {
         std::fs::create_dir_all(settings.state_dir.join("volumes"))
             .map_err(|e| CsiError::io("state dir", e))?;
         let inner = Arc::new(Inner {
-            mounter: ProcessMounter {
-                strata_bin: settings.strata_bin.clone(),
-            },
+            mounter,
             settings,
             bases: Mutex::new(HashMap::new()),
             state: Mutex::new(State::default()),
+            consumers_lock: Mutex::new(()),
+            orphans: Mutex::new(HashMap::new()),
         });
         inner.recover();
         let weak = Arc::downgrade(&inner);
@@ -450,7 +556,13 @@ impl Node for NodeService {
             let src = {
                 let mut bases = inner.bases.lock();
                 if !bases.contains_key(&key) {
-                    let spec = inner.spec(&key, secrets, params.mount_options.clone());
+                    let pod = PodParams {
+                        image: params.mount_image.clone(),
+                        cpu: params.mount_cpu.clone(),
+                        memory: params.mount_memory.clone(),
+                        cache_dir: params.cache_dir.clone(),
+                    };
+                    let spec = inner.spec(&key, secrets, params.mount_options.clone(), pod);
                     drop(bases);
                     let base = inner.mount_base(spec)?;
                     bases = inner.bases.lock();
@@ -544,7 +656,7 @@ impl Node for NodeService {
                 .stages
                 .get(&r.staging_target_path)
                 .cloned();
-            match staged {
+            match &staged {
                 Some(s) if s.volume_id == r.volume_id => {}
                 _ => {
                     return Err(CsiError::FailedPrecondition(format!(
@@ -585,9 +697,15 @@ impl Node for NodeService {
             }
             std::fs::create_dir_all(&target).map_err(|e| CsiError::io("target path", e))?;
             bind(Path::new(&r.staging_target_path), &target, readonly)?;
-            let mut st = inner.state.lock();
-            st.publishes.insert(r.target_path.clone(), rec);
-            inner.save(&st)
+            {
+                let mut st = inner.state.lock();
+                st.publishes.insert(r.target_path.clone(), rec);
+                inner.save(&st)?;
+            }
+            if let Some(s) = staged {
+                inner.sync_consumers(&s.key);
+            }
+            Ok(())
         })
         .await?;
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
@@ -609,9 +727,18 @@ impl Node for NodeService {
                 umount(&target);
             }
             let _ = std::fs::remove_dir(&target);
-            let mut st = inner.state.lock();
-            st.publishes.remove(&r.target_path);
-            inner.save(&st)
+            let key = {
+                let mut st = inner.state.lock();
+                let Some(p) = st.publishes.remove(&r.target_path) else {
+                    return Ok(());
+                };
+                inner.save(&st)?;
+                st.stages.get(&p.staging).map(|s| s.key.clone())
+            };
+            if let Some(key) = key {
+                inner.sync_consumers(&key);
+            }
+            Ok(())
         })
         .await?;
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
@@ -741,5 +868,63 @@ impl Inner {
             tracing::info!(key, "last user gone; unmounting the shared mount");
             self.unmount_base(base);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(volume_id: &str, key: &str) -> StageRec {
+        StageRec {
+            volume_id: volume_id.into(),
+            key: key.into(),
+            subpath: String::new(),
+        }
+    }
+
+    fn publish(volume_id: &str, staging: &str) -> PubRec {
+        PubRec {
+            volume_id: volume_id.into(),
+            staging: staging.into(),
+            readonly: false,
+        }
+    }
+
+    #[test]
+    fn consumers_are_the_targets_published_from_the_shared_mount() {
+        let mut st = State::default();
+        st.stages.insert("/s/a".into(), stage("vol/a", "k1"));
+        st.stages.insert("/s/b".into(), stage("vol/b", "k1"));
+        st.stages.insert("/s/c".into(), stage("other", "k2"));
+        st.publishes.insert("/t/2".into(), publish("vol/b", "/s/b"));
+        st.publishes.insert("/t/1".into(), publish("vol/a", "/s/a"));
+        st.publishes.insert("/t/3".into(), publish("other", "/s/c"));
+        // A publication whose staging path is gone counts for nobody.
+        st.publishes
+            .insert("/t/4".into(), publish("vol/a", "/s/gone"));
+        let c = consumers_of(&st, "k1");
+        assert_eq!(
+            c,
+            vec![
+                Consumer {
+                    volume_id: "vol/a".into(),
+                    target_path: "/t/1".into()
+                },
+                Consumer {
+                    volume_id: "vol/b".into(),
+                    target_path: "/t/2".into()
+                },
+            ]
+        );
+        assert_eq!(consumers_of(&st, "k2").len(), 1);
+        assert!(consumers_of(&st, "k3").is_empty());
+    }
+
+    #[test]
+    fn saved_specs_of_earlier_versions_still_load() {
+        let old = r#"{"metaurl":"sqlite:///x","access_key":null,"secret_key":null,"session_token":null,"options":[]}"#;
+        let s: SavedSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(s.pod, PodParams::default());
     }
 }

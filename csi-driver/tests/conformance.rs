@@ -4,153 +4,31 @@
 //! idempotency and bad arguments; Node stage/publish/stats/unpublish/unstage with
 //! idempotency and bad arguments; and a mount client killed under a published volume.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
+use common::*;
 use strata_csi::csi::controller_client::ControllerClient;
 use strata_csi::csi::identity_client::IdentityClient;
 use strata_csi::csi::node_client::NodeClient;
 use strata_csi::csi::{self, volume_capability};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
-
-const CSI: &str = env!("CARGO_BIN_EXE_strata-csi");
-
-fn strata_bin() -> PathBuf {
-    Path::new(CSI).parent().unwrap().join("strata")
-}
-
-struct Guard {
-    plugin: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.plugin.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Unmount everything below the test directory, deepest first; abort FUSE
-        // connections so that nothing waits for a client.
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let d = self.dir.to_string_lossy().to_string();
-        let mut mps: Vec<(String, String)> = info
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                Some((f.get(4)?.to_string(), f.get(2)?.to_string()))
-            })
-            .filter(|(m, _)| m.starts_with(&d))
-            .collect();
-        mps.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
-        for (m, dev) in mps {
-            if let Some(minor) = dev.split(':').nth(1) {
-                let _ = fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), b"1");
-            }
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        // Mount clients started by the plugin exit once their connection ends.
-    }
-}
-
-fn mount_cap(mode: volume_capability::access_mode::Mode) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Mount(
-            volume_capability::MountVolume::default(),
-        )),
-        access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
-    }
-}
-
-async fn channel(sock: &Path) -> Channel {
-    let sock = sock.to_path_buf();
-    let start = Instant::now();
-    loop {
-        let s = sock.clone();
-        let r = Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let s = s.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
-                }
-            }))
-            .await;
-        match r {
-            Ok(c) => return c,
-            Err(e) if start.elapsed() > Duration::from_secs(20) => panic!("connect: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
-    r.expect_err("expected an error").code()
-}
-
-/// Read `path` on another thread, so that a hung mount cannot hang the test.
-fn read_within(path: PathBuf, limit: Duration) -> Option<Vec<u8>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Ok(b) = fs::read(&path) {
-                let _ = tx.send(b);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    rx.recv_timeout(limit + Duration::from_secs(1)).ok()
-}
-
-fn client_pids(state: &Path) -> Vec<i32> {
-    let mut out = vec![];
-    let want = state.to_string_lossy().to_string();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("--fuse-fd-socket") && cmd.contains(&want) {
-            out.push(pid);
-        }
-    }
-    out
-}
+use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csi_sanity_groups_with_real_mounts() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         eprintln!("skipped: needs root for FUSE and bind mounts");
         return;
     }
-    assert!(
-        strata_bin().exists(),
-        "{} is missing: build it first (cargo build -p fs-core)",
-        strata_bin().display()
-    );
+    assert_strata_bin();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let meta = format!("sqlite://{}/meta.db", root.display());
-    let out = Command::new(strata_bin())
-        .args(["format", "--storage", "file", "--bucket"])
-        .arg(root.join("objects"))
-        .args([&meta, "csivol"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let meta = format_volume(&root, "csivol");
     let sock = root.join("csi.sock");
     let state = root.join("state");
     let mut g = Guard {

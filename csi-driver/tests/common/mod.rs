@@ -1,0 +1,153 @@
+//! Helpers shared by the integration tests that drive the real `strata-csi` binary: the
+//! binaries, a formatted volume (SQLite metadata, objects in a local directory), the gRPC
+//! channel over the unix socket, cleanup of mounts, and finding mount clients.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use strata_csi::csi::{self, volume_capability};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+pub const CSI: &str = env!("CARGO_BIN_EXE_strata-csi");
+
+pub fn strata_bin() -> PathBuf {
+    Path::new(CSI).parent().unwrap().join("strata")
+}
+
+pub struct Guard {
+    pub plugin: Option<Child>,
+    pub dir: PathBuf,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.plugin.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Unmount everything below the test directory, deepest first; abort FUSE
+        // connections so that nothing waits for a client.
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let d = self.dir.to_string_lossy().to_string();
+        let mut mps: Vec<(String, String)> = info
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                Some((f.get(4)?.to_string(), f.get(2)?.to_string()))
+            })
+            .filter(|(m, _)| m.starts_with(&d))
+            .collect();
+        mps.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
+        for (m, dev) in mps {
+            if let Some(minor) = dev.split(':').nth(1) {
+                let _ = fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), b"1");
+            }
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        // Mount clients started by the plugin exit once their connection ends.
+    }
+}
+
+pub fn mount_cap(mode: volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(volume_capability::AccessType::Mount(
+            volume_capability::MountVolume::default(),
+        )),
+        access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub async fn channel(sock: &Path) -> Channel {
+    let sock = sock.to_path_buf();
+    let start = Instant::now();
+    loop {
+        let s = sock.clone();
+        let r = Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let s = s.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+                }
+            }))
+            .await;
+        match r {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > Duration::from_secs(20) => panic!("connect: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    r.expect_err("expected an error").code()
+}
+
+/// Read `path` on another thread, so that a hung mount cannot hang the test.
+pub fn read_within(path: PathBuf, limit: Duration) -> Option<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(b) = fs::read(&path) {
+                let _ = tx.send(b);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    rx.recv_timeout(limit + Duration::from_secs(1)).ok()
+}
+
+pub fn client_pids(state: &Path) -> Vec<i32> {
+    let mut out = vec![];
+    let want = state.to_string_lossy().to_string();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("--fuse-fd-socket") && cmd.contains(&want) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Format a volume `name` with SQLite metadata and objects in `root/objects`; returns its
+/// META_URL.
+pub fn format_volume(root: &Path, name: &str) -> String {
+    let meta = format!("sqlite://{}/meta.db", root.display());
+    let out = Command::new(strata_bin())
+        .args(["format", "--storage", "file", "--bucket"])
+        .arg(root.join("objects"))
+        .args([&meta, name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    meta
+}
+
+/// Is the test running as root (FUSE and bind mounts)?
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn assert_strata_bin() {
+    assert!(
+        strata_bin().exists(),
+        "{} is missing: build it first (cargo build -p fs-core)",
+        strata_bin().display()
+    );
+}
