@@ -25,8 +25,10 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
     && groupadd --gid 65532 strata \
     && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin strata
 COPY --from=build /out/ /usr/local/bin/
-# Non-root by default (operator, CSI controller). The node plugin, mount pods and cache
-# members mount FUSE and run privileged as root: their pod specs set it.
+# Non-root by default (operator, CSI controller). The node plugin and cache members mount
+# FUSE and run privileged as root (their pod specs set it); mount Pods (--mount-mode pod) run
+# as uid 0 with every capability dropped and no privilege: they only serve the FUSE
+# descriptor the node plugin hands them over its root-owned socket.
 USER 65532:65532
 ENTRYPOINT []
 CMD ["strata", "--help"]
