@@ -292,16 +292,23 @@ impl BlockReader {
         };
         if let Ok(b) = &res {
             self.mem_put(key, b.clone());
-            if let Some(d) = &self.disk {
-                d.put_async(key, b.clone());
-            }
         }
+        let fetched = res.as_ref().ok().cloned();
         {
             let mut f = flight.fill.lock();
             f.buf = Vec::new();
             f.done = Some(res);
         }
         flight.cv.notify_all();
+        // Waiters have their bytes; the flight stays joinable (serving the block to late
+        // readers) until the disk tier holds it too. Otherwise a block evicted from memory
+        // while a queued disk write was still pending (or dropped) would be fetched again.
+        if let (Some(b), Some(d)) = (fetched, &self.disk)
+            && !d.contains(key)
+            && let Err(e) = d.put(key, &b)
+        {
+            tracing::warn!(key, error = %e, "writing a block to the disk cache failed");
+        }
         self.inflight.lock().remove(key);
     }
 
