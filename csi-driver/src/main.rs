@@ -107,6 +107,7 @@ async fn pod_mounter(cli: &Cli) -> Result<Mounter> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    strata::tls::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log_level)

@@ -21,14 +21,9 @@ use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csi_sanity_groups_with_real_mounts() {
-    if !is_root() {
-        eprintln!("skipped: needs root for FUSE and bind mounts");
+    let Some((_dir, root, meta)) = mount_test("csivol") else {
         return;
-    }
-    assert_strata_bin();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let meta = format_volume(&root, "csivol");
+    };
     let sock = root.join("csi.sock");
     let state = root.join("state");
     let mut g = Guard {
@@ -56,7 +51,7 @@ async fn csi_sanity_groups_with_real_mounts() {
             .spawn()
             .unwrap(),
     );
-    let ch = channel(&sock).await;
+    let ch = channel(&sock, &root.join("plugin.log")).await;
     let mut id = IdentityClient::new(ch.clone());
     let mut ctl = ControllerClient::new(ch.clone());
     let mut node = NodeClient::new(ch.clone());

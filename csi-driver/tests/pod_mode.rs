@@ -665,14 +665,9 @@ fn targets(consumers: &[Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_mode_against_a_fake_api_server_and_kubelet() {
-    if !is_root() {
-        eprintln!("skipped: needs root for FUSE and bind mounts");
+    let Some((_dir, root, meta)) = mount_test("podvol") else {
         return;
-    }
-    assert_strata_bin();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let meta = format_volume(&root, "podvol");
+    };
     let work = root.join("kubelet-fake");
     fs::create_dir_all(&work).unwrap();
     let kube = FakeKube::start(&work).await;
@@ -708,7 +703,7 @@ async fn pod_mode_against_a_fake_api_server_and_kubelet() {
         .spawn()
         .unwrap(),
     );
-    let ch = channel(&root.join("csi.sock")).await;
+    let ch = channel(&root.join("csi.sock"), &log).await;
     let mut node = NodeClient::new(ch);
     let secrets = HashMap::from([("metaurl".to_string(), meta.clone())]);
     let cap = mount_cap(Mode::MultiNodeMultiWriter);

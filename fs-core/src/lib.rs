@@ -10,5 +10,6 @@ pub mod metrics;
 pub mod mount;
 pub mod object;
 pub mod testing;
+pub mod tls;
 pub mod vfs;
 pub mod volume;

@@ -62,7 +62,9 @@ pub fn mount_cap(mode: volume_capability::access_mode::Mode) -> csi::VolumeCapab
     }
 }
 
-pub async fn channel(sock: &Path) -> Channel {
+/// Connect to the plugin's socket (waiting up to 20 s for it); on failure the panic shows
+/// the plugin's log `log`.
+pub async fn channel(sock: &Path, log: &Path) -> Channel {
     let sock = sock.to_path_buf();
     let start = Instant::now();
     loop {
@@ -78,7 +80,11 @@ pub async fn channel(sock: &Path) -> Channel {
             .await;
         match r {
             Ok(c) => return c,
-            Err(e) if start.elapsed() > Duration::from_secs(20) => panic!("connect: {e}"),
+            Err(e) if start.elapsed() > Duration::from_secs(20) => panic!(
+                "connect to {}: {e}; plugin log:\n{}",
+                sock.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            ),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -150,4 +156,18 @@ pub fn assert_strata_bin() {
         "{} is missing: build it first (cargo build -p fs-core)",
         strata_bin().display()
     );
+}
+
+/// Set up a test that needs real mounts: `None` (after saying why) when not root; else a
+/// temporary directory with a formatted volume `name` in it: (dir guard, its path, META_URL).
+pub fn mount_test(name: &str) -> Option<(tempfile::TempDir, PathBuf, String)> {
+    if !is_root() {
+        eprintln!("skipped: needs root for FUSE and bind mounts");
+        return None;
+    }
+    assert_strata_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let meta = format_volume(&root, name);
+    Some((dir, root, meta))
 }

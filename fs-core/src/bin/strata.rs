@@ -432,6 +432,7 @@ fn init_logging(level: &str) {
 
 fn main() {
     let cli = Cli::parse();
+    strata::tls::install_crypto_provider();
     init_logging(&cli.log_level);
     if let Err(e) = run(cli) {
         eprintln!("strata: {e:#}");
