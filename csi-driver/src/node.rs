@@ -556,13 +556,12 @@ impl Node for NodeService {
             let src = {
                 let mut bases = inner.bases.lock();
                 if !bases.contains_key(&key) {
-                    let pod = PodParams {
-                        image: params.mount_image.clone(),
-                        cpu: params.mount_cpu.clone(),
-                        memory: params.mount_memory.clone(),
-                        cache_dir: params.cache_dir.clone(),
-                    };
-                    let spec = inner.spec(&key, secrets, params.mount_options.clone(), pod);
+                    let spec = inner.spec(
+                        &key,
+                        secrets,
+                        params.mount_options.clone(),
+                        params.pod.clone(),
+                    );
                     drop(bases);
                     let base = inner.mount_base(spec)?;
                     bases = inner.bases.lock();

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use crate::errors::{CsiError, Result};
+use crate::mounter::PodParams;
 
 pub const DRIVER_NAME: &str = "csi.strata.io";
 /// Volume-context keys set by CreateVolume.
@@ -132,10 +133,8 @@ pub struct Params {
     pub path_pattern: Option<String>,
     pub on_delete: OnDelete,
     pub mount_options: Vec<(String, Option<String>)>,
-    pub mount_image: Option<String>,
-    pub mount_cpu: Option<String>,
-    pub mount_memory: Option<String>,
-    pub cache_dir: Option<String>,
+    /// `mountImage`, `mountCPU`, `mountMemory`, `cacheDir`: the mount Pod of this volume.
+    pub pod: PodParams,
 }
 
 impl Params {
@@ -144,10 +143,12 @@ impl Params {
             path_pattern: None,
             on_delete: OnDelete::Delete,
             mount_options: parse_mount_options(m.get("mountOptions").map_or("", |s| s))?,
-            mount_image: m.get("mountImage").cloned(),
-            mount_cpu: m.get("mountCPU").cloned(),
-            mount_memory: m.get("mountMemory").cloned(),
-            cache_dir: m.get("cacheDir").cloned(),
+            pod: PodParams {
+                image: m.get("mountImage").cloned(),
+                cpu: m.get("mountCPU").cloned(),
+                memory: m.get("mountMemory").cloned(),
+                cache_dir: m.get("cacheDir").cloned(),
+            },
         };
         if let Some(s) = m.get("pathPattern") {
             p.path_pattern = Some(s.clone());
