@@ -228,7 +228,7 @@ pub fn default_strata_bin() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pod::tests::{mock, settings, spec};
+    use crate::pod::tests::{calls, mock, settings, spec};
     use http::Method;
     use std::io::Write;
     use std::os::fd::OwnedFd;
@@ -244,6 +244,17 @@ mod tests {
         while k.clients() != n {
             assert!(start.elapsed() < Duration::from_secs(5), "clients != {n}");
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn pod_mounter(client: kube::Client, rt: &tokio::runtime::Runtime, grace: Duration) -> Mounter {
+        Mounter::Pod {
+            pods: Box::new(PodMounter {
+                client,
+                settings: settings(),
+            }),
+            rt: rt.handle().clone(),
+            grace,
         }
     }
 
@@ -264,14 +275,7 @@ mod tests {
                 _ => (201, Some(s.body.clone())),
             })
         });
-        let m = Mounter::Pod {
-            pods: Box::new(PodMounter {
-                client,
-                settings: settings(),
-            }),
-            rt: rt.handle().clone(),
-            grace: Duration::from_secs(10),
-        };
+        let m = pod_mounter(client, &rt, Duration::from_secs(10));
         let dir = tempfile::tempdir().unwrap();
         let k = keeper(dir.path());
         let mut c = m.adopted();
@@ -314,19 +318,18 @@ mod tests {
             }
         ));
         let seen = rt.block_on(server).unwrap();
-        let calls: Vec<(Method, &str)> = seen
-            .iter()
-            .map(|s| (s.method.clone(), s.path.as_str()))
-            .collect();
         assert_eq!(
-            calls,
+            calls(&seen),
             vec![
-                (Method::POST, "/api/v1/namespaces/strata/secrets"),
+                (
+                    Method::POST,
+                    "/api/v1/namespaces/strata/secrets".to_string()
+                ),
                 (
                     Method::PATCH,
-                    "/api/v1/namespaces/strata/secrets/strata-mount-v0123-node-1"
+                    "/api/v1/namespaces/strata/secrets/strata-mount-v0123-node-1".to_string()
                 ),
-                (Method::POST, "/api/v1/namespaces/strata/pods"),
+                (Method::POST, "/api/v1/namespaces/strata/pods".to_string()),
             ]
         );
         assert_eq!(
@@ -339,30 +342,19 @@ mod tests {
     fn stopping_a_mount_pod_deletes_the_pod_and_its_secret() {
         let rt = runtime();
         let (client, server) = rt.block_on(async { mock(2, |_| (200, None)) });
-        let m = Mounter::Pod {
-            pods: Box::new(PodMounter {
-                client,
-                settings: settings(),
-            }),
-            rt: rt.handle().clone(),
-            grace: POD_GRACE,
-        };
+        let m = pod_mounter(client, &rt, POD_GRACE);
         m.stop(&spec(), m.adopted()).unwrap();
         let seen = rt.block_on(server).unwrap();
-        let calls: Vec<(Method, &str)> = seen
-            .iter()
-            .map(|s| (s.method.clone(), s.path.as_str()))
-            .collect();
         assert_eq!(
-            calls,
+            calls(&seen),
             vec![
                 (
                     Method::DELETE,
-                    "/api/v1/namespaces/strata/pods/strata-mount-v0123-node-1"
+                    "/api/v1/namespaces/strata/pods/strata-mount-v0123-node-1".to_string()
                 ),
                 (
                     Method::DELETE,
-                    "/api/v1/namespaces/strata/secrets/strata-mount-v0123-node-1"
+                    "/api/v1/namespaces/strata/secrets/strata-mount-v0123-node-1".to_string()
                 ),
             ]
         );

@@ -413,7 +413,8 @@ pub(crate) mod tests {
         (client, server)
     }
 
-    fn calls(seen: &[Seen]) -> Vec<(Method, String)> {
+    /// (method, path) of each request the mock saw, in order.
+    pub(crate) fn calls(seen: &[Seen]) -> Vec<(Method, String)> {
         seen.iter()
             .map(|s| (s.method.clone(), s.path.clone()))
             .collect()

@@ -115,16 +115,17 @@ fn killed_client_is_replaced_on_the_same_connection() {
     }
     let dir = tempfile::tempdir().unwrap();
     let meta = format!("sqlite://{}/meta.db", dir.path().display());
-    let out = Command::new(BIN)
-        .args(["format", "--storage", "file", "--bucket"])
-        .arg(dir.path().join("objects"))
-        .args([&meta, "fdtest"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let objects = dir.path().join("objects");
+    strata::testing::mount::format(
+        BIN,
+        &[
+            "--storage",
+            "file",
+            "--bucket",
+            &objects.to_string_lossy(),
+            &meta,
+            "fdtest",
+        ],
     );
     let mp = dir.path().join("mnt");
     let bind = dir.path().join("bind");

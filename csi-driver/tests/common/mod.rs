@@ -130,16 +130,17 @@ pub fn client_pids(state: &Path) -> Vec<i32> {
 /// META_URL.
 pub fn format_volume(root: &Path, name: &str) -> String {
     let meta = format!("sqlite://{}/meta.db", root.display());
-    let out = Command::new(strata_bin())
-        .args(["format", "--storage", "file", "--bucket"])
-        .arg(root.join("objects"))
-        .args([&meta, name])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let objects = root.join("objects");
+    strata::testing::mount::format(
+        &strata_bin().to_string_lossy(),
+        &[
+            "--storage",
+            "file",
+            "--bucket",
+            &objects.to_string_lossy(),
+            &meta,
+            name,
+        ],
     );
     meta
 }
