@@ -76,19 +76,22 @@ impl Secrets {
         })
     }
 
+    /// Every variable of the mount client's environment, `None` for a key not given.
+    pub fn env_all(&self) -> [(&'static str, Option<&String>); 4] {
+        [
+            ("STRATA_META_URL", Some(&self.metaurl)),
+            ("STRATA_ACCESS_KEY", self.access_key.as_ref()),
+            ("STRATA_SECRET_KEY", self.secret_key.as_ref()),
+            ("STRATA_SESSION_TOKEN", self.session_token.as_ref()),
+        ]
+    }
+
     /// Environment for the mount client (the keys never go on a command line).
     pub fn env(&self) -> Vec<(String, String)> {
-        let mut v = vec![("STRATA_META_URL".to_string(), self.metaurl.clone())];
-        if let Some(k) = &self.access_key {
-            v.push(("STRATA_ACCESS_KEY".into(), k.clone()));
-        }
-        if let Some(k) = &self.secret_key {
-            v.push(("STRATA_SECRET_KEY".into(), k.clone()));
-        }
-        if let Some(k) = &self.session_token {
-            v.push(("STRATA_SESSION_TOKEN".into(), k.clone()));
-        }
-        v
+        self.env_all()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v?.clone())))
+            .collect()
     }
 
     /// A stable key for the Strata volume behind `metaurl` (one shared mount per node).

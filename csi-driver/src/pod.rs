@@ -186,6 +186,20 @@ fn api_code(e: &kube::Error) -> Option<u16> {
     }
 }
 
+/// `r`, with the API answer `code` (404 for a delete, 409 for a create) counted as done:
+/// `Some` when the call succeeded, `None` when it was answered `code`.
+fn tolerating<T>(
+    r: std::result::Result<T, kube::Error>,
+    code: u16,
+    what: &str,
+) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if api_code(&e) == Some(code) => Ok(None),
+        Err(e) => Err(kube_err(what, e)),
+    }
+}
+
 impl PodMounter {
     /// Name of the mount Pod (and Secret) of `key` on this node.
     pub fn name(&self, key: &str) -> String {
@@ -207,33 +221,32 @@ impl PodMounter {
         let (secret, pod) = objects(&self.settings, spec, consumers)?;
         let (pods, secrets) = self.apis();
         let name = self.name(&spec.key);
-        match secrets.create(&PostParams::default(), &secret).await {
-            Ok(_) => {}
-            Err(e) if api_code(&e) == Some(409) => {
-                // Keys may have been rotated: write them again, drop the ones now absent.
-                let mut data = serde_json::Map::new();
-                for k in [
-                    "STRATA_ACCESS_KEY",
-                    "STRATA_SECRET_KEY",
-                    "STRATA_SESSION_TOKEN",
-                ] {
-                    if !spec.secrets.env().iter().any(|(e, _)| e == k) {
-                        data.insert(k.into(), Value::Null);
-                    }
-                }
-                let body = json!({"data": data, "stringData": secret_env(spec)});
-                secrets
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
-                    .await
-                    .map_err(|e| kube_err("updating the mount Secret", e))?;
-            }
-            Err(e) => return Err(kube_err("creating the mount Secret", e)),
+        let created = tolerating(
+            secrets.create(&PostParams::default(), &secret).await,
+            409,
+            "creating the mount Secret",
+        )?;
+        if created.is_none() {
+            // Keys may have been rotated: write them again, drop the ones now absent.
+            let data: serde_json::Map<String, Value> = spec
+                .secrets
+                .env_all()
+                .into_iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| (k.to_string(), Value::Null))
+                .collect();
+            let body = json!({"data": data, "stringData": secret_env(spec)});
+            secrets
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .map_err(|e| kube_err("updating the mount Secret", e))?;
         }
-        match pods.create(&PostParams::default(), &pod).await {
-            Ok(_) => Ok(true),
-            Err(e) if api_code(&e) == Some(409) => Ok(false),
-            Err(e) => Err(kube_err("creating the mount Pod", e)),
-        }
+        let created = tolerating(
+            pods.create(&PostParams::default(), &pod).await,
+            409,
+            "creating the mount Pod",
+        )?;
+        Ok(created.is_some())
     }
 
     /// Record `consumers` on the mount Pod of `key` (JSON merge patch). A missing Pod is not
@@ -241,18 +254,14 @@ impl PodMounter {
     pub async fn set_consumers(&self, key: &str, consumers: &[Consumer]) -> Result<()> {
         let (pods, _) = self.apis();
         let body = consumers_patch(consumers);
-        match pods
+        let patched = pods
             .patch(
                 &self.name(key),
                 &PatchParams::default(),
                 &Patch::Merge(&body),
             )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if api_code(&e) == Some(404) => Ok(()),
-            Err(e) => Err(kube_err("annotating the mount Pod", e)),
-        }
+            .await;
+        tolerating(patched, 404, "annotating the mount Pod").map(|_| ())
     }
 
     /// Delete the Pod and its Secret (missing is fine).
@@ -260,16 +269,13 @@ impl PodMounter {
         let name = self.name(key);
         let (pods, secrets) = self.apis();
         let dp = DeleteParams::default();
-        match pods.delete(&name, &dp).await {
-            Ok(_) => {}
-            Err(e) if api_code(&e) == Some(404) => {}
-            Err(e) => return Err(kube_err("deleting the mount Pod", e)),
-        }
-        match secrets.delete(&name, &dp).await {
-            Ok(_) => Ok(()),
-            Err(e) if api_code(&e) == Some(404) => Ok(()),
-            Err(e) => Err(kube_err("deleting the mount Secret", e)),
-        }
+        tolerating(pods.delete(&name, &dp).await, 404, "deleting the mount Pod")?;
+        tolerating(
+            secrets.delete(&name, &dp).await,
+            404,
+            "deleting the mount Secret",
+        )?;
+        Ok(())
     }
 
     /// One line on the state of the mount Pod of `key` (phase, container state, restarts).
@@ -277,12 +283,8 @@ impl PodMounter {
         let (pods, _) = self.apis();
         let name = self.name(key);
         let ns = &self.settings.namespace;
-        let pod = match pods.get(&name).await {
-            Ok(p) => p,
-            Err(e) if api_code(&e) == Some(404) => {
-                return Ok(format!("mount Pod {ns}/{name} does not exist"));
-            }
-            Err(e) => return Err(kube_err("reading the mount Pod", e)),
+        let Some(pod) = tolerating(pods.get(&name).await, 404, "reading the mount Pod")? else {
+            return Ok(format!("mount Pod {ns}/{name} does not exist"));
         };
         let status = pod.status.unwrap_or_default();
         let mut out = format!(
