@@ -278,8 +278,7 @@ impl Inner {
         };
         // A new client for this key: a pending stop of an earlier one must not remove it.
         self.orphans.lock().remove(&spec.key);
-        let consumers = consumers_of(&self.state.lock(), &spec.key);
-        let client = match self.mounter.start(&spec, &consumers) {
+        let client = match self.start_client(&spec) {
             Ok(c) => c,
             Err(e) => {
                 umount(&spec.mountpoint);
@@ -311,6 +310,14 @@ impl Inner {
         self.stop_client(&base.spec, base.client);
     }
 
+    /// Start the client of `spec`, with the current consumers of its shared mount (a new
+    /// mount Pod carries them; under the consumers lock, so no older list lands after it).
+    fn start_client(&self, spec: &ClientSpec) -> Result<Client> {
+        let _g = self.consumers_lock.lock();
+        let consumers = consumers_of(&self.state.lock(), &spec.key);
+        self.mounter.start(spec, &consumers)
+    }
+
     /// Stop a client; when that fails (API server unreachable), the watchdog tries again.
     fn stop_client(&self, spec: &ClientSpec, client: Client) {
         if let Err(e) = self.mounter.stop(spec, client) {
@@ -340,12 +347,7 @@ impl Inner {
         };
         for spec in due {
             tracing::warn!(key = %spec.key, "mount client gone; starting a new one on the same connection");
-            let started = {
-                let _g = self.consumers_lock.lock();
-                let consumers = consumers_of(&self.state.lock(), &spec.key);
-                self.mounter.start(&spec, &consumers)
-            };
-            match started {
+            match self.start_client(&spec) {
                 Ok(c) => {
                     let mut bases = self.bases.lock();
                     match bases.get_mut(&spec.key) {
