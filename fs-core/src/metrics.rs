@@ -36,6 +36,7 @@ pub mod names {
     pub const CACHE_EVICTIONS: &str = "strata_cache_evictions";
     pub const CACHE_CORRUPT: &str = "strata_cache_corrupt_blocks";
     pub const CACHE_PEER_SERVED: &str = "strata_cache_peer_served";
+    pub const CACHE_SKIPPED: &str = "strata_cache_skipped_blocks";
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -68,6 +69,7 @@ pub struct Metrics {
     cache_evictions: Family<Labels, Counter>,
     cache_corrupt: Counter,
     cache_peer_served: Counter,
+    cache_skipped: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -203,6 +205,12 @@ impl Metrics {
             "Blocks this member served to peers of its cache group",
             cache_peer_served.clone(),
         );
+        let cache_skipped = Family::<Labels, Counter>::default();
+        registry.register(
+            names::CACHE_SKIPPED,
+            "Blocks not written to the disk cache, by reason (low_space: the cache file system is below --free-space-ratio free)",
+            cache_skipped.clone(),
+        );
         Metrics {
             registry,
             cache_hits,
@@ -213,6 +221,7 @@ impl Metrics {
             cache_evictions,
             cache_corrupt,
             cache_peer_served,
+            cache_skipped,
             fuse_ops,
             fuse_errors,
             fuse_op_seconds,
@@ -288,6 +297,12 @@ impl Metrics {
     pub fn cache_hit(&self, tier: &'static str) {
         self.cache_hits
             .get_or_create(&vec![("tier", tier.to_string())])
+            .inc();
+    }
+
+    pub fn cache_skipped(&self, reason: &'static str) {
+        self.cache_skipped
+            .get_or_create(&vec![("reason", reason.to_string())])
             .inc();
     }
 

@@ -135,9 +135,15 @@ fn read_concurrently(paths: Vec<PathBuf>, seed: u8) {
 
 fn member(v: &Vol, name: &str, port: u16, extra: &[&str]) -> TestMount {
     let cache = v.dir.path().join(format!("{name}-cache"));
+    // The cache directories share the host's file system, which may be more than 90% full
+    // (the default --free-space-ratio 0.1 would then rightly refuse to cache anything): the
+    // counts below are about the cache, not the host's disk. A full cache disk has its own
+    // test, on a file system of its own.
     let mut args = vec![
         "--cache-dir".to_string(),
         cache.display().to_string(),
+        "--free-space-ratio".to_string(),
+        "0".to_string(),
         "--metrics".to_string(),
         format!("127.0.0.1:{port}"),
     ];
@@ -219,6 +225,97 @@ fn remount_keeps_the_disk_cache_and_warmup_fills_it() {
     let out = Command::new(BIN).args(["warmup", "/tmp"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not inside a Strata mount"));
+}
+
+/// A tmpfs of `mib` MiB mounted on `dir`, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(dir: PathBuf, mib: u64) -> Tmpfs {
+        fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mounting a tmpfs needs root, as FUSE tests do"
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_cache_disk_below_its_free_ratio_is_not_filled_and_warmup_says_so() {
+    let v = volume(&[("c.bin", 7)]);
+    // A file system of twice the file's size, 94% full of something else: below the default
+    // --free-space-ratio of 10%.
+    let size = 2 * file_size() / MIB;
+    let disk = Tmpfs::new(v.dir.path().join("small-disk"), size as u64);
+    let other = disk.0.join("someone-elses.dat");
+    fs::write(&other, vec![1u8; size * 94 / 100 * MIB]).unwrap();
+    let port = free_port();
+    let cache = disk.0.join("cache");
+    let args = [
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--mem-cache-size",
+        "0",
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+    ];
+    let m = TestMount::new(BIN, &v.meta, &v.dir.path().join("m"), &args);
+    let blocks = objects(&m.path.join("c.bin"));
+    let out = Command::new(BIN)
+        .args(["warmup", "-q"])
+        .arg(m.path.join("c.bin"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("1 files"), "{stdout}");
+    assert!(
+        stderr.contains("not kept in the disk cache") && stderr.contains("--free-space-ratio"),
+        "warmup tells the user: {stderr}"
+    );
+    assert_eq!(
+        metric(
+            port,
+            "strata_cache_skipped_blocks_total{reason=\"low_space\"}"
+        ),
+        blocks
+    );
+    assert!(other.exists(), "the cache never touches other files");
+    let log = m.log();
+    assert!(
+        log.contains("below its free-space ratio") && log.contains(cache.to_str().unwrap()),
+        "the mount's log names the directory: {log}"
+    );
+    // Reads are served all the same.
+    assert_eq!(read_all(&m.path.join("c.bin")), pattern(7, file_size()));
+    // Space freed: the next warm-up keeps what it fetches (the free space is re-checked
+    // at most once a second).
+    fs::remove_file(&other).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = Command::new(BIN)
+        .args(["warmup", "-q"])
+        .arg(m.path.join("c.bin"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    drop(m);
 }
 
 #[test]

@@ -451,6 +451,9 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let s = strata::cache::warmup::run(&paths, threads, !quiet)?;
             println!("{}", s.summary());
+            if let Some(w) = s.warning() {
+                eprintln!("{w}");
+            }
             Ok(())
         }
         Cmd::Umount { mountpoint, force } => {

@@ -12,7 +12,7 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -40,6 +40,12 @@ struct Dir {
     /// Fraction of the file system that must stay free.
     free_ratio: f64,
     last_space_check: Mutex<Option<Instant>>,
+    /// The last check found the file system below `free_ratio` free even after evicting:
+    /// new blocks are not written until a later check finds room.
+    low_space: AtomicBool,
+    last_low_space_warning: Mutex<Option<Instant>>,
+    /// (free, total) bytes of the file system at a path: `fs_space`, replaced in tests.
+    space: fn(&Path) -> Option<(u64, u64)>,
 }
 
 /// The disk tier: a set of cache directories, a block maps to one by hash.
@@ -92,6 +98,18 @@ impl DiskCache {
         free_ratio: f64,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, DiskCacheError> {
+        Self::open_with(dirs, uuid, total, free_ratio, metrics, fs_space)
+    }
+
+    /// `open`, measuring free space with `space` (tests fake a full disk).
+    fn open_with(
+        dirs: &[PathBuf],
+        uuid: &str,
+        total: u64,
+        free_ratio: f64,
+        metrics: Arc<Metrics>,
+        space: fn(&Path) -> Option<(u64, u64)>,
+    ) -> Result<Arc<Self>, DiskCacheError> {
         let per_dir = total / dirs.len().max(1) as u64;
         let mut out = Vec::new();
         for d in dirs {
@@ -120,6 +138,9 @@ impl DiskCache {
                 index: Mutex::new(Slru::new(per_dir)),
                 free_ratio: free_ratio.clamp(0.0, 0.99),
                 last_space_check: Mutex::new(None),
+                low_space: AtomicBool::new(false),
+                last_low_space_warning: Mutex::new(None),
+                space,
             }));
         }
         let cache = Arc::new(DiskCache {
@@ -232,7 +253,11 @@ impl DiskCache {
             return Ok(());
         }
         let size = (data.len() + TRAILER) as u64;
-        d.make_space(size, &self.metrics);
+        if !d.make_space(size, &self.metrics) {
+            self.metrics.cache_skipped("low_space");
+            self.report_bytes();
+            return Ok(());
+        }
         let tmp = d.root.join("tmp").join(format!(
             "{}.{}",
             std::process::id(),
@@ -282,14 +307,17 @@ impl Dir {
     }
 
     /// Evict for `incoming` bytes, and further while the file system's free share is below
-    /// the configured ratio (checked at most once a second).
-    fn make_space(&self, incoming: u64, metrics: &Metrics) {
-        let mut evicted = {
+    /// the configured ratio (checked at most once a second). Returns whether the block may
+    /// be written: not while the file system stays below the ratio after evicting (the disk
+    /// is shared with something else that filled it), so the cache does not fill it further.
+    fn make_space(&self, incoming: u64, metrics: &Metrics) -> bool {
+        let evicted = {
             let mut idx = self.index.lock();
             let target = idx.cap().saturating_sub(incoming);
             idx.evict_to(target)
         };
-        let check = {
+        self.delete(&evicted, metrics);
+        let due = {
             let mut last = self.last_space_check.lock();
             let due = last.is_none_or(|t| t.elapsed().as_secs() >= 1);
             if due {
@@ -297,21 +325,50 @@ impl Dir {
             }
             due
         };
-        if check
-            && self.free_ratio > 0.0
-            && let Some((free, total)) = fs_space(&self.root)
-        {
-            let want = (total as f64 * self.free_ratio) as u64 + incoming;
-            if free < want {
+        if !due || self.free_ratio <= 0.0 {
+            return !self.low_space.load(Ordering::Acquire);
+        }
+        let Some((free, total)) = (self.space)(&self.root) else {
+            return true;
+        };
+        let want = (total as f64 * self.free_ratio) as u64 + incoming;
+        let mut free_now = free;
+        if free < want {
+            let evicted = {
                 let mut idx = self.index.lock();
                 let target = idx.bytes().saturating_sub(want - free);
-                evicted.extend(idx.evict_to(target));
+                idx.evict_to(target)
+            };
+            if !evicted.is_empty() {
+                self.delete(&evicted, metrics);
+                free_now = (self.space)(&self.root).map_or(free, |(f, _)| f);
             }
         }
-        for k in &evicted {
+        let low = free_now < want;
+        self.low_space.store(low, Ordering::Release);
+        if low {
+            let mut last = self.last_low_space_warning.lock();
+            if last.is_none_or(|t| t.elapsed().as_secs() >= 60) {
+                *last = Some(Instant::now());
+                tracing::warn!(
+                    dir = %self.root.display(),
+                    free_percent = free_now as f64 * 100.0 / total.max(1) as f64,
+                    free_space_ratio = self.free_ratio,
+                    "the disk cache's file system is below its free-space ratio: new blocks are not cached on disk \
+                     (free space there, give --cache-dir another disk, or mount with a lower --free-space-ratio)"
+                );
+            }
+        }
+        !low
+    }
+
+    fn delete(&self, keys: &[String], metrics: &Metrics) {
+        for k in keys {
             let _ = fs::remove_file(self.path(k));
         }
-        metrics.cache_evictions("disk", evicted.len() as u64);
+        if !keys.is_empty() {
+            metrics.cache_evictions("disk", keys.len() as u64);
+        }
     }
 
     /// Index the files on disk, oldest first. Returns the number of blocks.
@@ -465,6 +522,55 @@ mod tests {
         wait_scan(&c, 4);
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(c.bytes() <= per * 4, "{}", c.bytes());
+    }
+
+    static FREE: AtomicU64 = AtomicU64::new(0);
+
+    fn fake_space(_: &Path) -> Option<(u64, u64)> {
+        Some((FREE.load(Ordering::SeqCst), 1000 << 20))
+    }
+
+    #[test]
+    fn a_disk_below_its_free_ratio_is_not_filled_further() {
+        let t = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        // 50% free: blocks are cached.
+        FREE.store(500 << 20, Ordering::SeqCst);
+        let c = DiskCache::open_with(
+            &[t.path().to_path_buf()],
+            "uuid",
+            1 << 20,
+            0.1,
+            metrics,
+            fake_space,
+        )
+        .unwrap();
+        c.put("v/chunks/0/0/1_0_5", b"hello").unwrap();
+        assert!(c.contains("v/chunks/0/0/1_0_5"));
+        // 5% free (the ratio is 10%): the cache gives back what it holds and stores nothing.
+        FREE.store(50 << 20, Ordering::SeqCst);
+        *c.dirs[0].last_space_check.lock() = None;
+        c.put("v/chunks/0/0/2_0_5", b"world").unwrap();
+        assert!(
+            !c.contains("v/chunks/0/0/2_0_5"),
+            "no write below the ratio"
+        );
+        assert!(!c.contains("v/chunks/0/0/1_0_5"), "evicted to free space");
+        // Still low between checks: nothing written either.
+        c.put("v/chunks/0/0/3_0_5", b"again").unwrap();
+        assert!(!c.contains("v/chunks/0/0/3_0_5"));
+        assert!(
+            c.metrics
+                .encode()
+                .contains("strata_cache_skipped_blocks_total{reason=\"low_space\"} 2"),
+            "{}",
+            c.metrics.encode()
+        );
+        // Space comes back: caching resumes at the next check.
+        FREE.store(500 << 20, Ordering::SeqCst);
+        *c.dirs[0].last_space_check.lock() = None;
+        c.put("v/chunks/0/0/4_0_5", b"later").unwrap();
+        assert!(c.contains("v/chunks/0/0/4_0_5"));
     }
 
     #[test]

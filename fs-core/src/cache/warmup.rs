@@ -44,6 +44,8 @@ pub struct Summary {
     pub bytes: u64,
     pub fetched: u64,
     pub already_cached: u64,
+    /// Fetched but not kept by the mount's cache (see the mount's log for why).
+    pub dropped: u64,
     pub seconds: f64,
 }
 
@@ -58,6 +60,18 @@ impl Summary {
             human((self.fetched as f64 / self.seconds.max(0.001)) as u64),
             self.already_cached as f64 * 100.0 / total as f64
         )
+    }
+
+    /// What to tell the user when the mount did not keep everything it fetched.
+    pub fn warning(&self) -> Option<String> {
+        (self.dropped > 0).then(|| {
+            format!(
+                "warning: {} fetched but not kept in the disk cache: its file system is below \
+                 --free-space-ratio free or the cache is smaller than the data (see the mount's log; \
+                 free space there, or mount with a larger --cache-size or another --cache-dir)",
+                human(self.dropped)
+            )
+        })
     }
 }
 
@@ -160,15 +174,17 @@ pub fn run(paths: &[PathBuf], threads: usize, progress: bool) -> Result<Summary,
     let done_bytes = Arc::new(AtomicU64::new(0));
     let fetched = Arc::new(AtomicU64::new(0));
     let cached = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
     let failures: Arc<Mutex<Vec<(usize, String)>>> = Arc::new(Mutex::new(Vec::new()));
     let workers: Vec<_> = (0..threads.max(1))
         .map(|_| {
-            let (files, jobs, done_bytes, fetched, cached, failures) = (
+            let (files, jobs, done_bytes, fetched, cached, dropped, failures) = (
                 files.clone(),
                 jobs.clone(),
                 done_bytes.clone(),
                 fetched.clone(),
                 cached.clone(),
+                dropped.clone(),
                 failures.clone(),
             );
             std::thread::spawn(move || {
@@ -182,6 +198,7 @@ pub fn run(paths: &[PathBuf], threads: usize, progress: bool) -> Result<Summary,
                         Ok(a) => {
                             fetched.fetch_add(field(&a, "fetched"), Ordering::Relaxed);
                             cached.fetch_add(field(&a, "cached"), Ordering::Relaxed);
+                            dropped.fetch_add(field(&a, "dropped"), Ordering::Relaxed);
                         }
                         Err(e) => failures
                             .lock()
@@ -228,6 +245,7 @@ pub fn run(paths: &[PathBuf], threads: usize, progress: bool) -> Result<Summary,
         bytes: total_bytes,
         fetched: fetched.load(Ordering::Relaxed),
         already_cached: cached.load(Ordering::Relaxed),
+        dropped: dropped.load(Ordering::Relaxed),
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -246,12 +264,24 @@ mod tests {
             bytes: 3 << 30,
             fetched: 1 << 30,
             already_cached: 1 << 30,
+            dropped: 0,
             seconds: 2.0,
         };
         let text = s.summary();
         assert!(text.contains("2 files"), "{text}");
         assert!(text.contains("3.00 GiB"), "{text}");
         assert!(text.contains("50% already cached"), "{text}");
+        assert!(s.warning().is_none());
+        let text = Summary {
+            dropped: 1 << 20,
+            ..s
+        }
+        .warning()
+        .unwrap();
+        assert!(
+            text.contains("warning: 1.00 MiB fetched but not kept"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Cache operations reached through the mount: warm-up and cache state of a file, as virtual
 //! extended attributes (so `strata warmup` needs no other channel to the mount and works on
 //! read-only mounts): `user.strata.warmup:OFF:LEN` fetches that range of the file into the
-//! cache (of the group, if any) and answers `fetched=N cached=M` (bytes fetched now, bytes
-//! that were already cached); `user.strata.cached` answers `cached=M length=L`.
+//! cache (of the group, if any) and answers `fetched=N cached=M dropped=D` (bytes fetched now,
+//! bytes that were already cached, bytes fetched but not kept: the disk tier refused them,
+//! e.g. its file system is below `--free-space-ratio` free); `user.strata.cached` answers
+//! `cached=M length=L`.
 
 use std::collections::HashSet;
 
@@ -13,6 +15,17 @@ use crate::meta::{FileKind, Ino, MetaError};
 pub const WARMUP_XATTR: &str = "user.strata.warmup:";
 /// The cache-state attribute.
 pub const CACHED_XATTR: &[u8] = b"user.strata.cached";
+
+/// What a warm-up request did, in bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Warmed {
+    /// Fetched now.
+    pub fetched: u64,
+    /// Cached before.
+    pub cached: u64,
+    /// Fetched but not kept in the cache.
+    pub dropped: u64,
+}
 
 impl Vfs {
     /// Answer a virtual cache attribute, or `None` if `name` is not one.
@@ -28,9 +41,13 @@ impl Vfs {
             .split_once(':')
             .and_then(|(o, l)| Some((o.parse::<u64>().ok()?, l.parse::<u64>().ok()?)));
         Some(match parsed {
-            Some((off, len)) => self
-                .warmup(ino, off, len)
-                .map(|(fetched, cached)| format!("fetched={fetched} cached={cached}").into_bytes()),
+            Some((off, len)) => self.warmup(ino, off, len).map(|w| {
+                format!(
+                    "fetched={} cached={} dropped={}",
+                    w.fetched, w.cached, w.dropped
+                )
+                .into_bytes()
+            }),
             None => {
                 Err(MetaError::Invalid("user.strata.warmup:OFF:LEN expects two numbers").into())
             }
@@ -50,30 +67,34 @@ impl Vfs {
         Ok(out)
     }
 
-    /// Fetch bytes `[off, off+len)` of a file into the cache. Returns (bytes fetched now,
-    /// bytes already cached), counted in whole blocks.
-    pub fn warmup(&self, ino: Ino, off: u64, len: u64) -> Result<(u64, u64)> {
+    /// Fetch bytes `[off, off+len)` of a file into the cache, counted in whole blocks.
+    pub fn warmup(&self, ino: Ino, off: u64, len: u64) -> Result<Warmed> {
+        let mut w = Warmed::default();
         let n = self.meta.getattr(ino)?;
         if n.kind != FileKind::File {
-            return Ok((0, 0));
+            return Ok(w);
         }
         let end = off.saturating_add(len).min(n.length);
         if off >= end {
-            return Ok((0, 0));
+            return Ok(w);
         }
-        let mut fetched = 0;
-        let mut cached = 0;
         for (key, blen) in self.blocks(ino, off, end)? {
             if self.reader.cached(&key) {
-                cached += blen as u64;
+                w.cached += blen as u64;
                 continue;
             }
-            match self.reader.get(&key, blen) {
-                Ok(_) => fetched += blen as u64,
-                Err(e) => return Err(VfsError::Fetch(e)),
+            self.reader.get(&key, blen).map_err(VfsError::Fetch)?;
+            w.fetched += blen as u64;
+            // Memory alone does not keep a warm-up: with a disk tier the block must be there.
+            let kept = match self.reader.disk() {
+                Some(d) => d.contains(&key),
+                None => self.reader.cached(&key),
+            };
+            if !kept {
+                w.dropped += blen as u64;
             }
         }
-        Ok((fetched, cached))
+        Ok(w)
     }
 
     /// (bytes of the file's blocks in this client's cache, file length).
