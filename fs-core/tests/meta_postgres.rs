@@ -1,7 +1,9 @@
 //! The metadata engine conformance suite against a real PostgreSQL server (Debian
 //! `postgresql`, started on a random loopback port by the test).
 
-use strata::meta::{MetaEngine, PostgresEngine, conformance};
+use std::sync::atomic::Ordering;
+
+use strata::meta::{Ctx, FileKind, MetaEngine, PostgresEngine, ROOT_INO, conformance};
 use strata::testing::postgres::PgServer;
 
 #[test]
@@ -25,4 +27,62 @@ fn bad_urls_and_unreachable_servers_are_explained() {
         .err()
         .expect("must fail");
     assert!(e.to_string().contains("pool=0"), "{e}");
+}
+
+/// Requests are pipelined: `BEGIN` rides with the first read and every write goes out with
+/// `COMMIT`, so a create costs the round trips of its reads plus one, not one per statement
+/// (it was ten), a stat two and a lookup three (the entry and its inode in one join).
+#[test]
+fn a_create_is_three_round_trips_a_stat_two_a_lookup_three() {
+    let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let engine = PostgresEngine::open(&pg.new_database()).expect("open engine");
+    let trips = engine.round_trips();
+    let meta = conformance::formatted(Box::new(engine), 0);
+    let create = |name: &[u8]| {
+        meta.mknod(Ctx::ROOT, ROOT_INO, name, FileKind::File, 0o644, 0, None)
+            .expect("create")
+    };
+    // The first create also reserves a batch of inode numbers and reads the quota list.
+    create(b"first");
+    let before = trips.load(Ordering::SeqCst);
+    let n = create(b"second");
+    let create_trips = trips.load(Ordering::SeqCst) - before;
+    // The parent (with BEGIN), the entry to check it is new, COMMIT with the writes.
+    assert_eq!(create_trips, 3, "round trips of one create");
+    let before = trips.load(Ordering::SeqCst);
+    assert_eq!(meta.getattr(n.ino).expect("stat").ino, n.ino);
+    assert_eq!(
+        trips.load(Ordering::SeqCst) - before,
+        2,
+        "round trips of one stat"
+    );
+    // Everything the held-back writes did is there, and a duplicate is refused.
+    let before = trips.load(Ordering::SeqCst);
+    assert_eq!(meta.lookup(ROOT_INO, b"second").expect("lookup"), n);
+    assert_eq!(
+        trips.load(Ordering::SeqCst) - before,
+        3,
+        "round trips of one lookup"
+    );
+    assert!(matches!(
+        meta.lookup(ROOT_INO, b"missing"),
+        Err(strata::meta::MetaError::NotFound)
+    ));
+    assert!(matches!(
+        meta.mknod(
+            Ctx::ROOT,
+            ROOT_INO,
+            b"second",
+            FileKind::File,
+            0o644,
+            0,
+            None
+        ),
+        Err(strata::meta::MetaError::Exists)
+    ));
+    assert_eq!(
+        meta.statfs().expect("statfs").used_inodes,
+        2,
+        "the two files"
+    );
 }

@@ -434,10 +434,10 @@ impl Meta {
 
     fn account(tx: &mut dyn Txn, space: i64, inodes: i64) -> Result<()> {
         if space != 0 {
-            tx.incr_counter(USED_SPACE, space)?;
+            tx.add_counter(USED_SPACE, space)?;
         }
         if inodes != 0 {
-            tx.incr_counter(USED_INODES, inodes)?;
+            tx.add_counter(USED_INODES, inodes)?;
         }
         Ok(())
     }
@@ -456,7 +456,10 @@ impl Meta {
                 b".." => p.parent.max(ROOT_INO),
                 _ => {
                     check_name(name)?;
-                    tx.get_edge(parent, name)?.ok_or(MetaError::NotFound)?.ino
+                    let (_, node) = tx
+                        .get_entry_node(parent, name)?
+                        .ok_or(MetaError::NotFound)?;
+                    return node.ok_or(MetaError::NotFound);
                 }
             };
             tx.get_node(ino)?.ok_or(MetaError::NotFound)

@@ -303,6 +303,11 @@ pub trait Txn {
     fn set_setting(&mut self, name: &str, value: &str) -> Result<()>;
     /// Add `delta` to a named counter (created at 0) and return the new value.
     fn incr_counter(&mut self, name: &str, delta: i64) -> Result<i64>;
+    /// Add `delta` to a named counter without reading it back (an engine may send it
+    /// later in the transaction, batched with other writes).
+    fn add_counter(&mut self, name: &str, delta: i64) -> Result<()> {
+        self.incr_counter(name, delta).map(|_| ())
+    }
     /// Value of a named counter (0 if never set); works in read transactions.
     fn get_counter(&mut self, name: &str) -> Result<i64>;
 
@@ -312,6 +317,19 @@ pub trait Txn {
     fn delete_node(&mut self, ino: Ino) -> Result<()>;
 
     fn get_edge(&mut self, parent: Ino, name: &[u8]) -> Result<Option<Entry>>;
+    /// The entry `name` of `parent` and the node it points to (`None` if that is gone), in
+    /// one request where the engine can (a join on PostgreSQL).
+    fn get_entry_node(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+    ) -> Result<Option<(Entry, Option<Node>)>> {
+        let Some(e) = self.get_edge(parent, name)? else {
+            return Ok(None);
+        };
+        let n = self.get_node(e.ino)?;
+        Ok(Some((e, n)))
+    }
     /// Insert or replace.
     fn put_edge(&mut self, parent: Ino, entry: &Entry) -> Result<()>;
     fn delete_edge(&mut self, parent: Ino, name: &[u8]) -> Result<()>;

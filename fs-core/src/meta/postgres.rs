@@ -8,13 +8,18 @@
 //! [`Meta`]: super::Meta
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::Poll;
+
 use parking_lot::{Mutex, MutexGuard};
-use postgres::error::SqlState;
-use postgres::types::ToSql;
-use postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::{
     Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Quota, Result, Slice,
@@ -54,20 +59,25 @@ CREATE TABLE IF NOT EXISTS dirquota (ino BIGINT PRIMARY KEY, max_space BIGINT NO
   max_inodes BIGINT NOT NULL, used_space BIGINT NOT NULL, used_inodes BIGINT NOT NULL);
 ";
 
+/// One connection of the pool: a `tokio-postgres` client driven by a runtime of its own
+/// (current-thread, no threads: the connection task runs while a caller waits on it).
 struct Conn {
+    rt: tokio::runtime::Runtime,
     client: Option<Client>,
     stmts: HashMap<&'static str, Statement>,
 }
 
 pub struct PostgresEngine {
     url: String,
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     reconnect: Duration,
     pool: Vec<Mutex<Conn>>,
     next: AtomicUsize,
+    /// Round trips to the server made by transactions (see [`PostgresEngine::round_trips`]).
+    round_trips: Arc<AtomicU64>,
 }
 
-fn pg_err(e: postgres::Error) -> MetaError {
+fn pg_err(e: tokio_postgres::Error) -> MetaError {
     if let Some(db) = e.as_db_error() {
         let code = db.code();
         if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
@@ -126,30 +136,34 @@ impl PostgresEngine {
         } else {
             format!("{base}?{}", rest.join("&"))
         };
-        let mut config = conn_str.parse::<postgres::Config>().map_err(|e| {
+        let mut config = conn_str.parse::<tokio_postgres::Config>().map_err(|e| {
             MetaError::Format(format!(
                 "bad PostgreSQL URL {}: {e} (use postgres://user:password@host:5432/database)",
                 redact_url(url)
             ))
         })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        let mut pool = Vec::with_capacity(pool_size);
+        for _ in 0..pool_size {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| MetaError::Engine(format!("postgres client runtime: {e}")))?;
+            pool.push(Mutex::new(Conn {
+                rt,
+                client: None,
+                stmts: HashMap::new(),
+            }));
+        }
         let engine = PostgresEngine {
             url: url.to_string(),
-            config: {
-                if config.get_connect_timeout().is_none() {
-                    config.connect_timeout(Duration::from_secs(5));
-                }
-                config
-            },
+            config,
             reconnect: Duration::from_secs(reconnect),
-            pool: (0..pool_size)
-                .map(|_| {
-                    Mutex::new(Conn {
-                        client: None,
-                        stmts: HashMap::new(),
-                    })
-                })
-                .collect(),
+            pool,
             next: AtomicUsize::new(0),
+            round_trips: Arc::new(AtomicU64::new(0)),
         };
         // Fail fast with a clear message when the server cannot be reached at all.
         let mut c = engine.pool[0].lock();
@@ -167,8 +181,14 @@ impl PostgresEngine {
         let start = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.config.connect(NoTls) {
-                Ok(client) => {
+            match c.rt.block_on(self.config.connect(NoTls)) {
+                Ok((client, connection)) => {
+                    // Runs whenever this connection's runtime is waited on (every request).
+                    c.rt.spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %e, "postgres connection closed");
+                        }
+                    });
                     c.client = Some(client);
                     return Ok(());
                 }
@@ -185,6 +205,13 @@ impl PostgresEngine {
                 }
             }
         }
+    }
+
+    /// A counter of the round trips this engine's transactions make to the server (each
+    /// pipelined batch of requests counts once; statement preparation, once per connection
+    /// and statement, is not counted). For tests and benchmarks of the request pattern.
+    pub fn round_trips(&self) -> Arc<AtomicU64> {
+        self.round_trips.clone()
     }
 
     fn conn(&self) -> MutexGuard<'_, Conn> {
@@ -208,71 +235,185 @@ impl MetaEngine for PostgresEngine {
     fn init_schema(&self) -> Result<()> {
         let mut c = self.conn();
         self.connect(&mut c, self.reconnect)?;
-        let client = c.client.as_mut().ok_or(MetaError::Conflict)?;
+        let c = &mut *c;
+        let client = c.client.as_ref().ok_or(MetaError::Conflict)?;
         // Concurrent `CREATE TABLE IF NOT EXISTS` can race on the catalog; serialize with an
         // advisory lock.
-        client
-            .batch_execute(&format!(
-                "SELECT pg_advisory_lock(4242); {SCHEMA} SELECT pg_advisory_unlock(4242);"
-            ))
-            .map_err(pg_err)
+        c.rt.block_on(client.batch_execute(&format!(
+            "SELECT pg_advisory_lock(4242); {SCHEMA} SELECT pg_advisory_unlock(4242);"
+        )))
+        .map_err(pg_err)
     }
+    /// No round trip: `BEGIN` goes out with the transaction's first request.
     fn begin(&self, write: bool) -> Result<Box<dyn Txn + '_>> {
         let mut c = self.conn();
         self.connect(&mut c, self.reconnect)?;
-        let client = c.client.as_mut().ok_or(MetaError::Conflict)?;
-        client
-            .batch_execute(if write {
+        Ok(Box::new(PgTxn {
+            conn: c,
+            round_trips: &self.round_trips,
+            begin: if write {
                 "BEGIN ISOLATION LEVEL SERIALIZABLE"
             } else {
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
-            })
-            .map_err(pg_err)?;
-        Ok(Box::new(PgTxn {
-            conn: c,
+            },
+            begun: false,
+            deferred: Vec::new(),
             done: false,
         }))
     }
 }
 
+/// A parameter of a deferred statement, owned until the statement is sent.
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// A transaction. Round trips are what a remote metadata server costs, so requests are
+/// pipelined: `BEGIN` is sent with the first request, and writes whose result nobody reads
+/// (inserts, updates, deletes) are held back and sent, in order, ahead of the next read or
+/// with `COMMIT`. A read therefore sees every earlier write of its transaction, and an error
+/// of a held-back write (a conflict, a lost connection) surfaces at the next read or at
+/// commit, where [`Meta`](super::Meta) retries the whole transaction as before. A create
+/// is three round trips (parent, entry, commit with all its writes) instead of ten.
 struct PgTxn<'a> {
     conn: MutexGuard<'a, Conn>,
+    round_trips: &'a AtomicU64,
+    begin: &'static str,
+    /// `BEGIN` has been sent.
+    begun: bool,
+    deferred: Vec<(Statement, Vec<Param>)>,
     done: bool,
 }
 
 impl Drop for PgTxn<'_> {
     fn drop(&mut self) {
-        if !self.done
-            && let Some(c) = self.conn.client.as_mut()
-            && c.batch_execute("ROLLBACK").is_err()
-        {
-            self.conn.client = None;
+        if self.done || !self.begun {
+            return; // nothing reached the server
+        }
+        let c = &mut *self.conn;
+        let ok = c
+            .client
+            .as_ref()
+            .is_some_and(|cl| c.rt.block_on(cl.batch_execute("ROLLBACK")).is_ok());
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            c.client = None;
         }
     }
 }
+
+/// The last request of a round trip.
+enum Last<'p> {
+    Query(Statement, &'p [&'p (dyn ToSql + Sync)]),
+    Execute(Statement, &'p [&'p (dyn ToSql + Sync)]),
+    Commit,
+}
+
+enum Answer {
+    Done,
+    Rows(Vec<Row>),
+    Count(u64),
+}
+
+type Request<'f> =
+    Pin<Box<dyn Future<Output = std::result::Result<Answer, tokio_postgres::Error>> + 'f>>;
 
 impl PgTxn<'_> {
     fn stmt(&mut self, sql: &'static str) -> Result<Statement> {
         if let Some(s) = self.conn.stmts.get(sql) {
             return Ok(s.clone());
         }
-        let client = self.conn.client.as_mut().ok_or(MetaError::Conflict)?;
-        let s = client.prepare(sql).map_err(pg_err)?;
-        self.conn.stmts.insert(sql, s.clone());
+        let c = &mut *self.conn;
+        let client = c.client.as_ref().ok_or(MetaError::Conflict)?;
+        let s = c.rt.block_on(client.prepare(sql)).map_err(pg_err)?;
+        c.stmts.insert(sql, s.clone());
         Ok(s)
     }
+
+    /// One round trip: `BEGIN` if not sent yet, the held-back writes, then `last`. Every
+    /// request is queued before any answer is awaited; answers are taken in order and the
+    /// first failure is the transaction's error.
+    fn round_trip(&mut self, last: Last<'_>) -> Result<Answer> {
+        let begin = (!self.begun).then_some(self.begin);
+        let deferred = std::mem::take(&mut self.deferred);
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let c = &mut *self.conn;
+        let client = c.client.as_ref().ok_or(MetaError::Conflict)?;
+        let answers = c.rt.block_on(async {
+            let mut reqs: Vec<Request<'_>> = Vec::with_capacity(deferred.len() + 2);
+            if let Some(b) = begin {
+                reqs.push(Box::pin(async move {
+                    client.batch_execute(b).await.map(|_| Answer::Done)
+                }));
+            }
+            for (stmt, params) in &deferred {
+                reqs.push(Box::pin(async move {
+                    let p: Vec<&(dyn ToSql + Sync)> = params
+                        .iter()
+                        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                        .collect();
+                    client.execute(stmt, &p).await.map(Answer::Count)
+                }));
+            }
+            match last {
+                Last::Query(stmt, p) => reqs.push(Box::pin(async move {
+                    client.query(&stmt, p).await.map(Answer::Rows)
+                })),
+                Last::Execute(stmt, p) => reqs.push(Box::pin(async move {
+                    client.execute(&stmt, p).await.map(Answer::Count)
+                })),
+                Last::Commit => reqs.push(Box::pin(async move {
+                    client.batch_execute("COMMIT").await.map(|_| Answer::Done)
+                })),
+            }
+            // A request is sent when its future is first polled: poll each once, in order,
+            // then wait for the answers in the same order.
+            let mut first = Vec::with_capacity(reqs.len());
+            for r in reqs.iter_mut() {
+                first.push(poll_fn(|cx| Poll::Ready(r.as_mut().poll(cx))).await);
+            }
+            let mut out = Vec::with_capacity(reqs.len());
+            for (r, f) in reqs.into_iter().zip(first) {
+                out.push(match f {
+                    Poll::Ready(a) => a,
+                    Poll::Pending => r.await,
+                });
+            }
+            out
+        });
+        self.begun = true;
+        let mut last_answer = Answer::Done;
+        for a in answers {
+            last_answer = a.map_err(pg_err)?;
+        }
+        Ok(last_answer)
+    }
+
     fn query(&mut self, sql: &'static str, p: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let s = self.stmt(sql)?;
-        let client = self.conn.client.as_mut().ok_or(MetaError::Conflict)?;
-        client.query(&s, p).map_err(pg_err)
+        match self.round_trip(Last::Query(s, p))? {
+            Answer::Rows(r) => Ok(r),
+            _ => Err(MetaError::Engine(
+                "postgres: a query answered no rows".into(),
+            )),
+        }
     }
     fn opt(&mut self, sql: &'static str, p: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
         Ok(self.query(sql, p)?.into_iter().next())
     }
-    fn exec(&mut self, sql: &'static str, p: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    /// A write whose row count the caller needs: sent now.
+    fn exec_now(&mut self, sql: &'static str, p: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let s = self.stmt(sql)?;
-        let client = self.conn.client.as_mut().ok_or(MetaError::Conflict)?;
-        client.execute(&s, p).map_err(pg_err)
+        match self.round_trip(Last::Execute(s, p))? {
+            Answer::Count(n) => Ok(n),
+            _ => Err(MetaError::Engine(
+                "postgres: a statement answered no count".into(),
+            )),
+        }
+    }
+    /// A write nobody reads the result of: held back until the next round trip.
+    fn exec(&mut self, sql: &'static str, p: Vec<Param>) -> Result<()> {
+        let s = self.stmt(sql)?;
+        self.deferred.push((s, p));
+        Ok(())
     }
 }
 
@@ -281,22 +422,27 @@ fn i(v: u64) -> i64 {
 }
 
 fn row_node(r: &Row) -> Node {
-    let kind: i16 = r.get(1);
-    let masks: Vec<u8> = r.get(13);
+    row_node_at(r, 0)
+}
+
+/// The node in columns `b..b + 14` of `r` (the column list of `get_node`).
+fn row_node_at(r: &Row, b: usize) -> Node {
+    let kind: i16 = r.get(b + 1);
+    let masks: Vec<u8> = r.get(b + 13);
     Node {
-        ino: r.get::<_, i64>(0) as u64,
+        ino: r.get::<_, i64>(b) as u64,
         kind: FileKind::from_code(kind as u8).unwrap_or(FileKind::File),
-        mode: r.get::<_, i64>(2) as u32,
-        uid: r.get::<_, i64>(3) as u32,
-        gid: r.get::<_, i64>(4) as u32,
-        atime: r.get(5),
-        mtime: r.get(6),
-        ctime: r.get(7),
-        nlink: r.get::<_, i64>(8) as u32,
-        length: r.get::<_, i64>(9) as u64,
-        rdev: r.get::<_, i64>(10) as u32,
-        parent: r.get::<_, i64>(11) as u64,
-        seq: r.get::<_, i64>(12) as u64,
+        mode: r.get::<_, i64>(b + 2) as u32,
+        uid: r.get::<_, i64>(b + 3) as u32,
+        gid: r.get::<_, i64>(b + 4) as u32,
+        atime: r.get(b + 5),
+        mtime: r.get(b + 6),
+        ctime: r.get(b + 7),
+        nlink: r.get::<_, i64>(b + 8) as u32,
+        length: r.get::<_, i64>(b + 9) as u64,
+        rdev: r.get::<_, i64>(b + 10) as u32,
+        parent: r.get::<_, i64>(b + 11) as u64,
+        seq: r.get::<_, i64>(b + 12) as u64,
         masks: Node::decode_masks(&masks),
     }
 }
@@ -311,9 +457,13 @@ fn row_entry(r: &Row) -> Entry {
 
 impl Txn for PgTxn<'_> {
     fn commit(mut self: Box<Self>) -> Result<()> {
-        let client = self.conn.client.as_mut().ok_or(MetaError::Conflict)?;
-        let r = client.batch_execute("COMMIT").map_err(pg_err);
-        self.done = true;
+        let r = if self.begun || !self.deferred.is_empty() {
+            self.round_trip(Last::Commit).map(|_| ())
+        } else {
+            Ok(()) // nothing was asked: no round trip
+        };
+        // A failed COMMIT ends the transaction too (the server rolls it back).
+        self.done = r.is_ok();
         r
     }
 
@@ -326,9 +476,8 @@ impl Txn for PgTxn<'_> {
         self.exec(
             "INSERT INTO setting (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
-            &[&name, &value],
+            vec![Box::new(name.to_owned()), Box::new(value.to_owned())],
         )
-        .map(|_| ())
     }
     fn incr_counter(&mut self, name: &str, delta: i64) -> Result<i64> {
         let r = self.query(
@@ -339,6 +488,14 @@ impl Txn for PgTxn<'_> {
         r.first()
             .map(|r| r.get(0))
             .ok_or(MetaError::Engine("counter update returned nothing".into()))
+    }
+
+    fn add_counter(&mut self, name: &str, delta: i64) -> Result<()> {
+        self.exec(
+            "INSERT INTO counter (name, value) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET value = counter.value + EXCLUDED.value",
+            vec![Box::new(name.to_owned()), Box::new(delta)],
+        )
     }
 
     fn get_counter(&mut self, name: &str) -> Result<i64> {
@@ -366,28 +523,26 @@ impl Txn for PgTxn<'_> {
              mtime = EXCLUDED.mtime, ctime = EXCLUDED.ctime, nlink = EXCLUDED.nlink,
              length = EXCLUDED.length, rdev = EXCLUDED.rdev, parent = EXCLUDED.parent,
              seq = EXCLUDED.seq, masks = EXCLUDED.masks",
-            &[
-                &i(n.ino),
-                &(n.kind.code() as i16),
-                &(n.mode as i64),
-                &(n.uid as i64),
-                &(n.gid as i64),
-                &n.atime,
-                &n.mtime,
-                &n.ctime,
-                &(n.nlink as i64),
-                &i(n.length),
-                &(n.rdev as i64),
-                &i(n.parent),
-                &i(n.seq),
-                &n.encode_masks(),
+            vec![
+                Box::new(i(n.ino)),
+                Box::new(n.kind.code() as i16),
+                Box::new(n.mode as i64),
+                Box::new(n.uid as i64),
+                Box::new(n.gid as i64),
+                Box::new(n.atime),
+                Box::new(n.mtime),
+                Box::new(n.ctime),
+                Box::new(n.nlink as i64),
+                Box::new(i(n.length)),
+                Box::new(n.rdev as i64),
+                Box::new(i(n.parent)),
+                Box::new(i(n.seq)),
+                Box::new(n.encode_masks()),
             ],
         )
-        .map(|_| ())
     }
     fn delete_node(&mut self, ino: Ino) -> Result<()> {
-        self.exec("DELETE FROM node WHERE ino = $1", &[&i(ino)])
-            .map(|_| ())
+        self.exec("DELETE FROM node WHERE ino = $1", vec![Box::new(i(ino))])
     }
 
     fn get_edge(&mut self, parent: Ino, name: &[u8]) -> Result<Option<Entry>> {
@@ -398,20 +553,41 @@ impl Txn for PgTxn<'_> {
             )?
             .map(|r| row_entry(&r)))
     }
+    fn get_entry_node(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+    ) -> Result<Option<(Entry, Option<Node>)>> {
+        Ok(self
+            .opt(
+                "SELECT e.name, e.ino, e.kind, n.ino, n.kind, n.mode, n.uid, n.gid, n.atime,
+                 n.mtime, n.ctime, n.nlink, n.length, n.rdev, n.parent, n.seq, n.masks
+                 FROM edge e LEFT JOIN node n ON n.ino = e.ino
+                 WHERE e.parent = $1 AND e.name = $2",
+                &[&i(parent), &name],
+            )?
+            .map(|r| {
+                let node = r.get::<_, Option<i64>>(3).map(|_| row_node_at(&r, 3));
+                (row_entry(&r), node)
+            }))
+    }
     fn put_edge(&mut self, parent: Ino, e: &Entry) -> Result<()> {
         self.exec(
             "INSERT INTO edge (parent, name, ino, kind) VALUES ($1, $2, $3, $4)
              ON CONFLICT (parent, name) DO UPDATE SET ino = EXCLUDED.ino, kind = EXCLUDED.kind",
-            &[&i(parent), &e.name, &i(e.ino), &(e.kind.code() as i16)],
+            vec![
+                Box::new(i(parent)),
+                Box::new(e.name.to_owned()),
+                Box::new(i(e.ino)),
+                Box::new(e.kind.code() as i16),
+            ],
         )
-        .map(|_| ())
     }
     fn delete_edge(&mut self, parent: Ino, name: &[u8]) -> Result<()> {
         self.exec(
             "DELETE FROM edge WHERE parent = $1 AND name = $2",
-            &[&i(parent), &name],
+            vec![Box::new(i(parent)), Box::new(name.to_owned())],
         )
-        .map(|_| ())
     }
     fn list_edges(
         &mut self,
@@ -441,13 +617,11 @@ impl Txn for PgTxn<'_> {
         self.exec(
             "INSERT INTO symlink (ino, target) VALUES ($1, $2)
              ON CONFLICT (ino) DO UPDATE SET target = EXCLUDED.target",
-            &[&i(ino), &target],
+            vec![Box::new(i(ino)), Box::new(target.to_owned())],
         )
-        .map(|_| ())
     }
     fn delete_symlink(&mut self, ino: Ino) -> Result<()> {
-        self.exec("DELETE FROM symlink WHERE ino = $1", &[&i(ino)])
-            .map(|_| ())
+        self.exec("DELETE FROM symlink WHERE ino = $1", vec![Box::new(i(ino))])
     }
 
     fn get_xattr(&mut self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -462,12 +636,15 @@ impl Txn for PgTxn<'_> {
         self.exec(
             "INSERT INTO xattr (ino, name, value) VALUES ($1, $2, $3)
              ON CONFLICT (ino, name) DO UPDATE SET value = EXCLUDED.value",
-            &[&i(ino), &name, &value],
+            vec![
+                Box::new(i(ino)),
+                Box::new(name.to_owned()),
+                Box::new(value.to_owned()),
+            ],
         )
-        .map(|_| ())
     }
     fn delete_xattr(&mut self, ino: Ino, name: &[u8]) -> Result<bool> {
-        Ok(self.exec(
+        Ok(self.exec_now(
             "DELETE FROM xattr WHERE ino = $1 AND name = $2",
             &[&i(ino), &name],
         )? > 0)
@@ -483,8 +660,7 @@ impl Txn for PgTxn<'_> {
             .collect())
     }
     fn delete_xattrs(&mut self, ino: Ino) -> Result<()> {
-        self.exec("DELETE FROM xattr WHERE ino = $1", &[&i(ino)])
-            .map(|_| ())
+        self.exec("DELETE FROM xattr WHERE ino = $1", vec![Box::new(i(ino))])
     }
 
     fn chunk_slices(&mut self, ino: Ino, indx: u32) -> Result<Vec<Slice>> {
@@ -509,25 +685,23 @@ impl Txn for PgTxn<'_> {
         self.exec(
             "INSERT INTO slice (ino, indx, seq, id, size, off, len, pos)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            &[
-                &i(ino),
-                &(indx as i64),
-                &i(s.seq),
-                &i(s.id),
-                &(s.size as i64),
-                &(s.off as i64),
-                &(s.len as i64),
-                &(s.pos as i64),
+            vec![
+                Box::new(i(ino)),
+                Box::new(indx as i64),
+                Box::new(i(s.seq)),
+                Box::new(i(s.id)),
+                Box::new(s.size as i64),
+                Box::new(s.off as i64),
+                Box::new(s.len as i64),
+                Box::new(s.pos as i64),
             ],
         )
-        .map(|_| ())
     }
     fn delete_slice(&mut self, ino: Ino, indx: u32, seq: u64) -> Result<()> {
         self.exec(
             "DELETE FROM slice WHERE ino = $1 AND indx = $2 AND seq = $3",
-            &[&i(ino), &(indx as i64), &i(seq)],
+            vec![Box::new(i(ino)), Box::new(indx as i64), Box::new(i(seq))],
         )
-        .map(|_| ())
     }
     fn chunk_indexes(&mut self, ino: Ino, from: u32, limit: usize) -> Result<Vec<u32>> {
         let limit = limit.min(i64::MAX as usize) as i64;
@@ -545,9 +719,8 @@ impl Txn for PgTxn<'_> {
         self.exec(
             "INSERT INTO reclaim (ino, length) VALUES ($1, $2)
              ON CONFLICT (ino) DO UPDATE SET length = EXCLUDED.length",
-            &[&i(ino), &i(length)],
+            vec![Box::new(i(ino)), Box::new(i(length))],
         )
-        .map(|_| ())
     }
     fn list_reclaim(&mut self, limit: usize) -> Result<Vec<(Ino, u64)>> {
         Ok(self
@@ -560,15 +733,13 @@ impl Txn for PgTxn<'_> {
             .collect())
     }
     fn delete_reclaim(&mut self, ino: Ino) -> Result<()> {
-        self.exec("DELETE FROM reclaim WHERE ino = $1", &[&i(ino)])
-            .map(|_| ())
+        self.exec("DELETE FROM reclaim WHERE ino = $1", vec![Box::new(i(ino))])
     }
     fn add_trim(&mut self, ino: Ino) -> Result<()> {
         self.exec(
             "INSERT INTO trim (ino) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&i(ino)],
+            vec![Box::new(i(ino))],
         )
-        .map(|_| ())
     }
     fn list_trim(&mut self, limit: usize) -> Result<Vec<Ino>> {
         Ok(self
@@ -581,16 +752,14 @@ impl Txn for PgTxn<'_> {
             .collect())
     }
     fn delete_trim(&mut self, ino: Ino) -> Result<()> {
-        self.exec("DELETE FROM trim WHERE ino = $1", &[&i(ino)])
-            .map(|_| ())
+        self.exec("DELETE FROM trim WHERE ino = $1", vec![Box::new(i(ino))])
     }
     fn add_garbage(&mut self, id: u64, size: u32, due: i64) -> Result<()> {
         self.exec(
             "INSERT INTO garbage (id, size, due) VALUES ($1, $2, $3)
              ON CONFLICT (id) DO UPDATE SET size = EXCLUDED.size, due = EXCLUDED.due",
-            &[&i(id), &(size as i64), &due],
+            vec![Box::new(i(id)), Box::new(size as i64), Box::new(due)],
         )
-        .map(|_| ())
     }
     fn list_due_garbage(&mut self, now: i64, limit: usize) -> Result<Vec<(u64, u32)>> {
         Ok(self
@@ -603,21 +772,22 @@ impl Txn for PgTxn<'_> {
             .collect())
     }
     fn delete_garbage(&mut self, id: u64) -> Result<()> {
-        self.exec("DELETE FROM garbage WHERE id = $1", &[&i(id)])
-            .map(|_| ())
+        self.exec("DELETE FROM garbage WHERE id = $1", vec![Box::new(i(id))])
     }
 
     fn put_session(&mut self, sid: u64, heartbeat: i64, info: &str) -> Result<()> {
         self.exec(
             "INSERT INTO session (sid, heartbeat, info) VALUES ($1, $2, $3)
              ON CONFLICT (sid) DO UPDATE SET heartbeat = EXCLUDED.heartbeat, info = EXCLUDED.info",
-            &[&i(sid), &heartbeat, &info],
+            vec![
+                Box::new(i(sid)),
+                Box::new(heartbeat),
+                Box::new(info.to_owned()),
+            ],
         )
-        .map(|_| ())
     }
     fn delete_session(&mut self, sid: u64) -> Result<()> {
-        self.exec("DELETE FROM session WHERE sid = $1", &[&i(sid)])
-            .map(|_| ())
+        self.exec("DELETE FROM session WHERE sid = $1", vec![Box::new(i(sid))])
     }
     fn list_sessions(&mut self) -> Result<Vec<(u64, i64, String)>> {
         Ok(self
@@ -629,16 +799,14 @@ impl Txn for PgTxn<'_> {
     fn add_sustained(&mut self, sid: u64, ino: Ino) -> Result<()> {
         self.exec(
             "INSERT INTO sustained (sid, ino) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&i(sid), &i(ino)],
+            vec![Box::new(i(sid)), Box::new(i(ino))],
         )
-        .map(|_| ())
     }
     fn delete_sustained(&mut self, sid: u64, ino: Ino) -> Result<()> {
         self.exec(
             "DELETE FROM sustained WHERE sid = $1 AND ino = $2",
-            &[&i(sid), &i(ino)],
+            vec![Box::new(i(sid)), Box::new(i(ino))],
         )
-        .map(|_| ())
     }
     fn list_sustained(&mut self, sid: u64) -> Result<Vec<Ino>> {
         Ok(self
@@ -666,23 +834,24 @@ impl Txn for PgTxn<'_> {
     }
     fn put_locks(&mut self, ino: Ino, sid: u64, owner: u64, ranges: &[LockRange]) -> Result<()> {
         if ranges.is_empty() {
-            return self
-                .exec(
-                    "DELETE FROM plock WHERE ino = $1 AND sid = $2 AND owner = $3",
-                    &[&i(ino), &i(sid), &i(owner)],
-                )
-                .map(|_| ());
+            return self.exec(
+                "DELETE FROM plock WHERE ino = $1 AND sid = $2 AND owner = $3",
+                vec![Box::new(i(ino)), Box::new(i(sid)), Box::new(i(owner))],
+            );
         }
         self.exec(
             "INSERT INTO plock (ino, sid, owner, ranges) VALUES ($1, $2, $3, $4)
              ON CONFLICT (ino, sid, owner) DO UPDATE SET ranges = EXCLUDED.ranges",
-            &[&i(ino), &i(sid), &i(owner), &LockSet::encode(ranges)],
+            vec![
+                Box::new(i(ino)),
+                Box::new(i(sid)),
+                Box::new(i(owner)),
+                Box::new(LockSet::encode(ranges)),
+            ],
         )
-        .map(|_| ())
     }
     fn delete_session_locks(&mut self, sid: u64) -> Result<()> {
-        self.exec("DELETE FROM plock WHERE sid = $1", &[&i(sid)])
-            .map(|_| ())
+        self.exec("DELETE FROM plock WHERE sid = $1", vec![Box::new(i(sid))])
     }
     fn scan_nodes(&mut self, after: Ino, limit: usize) -> Result<Vec<Node>> {
         Ok(self
@@ -725,9 +894,8 @@ impl Txn for PgTxn<'_> {
         self.exec(
             "INSERT INTO counter (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
-            &[&name, &value],
+            vec![Box::new(name.to_owned()), Box::new(value.to_owned())],
         )
-        .map(|_| ())
     }
     fn get_quota(&mut self, ino: Ino) -> Result<Option<Quota>> {
         Ok(self
@@ -743,19 +911,20 @@ impl Txn for PgTxn<'_> {
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ino) DO UPDATE SET
              max_space = EXCLUDED.max_space, max_inodes = EXCLUDED.max_inodes,
              used_space = EXCLUDED.used_space, used_inodes = EXCLUDED.used_inodes",
-            &[
-                &i(q.ino),
-                &i(q.max_space),
-                &i(q.max_inodes),
-                &q.used_space,
-                &q.used_inodes,
+            vec![
+                Box::new(i(q.ino)),
+                Box::new(i(q.max_space)),
+                Box::new(i(q.max_inodes)),
+                Box::new(q.used_space),
+                Box::new(q.used_inodes),
             ],
         )
-        .map(|_| ())
     }
     fn delete_quota(&mut self, ino: Ino) -> Result<()> {
-        self.exec("DELETE FROM dirquota WHERE ino = $1", &[&i(ino)])
-            .map(|_| ())
+        self.exec(
+            "DELETE FROM dirquota WHERE ino = $1",
+            vec![Box::new(i(ino))],
+        )
     }
     fn list_quotas(&mut self) -> Result<Vec<Quota>> {
         Ok(self
