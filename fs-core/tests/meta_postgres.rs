@@ -30,10 +30,11 @@ fn bad_urls_and_unreachable_servers_are_explained() {
 }
 
 /// Requests are pipelined: `BEGIN` rides with the first read and every write goes out with
-/// `COMMIT`, so a create costs the round trips of its reads plus one, not one per statement
-/// (it was ten), a stat two and a lookup three (the entry and its inode in one join).
+/// `COMMIT`, so an operation costs the round trips of its reads plus one, not one per
+/// statement: a create two (it was ten: the directory, the entry and its node are one
+/// join), a stat two, a lookup two, and closing a file none.
 #[test]
-fn a_create_is_three_round_trips_a_stat_two_a_lookup_three() {
+fn round_trips_of_create_stat_lookup_and_close() {
     let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
     let engine = PostgresEngine::open(&pg.new_database()).expect("open engine");
     let trips = engine.round_trips();
@@ -47,8 +48,8 @@ fn a_create_is_three_round_trips_a_stat_two_a_lookup_three() {
     let before = trips.load(Ordering::SeqCst);
     let n = create(b"second");
     let create_trips = trips.load(Ordering::SeqCst) - before;
-    // The parent (with BEGIN), the entry to check it is new, COMMIT with the writes.
-    assert_eq!(create_trips, 3, "round trips of one create");
+    // The directory and the entry in one join (with BEGIN), COMMIT with the writes.
+    assert_eq!(create_trips, 2, "round trips of one create");
     let before = trips.load(Ordering::SeqCst);
     assert_eq!(meta.getattr(n.ino).expect("stat").ino, n.ino);
     assert_eq!(
@@ -61,8 +62,16 @@ fn a_create_is_three_round_trips_a_stat_two_a_lookup_three() {
     assert_eq!(meta.lookup(ROOT_INO, b"second").expect("lookup"), n);
     assert_eq!(
         trips.load(Ordering::SeqCst) - before,
-        3,
+        2,
         "round trips of one lookup"
+    );
+    let before = trips.load(Ordering::SeqCst);
+    meta.open(n.ino);
+    meta.close(n.ino).expect("close");
+    assert_eq!(
+        trips.load(Ordering::SeqCst),
+        before,
+        "round trips of open + close"
     );
     assert!(matches!(
         meta.lookup(ROOT_INO, b"missing"),

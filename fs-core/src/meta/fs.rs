@@ -13,8 +13,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CHUNK_SIZE, Entry, FileKind, Ino, LockRange, LockSet, MAX_NAME, MAX_SYMLINK, MAX_XATTR_VALUE,
-    Mask, MetaEngine, MetaError, Node, ROOT_INO, Result, Slice, Txn, now_ns,
+    CHUNK_SIZE, Entry, EntryNode, FileKind, Ino, LockRange, LockSet, MAX_NAME, MAX_SYMLINK,
+    MAX_XATTR_VALUE, Mask, MetaEngine, MetaError, Node, ROOT_INO, Result, Slice, Txn, now_ns,
 };
 use crate::chunk::{Segment, hidden_slices, visible_segments};
 use crate::metrics::Metrics;
@@ -127,7 +127,9 @@ pub struct Meta {
     sid: AtomicU64,
     inodes: Mutex<IdRange>,
     slices: Mutex<IdRange>,
-    open: Mutex<HashMap<Ino, u32>>,
+    /// Inodes this process has open: how many times, and whether this process sustained
+    /// one (unlinked it while open), so that only then the last close goes to the engine.
+    open: Mutex<HashMap<Ino, Opened>>,
     format: Mutex<Option<Format>>,
     /// Directories with a quota, and when the set was read (see meta/quota.rs).
     pub(crate) quota_cache: Mutex<Option<(Instant, Arc<std::collections::HashSet<Ino>>)>>,
@@ -137,6 +139,12 @@ impl std::fmt::Debug for Meta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Meta({})", self.engine.describe())
     }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Opened {
+    count: u32,
+    sustained: bool,
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -150,7 +158,13 @@ fn check_name(name: &[u8]) -> Result<()> {
 }
 
 fn get_dir(tx: &mut dyn Txn, ino: Ino) -> Result<Node> {
-    let n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+    check_dir(tx.get_node(ino)?)
+}
+
+/// `n` if it is a live directory: ENOENT when missing or removed, ENOTDIR when not a
+/// directory.
+fn check_dir(n: Option<Node>) -> Result<Node> {
+    let n = n.ok_or(MetaError::NotFound)?;
     if n.kind != FileKind::Dir {
         return Err(MetaError::NotDir);
     }
@@ -158,6 +172,14 @@ fn get_dir(tx: &mut dyn Txn, ino: Ino) -> Result<Node> {
         return Err(MetaError::NotFound);
     }
     Ok(n)
+}
+
+/// Directory `parent` (checked as by `get_dir`) and its entry `name` with the entry's node,
+/// read in one request where the engine can.
+fn dir_entry(tx: &mut dyn Txn, parent: Ino, name: &[u8]) -> Result<(Node, Option<EntryNode>)> {
+    let de = tx.get_dir_entry(parent, name)?;
+    let dir = check_dir(de.as_ref().map(|d| d.dir.clone()))?;
+    Ok((dir, de.and_then(|d| d.entry)))
 }
 
 fn time_of(t: TimeSet, now: i64) -> i64 {
@@ -450,16 +472,13 @@ impl Meta {
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Node> {
         self.txn(false, |tx| {
-            let p = get_dir(tx, parent)?;
             let ino = match name {
-                b"." => parent,
-                b".." => p.parent.max(ROOT_INO),
+                b"." => return get_dir(tx, parent),
+                b".." => get_dir(tx, parent)?.parent.max(ROOT_INO),
                 _ => {
+                    let (_, entry) = dir_entry(tx, parent, name)?;
                     check_name(name)?;
-                    let (_, node) = tx
-                        .get_entry_node(parent, name)?
-                        .ok_or(MetaError::NotFound)?;
-                    return node.ok_or(MetaError::NotFound);
+                    return entry.and_then(|(_, n)| n).ok_or(MetaError::NotFound);
                 }
             };
             tx.get_node(ino)?.ok_or(MetaError::NotFound)
@@ -530,8 +549,8 @@ impl Meta {
         let ino = self.new_inode()?;
         let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
-            let mut p = get_dir(tx, parent)?;
-            if tx.get_edge(parent, name)?.is_some() {
+            let (mut p, entry) = dir_entry(tx, parent, name)?;
+            if entry.is_some() {
                 return Err(MetaError::Exists);
             }
             let space = space_of(kind, 0);
@@ -647,7 +666,11 @@ impl Meta {
             return tx.put_node(&n);
         }
         let sid = self.sid.load(Ordering::SeqCst);
-        if sid != 0 && self.open.lock().get(&n.ino).copied().unwrap_or(0) > 0 {
+        if sid != 0
+            && let Some(o) = self.open.lock().get_mut(&n.ino)
+        {
+            // Set even if this transaction is retried or fails: the close then only checks.
+            o.sustained = true;
             tx.add_sustained(sid, n.ino)?;
             return tx.put_node(&n);
         }
@@ -674,8 +697,8 @@ impl Meta {
         check_name(name)?;
         let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
-            let mut p = get_dir(tx, parent)?;
-            let e = tx.get_edge(parent, name)?.ok_or(MetaError::NotFound)?;
+            let (mut p, entry) = dir_entry(tx, parent, name)?;
+            let (e, node) = entry.ok_or(MetaError::NotFound)?;
             if e.kind == FileKind::Dir {
                 return Err(MetaError::IsDir);
             }
@@ -684,7 +707,7 @@ impl Meta {
             p.mtime = now;
             p.ctime = now;
             tx.put_node(&p)?;
-            if let Some(n) = tx.get_node(e.ino)? {
+            if let Some(n) = node {
                 let last = n.nlink <= 1;
                 let space = space_of(n.kind, n.length);
                 self.drop_link(tx, n, now)?;
@@ -705,8 +728,8 @@ impl Meta {
         }
         let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
-            let mut p = get_dir(tx, parent)?;
-            let e = tx.get_edge(parent, name)?.ok_or(MetaError::NotFound)?;
+            let (mut p, entry) = dir_entry(tx, parent, name)?;
+            let (e, node) = entry.ok_or(MetaError::NotFound)?;
             if e.kind != FileKind::Dir {
                 return Err(MetaError::NotDir);
             }
@@ -719,7 +742,7 @@ impl Meta {
             p.mtime = now;
             p.ctime = now;
             tx.put_node(&p)?;
-            if let Some(n) = tx.get_node(e.ino)? {
+            if let Some(n) = node {
                 self.drop_link(tx, n, now)?;
                 let chain = self.quota_chain(tx, parent, &qset)?;
                 Self::quota_charge(tx, &chain, -space_of(FileKind::Dir, 0), -1)?;
@@ -1087,27 +1110,30 @@ impl Meta {
 
     /// Note that this process opened `ino` (keeps an unlinked file alive until closed).
     pub fn open(&self, ino: Ino) {
-        *self.open.lock().entry(ino).or_insert(0) += 1;
+        self.open.lock().entry(ino).or_default().count += 1;
     }
 
-    /// Close one open of `ino`; the last close of an unlinked file deletes it.
+    /// Close one open of `ino`. The last close of a file this process unlinked while it
+    /// was open (see `drop_link`) deletes it; other closes need no transaction (a file
+    /// another client unlinked was deleted by that client, see docs/SEMANTICS.md).
     pub fn close(&self, ino: Ino) -> Result<()> {
-        let last = {
+        let sustained = {
             let mut open = self.open.lock();
             match open.get_mut(&ino) {
-                Some(c) if *c > 1 => {
-                    *c -= 1;
+                Some(o) if o.count > 1 => {
+                    o.count -= 1;
                     false
                 }
-                Some(_) => {
+                Some(o) => {
+                    let s = o.sustained;
                     open.remove(&ino);
-                    true
+                    s
                 }
                 None => false,
             }
         };
         let sid = self.sid.load(Ordering::SeqCst);
-        if !last || sid == 0 {
+        if !sustained || sid == 0 {
             return Ok(());
         }
         self.txn(true, |tx| {

@@ -219,6 +219,17 @@ pub struct Quota {
     pub used_inodes: i64,
 }
 
+/// A directory entry and the node it points to (`None` if that is gone).
+pub type EntryNode = (Entry, Option<Node>);
+
+/// A directory, one of its entries (if present) and that entry's node, as
+/// [`Txn::get_dir_entry`] reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub dir: Node,
+    pub entry: Option<EntryNode>,
+}
+
 /// A directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -317,20 +328,22 @@ pub trait Txn {
     fn delete_node(&mut self, ino: Ino) -> Result<()>;
 
     fn get_edge(&mut self, parent: Ino, name: &[u8]) -> Result<Option<Entry>>;
-    /// The entry `name` of `parent` and the node it points to (`None` if that is gone), in
-    /// one request where the engine can (a join on PostgreSQL).
-    fn get_entry_node(
-        &mut self,
-        parent: Ino,
-        name: &[u8],
-    ) -> Result<Option<(Entry, Option<Node>)>> {
-        let Some(e) = self.get_edge(parent, name)? else {
+    /// Node `parent`, its entry `name` and the node that entry points to (`None` if that is
+    /// gone), in one request where the engine can (a join on PostgreSQL); `None` when
+    /// `parent` does not exist.
+    fn get_dir_entry(&mut self, parent: Ino, name: &[u8]) -> Result<Option<DirEntry>> {
+        let Some(dir) = self.get_node(parent)? else {
             return Ok(None);
         };
-        let n = self.get_node(e.ino)?;
-        Ok(Some((e, n)))
+        let entry = match self.get_edge(parent, name)? {
+            Some(e) => {
+                let node = self.get_node(e.ino)?;
+                Some((e, node))
+            }
+            None => None,
+        };
+        Ok(Some(DirEntry { dir, entry }))
     }
-    /// Insert or replace.
     fn put_edge(&mut self, parent: Ino, entry: &Entry) -> Result<()>;
     fn delete_edge(&mut self, parent: Ino, name: &[u8]) -> Result<()>;
     /// Entries of `parent` in name order, strictly after `after`, at most `limit`.

@@ -22,8 +22,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::{
-    Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Quota, Result, Slice,
-    Txn, redact_url,
+    DirEntry, Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Quota, Result,
+    Slice, Txn, redact_url,
 };
 
 const SCHEMA: &str = "
@@ -272,7 +272,8 @@ type Param = Box<dyn ToSql + Sync + Send>;
 /// with `COMMIT`. A read therefore sees every earlier write of its transaction, and an error
 /// of a held-back write (a conflict, a lost connection) surfaces at the next read or at
 /// commit, where [`Meta`](super::Meta) retries the whole transaction as before. A create
-/// is three round trips (parent, entry, commit with all its writes) instead of ten.
+/// is two round trips (the directory and the entry in one join, then `COMMIT` with all its
+/// writes) instead of ten.
 struct PgTxn<'a> {
     conn: MutexGuard<'a, Conn>,
     round_trips: &'a AtomicU64,
@@ -553,22 +554,32 @@ impl Txn for PgTxn<'_> {
             )?
             .map(|r| row_entry(&r)))
     }
-    fn get_entry_node(
-        &mut self,
-        parent: Ino,
-        name: &[u8],
-    ) -> Result<Option<(Entry, Option<Node>)>> {
+    fn get_dir_entry(&mut self, parent: Ino, name: &[u8]) -> Result<Option<DirEntry>> {
         Ok(self
             .opt(
-                "SELECT e.name, e.ino, e.kind, n.ino, n.kind, n.mode, n.uid, n.gid, n.atime,
-                 n.mtime, n.ctime, n.nlink, n.length, n.rdev, n.parent, n.seq, n.masks
-                 FROM edge e LEFT JOIN node n ON n.ino = e.ino
-                 WHERE e.parent = $1 AND e.name = $2",
+                "SELECT p.ino, p.kind, p.mode, p.uid, p.gid, p.atime, p.mtime, p.ctime, p.nlink,
+                 p.length, p.rdev, p.parent, p.seq, p.masks,
+                 e.name, e.ino, e.kind,
+                 n.ino, n.kind, n.mode, n.uid, n.gid, n.atime, n.mtime, n.ctime, n.nlink,
+                 n.length, n.rdev, n.parent, n.seq, n.masks
+                 FROM node p
+                 LEFT JOIN edge e ON e.parent = p.ino AND e.name = $2
+                 LEFT JOIN node n ON n.ino = e.ino
+                 WHERE p.ino = $1",
                 &[&i(parent), &name],
             )?
-            .map(|r| {
-                let node = r.get::<_, Option<i64>>(3).map(|_| row_node_at(&r, 3));
-                (row_entry(&r), node)
+            .map(|r| DirEntry {
+                dir: row_node_at(&r, 0),
+                entry: r.get::<_, Option<Vec<u8>>>(14).map(|name| {
+                    let e = Entry {
+                        name,
+                        ino: r.get::<_, i64>(15) as u64,
+                        kind: FileKind::from_code(r.get::<_, i16>(16) as u8)
+                            .unwrap_or(FileKind::File),
+                    };
+                    let n = r.get::<_, Option<i64>>(17).map(|_| row_node_at(&r, 17));
+                    (e, n)
+                }),
             }))
     }
     fn put_edge(&mut self, parent: Ino, e: &Entry) -> Result<()> {
