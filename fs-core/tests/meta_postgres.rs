@@ -95,3 +95,58 @@ fn round_trips_of_create_stat_lookup_and_close() {
         "the two files"
     );
 }
+
+/// libpq's sslmode meanings against a real server: `prefer` (the default) falls back to
+/// plain text, `require` insists on TLS, `verify-full` checks the chain and the host name,
+/// `verify-ca` only the chain; errors name what to fix.
+#[test]
+fn tls_follows_libpq_sslmodes() {
+    let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = pg.new_database();
+    let open = |params: &str| PostgresEngine::open(&format!("{url}?{params}"));
+    let fails = |params: &str| -> String {
+        open(params)
+            .err()
+            .unwrap_or_else(|| panic!("{params} must fail"))
+            .to_string()
+    };
+    // No TLS on the server: `require` is refused, the default falls back.
+    let e = fails("sslmode=require");
+    assert!(e.contains("TLS") && e.contains("sslmode"), "{e}");
+    open("application_name=plain").expect("prefer falls back to plain text");
+    let e = fails("sslmode=on");
+    assert!(e.contains("sslmode=on") && e.contains("verify-full"), "{e}");
+
+    let ca = pg.enable_tls().unwrap_or_else(|e| panic!("{e}"));
+    let ca = ca.display();
+    // Encrypted, and the file system works over it.
+    let engine = open("sslmode=require&application_name=strata-require").expect("require");
+    let meta = conformance::formatted(Box::new(engine), 0);
+    meta.mknod(Ctx::ROOT, ROOT_INO, b"f", FileKind::File, 0o644, 0, None)
+        .expect("create over TLS");
+    assert!(pg.tls_connections("strata-require") >= 1, "TLS in use");
+    let full = open(&format!(
+        "sslmode=verify-full&sslrootcert={ca}&application_name=strata-full"
+    ))
+    .expect("verify-full with the server's CA");
+    assert!(pg.tls_connections("strata-full") >= 1);
+    drop(full);
+    // Another CA: the certificate is refused.
+    let other = pg.other_ca().unwrap_or_else(|e| panic!("{e}"));
+    let e = fails(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        other.display()
+    ));
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // The certificate names 127.0.0.1, not localhost: verify-full refuses, verify-ca accepts.
+    let local = url.replace("127.0.0.1", "localhost");
+    let e = PostgresEngine::open(&format!("{local}?sslmode=verify-full&sslrootcert={ca}"))
+        .err()
+        .expect("wrong name")
+        .to_string();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    PostgresEngine::open(&format!("{local}?sslmode=verify-ca&sslrootcert={ca}"))
+        .expect("verify-ca ignores the name");
+    let e = fails("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
+    assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+}

@@ -9,6 +9,7 @@ mod fs;
 mod fsck;
 mod memory;
 mod postgres;
+mod postgres_tls;
 mod quota;
 mod sqlite;
 #[cfg(test)]

@@ -19,8 +19,10 @@ use std::task::Poll;
 use parking_lot::{Mutex, MutexGuard};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::postgres_tls::TlsParams;
 use super::{
     DirEntry, Entry, FileKind, Ino, LockRange, LockSet, MetaEngine, MetaError, Node, Quota, Result,
     Slice, Txn, redact_url,
@@ -70,11 +72,27 @@ struct Conn {
 pub struct PostgresEngine {
     url: String,
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     reconnect: Duration,
     pool: Vec<Mutex<Conn>>,
     next: AtomicUsize,
     /// Round trips to the server made by transactions (see [`PostgresEngine::round_trips`]).
     round_trips: Arc<AtomicU64>,
+}
+
+/// An error and its causes ("error performing TLS handshake: invalid peer certificate: …").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 fn pg_err(e: tokio_postgres::Error) -> MetaError {
@@ -108,6 +126,7 @@ impl PostgresEngine {
         let mut pool_size = 8usize;
         let mut reconnect = 60u64;
         let mut rest = Vec::new();
+        let mut tls = TlsParams::default();
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("pool", v)) => {
@@ -128,6 +147,7 @@ impl PostgresEngine {
                         ))
                     })?
                 }
+                Some((k, v)) if tls.take(k, v)? => {}
                 _ => rest.push(kv),
             }
         }
@@ -145,6 +165,7 @@ impl PostgresEngine {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
+        config.ssl_mode(tls.ssl_mode());
         let mut pool = Vec::with_capacity(pool_size);
         for _ in 0..pool_size {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -160,6 +181,7 @@ impl PostgresEngine {
         let engine = PostgresEngine {
             url: url.to_string(),
             config,
+            tls: tls.connector()?,
             reconnect: Duration::from_secs(reconnect),
             pool,
             next: AtomicUsize::new(0),
@@ -181,7 +203,7 @@ impl PostgresEngine {
         let start = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
-            match c.rt.block_on(self.config.connect(NoTls)) {
+            match c.rt.block_on(self.config.connect(self.tls.clone())) {
                 Ok((client, connection)) => {
                     // Runs whenever this connection's runtime is waited on (every request).
                     c.rt.spawn(async move {
@@ -199,8 +221,9 @@ impl PostgresEngine {
                 }
                 Err(e) => {
                     return Err(MetaError::Engine(format!(
-                        "cannot connect to PostgreSQL at {}: {e} (check host, port, user, password and that the database exists)",
-                        redact_url(&self.url)
+                        "cannot connect to PostgreSQL at {}: {} (check host, port, user, password, sslmode/sslrootcert and that the database exists)",
+                        redact_url(&self.url),
+                        with_causes(&e)
                     )));
                 }
             }

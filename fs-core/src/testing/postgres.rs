@@ -187,6 +187,105 @@ impl PgServer {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// Turn TLS on (reloaded, no restart) with a certificate for IP 127.0.0.1 signed by a new
+    /// test CA (made with the `openssl` command); returns the path of the CA's PEM file.
+    pub fn enable_tls(&self) -> Result<PathBuf, PgError> {
+        let dir = self.dir.join("tls");
+        std::fs::create_dir_all(&dir).map_err(|e| PgError::Start(e.to_string()))?;
+        let ca = make_ca(&dir, "ca")?;
+        let ext = dir.join("server.ext");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .map_err(|e| PgError::Start(e.to_string()))?;
+        let (key, csr, crt) = (
+            dir.join("server.key"),
+            dir.join("server.csr"),
+            dir.join("server.crt"),
+        );
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            p(&key),
+            "-out",
+            p(&csr),
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            p(&csr),
+            "-CA",
+            p(&ca),
+            "-CAkey",
+            p(&dir.join("ca.key")),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            p(&ext),
+            "-out",
+            p(&crt),
+        ])?;
+        if let Some((uid, gid)) = self.user {
+            for f in [&key, &crt] {
+                std::os::unix::fs::chown(f, Some(uid), Some(gid))
+                    .map_err(|e| PgError::Start(e.to_string()))?;
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| PgError::Start(e.to_string()))?;
+        let mut c = postgres::Client::connect(&self.url_for("postgres"), postgres::NoTls)
+            .map_err(|e| PgError::Start(e.to_string()))?;
+        // One statement at a time: ALTER SYSTEM refuses to run inside a transaction block.
+        for sql in [
+            format!("ALTER SYSTEM SET ssl_cert_file = '{}'", crt.display()),
+            format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()),
+            "ALTER SYSTEM SET ssl = on".to_string(),
+            "SELECT pg_reload_conf()".to_string(),
+        ] {
+            c.batch_execute(&sql).map_err(|e| {
+                PgError::Start(format!(
+                    "turning TLS on ({sql}): {}",
+                    e.as_db_error()
+                        .map_or(e.to_string(), |d| d.message().to_string())
+                ))
+            })?;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(ca)
+    }
+
+    /// A CA certificate that signed nothing of this server (for tests of a wrong root).
+    pub fn other_ca(&self) -> Result<PathBuf, PgError> {
+        let dir = self.dir.join("tls");
+        std::fs::create_dir_all(&dir).map_err(|e| PgError::Start(e.to_string()))?;
+        make_ca(&dir, "other-ca")
+    }
+
+    /// How many connections with `application_name` use TLS right now.
+    pub fn tls_connections(&self, application_name: &str) -> i64 {
+        let mut c = postgres::Client::connect(&self.url_for("postgres"), postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect to test PostgreSQL: {e}"));
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
+             WHERE a.application_name = $1 AND s.ssl",
+            &[&application_name],
+        )
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or_else(|e| panic!("pg_stat_ssl: {e}"))
+    }
+
     /// Create a new empty database and return its URL.
     pub fn new_database(&self) -> String {
         let name = format!("strata{}", self.dbs.fetch_add(1, Ordering::SeqCst));
@@ -224,4 +323,53 @@ impl Drop for PgServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap_or_default()
+}
+
+fn openssl(args: &[&str]) -> Result<(), PgError> {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .map_err(|e| PgError::Start(format!("openssl (apt-get install openssl): {e}")))?;
+    if !out.status.success() {
+        return Err(PgError::Start(format!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// A self-signed CA `NAME.pem` (key `NAME.key`) in `dir`.
+fn make_ca(dir: &Path, name: &str) -> Result<PathBuf, PgError> {
+    let (key, pem) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pem")),
+    );
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN=strata test {name}"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        p(&key),
+        "-out",
+        p(&pem),
+    ])?;
+    Ok(pem)
 }
