@@ -218,12 +218,32 @@ impl Meta {
     }
 
     /// Run `f` in a transaction, retrying on conflicts with backoff.
-    pub fn txn<R>(&self, write: bool, mut f: impl FnMut(&mut dyn Txn) -> Result<R>) -> Result<R> {
+    pub fn txn<R>(&self, write: bool, f: impl FnMut(&mut dyn Txn) -> Result<R>) -> Result<R> {
+        self.run(Some(write), f)
+    }
+
+    /// Run `f`, which makes a single read request (one node, one entry), as
+    /// [`MetaEngine::begin_single_read`] allows: on PostgreSQL one round trip, no
+    /// `BEGIN`/`COMMIT`.
+    pub(crate) fn read_one<R>(&self, f: impl FnMut(&mut dyn Txn) -> Result<R>) -> Result<R> {
+        self.run(None, f)
+    }
+
+    /// `write`: `Some(true)` a write transaction, `Some(false)` a read transaction, `None` a
+    /// single read.
+    fn run<R>(
+        &self,
+        write: Option<bool>,
+        mut f: impl FnMut(&mut dyn Txn) -> Result<R>,
+    ) -> Result<R> {
         let start = Instant::now();
         let mut retries = 0u32;
         loop {
             let res = (|| {
-                let mut tx = self.engine.begin(write)?;
+                let mut tx = match write {
+                    Some(w) => self.engine.begin(w)?,
+                    None => self.engine.begin_single_read()?,
+                };
                 let v = f(&mut *tx)?;
                 tx.commit()?;
                 Ok(v)
@@ -467,21 +487,24 @@ impl Meta {
     // ---------------------------------------------------------------- lookups
 
     pub fn getattr(&self, ino: Ino) -> Result<Node> {
-        self.txn(false, |tx| tx.get_node(ino)?.ok_or(MetaError::NotFound))
+        self.read_one(|tx| tx.get_node(ino)?.ok_or(MetaError::NotFound))
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Node> {
+        if name != b"." && name != b".." {
+            // One request: the directory, the entry and its node.
+            return self.read_one(|tx| {
+                let (_, entry) = dir_entry(tx, parent, name)?;
+                check_name(name)?;
+                entry.and_then(|(_, n)| n).ok_or(MetaError::NotFound)
+            });
+        }
         self.txn(false, |tx| {
-            let ino = match name {
-                b"." => return get_dir(tx, parent),
-                b".." => get_dir(tx, parent)?.parent.max(ROOT_INO),
-                _ => {
-                    let (_, entry) = dir_entry(tx, parent, name)?;
-                    check_name(name)?;
-                    return entry.and_then(|(_, n)| n).ok_or(MetaError::NotFound);
-                }
-            };
-            tx.get_node(ino)?.ok_or(MetaError::NotFound)
+            if name == b"." {
+                return get_dir(tx, parent);
+            }
+            let up = get_dir(tx, parent)?.parent.max(ROOT_INO);
+            tx.get_node(up)?.ok_or(MetaError::NotFound)
         })
     }
 

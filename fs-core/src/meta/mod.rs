@@ -305,6 +305,12 @@ pub trait MetaEngine: Send + Sync + 'static {
     /// transaction that cannot be serialized fails with [`MetaError::Conflict`] at any call
     /// or at commit, and [`Meta`] retries it.
     fn begin(&self, write: bool) -> Result<Box<dyn Txn + '_>>;
+    /// A read made of one request (a node, an entry with its node). An engine may run it
+    /// without a transaction, the statement being its own snapshot (PostgreSQL: one round
+    /// trip instead of `BEGIN` … `COMMIT`). Callers make exactly one request in it.
+    fn begin_single_read(&self) -> Result<Box<dyn Txn + '_>> {
+        self.begin(false)
+    }
 }
 
 /// Operations inside one transaction. Dropping a transaction without `commit` rolls it back.

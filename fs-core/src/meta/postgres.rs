@@ -237,6 +237,20 @@ impl PostgresEngine {
         self.round_trips.clone()
     }
 
+    /// A transaction started by `begin` (`None`: autocommit, for a single read).
+    fn txn(&self, begin: Option<&'static str>) -> Result<Box<dyn Txn + '_>> {
+        let mut c = self.conn();
+        self.connect(&mut c, self.reconnect)?;
+        Ok(Box::new(PgTxn {
+            conn: c,
+            round_trips: &self.round_trips,
+            begin,
+            begun: false,
+            deferred: Vec::new(),
+            done: false,
+        }))
+    }
+
     fn conn(&self) -> MutexGuard<'_, Conn> {
         for c in &self.pool {
             if let Some(g) = c.try_lock() {
@@ -269,20 +283,15 @@ impl MetaEngine for PostgresEngine {
     }
     /// No round trip: `BEGIN` goes out with the transaction's first request.
     fn begin(&self, write: bool) -> Result<Box<dyn Txn + '_>> {
-        let mut c = self.conn();
-        self.connect(&mut c, self.reconnect)?;
-        Ok(Box::new(PgTxn {
-            conn: c,
-            round_trips: &self.round_trips,
-            begin: if write {
-                "BEGIN ISOLATION LEVEL SERIALIZABLE"
-            } else {
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
-            },
-            begun: false,
-            deferred: Vec::new(),
-            done: false,
+        self.txn(Some(if write {
+            "BEGIN ISOLATION LEVEL SERIALIZABLE"
+        } else {
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
         }))
+    }
+    /// No transaction at all: the one statement is its own snapshot (autocommit).
+    fn begin_single_read(&self) -> Result<Box<dyn Txn + '_>> {
+        self.txn(None)
     }
 }
 
@@ -300,7 +309,8 @@ type Param = Box<dyn ToSql + Sync + Send>;
 struct PgTxn<'a> {
     conn: MutexGuard<'a, Conn>,
     round_trips: &'a AtomicU64,
-    begin: &'static str,
+    /// `None`: no transaction, each statement commits itself (single reads).
+    begin: Option<&'static str>,
     /// `BEGIN` has been sent.
     begun: bool,
     deferred: Vec<(Statement, Vec<Param>)>,
@@ -309,8 +319,8 @@ struct PgTxn<'a> {
 
 impl Drop for PgTxn<'_> {
     fn drop(&mut self) {
-        if self.done || !self.begun {
-            return; // nothing reached the server
+        if self.done || !self.begun || self.begin.is_none() {
+            return; // nothing reached the server, or nothing is open there
         }
         let c = &mut *self.conn;
         let ok = c
@@ -356,7 +366,7 @@ impl PgTxn<'_> {
     /// request is queued before any answer is awaited; answers are taken in order and the
     /// first failure is the transaction's error.
     fn round_trip(&mut self, last: Last<'_>) -> Result<Answer> {
-        let begin = (!self.begun).then_some(self.begin);
+        let begin = if self.begun { None } else { self.begin };
         let deferred = std::mem::take(&mut self.deferred);
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let c = &mut *self.conn;
@@ -481,6 +491,17 @@ fn row_entry(r: &Row) -> Entry {
 
 impl Txn for PgTxn<'_> {
     fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.begin.is_none() {
+            // Autocommit: the read has committed itself. A write has no place here.
+            self.done = true;
+            return if self.deferred.is_empty() {
+                Ok(())
+            } else {
+                Err(MetaError::Engine(
+                    "a write in a single-read request (a bug: use a transaction)".into(),
+                ))
+            };
+        }
         let r = if self.begun || !self.deferred.is_empty() {
             self.round_trip(Last::Commit).map(|_| ())
         } else {
