@@ -13,3 +13,19 @@ pub mod testing;
 pub mod tls;
 pub mod vfs;
 pub mod volume;
+
+/// An error and its sources, `: `-separated, each said once ("error performing TLS handshake:
+/// invalid peer certificate: …"; for the S3 SDK, without its debug dump).
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}

@@ -80,21 +80,6 @@ pub struct PostgresEngine {
     round_trips: Arc<AtomicU64>,
 }
 
-/// An error and its causes ("error performing TLS handshake: invalid peer certificate: …").
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
-}
-
 fn pg_err(e: tokio_postgres::Error) -> MetaError {
     if let Some(db) = e.as_db_error() {
         let code = db.code();
@@ -223,7 +208,7 @@ impl PostgresEngine {
                     return Err(MetaError::Engine(format!(
                         "cannot connect to PostgreSQL at {}: {} (check host, port, user, password, sslmode/sslrootcert and that the database exists)",
                         redact_url(&self.url),
-                        with_causes(&e)
+                        crate::error_chain(&e)
                     )));
                 }
             }

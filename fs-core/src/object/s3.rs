@@ -5,6 +5,8 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+use crate::error_chain;
+
 use aws_credential_types::Credentials;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
@@ -385,21 +387,6 @@ impl S3Store {
         parts.sort_by_key(|p| p.part_number());
         Ok(parts)
     }
-}
-
-/// An error and its sources, `: `-separated (without the SDK's debug dump).
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
 }
 
 impl ObjectStore for S3Store {
