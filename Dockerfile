@@ -18,17 +18,19 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/strata target/release/strata-csi target/release/strata-operator /out/
 
 FROM debian:bookworm-slim
-RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      fuse3 ca-certificates util-linux \
-    && rm -rf /var/lib/apt/lists/* \
-    && echo user_allow_other >> /etc/fuse.conf \
-    && groupadd --gid 65532 strata \
-    && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin strata
+# The packages and the user come from the same two files as the test-bed image that the
+# end-to-end suite runs (e2e/image/build.sh): e2e/image/packages.txt and e2e/image/setup.sh.
+COPY e2e/image/packages.txt e2e/image/setup.sh /tmp/image/
+RUN apt-get update \
+    && grep -v '^[[:space:]]*\(#\|$\)' /tmp/image/packages.txt \
+       | xargs env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    && sh /tmp/image/setup.sh \
+    && rm -rf /tmp/image
 COPY --from=build /out/ /usr/local/bin/
-# Non-root by default (operator, CSI controller). The node plugin and cache members mount
-# FUSE and run privileged as root (their pod specs set it); mount Pods (--mount-mode pod) run
-# as uid 0 with every capability dropped and no privilege: they only serve the FUSE
-# descriptor the node plugin hands them over its root-owned socket.
+# Non-root by default: the operator, the CSI controller and mount Pods (--mount-mode pod) run
+# as 65532, which owns the files of volumes kept on a node; mount Pods have no capability and
+# no privilege (the FUSE descriptor comes over the node plugin's socket). The node plugin and
+# cache members mount FUSE: their pod specs run them privileged as root.
 USER 65532:65532
 ENTRYPOINT []
 CMD ["strata", "--help"]

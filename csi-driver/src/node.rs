@@ -54,6 +54,9 @@ struct PubRec {
     volume_id: String,
     staging: String,
     readonly: bool,
+    /// Published with SINGLE_NODE_SINGLE_WRITER: no other target of the volume may exist.
+    #[serde(default)]
+    single_writer: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -110,6 +113,15 @@ fn consumers_of(st: &State, key: &str) -> Vec<Consumer> {
     out
 }
 
+/// Another target of `volume_id` that forbids publishing it again (SINGLE_NODE_SINGLE_WRITER
+/// on either side: the CSI spec allows such a volume at one target path only).
+fn single_writer_conflict(st: &State, volume_id: &str, single_writer: bool) -> Option<String> {
+    st.publishes
+        .iter()
+        .find(|(_, p)| p.volume_id == volume_id && (single_writer || p.single_writer))
+        .map(|(t, _)| t.clone())
+}
+
 #[derive(Clone)]
 pub struct NodeService {
     inner: Arc<Inner>,
@@ -142,14 +154,18 @@ fn sys_mount(src: &Path, dst: &Path, flags: libc::c_ulong) -> Result<()> {
     Ok(())
 }
 
+/// Bind `src` on `dst` (read-only when asked). On failure nothing stays mounted on `dst`.
 fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<()> {
     sys_mount(src, dst, libc::MS_BIND)?;
-    if readonly {
-        sys_mount(
+    if readonly
+        && let Err(e) = sys_mount(
             Path::new("none"),
             dst,
             libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-        )?;
+        )
+    {
+        umount(dst);
+        return Err(e);
     }
     Ok(())
 }
@@ -187,6 +203,36 @@ fn check_health(p: &Path) -> Option<String> {
     }
 }
 
+/// Files the node plugin keeps in `<state-dir>/volumes/<key>/`.
+const VOLUME_FILES: &[&str] = &["spec.json", "spec.json.tmp", "fd.sock", "client.log"];
+
+/// Remove the directory of a released shared mount: first `spec.json` (META_URL and keys),
+/// then the other files the plugin made and the empty mount point. Never recursive: a mount
+/// point that is still mounted (or not empty) stops the removal there, so nothing inside a
+/// volume is ever touched; such a leftover is logged.
+fn remove_volume_dir(dir: &Path) {
+    for f in VOLUME_FILES {
+        match std::fs::remove_file(dir.join(f)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %dir.join(f).display(), error = %e, "removing a file of a released mount")
+            }
+        }
+    }
+    let mnt = dir.join("mnt");
+    if !mounted(&mnt) {
+        let _ = std::fs::remove_dir(&mnt);
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %dir.display(), error = %e, "directory of a released mount left behind")
+        }
+    }
+}
+
 fn statvfs(p: &Path) -> Result<libc::statvfs> {
     let c = cstr(p)?;
     // SAFETY: statvfs fills a zeroed struct.
@@ -220,6 +266,11 @@ impl Inner {
         pod: PodParams,
     ) -> ClientSpec {
         let dir = self.vol_dir(key);
+        let host_dirs = if self.mounter.is_pod() {
+            crate::pod::host_dirs(&secrets.metaurl)
+        } else {
+            vec![]
+        };
         ClientSpec {
             key: key.to_string(),
             socket: dir.join("fd.sock"),
@@ -228,6 +279,7 @@ impl Inner {
             secrets,
             log: dir.join("client.log"),
             pod,
+            host_dirs,
         }
     }
 
@@ -242,9 +294,15 @@ impl Inner {
         }
     }
 
-    /// Mount the whole volume once per node (fresh FUSE connection, keeper, client).
+    /// Mount the whole volume once per node (fresh FUSE connection, keeper, client). On
+    /// failure nothing stays: no mount, no client, no `spec.json` with credentials.
     fn mount_base(&self, spec: ClientSpec) -> Result<Base> {
         let dir = self.vol_dir(&spec.key);
+        self.mount_base_in(&dir, spec)
+            .inspect_err(|_| remove_volume_dir(&dir))
+    }
+
+    fn mount_base_in(&self, dir: &Path, spec: ClientSpec) -> Result<Base> {
         std::fs::create_dir_all(&spec.mountpoint).map_err(|e| CsiError::io("state dir", e))?;
         let saved = SavedSpec {
             metaurl: spec.secrets.metaurl.clone(),
@@ -269,11 +327,14 @@ impl Inner {
         let ro = spec.options.iter().any(|(k, _)| k == "read-only");
         let dev = mount_fuse(&spec.mountpoint, &format!("strata:{}", spec.key), ro)
             .map_err(|e| CsiError::io("mounting /dev/fuse", e))?;
-        let keeper = match FdKeeper::start(&spec.socket, Some(dev), false) {
+        let keeper = match FdKeeper::start(&spec.socket, Some(dev), false)
+            .map_err(|e| CsiError::io("fd socket", e))
+            .and_then(|k| self.mounter.prepare(&spec).map(|()| k))
+        {
             Ok(k) => k,
             Err(e) => {
                 umount(&spec.mountpoint);
-                return Err(CsiError::io("fd socket", e));
+                return Err(e);
             }
         };
         // A new client for this key: a pending stop of an earlier one must not remove it.
@@ -308,6 +369,7 @@ impl Inner {
         umount(&base.spec.mountpoint);
         base.keeper.stop();
         self.stop_client(&base.spec, base.client);
+        remove_volume_dir(&self.vol_dir(&base.spec.key));
     }
 
     /// Start the client of `spec`, with the current consumers of its shared mount (a new
@@ -408,6 +470,9 @@ impl Inner {
             if mounted(&spec.mountpoint) && check_health(&spec.mountpoint).is_none() {
                 match FdKeeper::start(&spec.socket, None, true) {
                     Ok(keeper) => {
+                        if let Err(e) = self.mounter.prepare(&spec) {
+                            tracing::error!(key = %key, error = %e, "preparing the fd socket for the mount Pod");
+                        }
                         tracing::info!(key = %key, "adopted a live mount; waiting for its client to hand the descriptor back");
                         self.bases.lock().insert(
                             key,
@@ -571,19 +636,17 @@ impl Node for NodeService {
                 }
                 bases[&key].spec.mountpoint.join(&subpath)
             };
-            if !src.is_dir() {
+            // Every failure from here on leaves neither the staging bind mount nor an
+            // unused shared mount behind.
+            let mut bound = false;
+            let staged = inner.stage_on(&src, &subpath, &staging, rec, &mut bound);
+            if staged.is_err() {
+                if bound {
+                    umount(&staging);
+                }
                 inner.release_base_if_unused(&key);
-                return Err(CsiError::NotFound(format!(
-                    "directory {subpath:?} does not exist in the volume"
-                )));
             }
-            std::fs::create_dir_all(&staging).map_err(|e| CsiError::io("staging path", e))?;
-            if !mounted(&staging) {
-                bind(&src, &staging, false)?;
-            }
-            let mut st = inner.state.lock();
-            st.stages.insert(r.staging_target_path.clone(), rec);
-            inner.save(&st)
+            staged
         })
         .await?;
         Ok(Response::new(csi::NodeStageVolumeResponse {}))
@@ -648,6 +711,7 @@ impl Node for NodeService {
         let readonly = r.readonly
             || mode == Mode::SingleNodeReaderOnly as i32
             || mode == Mode::MultiNodeReaderOnly as i32;
+        let single_writer = mode == Mode::SingleNodeSingleWriter as i32;
         let _g = self.locks.try_lock(&r.volume_id)?;
         let inner = self.inner.clone();
         blocking(span.clone(), move || {
@@ -670,16 +734,27 @@ impl Node for NodeService {
                 volume_id: r.volume_id.clone(),
                 staging: r.staging_target_path.clone(),
                 readonly,
+                single_writer,
             };
             let target = PathBuf::from(&r.target_path);
-            if let Some(old) = inner.state.lock().publishes.get(&r.target_path) {
-                if *old == rec && mounted(&target) {
-                    return Ok(());
+            {
+                let st = inner.state.lock();
+                if let Some(old) = st.publishes.get(&r.target_path) {
+                    if *old == rec && mounted(&target) {
+                        return Ok(());
+                    }
+                    return Err(CsiError::AlreadyExists(format!(
+                        "{} is already published with other settings",
+                        r.target_path
+                    )));
                 }
-                return Err(CsiError::AlreadyExists(format!(
-                    "{} is already published with other settings",
-                    r.target_path
-                )));
+                if let Some(other) = single_writer_conflict(&st, &r.volume_id, single_writer) {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {} is already published at {other} and one of the two \
+                         publications asks for SINGLE_NODE_SINGLE_WRITER",
+                        r.volume_id
+                    )));
+                }
             }
             if let Some(gid) = group {
                 let staging = Path::new(&r.staging_target_path);
@@ -696,12 +771,23 @@ impl Node for NodeService {
                 )
                 .map_err(|e| CsiError::io("volume_mount_group", e))?;
             }
+            let created = !target.exists();
             std::fs::create_dir_all(&target).map_err(|e| CsiError::io("target path", e))?;
-            bind(Path::new(&r.staging_target_path), &target, readonly)?;
-            {
-                let mut st = inner.state.lock();
-                st.publishes.insert(r.target_path.clone(), rec);
-                inner.save(&st)?;
+            let published =
+                bind(Path::new(&r.staging_target_path), &target, readonly).and_then(|()| {
+                    let mut st = inner.state.lock();
+                    st.publishes.insert(r.target_path.clone(), rec);
+                    inner.save(&st).inspect_err(|_| {
+                        st.publishes.remove(&r.target_path);
+                        umount(&target);
+                    })
+                });
+            if let Err(e) = published {
+                // No mount and no directory of ours stays behind.
+                if created {
+                    let _ = std::fs::remove_dir(&target);
+                }
+                return Err(e);
             }
             if let Some(s) = staged {
                 inner.sync_consumers(&s.key);
@@ -859,6 +945,36 @@ impl Node for NodeService {
 }
 
 impl Inner {
+    /// Bind the volume directory `src` (`subpath` in the volume) on `staging` and record the
+    /// stage `rec`; `bound` tells whether this call mounted `staging`.
+    fn stage_on(
+        &self,
+        src: &Path,
+        subpath: &str,
+        staging: &Path,
+        rec: StageRec,
+        bound: &mut bool,
+    ) -> Result<()> {
+        if !src.is_dir() {
+            return Err(CsiError::NotFound(format!(
+                "directory {subpath:?} does not exist in the volume"
+            )));
+        }
+        std::fs::create_dir_all(staging).map_err(|e| CsiError::io("staging path", e))?;
+        if !mounted(staging) {
+            bind(src, staging, false)?;
+            *bound = true;
+        }
+        let key = staging.to_string_lossy().into_owned();
+        let mut st = self.state.lock();
+        st.stages.insert(key.clone(), rec);
+        if let Err(e) = self.save(&st) {
+            st.stages.remove(&key);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Unmount the shared mount of `key` when no staging path uses it any more.
     fn release_base_if_unused(&self, key: &str) {
         let used = self.state.lock().stages.values().any(|s| s.key == key);
@@ -889,6 +1005,7 @@ mod tests {
             volume_id: volume_id.into(),
             staging: staging.into(),
             readonly: false,
+            single_writer: false,
         }
     }
 
@@ -920,6 +1037,47 @@ mod tests {
         );
         assert_eq!(consumers_of(&st, "k2").len(), 1);
         assert!(consumers_of(&st, "k3").is_empty());
+    }
+
+    #[test]
+    fn a_single_node_single_writer_volume_has_one_target() {
+        let mut st = State::default();
+        assert_eq!(single_writer_conflict(&st, "vol/a", true), None);
+        st.publishes.insert("/t/1".into(), publish("vol/a", "/s/a"));
+        // Another target of a multi-writer publication: fine, unless the new one is
+        // single-writer.
+        assert_eq!(single_writer_conflict(&st, "vol/a", false), None);
+        assert_eq!(
+            single_writer_conflict(&st, "vol/a", true),
+            Some("/t/1".to_string())
+        );
+        let mut sw = publish("vol/b", "/s/b");
+        sw.single_writer = true;
+        st.publishes.insert("/t/2".into(), sw);
+        assert_eq!(
+            single_writer_conflict(&st, "vol/b", false),
+            Some("/t/2".to_string())
+        );
+        assert_eq!(single_writer_conflict(&st, "vol/c", true), None);
+    }
+
+    #[test]
+    fn a_released_volume_directory_loses_its_credentials_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = dir.path().join("v1");
+        std::fs::create_dir_all(v.join("mnt")).unwrap();
+        for f in ["spec.json", "client.log"] {
+            std::fs::write(v.join(f), b"{}").unwrap();
+        }
+        remove_volume_dir(&v);
+        assert!(!v.exists(), "volume directory left");
+        // Something unknown in it (or in its mount point): only the plugin's own files go.
+        std::fs::create_dir_all(v.join("mnt")).unwrap();
+        std::fs::write(v.join("spec.json"), b"{}").unwrap();
+        std::fs::write(v.join("mnt/data"), b"user data").unwrap();
+        remove_volume_dir(&v);
+        assert!(!v.join("spec.json").exists(), "credentials left");
+        assert_eq!(std::fs::read(v.join("mnt/data")).unwrap(), b"user data");
     }
 
     #[test]

@@ -21,6 +21,50 @@ pub const KEY_LABEL: &str = "strata.io/volume-key";
 /// directory) and the cache directory.
 pub const FD_DIR: &str = "/strata/fd";
 pub const CACHE_DIR: &str = "/var/cache/strata";
+/// Annotation of a mount Pod: hash of the Pod spec this plugin built. A Pod found with
+/// another hash (other image, options, volumes) is replaced, not adopted.
+pub const SPEC_HASH_ANNOTATION: &str = "strata.io/spec-hash";
+/// User and group of the mount client (the image's user, the same as the operator's): the
+/// files the operator creates (a SQLite database, a local bucket) are theirs.
+pub const MOUNT_UID: u32 = 65532;
+/// How long [`PodMounter::start`] waits for a terminating Pod of the same name to go.
+pub const REPLACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Host directories a mount client of `metaurl` must reach at the same path: the directory
+/// of a `sqlite://` database and, when the volume keeps its objects in a local directory,
+/// that directory (read from the volume's format, when the database is readable here).
+/// A directory below another one of the list is left out.
+pub fn host_dirs(metaurl: &str) -> Vec<std::path::PathBuf> {
+    use std::path::{Path, PathBuf};
+    let mut dirs: Vec<PathBuf> = vec![];
+    let Some(db) = metaurl.strip_prefix("sqlite://") else {
+        return dirs;
+    };
+    let db = Path::new(db.split('?').next().unwrap_or(db));
+    if let Some(d) = db.parent().filter(|d| d.is_absolute()) {
+        dirs.push(d.to_path_buf());
+    }
+    // Only an existing database: opening a missing one would create it.
+    if db.is_file()
+        && let Ok(engine) = strata::meta::open_engine(metaurl)
+    {
+        let meta = strata::meta::Meta::new(
+            engine,
+            std::sync::Arc::new(strata::metrics::Metrics::new()),
+            strata::meta::MetaSettings::default(),
+        );
+        match meta.load() {
+            Ok(f) if f.storage.storage == "file" && Path::new(&f.storage.bucket).is_absolute() => {
+                dirs.push(PathBuf::from(&f.storage.bucket));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the volume's format for its bucket"),
+        }
+    }
+    dirs.sort();
+    dirs.dedup_by(|b, a| b.starts_with(&*a));
+    dirs
+}
 
 /// Settings of the mount Pods of one node plugin.
 #[derive(Debug, Clone)]
@@ -91,6 +135,9 @@ pub fn objects(
     .map_err(|e| CsiError::Internal(e.to_string()))?;
     let mut args = vec![
         "mount".to_string(),
+        // The client restarts in the container at once (kubelet's crash back-off is for
+        // the supervisor only).
+        "--supervise".into(),
         "--fuse-fd-socket".into(),
         format!("{FD_DIR}/fd.sock"),
     ];
@@ -124,11 +171,23 @@ pub fn objects(
         None => json!({"name": "cache", "emptyDir": {}}),
     };
     let consumers = serde_json::to_string(consumers).unwrap_or_else(|_| "[]".into());
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": s.namespace, "labels": labels,
-                     "annotations": {CONSUMERS_ANNOTATION: consumers}},
-        "spec": {
+    let mut volume_mounts = vec![
+        json!({"name": "fd", "mountPath": FD_DIR}),
+        json!({"name": "cache", "mountPath": CACHE_DIR}),
+    ];
+    let mut volumes = vec![
+        json!({"name": "fd", "hostPath": {"path": fd_dir, "type": "Directory"}}),
+        cache,
+    ];
+    // A SQLite database or a local bucket on the node: the same path inside the Pod.
+    for (i, d) in spec.host_dirs.iter().enumerate() {
+        let d = d.to_string_lossy();
+        volume_mounts.push(json!({"name": format!("host-{i}"), "mountPath": d}));
+        volumes.push(
+            json!({"name": format!("host-{i}"), "hostPath": {"path": d, "type": "Directory"}}),
+        );
+    }
+    let pod_spec = json!({
             "nodeName": s.node_name,
             "restartPolicy": "Always",
             "priorityClassName": "system-node-critical",
@@ -143,30 +202,76 @@ pub fn objects(
                 "args": args,
                 "envFrom": [{"secretRef": {"name": name}}],
                 "resources": {"requests": limits.clone(), "limits": limits},
-                // Root (the image's default user is not) to reach the fd socket and the
-                // hostPath cache directory, both owned by root; no capability, no
-                // privilege: the FUSE descriptor comes over the socket.
+                // The client's error (its log tail) shows in the Pod's status when it fails.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                // Not root, no capability, no privilege: the FUSE descriptor comes over the
+                // socket, which the node plugin gives to this user, as it does the hostPath
+                // cache directory; a SQLite database and a local bucket made by the
+                // operator belong to this user too.
                 "securityContext": {
                     "privileged": false,
-                    "runAsUser": 0,
-                    "runAsGroup": 0,
+                    "runAsUser": MOUNT_UID,
+                    "runAsGroup": MOUNT_UID,
+                    "runAsNonRoot": true,
                     "allowPrivilegeEscalation": false,
                     "readOnlyRootFilesystem": true,
                     "capabilities": {"drop": ["ALL"]}
                 },
-                "volumeMounts": [
-                    {"name": "fd", "mountPath": FD_DIR},
-                    {"name": "cache", "mountPath": CACHE_DIR}
-                ]
+                "volumeMounts": volume_mounts
             }],
-            "volumes": [
-                {"name": "fd", "hostPath": {"path": fd_dir, "type": "Directory"}},
-                cache
-            ]
-        }
+            "volumes": volumes
+    });
+    let hash = format!("{:016x}", fnv64(&pod_spec.to_string()));
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": s.namespace, "labels": labels,
+                     "annotations": {CONSUMERS_ANNOTATION: consumers, SPEC_HASH_ANNOTATION: hash}},
+        "spec": pod_spec
     }))
     .map_err(|e| CsiError::Internal(e.to_string()))?;
     Ok((secret, pod))
+}
+
+fn fnv64(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Give the mount Pods' user what it needs of the node: the fd socket of `spec` (mode 0600,
+/// owned by [`MOUNT_UID`]) and the host cache directory `cache_dir`, created if missing
+/// (when this plugin sees it, i.e. it is mounted here at the same path; else a warning).
+pub fn prepare_host(spec: &ClientSpec, cache_dir: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(&spec.socket, Some(MOUNT_UID), Some(MOUNT_UID))
+        .and_then(|()| {
+            std::fs::set_permissions(&spec.socket, std::fs::Permissions::from_mode(0o600))
+        })
+        .map_err(|e| {
+            CsiError::io(
+                &format!("giving {} to uid {MOUNT_UID}", spec.socket.display()),
+                e,
+            )
+        })?;
+    if let Some(d) = cache_dir {
+        let d = std::path::Path::new(d);
+        let owned = std::fs::create_dir_all(d).and_then(|()| {
+            let m = std::fs::metadata(d)?;
+            use std::os::unix::fs::MetadataExt;
+            if m.uid() != MOUNT_UID {
+                std::os::unix::fs::chown(d, Some(MOUNT_UID), Some(MOUNT_UID))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = owned {
+            tracing::warn!(path = %d.display(), error = %e,
+                "cannot give the mount Pods' cache directory to uid 65532 (mount it into the node plugin at the same path); the client may fail to write its cache");
+        }
+    }
+    Ok(())
 }
 
 /// Creates, annotates and deletes mount Pods through the Kubernetes API.
@@ -241,12 +346,69 @@ impl PodMounter {
                 .await
                 .map_err(|e| kube_err("updating the mount Secret", e))?;
         }
-        let created = tolerating(
-            pods.create(&PostParams::default(), &pod).await,
-            409,
-            "creating the mount Pod",
-        )?;
-        Ok(created.is_some())
+        let want = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SPEC_HASH_ANNOTATION))
+            .cloned();
+        let deadline = tokio::time::Instant::now() + REPLACE_TIMEOUT;
+        loop {
+            let created = tolerating(
+                pods.create(&PostParams::default(), &pod).await,
+                409,
+                "creating the mount Pod",
+            )?;
+            if created.is_some() {
+                return Ok(true);
+            }
+            // A Pod of that name exists: keep it only if it is live and built as this one.
+            let Some(old) = tolerating(pods.get(&name).await, 404, "reading the mount Pod")? else {
+                continue;
+            };
+            let terminating = old.metadata.deletion_timestamp.is_some();
+            let hash = old
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SPEC_HASH_ANNOTATION));
+            if !terminating && hash == want.as_ref() {
+                return Ok(false);
+            }
+            if !terminating {
+                tracing::info!(pod = %name, "mount Pod built differently; replacing it");
+                tolerating(
+                    pods.delete(&name, &DeleteParams::default()).await,
+                    404,
+                    "deleting the outdated mount Pod",
+                )?;
+            } else {
+                tracing::info!(pod = %name, "mount Pod terminating; waiting for it to go before creating it again");
+            }
+            self.wait_gone(&pods, &name, deadline).await?;
+        }
+    }
+
+    /// Wait until the Pod `name` is gone from the API (it may be terminating), polling.
+    async fn wait_gone(
+        &self,
+        pods: &Api<Pod>,
+        name: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
+        loop {
+            if tolerating(pods.get(name).await, 404, "reading the mount Pod")?.is_none() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CsiError::Internal(format!(
+                    "mount Pod {}/{name} is still terminating after {} s; it must be gone before it can be created again",
+                    self.settings.namespace,
+                    REPLACE_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     /// Record `consumers` on the mount Pod of `key` (JSON merge patch). A missing Pod is not
@@ -310,6 +472,12 @@ impl PodMounter {
                     t.exit_code,
                     t.reason.unwrap_or_default()
                 ));
+                // The client's own words (terminationMessagePolicy FallbackToLogsOnError).
+                if let Some(m) = t.message.filter(|m| !m.trim().is_empty()) {
+                    let tail: Vec<&str> = m.trim().lines().rev().take(3).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    out.push_str(&format!(": {}", tail.join(" | ")));
+                }
             }
         }
         out.push_str(&format!(" (kubectl -n {ns} logs {name})"));
@@ -337,6 +505,7 @@ pub(crate) mod tests {
             },
             log: "/dev/null".into(),
             pod: PodParams::default(),
+            host_dirs: vec![],
         }
     }
 
@@ -460,9 +629,28 @@ pub(crate) mod tests {
         assert_eq!(c["volumeMounts"][0]["mountPath"], "/strata/fd");
         let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
         assert_eq!(
-            &args[..3],
-            ["mount", "--fuse-fd-socket", "/strata/fd/fd.sock"]
+            &args[..4],
+            [
+                "mount",
+                "--supervise",
+                "--fuse-fd-socket",
+                "/strata/fd/fd.sock"
+            ]
         );
+        assert_eq!(c["securityContext"]["runAsUser"], MOUNT_UID);
+        assert_eq!(c["securityContext"]["runAsGroup"], MOUNT_UID);
+        assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["terminationMessagePolicy"], "FallbackToLogsOnError");
+        assert_eq!(
+            p["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+                .as_str()
+                .unwrap()
+                .len(),
+            16
+        );
+        // No host directory but the fd socket's and the cache.
+        assert_eq!(p["spec"]["volumes"].as_array().unwrap().len(), 2);
         assert!(args.contains(&"--cache-size=1024".to_string()));
         assert!(args.contains(&"--cache-dir=/var/cache/strata".to_string()));
         assert_eq!(args[args.len() - 2], "-");
@@ -505,6 +693,110 @@ pub(crate) mod tests {
         assert!(!args.contains(&"--cache-dir=/var/cache/strata".to_string()));
         assert!(p["spec"]["volumes"][1]["emptyDir"].is_object());
         assert_eq!(p["metadata"]["annotations"][CONSUMERS_ANNOTATION], "[]");
+    }
+
+    #[test]
+    fn host_directories_are_mounted_at_the_same_path_and_change_the_hash() {
+        let mut sp = spec();
+        sp.host_dirs = vec!["/var/lib/strata/vol".into(), "/srv/bucket".into()];
+        let (_, pod) = objects(&settings(), &sp, &[]).unwrap();
+        let p = serde_json::to_value(&pod).unwrap();
+        let vols = p["spec"]["volumes"].as_array().unwrap();
+        let mounts = p["spec"]["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap();
+        for (i, d) in ["/var/lib/strata/vol", "/srv/bucket"].iter().enumerate() {
+            let name = format!("host-{i}");
+            let v = vols.iter().find(|v| v["name"] == name.as_str()).unwrap();
+            assert_eq!(v["hostPath"]["path"], *d);
+            assert_eq!(v["hostPath"]["type"], "Directory");
+            let m = mounts.iter().find(|m| m["name"] == name.as_str()).unwrap();
+            assert_eq!(m["mountPath"], *d);
+        }
+        let (_, plain) = objects(&settings(), &spec(), &[]).unwrap();
+        let hash = |p: &Pod| p.metadata.annotations.as_ref().unwrap()[SPEC_HASH_ANNOTATION].clone();
+        assert_ne!(hash(&pod), hash(&plain));
+        // The consumers are not part of the spec: same hash.
+        let c = [Consumer {
+            volume_id: "v".into(),
+            target_path: "/t".into(),
+        }];
+        let (_, with_consumers) = objects(&settings(), &spec(), &c).unwrap();
+        assert_eq!(hash(&with_consumers), hash(&plain));
+    }
+
+    #[test]
+    fn host_dirs_of_a_sqlite_volume_are_its_database_and_bucket_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_dir = dir.path().join("vol");
+        let bucket = dir.path().join("objects");
+        std::fs::create_dir_all(&db_dir).unwrap();
+        let url = format!("sqlite://{}/meta.db", db_dir.display());
+        // Not formatted yet: the database's directory only, and no file created.
+        assert_eq!(host_dirs(&url), vec![db_dir.clone()]);
+        assert!(!db_dir.join("meta.db").exists());
+        let opts = strata::volume::FormatOptions {
+            name: "hostdirs".into(),
+            storage: strata::object::StorageConfig {
+                storage: "file".into(),
+                bucket: bucket.to_string_lossy().into(),
+                access_key: None,
+                secret_key: None,
+                region: None,
+            },
+            block_size_kib: 4096,
+            capacity_gib: 0,
+            inodes: 0,
+        };
+        strata::volume::format(
+            &url,
+            &opts,
+            std::sync::Arc::new(strata::metrics::Metrics::new()),
+        )
+        .unwrap();
+        let mut want = vec![bucket.clone(), db_dir.clone()];
+        want.sort();
+        assert_eq!(host_dirs(&url), want);
+        // A bucket inside the database's directory needs no volume of its own.
+        let url2 = format!("sqlite://{}/meta2.db", dir.path().display());
+        let opts2 = strata::volume::FormatOptions {
+            name: "hostdirs2".into(),
+            ..opts
+        };
+        strata::volume::format(
+            &url2,
+            &opts2,
+            std::sync::Arc::new(strata::metrics::Metrics::new()),
+        )
+        .unwrap();
+        assert_eq!(host_dirs(&url2), vec![dir.path().to_path_buf()]);
+        assert!(host_dirs("postgres://u:pw@db/strata").is_empty());
+    }
+
+    #[test]
+    fn the_fd_socket_and_the_cache_directory_go_to_the_mount_user() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to give files away");
+            return;
+        }
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = spec();
+        sp.socket = dir.path().join("fd.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sp.socket).unwrap();
+        let cache = dir.path().join("cache/strata");
+        prepare_host(&sp, Some(cache.to_str().unwrap())).unwrap();
+        let m = std::fs::metadata(&sp.socket).unwrap();
+        assert_eq!((m.uid(), m.gid()), (MOUNT_UID, MOUNT_UID));
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        let c = std::fs::metadata(&cache).unwrap();
+        assert!(c.is_dir());
+        assert_eq!((c.uid(), c.gid()), (MOUNT_UID, MOUNT_UID));
+        // A missing socket is an error naming it.
+        sp.socket = dir.path().join("missing.sock");
+        let e = prepare_host(&sp, None).unwrap_err().to_string();
+        assert!(e.contains("missing.sock"), "{e}");
     }
 
     #[test]
@@ -579,16 +871,20 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn existing_objects_are_kept_and_the_secret_rewritten() {
-        let (client, server) = mock(3, |s| match s.method {
+        let mut sp = spec();
+        sp.secrets.access_key = Some("AK".into());
+        // The live Pod, built as this plugin builds it.
+        let (_, live) = objects(&settings(), &sp, &[]).unwrap();
+        let live = serde_json::to_value(&live).unwrap();
+        let (client, server) = mock(4, move |s| match s.method {
             Method::POST => (409, None),
+            Method::GET => (200, Some(live.clone())),
             _ => (200, Some(s.body.clone())),
         });
         let m = PodMounter {
             client,
             settings: settings(),
         };
-        let mut sp = spec();
-        sp.secrets.access_key = Some("AK".into());
         assert!(!m.start(&sp, &[]).await.unwrap(), "the Pod existed");
         let seen = server.await.unwrap();
         assert_eq!(
@@ -597,6 +893,7 @@ pub(crate) mod tests {
                 (Method::POST, SECRETS.to_string()),
                 (Method::PATCH, format!("{SECRETS}/{NAME}")),
                 (Method::POST, PODS.to_string()),
+                (Method::GET, format!("{PODS}/{NAME}")),
             ]
         );
         assert_eq!(seen[1].content_type, "application/merge-patch+json");
@@ -605,6 +902,94 @@ pub(crate) mod tests {
             json!({"data": {"STRATA_SECRET_KEY": null, "STRATA_SESSION_TOKEN": null},
                    "stringData": {"STRATA_META_URL": "postgres://u:pw@db/strata",
                                   "STRATA_ACCESS_KEY": "AK"}})
+        );
+    }
+
+    /// A Pod as the API returns it: `spec()`'s, with `deletionTimestamp` when
+    /// `terminating`, with the spec hash replaced when `hash` is given.
+    fn stored_pod(terminating: bool, hash: Option<&str>) -> Value {
+        let (_, pod) = objects(&settings(), &spec(), &[]).unwrap();
+        let mut v = serde_json::to_value(&pod).unwrap();
+        if terminating {
+            v["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+        }
+        if let Some(h) = hash {
+            v["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = json!(h);
+        }
+        v
+    }
+
+    #[tokio::test]
+    async fn a_terminating_pod_is_waited_for_and_created_again_not_adopted() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let gets = AtomicUsize::new(0);
+        let (client, server) = mock(6, move |s| match (&s.method, s.path.as_str()) {
+            (&Method::POST, SECRETS) => (201, Some(s.body.clone())),
+            // The first create meets the terminating Pod; the last one succeeds.
+            (&Method::POST, PODS) if gets.load(Ordering::SeqCst) < 3 => (409, None),
+            (&Method::POST, _) => (201, Some(s.body.clone())),
+            // Still there twice (terminating), then gone.
+            (&Method::GET, _) if gets.fetch_add(1, Ordering::SeqCst) < 2 => {
+                (200, Some(stored_pod(true, None)))
+            }
+            _ => (404, None),
+        });
+        let m = PodMounter {
+            client,
+            settings: settings(),
+        };
+        assert!(
+            m.start(&spec(), &[]).await.unwrap(),
+            "a new Pod was created"
+        );
+        let seen = server.await.unwrap();
+        assert_eq!(
+            calls(&seen),
+            vec![
+                (Method::POST, SECRETS.to_string()),
+                (Method::POST, PODS.to_string()),
+                (Method::GET, format!("{PODS}/{NAME}")),
+                (Method::GET, format!("{PODS}/{NAME}")),
+                (Method::GET, format!("{PODS}/{NAME}")),
+                (Method::POST, PODS.to_string()),
+            ]
+        );
+        assert!(seen.iter().all(|s| s.method != Method::DELETE));
+    }
+
+    #[tokio::test]
+    async fn a_pod_built_differently_is_replaced() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let deleted = AtomicUsize::new(0);
+        let (client, server) = mock(6, move |s| match (&s.method, s.path.as_str()) {
+            (&Method::POST, SECRETS) => (201, Some(s.body.clone())),
+            (&Method::POST, PODS) if deleted.load(Ordering::SeqCst) == 0 => (409, None),
+            (&Method::POST, _) => (201, Some(s.body.clone())),
+            (&Method::DELETE, _) => {
+                deleted.fetch_add(1, Ordering::SeqCst);
+                (200, Some(stored_pod(true, Some("0000000000000000"))))
+            }
+            (&Method::GET, _) if deleted.load(Ordering::SeqCst) == 0 => {
+                (200, Some(stored_pod(false, Some("0000000000000000"))))
+            }
+            _ => (404, None),
+        });
+        let m = PodMounter {
+            client,
+            settings: settings(),
+        };
+        assert!(m.start(&spec(), &[]).await.unwrap());
+        let seen = server.await.unwrap();
+        assert_eq!(
+            calls(&seen),
+            vec![
+                (Method::POST, SECRETS.to_string()),
+                (Method::POST, PODS.to_string()),
+                (Method::GET, format!("{PODS}/{NAME}")),
+                (Method::DELETE, format!("{PODS}/{NAME}")),
+                (Method::GET, format!("{PODS}/{NAME}")),
+                (Method::POST, PODS.to_string()),
+            ]
         );
     }
 

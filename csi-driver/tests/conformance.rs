@@ -26,6 +26,8 @@ async fn csi_sanity_groups_with_real_mounts() {
     };
     let sock = root.join("csi.sock");
     let state = root.join("state");
+    let metaurl_file = root.join("metaurl");
+    fs::write(&metaurl_file, format!("{meta}\n")).unwrap();
     let mut g = Guard {
         plugin: None,
         dir: root.clone(),
@@ -44,6 +46,8 @@ async fn csi_sanity_groups_with_real_mounts() {
             .arg(format!("unix://{}", sock.display()))
             .arg("--state-dir")
             .arg(&state)
+            .arg("--default-metaurl-file")
+            .arg(&metaurl_file)
             .arg("--strata-bin")
             .arg(strata_bin())
             .stdout(Stdio::null())
@@ -159,6 +163,32 @@ async fn csi_sanity_groups_with_real_mounts() {
         .volume
         .unwrap();
     assert_eq!(v2.volume_id, v.volume_id);
+    // ListVolumes (the volume of --default-metaurl-file): the new volume, with its size.
+    let listed = ctl
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = listed
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    assert_eq!(ids, vec![v.volume_id.clone()]);
+    assert_eq!(
+        listed.entries[0].volume.as_ref().unwrap().capacity_bytes,
+        1 << 20
+    );
+    assert_eq!(
+        code(
+            ctl.list_volumes(csi::ListVolumesRequest {
+                starting_token: "invalid-token".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::Aborted
+    );
     let mut other = base.clone();
     other.capacity_range = Some(csi::CapacityRange {
         required_bytes: 5 << 20,
@@ -304,6 +334,33 @@ async fn csi_sanity_groups_with_real_mounts() {
         Code::InvalidArgument
     );
 
+    // ---- A stage that fails (a directory the volume does not have) leaves nothing: no
+    // staging bind mount, no shared mount, no client, no spec.json with the META_URL.
+    let bad_staging = root.join("kubelet/staging/missing");
+    fs::create_dir_all(&bad_staging).unwrap();
+    let e = node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: "static-missing".into(),
+            staging_target_path: bad_staging.to_string_lossy().into(),
+            volume_context: HashMap::from([("subdir".into(), "does/not/exist".into())]),
+            ..stage.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root_s = root.to_string_lossy().to_string();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&root_s)),
+        "a failed stage left a mount: {mounts}"
+    );
+    assert_eq!(fs::read_dir(state.join("volumes")).unwrap().count(), 0);
+    let t = Instant::now();
+    while !client_pids(&state).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(20), "client left running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // ---- Node: stage, publish (twice each), I/O through the target
     node.node_stage_volume(stage.clone()).await.unwrap();
     node.node_stage_volume(stage.clone()).await.unwrap();
@@ -439,15 +496,25 @@ async fn csi_sanity_groups_with_real_mounts() {
     unsafe { libc::kill(pids[0], libc::SIGKILL) };
     let killed = Instant::now();
     let got = read_within(target.join("hello.txt"), Duration::from_secs(5));
-    let took = killed.elapsed();
     assert_eq!(
         got.as_deref(),
         Some(&b"through the target"[..]),
         "target not readable within 5 s of SIGKILL: {}",
         fs::read_to_string(root.join("plugin.log")).unwrap_or_default()
     );
+    // A new file (no cache can answer that): the restarted client serves within 5 s.
+    assert!(
+        write_read_within(
+            target.join("new-after-kill.txt"),
+            b"served by the new client",
+            Duration::from_secs(5).saturating_sub(killed.elapsed())
+        ),
+        "no new file through the target within 5 s of SIGKILL: {}",
+        fs::read_to_string(root.join("plugin.log")).unwrap_or_default()
+    );
+    let took = killed.elapsed();
     eprintln!(
-        "reader of the target succeeded {:.3} s after the client was killed",
+        "a new file through the target succeeded {:.3} s after the client was killed",
         took.as_secs_f64()
     );
     fs::write(target.join("after.txt"), b"still writable").unwrap();
@@ -477,12 +544,54 @@ async fn csi_sanity_groups_with_real_mounts() {
         ),
         Code::InvalidArgument
     );
+
+    // ---- SINGLE_NODE_SINGLE_WRITER: one target only; the refused publish leaves neither a
+    // mount nor a directory (csi-sanity: "should fail when volume with single node single
+    // writer access mode is already mounted at a different target path").
+    let snsw = mount_cap(Mode::SingleNodeSingleWriter);
+    let other = root.join("kubelet/pods/p3/volumes/pv1");
+    let sw = csi::NodePublishVolumeRequest {
+        volume_capability: Some(snsw.clone()),
+        ..publish.clone()
+    };
+    node.node_publish_volume(sw.clone()).await.unwrap();
+    node.node_publish_volume(sw.clone()).await.unwrap();
+    for cap in [snsw.clone(), caps[0].clone()] {
+        let e = node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                target_path: other.to_string_lossy().into(),
+                volume_capability: Some(cap),
+                ..publish.clone()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+        assert!(
+            !other.exists(),
+            "the refused publish left {}",
+            other.display()
+        );
+    }
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: target.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    assert!(!target.exists());
+
     let unstage = csi::NodeUnstageVolumeRequest {
         volume_id: v.volume_id.clone(),
         staging_target_path: staging.to_string_lossy().into(),
     };
     node.node_unstage_volume(unstage.clone()).await.unwrap();
     node.node_unstage_volume(unstage).await.unwrap();
+    // The shared mount is released: no META_URL or keys stay on the node.
+    let volumes: Vec<_> = fs::read_dir(state.join("volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(volumes.is_empty(), "left behind: {volumes:?}");
     let t = Instant::now();
     while !client_pids(&state).is_empty() {
         assert!(
@@ -497,6 +606,12 @@ async fn csi_sanity_groups_with_real_mounts() {
     };
     ctl.delete_volume(del.clone()).await.unwrap();
     ctl.delete_volume(del).await.unwrap();
+    let listed = ctl
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{listed:?}");
     ctl.delete_volume(csi::DeleteVolumeRequest {
         volume_id: "reallyfakevolumeid".into(),
         secrets: secrets.clone(),

@@ -11,6 +11,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -269,6 +270,11 @@ impl FakeKube {
         self.store.lock().unwrap().errors.clone()
     }
 
+    /// Delete a Pod as `kubectl delete pod` does (see [`begin_pod_deletion`]).
+    fn delete_pod(&self, pod: &str) {
+        begin_pod_deletion(&self.store, pod);
+    }
+
     /// Evict a Pod: gone from the API, its container stopped (the Secret stays).
     fn evict(&self, pod: &str) {
         let c = {
@@ -305,6 +311,35 @@ impl Drop for FakeKube {
             c.stop();
         }
     }
+}
+
+/// Graceful deletion of a Pod, as the API server and kubelet do it: the Pod gets a
+/// `deletionTimestamp` and stays (terminating; creating one of the same name answers 409)
+/// until its container has stopped (SIGTERM, SIGKILL after 5 s), then it is gone. Returns
+/// the Pod as it is now.
+fn begin_pod_deletion(store: &Arc<Mutex<Store>>, name: &str) -> Option<Value> {
+    let (obj, container) = {
+        let mut st = store.lock().unwrap();
+        let key = ("pods".to_string(), name.to_string());
+        let obj = st.objects.get_mut(&key).map(|o| {
+            o["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:01Z");
+            o.clone()
+        });
+        (obj, st.containers.remove(name))
+    };
+    obj.as_ref()?;
+    let (store, name) = (store.clone(), name.to_string());
+    std::thread::spawn(move || {
+        if let Some(c) = container {
+            c.stop();
+        }
+        store
+            .lock()
+            .unwrap()
+            .objects
+            .remove(&("pods".to_string(), name));
+    });
+    obj
 }
 
 /// What a connection handler needs.
@@ -468,6 +503,12 @@ impl Ctx {
                     None => not_found(&name),
                 }
             }
+            ("DELETE", Some(name)) if resource == "pods" => {
+                match begin_pod_deletion(&self.store, &name) {
+                    Some(o) => (200, o),
+                    None => not_found(&name),
+                }
+            }
             ("DELETE", Some(name)) => {
                 let (obj, container) = {
                     let mut st = self.store.lock().unwrap();
@@ -542,6 +583,10 @@ impl Ctx {
             .iter()
             .map(|a| translate(a.as_str().unwrap_or_default(), &mounts))
             .collect();
+        // As the user the Pod asks for (the image's, root, when it says nothing).
+        let sc = &c["securityContext"];
+        let uid = sc["runAsUser"].as_u64().unwrap_or(0) as u32;
+        let gid = sc["runAsGroup"].as_u64().unwrap_or(0) as u32;
         let secret_name = c["envFrom"][0]["secretRef"]["name"]
             .as_str()
             .unwrap_or_default()
@@ -578,6 +623,8 @@ impl Ctx {
                         .push(format!("{pod_name}: Secret {secret_name} missing or empty"));
                 }
                 let mut child: Child = Command::new(&strata)
+                    .uid(uid)
+                    .gid(gid)
                     .args(&args)
                     .env_clear()
                     .env("PATH", "/usr/bin:/bin")
@@ -631,6 +678,45 @@ impl Ctx {
     }
 }
 
+/// The user of the mount Pods (and of the operator).
+const MOUNT_UID: u32 = 65532;
+
+/// Give `dir` and everything below it to `uid` (group too), as a volume the operator made.
+fn chown_tree(dir: &Path, uid: u32) {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(uid)).unwrap();
+    if fs::symlink_metadata(dir).unwrap().is_dir() {
+        for e in fs::read_dir(dir).unwrap() {
+            chown_tree(&e.unwrap().path(), uid);
+        }
+    }
+}
+
+/// The logs of every container the fake kubelet ran (for a failure message).
+fn container_logs(work: &Path) -> String {
+    let mut out = String::new();
+    for e in fs::read_dir(work).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            out.push_str(&format!(
+                "--- {}\n{}",
+                e.path().display(),
+                fs::read_to_string(e.path()).unwrap_or_default()
+            ));
+        }
+    }
+    out
+}
+
+/// Real uid of process `pid`.
+fn uid_of(pid: i32) -> u32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap()
+}
+
 fn plugin(root: &Path, kubeconfig: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(CSI);
     c.args(["--node", "--node-id", NODE, "--mount-mode", "pod"])
@@ -668,6 +754,9 @@ async fn pod_mode_against_a_fake_api_server_and_kubelet() {
     let Some((_dir, root, meta)) = mount_test("podvol") else {
         return;
     };
+    // The volume as the operator (uid 65532) leaves it: its database and bucket are the
+    // mount user's, not root's.
+    chown_tree(&root, MOUNT_UID);
     let work = root.join("kubelet-fake");
     fs::create_dir_all(&work).unwrap();
     let kube = FakeKube::start(&work).await;
@@ -725,8 +814,9 @@ async fn pod_mode_against_a_fake_api_server_and_kubelet() {
     .await
     .unwrap_or_else(|e| {
         panic!(
-            "stage: {e}\n{}",
-            fs::read_to_string(&log).unwrap_or_default()
+            "stage: {e}\nplugin:\n{}\nmount Pods:\n{}",
+            fs::read_to_string(&log).unwrap_or_default(),
+            container_logs(&work)
         )
     });
     eprintln!("staged in {:.2} s", started.elapsed().as_secs_f64());
@@ -764,7 +854,25 @@ async fn pod_mode_against_a_fake_api_server_and_kubelet() {
         pod["spec"]["volumes"][1]["hostPath"]["path"],
         cache.to_string_lossy().as_ref()
     );
+    // The SQLite database's directory (the local bucket is inside it), at the same path.
+    assert_eq!(
+        pod["spec"]["volumes"][2]["hostPath"]["path"],
+        root.to_string_lossy().as_ref()
+    );
+    assert_eq!(
+        c["volumeMounts"][2]["mountPath"],
+        root.to_string_lossy().as_ref()
+    );
     assert!(cache.is_dir());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(fs::metadata(&cache).unwrap().uid(), MOUNT_UID);
+    let pids = client_pids(&state);
+    assert_eq!(pids.len(), 1, "one client: {pids:?}");
+    assert_eq!(
+        uid_of(pids[0]),
+        MOUNT_UID,
+        "the client runs as the mount user"
+    );
     assert!(kube.consumers(&pod_name).is_empty());
     assert_eq!(kube.errors(), Vec::<String>::new());
 
@@ -804,13 +912,22 @@ async fn pod_mode_against_a_fake_api_server_and_kubelet() {
         "target not readable within 5 s of the crash: {}",
         fs::read_to_string(&log).unwrap_or_default()
     );
+    assert!(
+        write_read_within(
+            t1.join("after-kill.txt"),
+            b"new file after the kill",
+            Duration::from_secs(5).saturating_sub(killed.elapsed())
+        ),
+        "no new file through the target within 5 s of the crash"
+    );
     eprintln!(
         "read through the target {:.3} s after the client container was killed",
         killed.elapsed().as_secs_f64()
     );
-    assert!(
-        kube.restarts(&pod_name) >= 1,
-        "kubelet restarted the container"
+    assert_eq!(
+        kube.restarts(&pod_name),
+        0,
+        "the supervisor in the container restarted the client, not kubelet"
     );
     let pods_path = format!("/api/v1/namespaces/{NS}/pods");
     assert_eq!(kube.count("POST", &pods_path), 1, "no new Pod for a crash");
@@ -837,6 +954,46 @@ async fn pod_mode_against_a_fake_api_server_and_kubelet() {
     );
     assert_eq!(kube.errors(), Vec::<String>::new());
 
+    // ---- The mount Pod is deleted (kubectl delete pod): terminating, then gone. The plugin
+    // sees the mount without a client, creates the Pod again once the old one is gone (the
+    // create meanwhile answers 409: it is not taken as "exists"), and a reader of the
+    // target gets its data within 5 s.
+    let served_by = client_pids(&state);
+    kube.delete_pod(&pod_name);
+    let deleted = Instant::now();
+    // The deleted Pod's client stops (SIGTERM passed on by its supervisor)…
+    wait_for(
+        "the deleted Pod's client gone",
+        Duration::from_secs(5),
+        || !client_pids(&state).iter().any(|p| served_by.contains(p)),
+    )
+    .await;
+    // …and creating a file through the target (no cache answers that) works again within
+    // 5 s of the deletion.
+    let ok = write_read_within(
+        t1.join("after-delete.txt"),
+        b"after the deletion",
+        Duration::from_secs(5).saturating_sub(deleted.elapsed()),
+    );
+    assert!(
+        ok,
+        "target not writable within 5 s of the Pod's deletion: {}\n{}",
+        fs::read_to_string(&log).unwrap_or_default(),
+        container_logs(&work)
+    );
+    eprintln!(
+        "wrote and read through the target {:.3} s after the mount Pod was deleted",
+        deleted.elapsed().as_secs_f64()
+    );
+    assert_eq!(kube.count("POST", &pods_path), 3, "one new Pod");
+    let pod = kube.get("pods", &pod_name).expect("the new mount Pod");
+    assert!(pod["metadata"]["deletionTimestamp"].is_null());
+    assert_eq!(targets(&kube.consumers(&pod_name)), both);
+    let now = client_pids(&state);
+    assert_eq!(now.len(), 1, "one client: {now:?}");
+    assert_ne!(now, served_by);
+    assert_eq!(kube.errors(), Vec::<String>::new());
+
     // ---- Unpublish: the consumers shrink.
     let unpublish = |target: &Path| csi::NodeUnpublishVolumeRequest {
         volume_id: vid.into(),
@@ -855,8 +1012,14 @@ async fn pod_mode_against_a_fake_api_server_and_kubelet() {
         staging_target_path: staging.to_string_lossy().into(),
     };
     node.node_unstage_volume(unstage.clone()).await.unwrap();
-    assert!(kube.names("pods").is_empty(), "mount Pod left");
+    wait_for("mount Pod gone", Duration::from_secs(10), || {
+        kube.names("pods").is_empty()
+    })
+    .await;
     assert!(kube.names("secrets").is_empty(), "mount Secret left");
+    // No credentials stay on the node.
+    let vol_dir = state.join("volumes").join(&key);
+    assert!(!vol_dir.exists(), "{} left behind", vol_dir.display());
     assert_eq!(kube.count("DELETE", &format!("{pods_path}/{pod_name}")), 1);
     node.node_unstage_volume(unstage).await.unwrap();
     wait_for("client gone", Duration::from_secs(10), || {

@@ -546,10 +546,28 @@ fn serve_client(st: &KeeperState, conn: UnixStream) -> io::Result<()> {
                     "a client asked for the FUSE descriptor but this keeper has none",
                 ));
             };
+            // One client at a time: a new one (a replacement mount Pod, a restarted
+            // process) gets the descriptor only once the previous one is gone, so that two
+            // clients never serve the same connection.
+            while st
+                .clients
+                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                if st.stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let resume = st.initialised.load(Ordering::SeqCst);
-            let (a, b) = relay_pair()?;
-            let tag: &[u8] = if resume { b"R" } else { b"F" };
-            send_fds(&conn, tag, &[dev.as_raw_fd(), a.as_raw_fd(), b.as_raw_fd()])?;
+            let sent = relay_pair().and_then(|(a, b)| {
+                let tag: &[u8] = if resume { b"R" } else { b"F" };
+                send_fds(&conn, tag, &[dev.as_raw_fd(), a.as_raw_fd(), b.as_raw_fd()])
+            });
+            if let Err(e) = sent {
+                st.clients.fetch_sub(1, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         b'H' => {
             if let Some(fd) = fds.pop() {
@@ -560,10 +578,10 @@ fn serve_client(st: &KeeperState, conn: UnixStream) -> io::Result<()> {
                 st.initialised.store(true, Ordering::SeqCst);
             }
             (&conn).write_all(b"A")?;
+            st.clients.fetch_add(1, Ordering::SeqCst);
         }
         _ => return Err(io::Error::other("unknown handover request")),
     }
-    st.clients.fetch_add(1, Ordering::SeqCst);
     let mut b = [0u8; 1];
     loop {
         match (&conn).read(&mut b) {
@@ -574,4 +592,205 @@ fn serve_client(st: &KeeperState, conn: UnixStream) -> io::Result<()> {
     }
     st.clients.fetch_sub(1, Ordering::SeqCst);
     Ok(())
+}
+
+// ---- Supervisor of a descriptor client (`strata mount --supervise`)
+//
+// In a mount Pod the client is the container's only process; when it dies, kubelet restarts
+// the container only after its crash back-off (10 s, 20 s, 40 s … 5 min). The supervisor is
+// the container's process instead: it starts the client again at once (the new client takes
+// the same descriptor from the keeper and resumes the connection), and passes termination
+// signals on so that deleting the Pod stays quick.
+
+/// Restart delays of a supervised client: `min` after a quick exit, doubling up to `max`;
+/// back to `min` after a run of at least `stable`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+    pub stable: Duration,
+    next: Duration,
+    /// Exits in a row that came within `stable` of their start.
+    quick_exits: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration, stable: Duration) -> Backoff {
+        Backoff {
+            min,
+            max: max.max(min),
+            stable,
+            next: min,
+            quick_exits: 0,
+        }
+    }
+
+    /// Record an exit of a run that lasted `ran`; returns the delay before the next start.
+    pub fn after_exit(&mut self, ran: Duration) -> Duration {
+        if ran >= self.stable {
+            self.next = self.min;
+            self.quick_exits = 0;
+        } else {
+            self.quick_exits += 1;
+        }
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    /// Exits in a row, each within `stable` of its start.
+    pub fn quick_exits(&self) -> u32 {
+        self.quick_exits
+    }
+}
+
+/// Pid of the supervised child (0: none), for the signal handler.
+static SUPERVISED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Termination signal received by the supervisor (0: none).
+static SUPERVISOR_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: libc::c_int) {
+    SUPERVISOR_SIGNAL.store(sig, Ordering::SeqCst);
+    let pid = SUPERVISED.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Exit status of a child as a shell reports it (128 + signal when killed).
+fn exit_code(s: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    s.code()
+        .or_else(|| s.signal().map(|n| 128 + n))
+        .unwrap_or(1)
+}
+
+/// Run the command `make` builds, and again each time it exits, after `backoff`'s delay,
+/// until SIGTERM, SIGINT or SIGHUP (passed on to the running command, whose exit then ends
+/// the supervision) or until `max_quick_exits` exits in a row came each within
+/// `backoff.stable` of their start (0: never give up; giving up hands restarts over to
+/// kubelet, whose status then shows the crash loop). Returns the exit code for the
+/// supervisor: the command's last one (0 when stopped by a signal with no command running).
+pub fn supervise(
+    mut make: impl FnMut() -> std::process::Command,
+    mut backoff: Backoff,
+    max_quick_exits: u32,
+) -> i32 {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installs a handler that only touches atomics and calls kill.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = forward_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    let stopped = || SUPERVISOR_SIGNAL.load(Ordering::SeqCst) != 0;
+    let mut last = 0;
+    loop {
+        if stopped() {
+            return last;
+        }
+        let started = Instant::now();
+        let mut child = match make().spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "supervisor: cannot start the client");
+                return 127;
+            }
+        };
+        SUPERVISED.store(child.id() as i32, Ordering::SeqCst);
+        // A signal that came between the spawn and the store above was not passed on.
+        let sig = SUPERVISOR_SIGNAL.load(Ordering::SeqCst);
+        if sig != 0 {
+            // SAFETY: signal to our own child.
+            unsafe { libc::kill(child.id() as i32, sig) };
+        }
+        let status = child.wait();
+        SUPERVISED.store(0, Ordering::SeqCst);
+        last = match status {
+            Ok(s) => exit_code(s),
+            Err(e) => {
+                tracing::error!(error = %e, "supervisor: waiting for the client failed");
+                1
+            }
+        };
+        if stopped() {
+            tracing::info!(
+                code = last,
+                "supervisor: client ended after a termination signal"
+            );
+            return last;
+        }
+        let ran = started.elapsed();
+        let delay = backoff.after_exit(ran);
+        if max_quick_exits > 0 && backoff.quick_exits() >= max_quick_exits {
+            tracing::error!(
+                code = last,
+                exits = backoff.quick_exits(),
+                "supervisor: the client keeps exiting; giving up"
+            );
+            return if last == 0 { 1 } else { last };
+        }
+        tracing::warn!(
+            code = last,
+            ran_seconds = ran.as_secs_f64(),
+            restart_in_seconds = delay.as_secs_f64(),
+            "supervisor: client exited; starting it again"
+        );
+        let until = Instant::now() + delay;
+        while Instant::now() < until && !stopped() {
+            std::thread::sleep(Duration::from_millis(10).min(delay));
+        }
+    }
+}
+
+#[cfg(test)]
+mod supervisor_tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets_after_a_stable_run() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(200), ms(2000), Duration::from_secs(10));
+        let quick = ms(50);
+        let delays: Vec<_> = (0..6).map(|_| b.after_exit(quick)).collect();
+        assert_eq!(
+            delays,
+            [ms(200), ms(400), ms(800), ms(1600), ms(2000), ms(2000)]
+        );
+        assert_eq!(b.quick_exits(), 6);
+        assert_eq!(b.after_exit(Duration::from_secs(11)), ms(200));
+        assert_eq!(b.quick_exits(), 0);
+        assert_eq!(b.after_exit(quick), ms(400));
+    }
+
+    #[test]
+    fn the_keeper_hands_the_descriptor_to_one_client_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let k = FdKeeper::start(&dir.path().join("fd.sock"), Some(dev), false).unwrap();
+        let first = take(k.path(), Duration::from_secs(5)).unwrap();
+        assert!(!first.resume);
+        (&first.conn).write_all(b"Y").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = k.path().to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(take(&path, Duration::from_secs(5)).map(|h| (h.resume, h.conn)));
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(600)).is_err(),
+            "a second client got the descriptor while the first one serves"
+        );
+        assert_eq!(k.clients(), 1);
+        drop(first);
+        let (resume, _conn) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the second client waits for the first one only")
+            .unwrap();
+        assert!(resume, "the connection was initialised by the first client");
+        assert_eq!(k.clients(), 1);
+    }
 }

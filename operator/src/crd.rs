@@ -1,11 +1,14 @@
 //! The custom resources of group `strata.io`, version `v1alpha1`: [`Volume`] (cluster-scoped),
 //! [`Quota`] (namespaced: the namespace is the tenant) and [`CacheGroup`] (cluster-scoped).
-//! The CRD YAML in `charts/strata/templates/crds/` is generated from these types by `crdgen`;
+//! The CRD YAML in `charts/strata/crds/` is generated from these types by `crdgen`;
 //! validation rules (OpenAPI and CEL) live here so the API server rejects malformed objects.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -44,13 +47,14 @@ pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|
     printcolumn = r#"{"name":"Inodes","type":"integer","jsonPath":".status.usedInodes"}"#,
     printcolumn = r#"{"name":"UUID","type":"string","priority":1,"jsonPath":".status.uuid"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("has(self.spec.name) || self.metadata.name.matches('^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$')").message("a Volume name is the file-system name: use 3-63 characters of a-z, 0-9 and '-', not starting or ending with '-' (or set spec.name)")
+    validation = Rule::new("has(self.spec.name) || self.metadata.name.matches('^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$')").message("a Volume name is the file-system name: use 3-63 characters of a-z, 0-9 and '-', not starting or ending with '-' (or set spec.name)").field_path(".metadata.name")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSpec {
     /// File-system name inside the metadata (default: the object name). An existing volume
     /// is adopted when this name matches the one it was formatted with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 63))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$')").message("spec.name must be 3-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.name cannot change: the volume was formatted with it"))]
     pub name: Option<String>,
@@ -65,7 +69,10 @@ pub struct VolumeSpec {
     /// Capacity limit of the whole volume (a quantity like `10Ti`; absent or 0 = unlimited).
     /// Rounded up to GiB. Changing it changes the volume's limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    #[schemars(
+        regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"),
+        length(max = 64)
+    )]
     pub capacity: Option<String>,
     /// Inode limit of the whole volume (absent or 0 = unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,6 +80,7 @@ pub struct VolumeSpec {
     /// Default `strata mount` options for every PVC of this volume: flags without dashes,
     /// e.g. `buffer-size=600`, `attr-cache=5`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     #[x_kube(validation = Rule::new("self.all(o, o.matches('^[a-z][a-z0-9-]*(=[^,]+)?$'))").message("mountOptions are `strata mount` flags without dashes, like buffer-size=600 or read-only"))]
     pub mount_options: Vec<String>,
     /// Local cache of the mount clients.
@@ -124,10 +132,11 @@ pub struct StorageSpec {
     pub bucket: String,
     /// S3 endpoint (`https://s3.example.com`); the bucket URL is `endpoint/bucket` (path style).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^https?://[^/?#]+/?$"))]
+    #[schemars(regex(pattern = r"^https?://[^/?#]+/?$"), length(max = 1024))]
     pub endpoint: Option<String>,
     /// S3 signing region (default us-east-1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub region: Option<String>,
 }
 
@@ -190,6 +199,7 @@ pub struct StorageClassSpec {
     /// Where a PVC lands in the volume (CSI `pathPattern`; default
     /// `tenants/${pvc.namespace}/${pv.name}`, which puts PVCs under their tenant's Quota).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub path_pattern: Option<String>,
     /// What the CSI driver does with a PVC's directory when the PV is deleted.
     #[serde(default)]
@@ -199,6 +209,7 @@ pub struct StorageClassSpec {
     pub reclaim_policy: ReclaimPolicy,
     /// Extra `strata mount` options for this class (added to the Volume's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub mount_options: Vec<String>,
 }
 
@@ -303,7 +314,10 @@ pub struct QuotaSpec {
     pub volume: String,
     /// Bytes the tenant may use (a quantity like `500Gi`; 0 = no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    #[schemars(
+        regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"),
+        length(max = 64)
+    )]
     pub capacity: Option<String>,
     /// Inodes (files, directories, ...) the tenant may use (0 = no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -356,7 +370,7 @@ pub struct QuotaStatus {
     printcolumn = r#"{"name":"Members","type":"string","jsonPath":".status.members"}"#,
     printcolumn = r#"{"name":"Hit","type":"string","jsonPath":".status.hitRatio"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$')").message("a CacheGroup name is used in DaemonSet names and --cache-group: 1-42 characters of a-z, 0-9 and '-'")
+    validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$')").message("a CacheGroup name is used in DaemonSet names and --cache-group: 1-42 characters of a-z, 0-9 and '-'").field_path(".metadata.name")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CacheGroupSpec {
@@ -376,6 +390,7 @@ pub struct CacheGroupSpec {
     pub size_per_node: String,
     /// Paths inside the volume loaded into the cache when a member starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 1024)))]
     #[x_kube(validation = Rule::new("self.all(p, !p.contains('..') && !p.startsWith('/'))").message("warmupPaths are relative paths inside the volume without '..'"))]
     pub warmup_paths: Vec<String>,
     /// Members serving each hot block (1 = only its owner).
@@ -416,7 +431,7 @@ pub struct CacheMedium {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct HostPathMedium {
     /// Directory on the node (created if missing).
-    #[schemars(regex(pattern = r"^/[^\x00]*$"))]
+    #[schemars(regex(pattern = r"^/[^\x00]*$"), length(max = 4096))]
     pub path: String,
 }
 
@@ -425,6 +440,7 @@ pub struct HostPathMedium {
 pub struct EphemeralMedium {
     /// StorageClass of the per-pod volume (default: the cluster default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
 }
 
@@ -451,22 +467,95 @@ pub struct CacheGroupStatus {
     pub client_mount_options: Option<String>,
 }
 
-/// The three CRDs, in a stable order.
-pub fn all_crds()
--> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
-{
-    vec![Volume::crd(), Quota::crd(), CacheGroup::crd()]
+/// Longest object name the API server accepts for these resources (a DNS subdomain).
+pub const MAX_NAME_LENGTH: i64 = 253;
+
+/// Declare `apiVersion`, `kind` and `metadata.{name,generateName}` (bounded) in the root
+/// schema. Without them the API server's CEL cost estimator assumes an unbounded
+/// `metadata.name` (the whole request size) and a root rule reading it (`matches`) exceeds
+/// the cost budget; with them it uses `maxLength`. Only `name` and `generateName` may be
+/// restricted under `metadata` in a structural schema.
+fn declare_object_meta(crd: &mut CustomResourceDefinition) {
+    let string = |max: Option<i64>| JSONSchemaProps {
+        type_: Some("string".into()),
+        max_length: max,
+        ..Default::default()
+    };
+    for v in &mut crd.spec.versions {
+        let Some(root) = v
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
+            continue;
+        };
+        let props = root.properties.get_or_insert_with(Default::default);
+        props.insert("apiVersion".into(), string(None));
+        props.insert("kind".into(), string(None));
+        props.insert(
+            "metadata".into(),
+            JSONSchemaProps {
+                type_: Some("object".into()),
+                properties: Some(
+                    [
+                        ("name".to_string(), string(Some(MAX_NAME_LENGTH))),
+                        ("generateName".to_string(), string(Some(MAX_NAME_LENGTH))),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+        );
+    }
 }
+
+/// Drop the `format`s schemars writes for unsigned integers (`uint16`, `uint32`, `uint64`):
+/// the API server does not know them and warns on every apply (`minimum: 0` stays).
+fn drop_unknown_formats(s: &mut JSONSchemaProps) {
+    if s.format.as_deref().is_some_and(|f| f.starts_with("uint")) {
+        s.format = None;
+    }
+    for p in s.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        drop_unknown_formats(p);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(i)) = s.items.as_mut() {
+        drop_unknown_formats(i);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(a)) = s.additional_properties.as_mut() {
+        drop_unknown_formats(a);
+    }
+}
+
+/// The three CRDs, in a stable order.
+pub fn all_crds() -> Vec<CustomResourceDefinition> {
+    let mut crds = vec![Volume::crd(), Quota::crd(), CacheGroup::crd()];
+    for crd in &mut crds {
+        declare_object_meta(crd);
+        for v in &mut crd.spec.versions {
+            if let Some(root) = v
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                drop_unknown_formats(root);
+            }
+        }
+    }
+    crds
+}
+
+/// Where `crdgen --out` writes the CRDs in the repository (Helm's `crds/` directory: installed
+/// before the templates, skipped by `--skip-crds`, never upgraded or deleted by Helm).
+pub const CHART_CRDS_PATH: &str = "charts/strata/crds/strata.io.yaml";
 
 /// The CRDs as one multi-document YAML, with a header naming the generator.
 pub fn crds_yaml() -> Result<String, serde_saphyr::SerializeError> {
-    let mut out =
-        String::from("# Generated by `cargo run -p strata-operator --bin crdgen`; do not edit.\n");
-    for mut crd in all_crds() {
-        // Helm never upgrades CRDs under crds/; these live in templates/ and are kept on
-        // uninstall so the custom resources (and their finalizers) survive.
-        crd.metadata.annotations =
-            Some([("helm.sh/resource-policy".to_string(), "keep".to_string())].into());
+    let mut out = String::from(
+        "# Generated by `cargo run -p strata-operator --bin crdgen`; do not edit.\n\
+         # Helm installs these before the chart's templates and never upgrades them: on upgrade\n\
+         # run `kubectl apply --server-side -f charts/strata/crds/` first (docs/OPERATOR.md).\n",
+    );
+    for crd in all_crds() {
         out.push_str("---\n");
         out.push_str(&serde_saphyr::to_string(&crd)?);
     }

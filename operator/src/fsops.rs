@@ -172,6 +172,21 @@ impl StrataFs {
     }
 }
 
+/// A Volume with SQLite metadata names where the database lives; create its directory (the
+/// operator runs as 65532, the owner of a volume's local files, so mount Pods running as
+/// 65532 can write there too). Other URLs are left alone.
+fn create_sqlite_dir(meta_url: &str) -> Result<(), FsError> {
+    let Some(path) = meta_url.strip_prefix("sqlite://") else {
+        return Ok(());
+    };
+    let path = std::path::Path::new(path.split('?').next().unwrap_or_default());
+    match path.parent() {
+        Some(dir) if dir.is_absolute() && !dir.exists() => std::fs::create_dir_all(dir)
+            .map_err(|e| FsError::Backend(format!("creating {}: {e}", dir.display()))),
+        _ => Ok(()),
+    }
+}
+
 fn split_path(path: &str) -> Result<Vec<&str>, FsError> {
     let parts: Vec<&str> = path
         .split('/')
@@ -235,6 +250,7 @@ fn remove_tree(meta: &Meta, dir: Ino) -> Result<(), FsError> {
 
 impl FsOps for StrataFs {
     fn ensure_volume(&self, t: &FsTarget, req: &VolumeRequest) -> Result<VolumeInfo, FsError> {
+        create_sqlite_dir(&t.meta_url)?;
         let meta = Meta::new(
             open_engine(&t.meta_url)?,
             self.metrics.clone(),
@@ -546,6 +562,18 @@ mod tests {
             capacity_gib: 10,
             inodes: 0,
         }
+    }
+
+    /// A SQLite database in a directory that does not exist yet: the directory is created.
+    #[test]
+    fn strata_fs_creates_the_directory_of_a_sqlite_database() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("volumes/models");
+        let info = StrataFs::new()
+            .ensure_volume(&target(&dir), &request(&dir, "models"))
+            .unwrap();
+        assert!(info.formatted);
+        assert!(dir.join("meta.db").exists());
     }
 
     /// The real library on SQLite: format, adopt (never reformat), refuse another name,

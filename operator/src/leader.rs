@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
 use kube::{Api, Client};
 use tracing::info;
 
@@ -133,19 +134,101 @@ impl LeaderElector {
         }
     }
 
-    /// Give the Lease up (on shutdown) so another replica takes over at once.
+    /// Give the Lease up on shutdown: delete it if this replica still holds it (the delete
+    /// carries the Lease's uid and resourceVersion, so a Lease another replica has taken in
+    /// the meantime is left alone). Another replica creates a fresh one at once, and after
+    /// the last replica stops nothing is left behind.
     pub async fn release(&self) -> Result<(), kube::Error> {
-        if let Some(mut lease) = self.api.get_opt(&self.s.name).await?
-            && let Some(spec) = lease.spec.as_mut()
-            && spec.holder_identity.as_deref() == Some(self.s.identity.as_str())
-        {
-            spec.holder_identity = None;
-            spec.lease_duration_seconds = Some(1);
-            self.api
-                .replace(&self.s.name, &PostParams::default(), &lease)
-                .await?;
+        let Some(lease) = self.api.get_opt(&self.s.name).await? else {
+            return Ok(());
+        };
+        let mine = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
+            == Some(self.s.identity.as_str());
+        if !mine {
+            return Ok(());
         }
-        Ok(())
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: lease.metadata.uid.clone(),
+                resource_version: lease.metadata.resource_version.clone(),
+            }),
+            ..Default::default()
+        };
+        match self.api.delete(&self.s.name, &dp).await {
+            Ok(_) => {
+                info!("released the leader Lease {} (deleted)", self.s.name);
+                Ok(())
+            }
+            // Gone already, or changed hands since the read.
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Wait until no pod of `namespace` matches `selector` (the controller pods, whose sidecars
+/// would re-create a deleted Lease while they still run), at most `timeout`. Returns whether
+/// they are gone.
+pub async fn wait_for_no_pods(
+    client: Client,
+    namespace: &str,
+    selector: &str,
+    timeout: Duration,
+) -> Result<bool, kube::Error> {
+    let api: Api<Pod> = Api::namespaced(client, namespace);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = api
+            .list(&ListParams::default().labels(selector))
+            .await?
+            .items
+            .len();
+        if left == 0 {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("{left} pods ({selector}) still in {namespace} after {timeout:?}");
+            return Ok(false);
+        }
+        info!("waiting for {left} pods ({selector}) in {namespace} to stop");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Delete the named Leases of `namespace` (the chart's post-delete hook runs this through
+/// `strata-operator cleanup-leases`: the leader-election Leases of csi-provisioner,
+/// csi-resizer and the operator outlive `helm uninstall` otherwise). Missing Leases are fine;
+/// every name is tried, and the first error (if any) is returned at the end. Returns the
+/// names that were deleted.
+pub async fn delete_leases(
+    client: Client,
+    namespace: &str,
+    names: &[String],
+) -> Result<Vec<String>, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let mut deleted = vec![];
+    let mut first_err = None;
+    for name in names {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {
+                info!("deleted Lease {namespace}/{name}");
+                deleted.push(name.clone());
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                info!("Lease {namespace}/{name} does not exist");
+            }
+            Err(e) => {
+                tracing::error!("deleting Lease {namespace}/{name}: {e}");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(deleted),
     }
 }
 

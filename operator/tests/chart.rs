@@ -88,8 +88,8 @@ fn strict<T: DeserializeOwned + serde::Serialize>(doc: &Value) -> Vec<String> {
 /// Check every object of a rendered stream; returns (kinds seen, problems).
 fn check_objects(yaml: &str) -> (Vec<String>, Vec<String>) {
     use k8s_openapi::api::{
-        apps::v1 as apps, core::v1 as core, policy::v1 as policy, rbac::v1 as rbac,
-        scheduling::v1 as sched, storage::v1 as storage,
+        apps::v1 as apps, batch::v1 as batch, core::v1 as core, policy::v1 as policy,
+        rbac::v1 as rbac, scheduling::v1 as sched, storage::v1 as storage,
     };
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).unwrap();
@@ -109,6 +109,7 @@ fn check_objects(yaml: &str) -> (Vec<String>, Vec<String>) {
             "RoleBinding" => strict::<rbac::RoleBinding>(&d),
             "PriorityClass" => strict::<sched::PriorityClass>(&d),
             "PodDisruptionBudget" => strict::<policy::PodDisruptionBudget>(&d),
+            "Job" => strict::<batch::Job>(&d),
             k => vec![format!("no type check for kind {k:?}")],
         };
         let name = d["metadata"]["name"].as_str().unwrap_or("?").to_string();
@@ -124,9 +125,64 @@ fn helm_lint_is_clean() {
     assert!(out.contains("0 chart(s) failed"), "{out}");
 }
 
+/// The render `kubectl apply -f manifests/strata.yaml` uses: CRDs included, no hooks.
+fn render_manifests() -> String {
+    render(&["--include-crds", "--no-hooks"])
+}
+
+/// The documents of a render, as JSON.
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("{kind}/{name} not rendered"))
+}
+
+fn container<'a>(pod_owner: &'a Value, name: &str) -> &'a Value {
+    pod_owner["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("container {name} missing"))
+}
+
+/// CRDs live in crds/ (Helm's convention): `helm template`/`install` without
+/// `--include-crds` renders none from templates (so `--skip-crds` skips them and CRDs
+/// applied beforehand are not claimed by the release); no resource-policy annotation.
+#[test]
+fn crds_are_in_the_crds_directory_not_in_templates() {
+    let chart = PathBuf::from(chart());
+    assert!(chart.join("crds/strata.io.yaml").exists());
+    assert!(!chart.join("templates/crds").exists());
+    let (kinds, _) = check_objects(&render(&[]));
+    assert!(
+        !kinds.iter().any(|k| k == "CustomResourceDefinition"),
+        "{kinds:?}"
+    );
+    let with_crds = render(&["--include-crds"]);
+    assert!(!with_crds.contains("helm.sh/resource-policy"));
+    let (kinds, problems) = check_objects(&with_crds);
+    assert_eq!(problems, Vec::<String>::new());
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| *k == "CustomResourceDefinition")
+            .count(),
+        3
+    );
+}
+
 #[test]
 fn default_render_has_every_component_and_valid_objects() {
-    let yaml = render(&[]);
+    let yaml = render_manifests();
     let (kinds, problems) = check_objects(&yaml);
     assert_eq!(problems, Vec::<String>::new());
     for k in [
@@ -150,7 +206,10 @@ fn default_render_has_every_component_and_valid_objects() {
     assert!(yaml.contains("attachRequired: false") && yaml.contains("podInfoOnMount: true"));
     assert!(yaml.contains("--extra-create-metadata"));
     assert!(yaml.contains("/var/lib/kubelet/plugins/csi.strata.io/csi.sock"));
-    assert!(yaml.contains("helm.sh/resource-policy: keep"));
+    assert!(
+        !yaml.contains("helm.sh/hook"),
+        "manifests carry no Helm hooks"
+    );
     assert!(
         !yaml.contains("strata-grafana-dashboard"),
         "dashboard is optional, off by default"
@@ -237,7 +296,215 @@ fn checked_in_manifests_match_the_chart() {
     let on_disk = std::fs::read_to_string(format!("{dir}/strata.yaml")).unwrap();
     assert_eq!(
         on_disk,
-        render(&[]),
+        render_manifests(),
         "manifests/ drifted from the chart: run .ci/k8s-checks.sh --update"
     );
+}
+
+/// The node plugin runs as root (the image's user is 65532; privileged alone is not root).
+#[test]
+fn node_plugin_runs_privileged_as_root() {
+    let d = docs(&render(&[]));
+    let plugin = container(find(&d, "DaemonSet", "strata-csi-node"), "node-plugin");
+    let sc = &plugin["securityContext"];
+    assert_eq!(sc["privileged"], true);
+    assert_eq!(sc["runAsUser"], 0);
+    assert_eq!(sc["runAsGroup"], 0);
+}
+
+/// A change of operator.settings changes the controller pod template (checksum/config), so
+/// `helm upgrade` rolls the operator; other values leave it alone.
+#[test]
+fn operator_settings_change_rolls_the_controller() {
+    let checksum = |args: &[&str]| {
+        let d = docs(&render(args));
+        let dep = find(&d, "Deployment", "strata-csi-controller");
+        let cm = find(&d, "ConfigMap", "strata-operator");
+        (
+            dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+                .as_str()
+                .expect("checksum/config annotation")
+                .to_string(),
+            cm["data"]["settings.yaml"].as_str().unwrap().to_string(),
+        )
+    };
+    let (a, settings) = checksum(&[]);
+    assert_eq!(a.len(), 64, "sha256 hex: {a}");
+    assert!(settings.contains("resyncSecs: 60"), "{settings}");
+    let (b, settings_b) = checksum(&["--set", "operator.settings.resyncSecs=30"]);
+    assert!(settings_b.contains("resyncSecs: 30"), "{settings_b}");
+    assert_ne!(a, b);
+    let (c, _) = checksum(&["--set", "controller.replicas=3"]);
+    assert_eq!(a, c);
+    // The settings still parse as the operator reads them.
+    strata_operator::settings::Settings::from_yaml(&settings_b).unwrap();
+}
+
+/// hostPaths: mounted at the same path into the operator, the CSI controller and the node
+/// plugin (DirectoryOrCreate), chowned to 65532 by an init container with CAP_CHOWN only;
+/// nothing of it without hostPaths.
+#[test]
+fn host_paths_reach_operator_controller_and_node_plugin() {
+    let d = docs(&render(&[
+        "--set",
+        "hostPaths={/var/lib/strata,/srv/strata}",
+        "--set",
+        "node.mountMode=pod",
+    ]));
+    let dep = find(&d, "Deployment", "strata-csi-controller");
+    let ds = find(&d, "DaemonSet", "strata-csi-node");
+    for (owner, containers) in [
+        (dep, &["operator", "csi-plugin"][..]),
+        (ds, &["node-plugin"][..]),
+    ] {
+        let pod = &owner["spec"]["template"]["spec"];
+        let vols = pod["volumes"].as_array().unwrap();
+        for (i, p) in ["/var/lib/strata", "/srv/strata"].iter().enumerate() {
+            let name = format!("host-path-{i}");
+            let v = vols.iter().find(|v| v["name"] == name.as_str()).unwrap();
+            assert_eq!(v["hostPath"]["path"], *p);
+            assert_eq!(v["hostPath"]["type"], "DirectoryOrCreate");
+            for c in containers {
+                let mounts = container(owner, c)["volumeMounts"].as_array().unwrap();
+                assert!(
+                    mounts
+                        .iter()
+                        .any(|m| m["name"] == name.as_str() && m["mountPath"] == *p),
+                    "{c}: {mounts:?}"
+                );
+            }
+        }
+        let init = &pod["initContainers"][0];
+        assert_eq!(
+            init["command"],
+            serde_json::json!(["chown", "65532:65532", "/var/lib/strata", "/srv/strata"])
+        );
+        let sc = &init["securityContext"];
+        assert_eq!(sc["runAsUser"], 0);
+        assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert_eq!(sc["capabilities"]["add"], serde_json::json!(["CHOWN"]));
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+    }
+    let (_, problems) = check_objects(&render(&["--set", "hostPaths={/var/lib/strata}"]));
+    assert_eq!(problems, Vec::<String>::new());
+
+    let plain = docs(&render(&[]));
+    let dep = find(&plain, "Deployment", "strata-csi-controller");
+    assert!(dep["spec"]["template"]["spec"]["initContainers"].is_null());
+    let out = Command::new(tool("helm"))
+        .args([
+            "template",
+            "strata",
+            &chart(),
+            "--set",
+            "hostPaths={relative}",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "relative hostPaths refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hostPaths"));
+}
+
+/// extraVolumes / extraVolumeMounts per component.
+#[test]
+fn extra_volumes_are_added_per_component() {
+    let d = docs(&render(&[
+        "--set",
+        "controller.extraVolumes[0].name=ca",
+        "--set",
+        "controller.extraVolumes[0].configMap.name=ca-bundle",
+        "--set",
+        "operator.extraVolumeMounts[0].name=ca",
+        "--set",
+        "operator.extraVolumeMounts[0].mountPath=/etc/ca",
+        "--set",
+        "node.extraVolumes[0].name=data",
+        "--set",
+        "node.extraVolumes[0].hostPath.path=/data",
+        "--set",
+        "node.extraVolumeMounts[0].name=data",
+        "--set",
+        "node.extraVolumeMounts[0].mountPath=/data",
+    ]));
+    let dep = find(&d, "Deployment", "strata-csi-controller");
+    let vols = dep["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(vols.iter().any(|v| v["configMap"]["name"] == "ca-bundle"));
+    let m = container(dep, "operator")["volumeMounts"]
+        .as_array()
+        .unwrap();
+    assert!(m.iter().any(|m| m["mountPath"] == "/etc/ca"));
+    let ds = find(&d, "DaemonSet", "strata-csi-node");
+    let m = container(ds, "node-plugin")["volumeMounts"]
+        .as_array()
+        .unwrap();
+    assert!(m.iter().any(|m| m["mountPath"] == "/data"));
+}
+
+/// The post-delete hook deletes exactly the Leases the sidecars and the operator create
+/// (names as csi-lib-utils sanitizes the driver name), with hook-scoped RBAC that is deleted
+/// whatever the outcome.
+#[test]
+fn post_delete_hook_deletes_the_release_leases() {
+    let d = docs(&render(&["--set", "csiDriver.name=csi.example.io/x."]));
+    let job = find(&d, "Job", "strata-cleanup");
+    let c = container(job, "cleanup-leases");
+    assert_eq!(c["command"], serde_json::json!(["strata-operator"]));
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "cleanup-leases",
+            "--namespace=strata-system",
+            "--names=csi-example-io-x-X,external-resizer-csi-example-io-x-X,strata-operator-leader",
+            "--wait-for-pods=app.kubernetes.io/name=strata-csi-controller",
+        ]
+    );
+    assert_eq!(
+        job["spec"]["template"]["spec"]["serviceAccountName"],
+        "strata-cleanup"
+    );
+    let role = find(&d, "Role", "strata-cleanup");
+    assert_eq!(
+        role["rules"][0]["resourceNames"],
+        serde_json::json!([
+            "csi-example-io-x-X",
+            "external-resizer-csi-example-io-x-X",
+            "strata-operator-leader"
+        ])
+    );
+    assert_eq!(role["rules"][0]["verbs"], serde_json::json!(["delete"]));
+    assert_eq!(role["rules"][1]["resources"], serde_json::json!(["pods"]));
+    assert_eq!(role["rules"][1]["verbs"], serde_json::json!(["list"]));
+    for (kind, weight) in [
+        ("ServiceAccount", "-10"),
+        ("Role", "-10"),
+        ("RoleBinding", "-10"),
+        ("Job", "0"),
+    ] {
+        let a = &find(&d, kind, "strata-cleanup")["metadata"]["annotations"];
+        assert_eq!(a["helm.sh/hook"], "post-delete", "{kind}");
+        assert_eq!(a["helm.sh/hook-weight"], weight, "{kind}");
+        let policy = a["helm.sh/hook-delete-policy"].as_str().unwrap();
+        for p in ["before-hook-creation", "hook-succeeded", "hook-failed"] {
+            assert!(policy.contains(p), "{kind}: {policy}");
+        }
+    }
+    // Default driver name: the Lease names the sidecars use for csi.strata.io.
+    let d = docs(&render(&[]));
+    let args = container(find(&d, "Job", "strata-cleanup"), "cleanup-leases")["args"].clone();
+    assert_eq!(
+        args[2],
+        "--names=csi-strata-io,external-resizer-csi-strata-io,strata-operator-leader"
+    );
+    let (_, problems) = check_objects(&render(&[]));
+    assert_eq!(problems, Vec::<String>::new());
+    let d = docs(&render(&["--set", "cleanupHook.enabled=false"]));
+    assert!(!d.iter().any(|x| x["kind"] == "Job"));
 }

@@ -593,6 +593,7 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
         Fixed(Some((30, 10))),
         vec![
             Step::new("GET", VOL_PATH, 200, volume_json(true)),
+            Step::new("GET", SECRET_PATH, 200, secret()),
             Step::new("PATCH", DS_PATH, 200, Value::Null)
                 .query("fieldManager=strata-operator")
                 .check(|b| {
@@ -601,9 +602,32 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
                         serde_json::from_value(pod["containers"][0]["args"].clone()).unwrap();
                     let joined = args.join(" ");
                     assert!(
-                        joined.starts_with("mount $(META_URL) /mnt/strata --cache-group gpu"),
+                        joined.starts_with("mount - /mnt/strata --cache-group gpu"),
                         "{joined}"
                     );
+                    assert!(
+                        !joined.contains("META_URL"),
+                        "no metadata URL on the command line"
+                    );
+                    let member = &pod["containers"][0];
+                    assert_eq!(member["env"][0]["name"], "STRATA_META_URL");
+                    assert_eq!(member["securityContext"]["privileged"], true);
+                    assert_eq!(member["securityContext"]["runAsUser"], 0);
+                    assert_eq!(member["securityContext"]["runAsGroup"], 0);
+                    assert_eq!(
+                        member["readinessProbe"]["exec"]["command"],
+                        json!(["strata", "info", "/mnt/strata"])
+                    );
+                    let warmup = &pod["containers"][1];
+                    assert_eq!(warmup["securityContext"]["runAsUser"], 0);
+                    assert_eq!(
+                        warmup["readinessProbe"]["exec"]["command"],
+                        json!(["cat", cachegroup::WARMUP_DONE])
+                    );
+                    let script = warmup["command"][2].as_str().unwrap();
+                    assert!(script.starts_with("trap 'exit 0' TERM"), "{script}");
+                    assert!(!script.contains("mountpoint"), "{script}");
+                    assert!(!script.contains("sleep infinity"), "{script}");
                     assert!(joined.contains("--cache-size 204800"), "{joined}");
                     assert!(joined.contains("--hot-replicas 3"));
                     assert!(joined.contains("--cache-group-addr $(NODE_IP):9568"));
@@ -611,6 +635,8 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
                     assert_eq!(pod["nodeSelector"]["gpu"], "true");
                     assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
                     assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/mnt/nvme/strata");
+                    // PostgreSQL + S3: no host directory of the volume to mount.
+                    assert_eq!(pod["volumes"].as_array().unwrap().len(), 2);
                     assert_eq!(
                         pod["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"],
                         "vol1-secret"
@@ -777,5 +803,162 @@ async fn leader_election_creates_a_missing_lease_and_respects_a_live_holder() {
         me.try_acquire().await.unwrap(),
         "expired holder: taken over"
     );
+    done(task).await;
+}
+
+/// A member crash-looping ("cannot open /dev/fuse") makes the CacheGroup Degraded with the
+/// pod, the container and its last termination in the message, and a Warning event.
+#[tokio::test]
+async fn crash_looping_members_make_the_cachegroup_degraded() {
+    let pods = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+        {"metadata": {"name": "strata-cache-gpu-7xk2p"}, "status": {"phase": "Running",
+            "podIP": "10.0.0.1", "containerStatuses": [
+            {"name": "member", "ready": false, "restartCount": 3, "image": "i", "imageID": "",
+             "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+             "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                 "message": "strata: cannot open /dev/fuse: Permission denied"}}}]}}]});
+    let (ctx, task) = scenario(
+        Arc::new(MemFs::default()),
+        Fixed(None),
+        vec![
+            Step::new("GET", VOL_PATH, 200, volume_json(true)),
+            Step::new("GET", SECRET_PATH, 200, secret()),
+            Step::new("PATCH", DS_PATH, 200, Value::Null)
+                .reply_with_status(json!({"numberReady": 0, "desiredNumberScheduled": 1,
+                    "currentNumberScheduled": 1, "numberMisscheduled": 0})),
+            Step::new("GET", format!("{SC_PATH}/vol1-gpu"), 404, not_found()),
+            Step::new("PATCH", format!("{SC_PATH}/vol1-gpu"), 200, Value::Null),
+            Step::new("GET", "/api/v1/namespaces/strata-system/pods", 200, pods),
+            Step::event("default", "CrashLoopBackOff").check(|b| {
+                assert_eq!(b["reason"], "CrashLoopBackOff");
+                assert_eq!(b["type"], "Warning");
+            }),
+            Step::new(
+                "PATCH",
+                "/apis/strata.io/v1alpha1/cachegroups/gpu/status",
+                200,
+                serde_json::to_value(cachegroup_obj(false)).unwrap(),
+            )
+            .check(|b| {
+                let conds = b["status"]["conditions"].as_array().unwrap();
+                let degraded = conds.iter().find(|c| c["type"] == "Degraded").unwrap();
+                assert_eq!(degraded["status"], "True", "{conds:?}");
+                assert_eq!(degraded["reason"], "CrashLoopBackOff");
+                let msg = degraded["message"].as_str().unwrap();
+                assert!(msg.contains("strata-cache-gpu-7xk2p"), "{msg}");
+                assert!(msg.contains("container member"), "{msg}");
+                assert!(msg.contains("cannot open /dev/fuse"), "{msg}");
+                let ready = conds.iter().find(|c| c["type"] == "Ready").unwrap();
+                assert_eq!(ready["status"], "False");
+                assert_eq!(b["status"]["members"], "0/1");
+            }),
+        ],
+    );
+    cachegroup::reconcile(Arc::new(cachegroup_obj(false)), ctx)
+        .await
+        .unwrap();
+    done(task).await;
+}
+
+/// Shutdown deletes the operator's own Lease, guarded by uid and resourceVersion; a Lease
+/// held by another replica is left alone.
+#[tokio::test]
+async fn release_deletes_only_a_lease_this_replica_holds() {
+    let lease = |holder: &str| {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "strata-operator-leader", "namespace": NS,
+                "uid": "u-lease", "resourceVersion": "42"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15}})
+    };
+    let (ctx, task) = scenario(
+        Arc::new(MemFs::default()),
+        Fixed(None),
+        vec![
+            Step::new("GET", LEASE_PATH, 200, lease("me")),
+            Step::new(
+                "DELETE",
+                LEASE_PATH,
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            )
+            .check(|b| {
+                assert_eq!(b["preconditions"]["uid"], "u-lease");
+                assert_eq!(b["preconditions"]["resourceVersion"], "42");
+            }),
+            Step::new("GET", LEASE_PATH, 200, lease("other")),
+        ],
+    );
+    let me = elector(&ctx, "me");
+    me.release().await.unwrap();
+    me.release().await.unwrap();
+    done(task).await;
+}
+
+/// `strata-operator cleanup-leases`: every named Lease is deleted, a missing one is fine.
+#[tokio::test]
+async fn cleanup_deletes_every_named_lease_and_ignores_missing_ones() {
+    let base = "/apis/coordination.k8s.io/v1/namespaces/strata-system/leases";
+    let ok = json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
+    let (ctx, task) = scenario(
+        Arc::new(MemFs::default()),
+        Fixed(None),
+        vec![
+            Step::new("DELETE", format!("{base}/csi-strata-io"), 200, ok.clone()),
+            Step::new(
+                "DELETE",
+                format!("{base}/external-resizer-csi-strata-io"),
+                404,
+                not_found(),
+            ),
+            Step::new("DELETE", format!("{base}/strata-operator-leader"), 200, ok),
+        ],
+    );
+    let names: Vec<String> = [
+        "csi-strata-io",
+        "external-resizer-csi-strata-io",
+        "strata-operator-leader",
+    ]
+    .map(String::from)
+    .to_vec();
+    let deleted = strata_operator::leader::delete_leases(ctx.client.clone(), NS, &names)
+        .await
+        .unwrap();
+    assert_eq!(deleted, ["csi-strata-io", "strata-operator-leader"]);
+    done(task).await;
+}
+
+/// `cleanup-leases --wait-for-pods`: waits while a controller pod (whose sidecars would
+/// re-create their Lease) still exists; gives up after the timeout.
+#[tokio::test]
+async fn cleanup_waits_for_the_lease_holders_to_stop() {
+    let pods = "/api/v1/namespaces/strata-system/pods";
+    let one = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+        "items": [{"metadata": {"name": "strata-csi-controller-abc"}}]});
+    let none = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []});
+    let (ctx, task) = scenario(
+        Arc::new(MemFs::default()),
+        Fixed(None),
+        vec![
+            Step::new("GET", pods, 200, one.clone())
+                .query("labelSelector=app.kubernetes.io%2Fname%3Dstrata-csi-controller"),
+            Step::new("GET", pods, 200, none),
+            Step::new("GET", pods, 200, one),
+        ],
+    );
+    let sel = "app.kubernetes.io/name=strata-csi-controller";
+    let gone = strata_operator::leader::wait_for_no_pods(
+        ctx.client.clone(),
+        NS,
+        sel,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(gone);
+    let gone =
+        strata_operator::leader::wait_for_no_pods(ctx.client.clone(), NS, sel, Duration::ZERO)
+            .await
+            .unwrap();
+    assert!(!gone, "timeout: still there");
     done(task).await;
 }

@@ -70,6 +70,11 @@ fn structural(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
     {
         errs.push(format!("{path}: shorter than {min}"));
     }
+    if let (Some(max), Some(s)) = (schema["maxLength"].as_u64(), v.as_str())
+        && (s.chars().count() as u64) > max
+    {
+        errs.push(format!("{path}: longer than {max}"));
+    }
     if let (Some(max), Some(a)) = (schema["maxItems"].as_u64(), v.as_array())
         && a.len() as u64 > max
     {
@@ -285,13 +290,71 @@ fn immutable_fields_refuse_updates() {
 #[test]
 fn checked_in_crds_match_the_types() {
     let path = format!(
-        "{}/../charts/strata/templates/crds/strata.io.yaml",
-        env!("CARGO_MANIFEST_DIR")
+        "{}/../{}",
+        env!("CARGO_MANIFEST_DIR"),
+        strata_operator::crd::CHART_CRDS_PATH
     );
     let on_disk = std::fs::read_to_string(&path).unwrap();
     assert_eq!(
         on_disk,
         strata_operator::crd::crds_yaml().unwrap(),
-        "CRDs drifted: run `cargo run -p strata-operator --bin crdgen -- --out charts/strata/templates/crds/strata.io.yaml`"
+        "CRDs drifted: run `.ci/k8s-checks.sh --update`"
     );
+}
+
+/// A malformed Volume is rejected with a message naming the field (what `kubectl apply`
+/// shows), including the bounds that keep the CEL rules within the API server's cost budget.
+#[test]
+fn malformed_volume_errors_name_the_field() {
+    let ex = examples();
+    let (vol, cg) = (&ex[0], &ex[2]);
+    let many: Vec<String> = (0..33).map(|i| format!("opt-{i}=1")).collect();
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            with(vol, &["spec", "mountOptions"], json!(many)),
+            "spec.mountOptions",
+            "more than 32 items",
+        ),
+        (
+            with(
+                vol,
+                &["spec", "mountOptions"],
+                json!([format!("a={}", "x".repeat(300))]),
+            ),
+            "spec.mountOptions[0]",
+            "longer than 256",
+        ),
+        (
+            with(vol, &["spec", "mountOptions"], json!(["--buffer-size 600"])),
+            "spec.mountOptions",
+            "mountOptions are `strata mount` flags",
+        ),
+        (
+            with(vol, &["spec", "name"], json!("x".repeat(64))),
+            "spec.name",
+            "longer than 63",
+        ),
+        (
+            with(vol, &["spec", "storage", "region"], json!("r".repeat(65))),
+            "spec.storage.region",
+            "longer than 64",
+        ),
+        (
+            with(vol, &["spec", "capacity"], json!("lots")),
+            "spec.capacity",
+            "does not match",
+        ),
+        (
+            with(cg, &["spec", "warmupPaths"], json!(["a".repeat(1025)])),
+            "spec.warmupPaths[0]",
+            "longer than 1024",
+        ),
+    ];
+    for (i, (obj, field, want)) in cases.iter().enumerate() {
+        let errs = validate(obj, None);
+        assert!(
+            errs.iter().any(|e| e.contains(field) && e.contains(want)),
+            "case {i}: want {field:?} and {want:?} in one message, got {errs:?}"
+        );
+    }
 }

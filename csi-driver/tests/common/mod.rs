@@ -110,6 +110,24 @@ pub fn read_within(path: PathBuf, limit: Duration) -> Option<Vec<u8>> {
     rx.recv_timeout(limit + Duration::from_secs(1)).ok()
 }
 
+/// Create `path` with `data` and read it back, on another thread, retrying until `limit`:
+/// an operation no cache can answer, so it needs a live mount client. True on success.
+pub fn write_read_within(path: PathBuf, data: &'static [u8], limit: Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if fs::write(&path, data).is_ok() && fs::read(&path).is_ok_and(|b| b == data) {
+                let _ = tx.send(());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    rx.recv_timeout(limit).is_ok()
+}
+
+/// Pids of the mount clients serving shared mounts below the state directory `state`.
 pub fn client_pids(state: &Path) -> Vec<i32> {
     let mut out = vec![];
     let want = state.to_string_lossy().to_string();
@@ -119,7 +137,8 @@ pub fn client_pids(state: &Path) -> Vec<i32> {
         };
         let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("--fuse-fd-socket") && cmd.contains(&want) {
+        // The mount client itself, not a `--supervise` parent that restarts it.
+        if cmd.contains("--fuse-fd-socket") && cmd.contains(&want) && !cmd.contains("--supervise") {
             out.push(pid);
         }
     }

@@ -2,8 +2,9 @@
 
 use std::fs::{self, File};
 use std::io::{self, ErrorKind, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -19,10 +20,36 @@ const TMP_MARK: &str = ".strata-tmp-";
 
 /// Objects as files under a root directory. Puts are atomic (temp file, fsync, rename) and
 /// durable (the directory is fsynced too).
+///
+/// Ownership: a process running as root (euid 0) gives every file and directory it creates
+/// the owner of the root directory, so that a store made by an unprivileged user (e.g. the
+/// operator, uid 65532) stays usable by that user and by mount clients running as it.
 #[derive(Debug)]
 pub struct LocalStore {
     root: PathBuf,
     tmp_seq: AtomicU64,
+    /// (uid, gid) new files and directories get; `None`: keep the creator's. Decided on the
+    /// first write.
+    owner: OnceLock<Option<(u32, u32)>>,
+}
+
+/// The owner (uid, gid) of `path` or, when it does not exist, of its nearest existing
+/// ancestor.
+fn owner_of_nearest(path: &Path) -> Option<(u32, u32, PathBuf)> {
+    let mut p = Some(path);
+    while let Some(d) = p {
+        if let Ok(m) = fs::metadata(d) {
+            return Some((m.uid(), m.gid(), d.to_path_buf()));
+        }
+        p = d.parent();
+    }
+    None
+}
+
+/// The effective uid and gid of this process.
+fn euid_egid() -> (u32, u32) {
+    // SAFETY: geteuid/getegid have no preconditions.
+    unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
 impl LocalStore {
@@ -34,7 +61,43 @@ impl LocalStore {
         LocalStore {
             root,
             tmp_seq: AtomicU64::new(0),
+            owner: OnceLock::new(),
         }
+    }
+
+    /// Owner for new files and directories: the root directory's (or its nearest existing
+    /// ancestor's) when this process is root and that owner is another user, else `None`.
+    fn owner(&self) -> Option<(u32, u32)> {
+        *self.owner.get_or_init(|| {
+            if euid_egid().0 != 0 {
+                return None;
+            }
+            match owner_of_nearest(&self.root) {
+                Some((uid, gid, _)) if uid != 0 => Some((uid, gid)),
+                _ => None,
+            }
+        })
+    }
+
+    /// `create_dir_all`, giving the directories it creates to [`Self::owner`].
+    fn create_dirs(&self, dir: &Path) -> io::Result<()> {
+        let Some((uid, gid)) = self.owner() else {
+            return fs::create_dir_all(dir);
+        };
+        let mut missing = Vec::new();
+        let mut d = Some(dir);
+        while let Some(p) = d {
+            if p.is_dir() {
+                break;
+            }
+            missing.push(p);
+            d = p.parent();
+        }
+        fs::create_dir_all(dir)?;
+        for p in missing.into_iter().rev() {
+            std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+        }
+        Ok(())
     }
 
     /// The root directory.
@@ -65,14 +128,39 @@ impl LocalStore {
             ErrorKind::NotFound | ErrorKind::NotADirectory => {
                 ObjectError::NotFound(key.to_string())
             }
-            ErrorKind::PermissionDenied => {
-                ObjectError::Denied(format!("{} ({key}): {e}", self.describe()))
-            }
+            // A local permission problem, not a credential one: name the path, the errno,
+            // who this process is and who owns the place.
+            ErrorKind::PermissionDenied => ObjectError::Other(self.permission_error(key, &e)),
             ErrorKind::Interrupted | ErrorKind::TimedOut | ErrorKind::WouldBlock => {
                 ObjectError::Transient(format!("{} ({key}): {e}", self.describe()))
             }
             _ => ObjectError::Other(format!("{} ({key}): {e}", self.describe())),
         }
+    }
+
+    /// "file:///b: /b/vol/k: Permission denied (os error 13); this process runs as uid 0
+    /// gid 0, /b/vol belongs to uid 65532 gid 65532 (mode 755)".
+    fn permission_error(&self, key: &str, e: &io::Error) -> String {
+        let path = if key.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(key)
+        };
+        let (uid, gid) = euid_egid();
+        let mut msg = format!(
+            "{}: {}: {e}; this process runs as uid {uid} gid {gid}",
+            self.describe(),
+            path.display()
+        );
+        // The directory that refused: the nearest existing one above the object.
+        if let Some((ouid, ogid, at)) = path.parent().and_then(owner_of_nearest) {
+            let mode = fs::metadata(&at).map(|m| m.mode() & 0o7777).unwrap_or(0);
+            msg.push_str(&format!(
+                ", {} belongs to uid {ouid} gid {ogid} (mode {mode:o})",
+                at.display()
+            ));
+        }
+        msg
     }
 
     fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
@@ -83,14 +171,20 @@ impl LocalStore {
         // A concurrent delete may remove the (empty) directory between our mkdir and create.
         let mut attempt = 0;
         let mut file = loop {
-            fs::create_dir_all(dir)?;
+            self.create_dirs(dir)?;
             match File::create(&tmp) {
                 Ok(f) => break f,
                 Err(e) if e.kind() == ErrorKind::NotFound && attempt < 3 => attempt += 1,
                 Err(e) => return Err(e),
             }
         };
-        let written = file.write_all(data).and_then(|()| file.sync_all());
+        let owned = match self.owner() {
+            Some((uid, gid)) => std::os::unix::fs::fchown(&file, Some(uid), Some(gid)),
+            None => Ok(()),
+        };
+        let written = owned
+            .and_then(|()| file.write_all(data))
+            .and_then(|()| file.sync_all());
         let renamed = written.and_then(|()| fs::rename(&tmp, path));
         if let Err(e) = renamed {
             let _ = fs::remove_file(&tmp);
@@ -176,7 +270,8 @@ impl ObjectStore for LocalStore {
     }
 
     fn init(&self) -> Result<()> {
-        fs::create_dir_all(&self.root).map_err(|e| self.io_err("", e))?;
+        self.create_dirs(&self.root)
+            .map_err(|e| self.io_err("", e))?;
         let meta = fs::metadata(&self.root).map_err(|e| self.io_err("", e))?;
         if !meta.is_dir() {
             return Err(ObjectError::Other(format!(
@@ -335,6 +430,49 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["k".to_string()]);
         assert_eq!(&store.get("d/k", 0, None).unwrap()[..], &[8u8; 10]);
+    }
+
+    #[test]
+    fn as_root_new_files_and_directories_get_the_owner_of_the_store() {
+        if euid_egid().0 != 0 {
+            eprintln!("skipped: needs root to give files away");
+            return;
+        }
+        let (_dir, store) = temp_root();
+        fs::create_dir_all(store.root()).unwrap();
+        std::os::unix::fs::chown(store.root(), Some(65532), Some(65533)).unwrap();
+        store
+            .put("vol/chunks/0/1", Bytes::from_static(b"x"))
+            .unwrap();
+        for p in ["vol", "vol/chunks", "vol/chunks/0", "vol/chunks/0/1"] {
+            let m = fs::metadata(store.root().join(p)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65532, 65533), "{p}");
+        }
+        // A store owned by root keeps root's files.
+        let (_dir2, mine) = temp_root();
+        mine.put("a/b", Bytes::from_static(b"x")).unwrap();
+        let m = fs::metadata(mine.root().join("a/b")).unwrap();
+        assert_eq!(m.uid(), 0);
+    }
+
+    #[test]
+    fn a_permission_error_names_the_path_and_the_users_not_the_keys() {
+        let (_dir, store) = temp_root();
+        fs::create_dir_all(store.root().join("vol")).unwrap();
+        let e = store.io_err("vol/k", io::Error::from_raw_os_error(libc::EACCES));
+        let text = e.to_string();
+        let path = store.root().join("vol/k");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("os error 13"), "{text}");
+        assert!(text.contains("this process runs as uid"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "{} belongs to uid",
+                store.root().join("vol").display()
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("access key"), "{text}");
     }
 
     #[test]

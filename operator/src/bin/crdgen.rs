@@ -1,4 +1,5 @@
-//! `crdgen`: print the CRD YAML, or write it to a file (`crdgen --out PATH`).
+//! `crdgen`: print the CRD YAML, or write it to a file (`crdgen --out PATH`; the chart keeps
+//! it in `charts/strata/crds/strata.io.yaml`, `.ci/k8s-checks.sh --update` rewrites it).
 
 fn main() -> anyhow::Result<()> {
     let yaml = strata_operator::crd::crds_yaml()?;

@@ -4,14 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use futures::FutureExt;
 use tokio::sync::watch;
 
 use strata_operator::context::{Context, HttpScraper};
 use strata_operator::controller;
 use strata_operator::fsops::StrataFs;
-use strata_operator::leader::{LeaderElector, LeaseSettings};
+use strata_operator::leader::{LeaderElector, LeaseSettings, delete_leases, wait_for_no_pods};
 use strata_operator::metrics::Metrics;
 use strata_operator::settings::Settings;
 
@@ -22,6 +22,8 @@ use strata_operator::settings::Settings;
     about = "Strata operator: Volume, Quota and CacheGroup resources"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Settings file (YAML; see docs/OPERATOR.md).
     #[arg(long, env = "STRATA_OPERATOR_CONFIG")]
     config: Option<std::path::PathBuf>,
@@ -52,19 +54,80 @@ struct Cli {
     log_json: bool,
 }
 
+#[derive(Subcommand)]
+enum Command {
+    /// Delete Leases and exit (the chart's post-delete hook: the leader-election Leases of
+    /// csi-provisioner, csi-resizer and the operator outlive `helm uninstall` otherwise).
+    /// Missing Leases are not an error.
+    CleanupLeases {
+        /// Namespace of the Leases.
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: String,
+        /// Lease names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
+        /// First wait until no pod matches this label selector (the Lease holders: a
+        /// sidecar still running would re-create its Lease).
+        #[arg(long)]
+        wait_for_pods: Option<String>,
+        /// Longest wait for those pods (then the Leases are deleted anyway).
+        #[arg(long, default_value_t = 120)]
+        wait_timeout_secs: u64,
+    },
+}
+
+/// Logs go to stderr, with ANSI colours only when it is a terminal (container logs and
+/// files get plain text).
+fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    if json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     strata::tls::install_crypto_provider();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if cli.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+    init_logging(&cli.log_level, cli.log_json);
+
+    if let Some(Command::CleanupLeases {
+        namespace,
+        names,
+        wait_for_pods,
+        wait_timeout_secs,
+    }) = &cli.command
+    {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+        if let Some(selector) = wait_for_pods {
+            wait_for_no_pods(
+                client.clone(),
+                namespace,
+                selector,
+                Duration::from_secs(*wait_timeout_secs),
+            )
+            .await
+            .with_context(|| format!("listing pods {selector} in {namespace}"))?;
+        }
+        let deleted = delete_leases(client, namespace, names)
+            .await
+            .with_context(|| format!("deleting Leases in {namespace}"))?;
+        tracing::info!(
+            "cleanup-leases: {} of {} deleted, the rest did not exist",
+            deleted.len(),
+            names.len()
+        );
+        return Ok(());
     }
 
     let mut settings = match &cli.config {
