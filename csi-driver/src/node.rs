@@ -95,6 +95,11 @@ struct Inner {
     consumers_lock: Mutex<()>,
     /// Clients of released mounts whose stop failed, with the time of the next try.
     orphans: Mutex<HashMap<String, (ClientSpec, Instant)>>,
+    /// One lock per shared mount (volume key), held while that mount is set up, used by a
+    /// new staging path or released: PVs of one Strata volume staged at once (different
+    /// volume ids, the same key) must not mount it twice, and an unstage must not unmount
+    /// it between a stage's mount and the record that it uses it.
+    key_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 /// The publications served by the shared mount `key`: every target published from a
@@ -542,6 +547,7 @@ impl NodeService {
             state: Mutex::new(State::default()),
             consumers_lock: Mutex::new(()),
             orphans: Mutex::new(HashMap::new()),
+            key_locks: Mutex::new(HashMap::new()),
         });
         inner.recover();
         let weak = Arc::downgrade(&inner);
@@ -620,6 +626,8 @@ impl Node for NodeService {
                     )));
                 }
             }
+            let key_lock = inner.key_lock(&key);
+            let _key_guard = key_lock.lock();
             let src = {
                 let mut bases = inner.bases.lock();
                 if !bases.contains_key(&key) {
@@ -644,7 +652,7 @@ impl Node for NodeService {
                 if bound {
                     umount(&staging);
                 }
-                inner.release_base_if_unused(&key);
+                inner.release_base_if_unused_locked(&key);
             }
             staged
         })
@@ -975,8 +983,24 @@ impl Inner {
         Ok(())
     }
 
+    /// The lock of the shared mount `key` (see `Inner::key_locks`).
+    fn key_lock(&self, key: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.key_locks.lock();
+        // Drop the locks nobody holds or waits for, so the map does not grow with every
+        // volume ever staged.
+        locks.retain(|k, l| k == key || Arc::strong_count(l) > 1);
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
     /// Unmount the shared mount of `key` when no staging path uses it any more.
     fn release_base_if_unused(&self, key: &str) {
+        let key_lock = self.key_lock(key);
+        let _key_guard = key_lock.lock();
+        self.release_base_if_unused_locked(key);
+    }
+
+    /// [`Inner::release_base_if_unused`] for a caller that holds the key's lock.
+    fn release_base_if_unused_locked(&self, key: &str) {
         let used = self.state.lock().stages.values().any(|s| s.key == key);
         if used {
             return;

@@ -639,3 +639,107 @@ async fn csi_sanity_groups_with_real_mounts() {
     assert_eq!(v3.volume_id, v.volume_id);
     drop(g);
 }
+
+/// PVs of one Strata volume staged at the same moment (different volume ids, one META_URL)
+/// share one FUSE mount: the second stage waits for the first one's mount instead of mounting
+/// the volume a second time on top of it; unstaging both releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stages_of_one_volume_share_one_mount() {
+    let Some((_dir, root, meta)) = mount_test("racevol") else {
+        return;
+    };
+    let sock = root.join("csi.sock");
+    let state = root.join("state");
+    let mut g = Guard {
+        plugin: None,
+        dir: root.clone(),
+    };
+    g.plugin = Some(
+        Command::new(CSI)
+            .args(["--node", "--node-id", "node-1"])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--strata-bin")
+            .arg(strata_bin())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(root.join("plugin.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let ch = channel(&sock, &root.join("plugin.log")).await;
+    let secrets: HashMap<String, String> = HashMap::from([("metaurl".into(), meta.clone())]);
+    let fuse_mounts = || {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(" - fuse.strata ") && l.contains(&*state.to_string_lossy()))
+            .count()
+    };
+    for round in 0..3 {
+        let stages: Vec<csi::NodeStageVolumeRequest> = (0..2)
+            .map(|i| {
+                let staging = root.join(format!("kubelet/staging/r{round}-{i}"));
+                fs::create_dir_all(&staging).unwrap();
+                csi::NodeStageVolumeRequest {
+                    volume_id: format!("static-pv-{round}-{i}"),
+                    staging_target_path: staging.to_string_lossy().into(),
+                    volume_capability: Some(mount_cap(
+                        volume_capability::access_mode::Mode::MultiNodeMultiWriter,
+                    )),
+                    secrets: secrets.clone(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        // Both requests are in flight before either is awaited.
+        let calls: Vec<_> = stages
+            .iter()
+            .cloned()
+            .map(|r| {
+                let mut node = NodeClient::new(ch.clone());
+                tokio::spawn(async move { node.node_stage_volume(r).await })
+            })
+            .collect();
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            fuse_mounts(),
+            1,
+            "round {round}: two stages of one volume mounted it twice: {}",
+            fs::read_to_string(root.join("plugin.log")).unwrap_or_default()
+        );
+        // Both staging paths show the same file system.
+        fs::write(
+            std::path::Path::new(&stages[0].staging_target_path).join(format!("f{round}")),
+            b"x",
+        )
+        .unwrap();
+        assert!(
+            std::path::Path::new(&stages[1].staging_target_path)
+                .join(format!("f{round}"))
+                .exists()
+        );
+        let unstages: Vec<_> = stages
+            .iter()
+            .map(|r| {
+                let mut node = NodeClient::new(ch.clone());
+                let u = csi::NodeUnstageVolumeRequest {
+                    volume_id: r.volume_id.clone(),
+                    staging_target_path: r.staging_target_path.clone(),
+                };
+                tokio::spawn(async move { node.node_unstage_volume(u).await })
+            })
+            .collect();
+        for u in unstages {
+            u.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            fuse_mounts(),
+            0,
+            "round {round}: the shared mount outlived its stages"
+        );
+    }
+}

@@ -367,12 +367,34 @@ pub struct Handover {
     pub conn: UnixStream,
 }
 
-/// Client: connect to the keeper at `path` and take the FUSE descriptor.
+/// Whether SIGTERM, SIGINT or SIGHUP is pending for this thread (the mount client blocks
+/// them until its signal thread runs, so a wait before that must look for them itself).
+fn termination_pending() -> bool {
+    // SAFETY: sigpending fills a zero-initialized sigset; sigismember reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigpending(&mut set) == 0
+            && [libc::SIGTERM, libc::SIGINT, libc::SIGHUP]
+                .iter()
+                .any(|&s| libc::sigismember(&set, s) == 1)
+    }
+}
+
+/// Client: connect to the keeper at `path` and take the FUSE descriptor. Waits up to
+/// `timeout` for the socket, but not past a termination signal (a mount Pod deleted while
+/// its client waits must not wait out its grace period).
 pub fn take(path: &Path, timeout: Duration) -> io::Result<Handover> {
     let start = Instant::now();
     let conn = loop {
         match UnixStream::connect(path) {
             Ok(c) => break c,
+            Err(_) if termination_pending() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "termination signal while waiting for the descriptor",
+                ));
+            }
             Err(e) if start.elapsed() < timeout => {
                 tracing::debug!(error = %e, path = %path.display(), "waiting for the FUSE fd socket");
                 std::thread::sleep(Duration::from_millis(100));
@@ -666,7 +688,8 @@ fn exit_code(s: std::process::ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
-/// Run the command `make` builds, and again each time it exits, after `backoff`'s delay,
+/// Run the command `make` builds, and again each time it fails, after `backoff`'s delay (a
+/// clean exit, code 0, means the client's mount is gone and ends the supervision too),
 /// until SIGTERM, SIGINT or SIGHUP (passed on to the running command, whose exit then ends
 /// the supervision) or until `max_quick_exits` exits in a row came each within
 /// `backoff.stable` of their start (0: never give up; giving up hands restarts over to
@@ -724,6 +747,13 @@ pub fn supervise(
             );
             return last;
         }
+        if last == 0 {
+            // A client exits 0 only when its FUSE connection ended (the node plugin unmounted
+            // the volume): there is nothing left to serve, and a new client would only wait
+            // for a descriptor that will not come.
+            tracing::info!("supervisor: the client ended cleanly (its mount is gone); stopping");
+            return 0;
+        }
         let ran = started.elapsed();
         let delay = backoff.after_exit(ran);
         if max_quick_exits > 0 && backoff.quick_exits() >= max_quick_exits {
@@ -765,6 +795,26 @@ mod supervisor_tests {
         assert_eq!(b.after_exit(Duration::from_secs(11)), ms(200));
         assert_eq!(b.quick_exits(), 0);
         assert_eq!(b.after_exit(quick), ms(400));
+    }
+
+    #[test]
+    fn a_client_waiting_for_the_socket_stops_at_a_termination_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fd.sock");
+        let started = std::thread::spawn(move || {
+            crate::mount::block_signals();
+            // SAFETY: a signal to this very thread, which blocks it: it stays pending.
+            unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGTERM) };
+            let t = Instant::now();
+            let r = take(&path, Duration::from_secs(20));
+            (r.map(|h| h.resume), t.elapsed())
+        });
+        let (r, took) = started.join().unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::Interrupted);
+        assert!(
+            took < Duration::from_secs(2),
+            "waited {took:?} past SIGTERM"
+        );
     }
 
     #[test]
