@@ -29,6 +29,9 @@
 #   E2E_CONTROLLER_REPLICAS=1               the test bed puts every pod on the host network,
 #                                           where two controller replicas' ports collide on
 #                                           one node; the chart's default is 2
+#   E2E_KEEP=1                              after a failed step, leave everything as it is
+#                                           (cluster objects, PostgreSQL and SeaweedFS) to
+#                                           look at; the next run cleans up first
 #   E2E_REPORT=docs/E2E.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -125,6 +128,21 @@ diagnose() {
       echo "--- $p $c"; k -n "$1" logs "$p" -c "$c" --tail=15 2>&1
     done
   done
+}
+
+# wait_ready NS POD...: wait until the pods are Ready (180 s), else show why.
+wait_ready() {
+  local ns=$1; shift
+  local p args=()
+  for p in "$@"; do args+=("pod/$p"); done
+  k -n "$ns" wait "${args[@]}" --for=condition=Ready --timeout=180s && return 0
+  diagnose "$ns"; diagnose "$NS"
+  local mp
+  for mp in $(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name); do
+    echo "--- $mp"; k -n "$NS" logs "$mp" --tail=20
+  done
+  echo "--- node plugin"; k -n "$NS" logs ds/strata-csi-node -c node-plugin --tail=30
+  return 1
 }
 
 # ---------------------------------------------------------------------------- steps
@@ -260,8 +278,7 @@ step_pvcs() {
     pod_yaml writer-a shared; echo ---; pod_yaml writer-b shared; echo ---
     pod_yaml notebook alice-home '{runAsUser: 1000, runAsGroup: 100, fsGroup: 100}'; } | apply || return 1
   local t0; t0=$(now)
-  k -n "$APPS" wait pod/writer-a pod/writer-b pod/notebook --for=condition=Ready --timeout=180s || {
-    k -n "$APPS" describe pods | grep -A15 Events | tail -40; return 1; }
+  wait_ready "$APPS" writer-a writer-b notebook || return 1
   note "3 pods on 2 dynamic RWX PVCs Running in $(since "$t0") s (pod mount mode)"
   k -n "$APPS" exec writer-a -- sh -c 'echo from-a > /data/a' || return 1
   k -n "$APPS" exec writer-b -- sh -c 'echo from-b > /data/b' || return 1
@@ -272,7 +289,7 @@ step_pvcs() {
     || { cat "$WORK/nb"; fail "uid 1000 cannot write its home"; return 1; }
   grep -q ' 1000 *100 .*Untitled.ipynb' "$WORK/nb" || { cat "$WORK/nb"; fail "the notebook file is not owned by 1000:100"; return 1; }
   note "uid 1000 (fsGroup 100) writes its home: $(grep Untitled "$WORK/nb" | awk '{print $1, $3":"$4}')"
-  local kb; kb=$(k -n "$APPS" exec writer-a -- df -k /data | awk 'NR==2{print $2}')
+  local kb; kb=$(k -n "$APPS" exec writer-a -- df -kP /data | awk 'NR==2{print $2}')
   [ "$kb" = 1048576 ] || fail "df in the pod shows $kb KiB, the PVC is 1Gi (1048576 KiB)" || return 1
   note "df in the pod: 1048576 KiB = the PVC's 1Gi"
   [ "$(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name | wc -l)" -ge 1 ] \
@@ -283,16 +300,26 @@ step_pvcs() {
 # probe POD: a new file written and read back through the mount (never the page cache).
 probe() { local n; n=$(date +%s%N); k -n "$APPS" exec "$1" -- sh -c "echo $n > /data/.probe-$n && cat /data/.probe-$n && rm /data/.probe-$n" 2>/dev/null | grep -q "$n"; }
 
-# back_within LIMIT WHAT: time until writer-a's probe succeeds again.
-back_within() {
-  local limit=$1 what=$2 t0; t0=$(now)
-  until probe writer-a; do
-    awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN{exit !(b-a > l*3)}' && break
+# outage LIMIT WHAT DONE_CMD...: probe writer-a continuously from now until DONE_CMD
+# succeeds (the fault is over: a new client, Pod or plugin is up) and one more probe passes;
+# the longest time without a successful probe is the outage readers saw. At most 120 s.
+outage() {
+  local limit=$1 what=$2; shift 2
+  local t0 last gap max=0 done=0
+  t0=$(now); last=$t0
+  while :; do
+    if probe writer-a; then
+      gap=$(awk -v a="$last" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')
+      max=$(awk -v a="$max" -v b="$gap" 'BEGIN{print (b>a)?b:a}')
+      last=$(now)
+      [ $done = 1 ] && break
+    fi
+    [ $done = 0 ] && "$@" >/dev/null 2>&1 && done=1
+    awk -v a="$t0" -v b="$(now)" 'BEGIN{exit !(b-a > 120)}' && { fail "$what: not over after 120 s"; return 1; }
     sleep 0.2
   done
-  local s; s=$(since "$t0")
-  note "$what: reader back after $s s"
-  awk -v s="$s" -v l="$limit" 'BEGIN{exit !(s <= l)}' || fail "$what: reader back only after $s s (limit $limit s)"
+  note "$what: longest time without a successful read-write probe $max s (over in $(since "$t0") s)"
+  awk -v s="$max" -v l="$limit" 'BEGIN{exit !(s <= l)}' || fail "$what: readers failed for $max s (limit $limit s)"
 }
 
 mount_pod() { k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name | head -1; }
@@ -301,29 +328,24 @@ step_resilience() {
   probe writer-a || fail "probe fails before any fault" || return 1
   local mp; mp=$(mount_pod)
   [ -n "$mp" ] || fail "no mount Pod" || return 1
-  # 1. the mount client process dies
-  local pid=""
+  # 1. the mount client process dies (not its supervisor)
+  local pid="" uid
+  uid=$(k -n "$NS" get "$mp" -o jsonpath='{.metadata.uid}')
   if [ "$NODE_LOCAL" = 1 ]; then
-    pid=$(pgrep -f 'strata mount --fuse-fd-socket' | while read -r p; do
-      tr '\0' ' ' </proc/"$p"/cmdline | grep -q -- "--supervise" || echo "$p"; done | head -1)
+    pid=$(pgrep -f 'strata mount --fuse-fd-socket' | head -1)
   fi
-  if [ -n "$pid" ]; then
-    kill -9 "$pid"
-  else
-    k -n "$NS" exec "${mp#pod/}" -- sh -c 'kill -9 $(pgrep -f "strata mount" | tail -1)' || return 1
-  fi
-  back_within 5 "mount client killed (SIGKILL)" || return 1
-  # 2. the mount Pod is deleted
+  [ -n "$pid" ] || pid=$(k -n "$NS" exec "${mp#pod/}" -- sh -c 'for p in /proc/[0-9]*; do tr "\0" " " <$p/cmdline | grep -q "^/usr/local/bin/strata mount --fuse" && basename $p; done' | head -1)
+  [ -n "$pid" ] || fail "no mount client process found" || return 1
+  if [ "$NODE_LOCAL" = 1 ]; then kill -9 "$pid"; else k -n "$NS" exec "${mp#pod/}" -- kill -9 "$pid"; fi
+  outage 5 "mount client killed (SIGKILL)" sh -c "! kill -0 $pid 2>/dev/null && pgrep -f 'strata mount --fuse-fd-socket' >/dev/null" || return 1
+  # 2. the mount Pod is deleted: a new one (same name, new uid) serves the same connection
   k -n "$NS" delete "$mp" --wait=false >/dev/null || return 1
-  back_within 5 "mount Pod deleted" || return 1
-  until_ok 60 sh -c "kubectl -n $NS get pods -l app.kubernetes.io/name=strata-mount -o name | grep -v '${mp#pod/}\$' | grep -q ." \
-    || fail "no new mount Pod after deleting $mp" || return 1
-  # 3. the node plugin restarts
+  outage 5 "mount Pod deleted" sh -c "kubectl -n $NS get $mp -o jsonpath='{.metadata.uid} {.status.containerStatuses[0].ready}' | grep -v '^$uid' | grep -q ' true'" || return 1
+  # 3. the node plugin restarts (its container and Pod)
+  local np; np=$(k -n "$NS" get pods -l app.kubernetes.io/name=strata-csi-node -o jsonpath='{.items[0].metadata.uid}')
   k -n "$NS" delete pod -l app.kubernetes.io/name=strata-csi-node --wait=false >/dev/null || return 1
-  back_within 5 "node plugin restarted" || return 1
+  outage 5 "node plugin restarted" sh -c "kubectl -n $NS get pods -l app.kubernetes.io/name=strata-csi-node -o jsonpath='{.items[0].metadata.uid} {.items[0].status.containerStatuses[0].ready}' | grep -v '^$np' | grep -q ' true'" || return 1
   k -n "$NS" rollout status ds/strata-csi-node --timeout=120s >/dev/null || return 1
-  sleep 3
-  probe writer-a || fail "probe fails once the new node plugin is up" || return 1
   local restarts; restarts=$(k -n "$APPS" get pod writer-a writer-b -o jsonpath='{.items[*].status.containerStatuses[0].restartCount}')
   [ "$restarts" = "0 0" ] || fail "consumer pods restarted: $restarts" || return 1
   [ "$(k -n "$APPS" exec writer-b -- cat /data/a)" = from-a ] || fail "data lost" || return 1
@@ -333,7 +355,7 @@ step_resilience() {
 step_expand() {
   k -n "$APPS" patch pvc shared -p '{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}' >/dev/null || return 1
   local t0; t0=$(now)
-  until_ok 60 sh -c "kubectl -n $APPS exec writer-a -- df -k /data | awk 'NR==2{exit !(\$2==2097152)}'" \
+  until_ok 60 sh -c "kubectl -n $APPS exec writer-a -- df -kP /data | awk 'NR==2{exit !(\$2==2097152)}'" \
     || fail "df in the running pod does not show 2Gi" || return 1
   note "PVC expanded 1Gi -> 2Gi: df in the running pod shows it after $(since "$t0") s"
   # Static PV on a directory that exists in the volume (made through writer-a's PVC).
@@ -365,7 +387,7 @@ spec:
   resources: {requests: {storage: 1Gi}}
 EOF
   pod_yaml static-reader static | apply || return 1
-  k -n "$APPS" wait pod/static-reader --for=condition=Ready --timeout=120s || return 1
+  wait_ready "$APPS" static-reader || return 1
   [ "$(k -n "$APPS" exec static-reader -- cat /data/f)" = static-data ] || fail "static PV does not show the directory" || return 1
   note "static PV on existing directory $dir: its file reads back"
 }
@@ -380,7 +402,7 @@ spec: {volume: e2e-local, capacity: 64Mi}
 EOF
   k -n "$TENANT" wait quota/storage --for=condition=Ready --timeout=60s || return 1
   { pvc_yaml work e2e-local 1Gi "$TENANT"; echo ---; pod_yaml filler work | sed "s/namespace: $APPS/namespace: $TENANT/"; } | apply || return 1
-  k -n "$TENANT" wait pod/filler --for=condition=Ready --timeout=120s || return 1
+  wait_ready "$TENANT" filler || return 1
   local out
   out=$(k -n "$TENANT" exec filler -- sh -c 'dd if=/dev/zero of=/data/big bs=1M count=100 conv=fsync 2>&1; ls -l /data/big' 2>&1)
   echo "$out" | grep -qi 'quota exceeded' || { echo "$out"; fail "no EDQUOT at the 64Mi tenant quota"; return 1; }
@@ -389,7 +411,7 @@ EOF
   [ -n "${E2E_PG_URL:-}" ] || { note "CacheGroup part skipped (no S3 volume)"; return 0; }
   # A cache group over the S3 volume; a file warmed by the members and read by a pod.
   { pvc_yaml models e2e-s3 10Gi; echo ---; pod_yaml model-writer models; } | apply || return 1
-  k -n "$APPS" wait pod/model-writer --for=condition=Ready --timeout=120s || return 1
+  wait_ready "$APPS" model-writer || return 1
   k -n "$APPS" exec model-writer -- sh -c 'mkdir -p /data/llm && dd if=/dev/urandom of=/data/llm/weights bs=1M count=64 2>/dev/null && md5sum /data/llm/weights' >"$WORK/md5" || return 1
   local pvdir; pvdir=$(k get pv "$(k -n "$APPS" get pvc models -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')
   pvdir=${pvdir#*/}
@@ -440,7 +462,7 @@ spec:
   resources: {requests: {storage: 10Gi}}
 EOF
   pod_yaml model-server models-ro | apply || return 1
-  k -n "$APPS" wait pod/model-server --for=condition=Ready --timeout=120s || return 1
+  wait_ready "$APPS" model-server || return 1
   local sum; sum=$(k -n "$APPS" exec model-server -- md5sum /data/llm/weights | awk '{print $1}')
   [ "$sum" = "$(awk '{print $1}' "$WORK/md5")" ] || fail "the cached read differs from what was written" || return 1
   if [ "$NODE_LOCAL" = 1 ]; then
@@ -548,6 +570,9 @@ trap 'stop_services; rm -rf "$WORK"' EXIT
 METRICS_PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 GROUP_PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 cleanup_leftovers
+# The embedded volume starts empty (a previous run's deletionPolicy Delete removed its files
+# and objects but keeps the SQLite database, which a new Volume of that name would adopt).
+[ "$NODE_LOCAL" = 1 ] && rm -rf "$LOCAL_VOL"
 start_services || { echo "e2e: could not start PostgreSQL/SeaweedFS"; exit 1; }
 run_step "1. helm install (operator, controller, node plugin Ready; CSIDriver registered)" step_install
 run_step "2. Secrets + Volumes (SQLite + local dir; PostgreSQL + S3) Ready" step_volumes
@@ -555,8 +580,14 @@ run_step "3. RWX PVCs, two writers, notebook as uid 1000, df, pod mount mode" st
 run_step "4. mount client killed, mount Pod deleted, node plugin restarted" step_resilience
 run_step "5. PVC expansion in a running pod; static PV" step_expand
 run_step "6. Quota EDQUOT; CacheGroup warm-up and reads without GETs" step_quota_cache
-skip_rest=0
-run_step "7. delete everything; helm uninstall; nothing left" step_cleanup
+if [ "$failed" != 0 ] && [ "${E2E_KEEP:-0}" = 1 ]; then
+  echo "e2e: E2E_KEEP=1: everything left in place (services: pids ${SVC_PIDS[*]}, files in $WORK)"
+  trap - EXIT
+  SVC_PIDS=()
+else
+  skip_rest=0
+  run_step "7. delete everything; helm uninstall; nothing left" step_cleanup
+fi
 write_report
 echo "e2e: ${pass} passed, ${failed} failed"
 [ "$failed" = 0 ]

@@ -40,6 +40,14 @@ impl Metas {
         self.0.lock().insert(url.to_string(), meta.clone());
         Ok(meta)
     }
+
+    /// [`Metas::get`] from an RPC handler: opening an engine blocks (a PostgreSQL engine
+    /// connects and waits on its own runtime, which must not happen on an async worker).
+    pub async fn open(&self, url: &str, span: &tracing::Span) -> Result<Arc<Meta>> {
+        let metas = self.clone();
+        let url = url.to_string();
+        blocking(span.clone(), move || metas.get(&url)).await
+    }
 }
 
 pub struct ControllerService {
@@ -283,7 +291,7 @@ impl Controller for ControllerService {
         })?;
         let path = params::pv_path(params.path_pattern.as_deref(), &r.name, &r.parameters)?;
         let _g = self.locks.try_lock(&r.name)?;
-        let meta = self.metas.get(&secrets.metaurl)?;
+        let meta = self.metas.open(&secrets.metaurl, &span).await?;
         let p2 = path.clone();
         let on_delete = params.on_delete;
         let volname = blocking(span.clone(), move || {
@@ -342,7 +350,7 @@ impl Controller for ControllerService {
         let (vol, path) = (vol.to_string(), path.to_string());
         let secrets = self.secrets(&r.secrets)?;
         let _g = self.locks.try_lock(&r.volume_id)?;
-        let meta = self.metas.get(&secrets.metaurl)?;
+        let meta = self.metas.open(&secrets.metaurl, &span).await?;
         blocking(span.clone(), move || {
             let fmt = meta.load().map_err(|e| CsiError::meta("volume", e))?;
             if fmt.name != vol {
@@ -420,7 +428,7 @@ impl Controller for ControllerService {
         if let Some((vol, path)) = params::split_volume_id(&r.volume_id)
             && let Ok(secrets) = self.secrets(&r.secrets)
         {
-            let meta = self.metas.get(&secrets.metaurl)?;
+            let meta = self.metas.open(&secrets.metaurl, &span).await?;
             let (vol, path) = (vol.to_string(), path.to_string());
             blocking(span.clone(), move || {
                 let fmt = meta.load().map_err(|e| CsiError::meta("volume", e))?;
@@ -459,7 +467,7 @@ impl Controller for ControllerService {
             )
             .into());
         };
-        let meta = self.metas.get(&s.metaurl)?;
+        let meta = self.metas.open(&s.metaurl, &span).await?;
         let (name, all) = blocking(span.clone(), move || {
             let fmt = meta.load().map_err(|e| CsiError::meta("volume", e))?;
             Ok((fmt.name, provisioned(&meta)?))
@@ -502,7 +510,7 @@ impl Controller for ControllerService {
             // No volume known to this controller: report "unknown" as the spec allows.
             return Ok(Response::new(csi::GetCapacityResponse::default()));
         };
-        let meta = self.metas.get(&s.metaurl)?;
+        let meta = self.metas.open(&s.metaurl, &span).await?;
         let st = blocking(span.clone(), move || {
             meta.statfs().map_err(|e| CsiError::meta("statfs", e))
         })
@@ -585,7 +593,7 @@ impl Controller for ControllerService {
         let (vol, path) = (vol.to_string(), path.to_string());
         let secrets = self.secrets(&r.secrets)?;
         let _g = self.locks.try_lock(&r.volume_id)?;
-        let meta = self.metas.get(&secrets.metaurl)?;
+        let meta = self.metas.open(&secrets.metaurl, &span).await?;
         let now = blocking(span.clone(), move || {
             let fmt = meta.load().map_err(|e| CsiError::meta("volume", e))?;
             let ino = match (fmt.name == vol)

@@ -743,3 +743,103 @@ async fn concurrent_stages_of_one_volume_share_one_mount() {
         );
     }
 }
+
+/// The controller over a PostgreSQL volume (a real server): CreateVolume, expand, capacity
+/// and DeleteVolume. Opening a PostgreSQL engine blocks; done on an RPC's async worker it
+/// panicked the runtime ("Cannot start a runtime from within a runtime") and every
+/// CreateVolume of such a volume timed out (found on the test bed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_on_a_postgresql_volume() {
+    assert_strata_bin();
+    // The harness talks to the server synchronously: not on this test's async worker.
+    let (pg, meta) = tokio::task::spawn_blocking(|| {
+        let pg = strata::testing::postgres::PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+        let meta = pg.new_database();
+        (pg, meta)
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    strata::testing::mount::format(
+        &strata_bin().to_string_lossy(),
+        &[
+            "--storage",
+            "file",
+            "--bucket",
+            &root.join("objects").to_string_lossy(),
+            &meta,
+            "pgvol",
+        ],
+    );
+    let sock = root.join("csi.sock");
+    let _g = Guard {
+        plugin: Some(
+            Command::new(CSI)
+                .args(["--controller", "--node-id", "node-1"])
+                .arg("--endpoint")
+                .arg(format!("unix://{}", sock.display()))
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(root.join("plugin.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        ),
+        dir: root.clone(),
+    };
+    let ch = channel(&sock, &root.join("plugin.log")).await;
+    let mut ctl = ControllerClient::new(ch);
+    let secrets: HashMap<String, String> = HashMap::from([("metaurl".into(), meta.clone())]);
+    let log = || fs::read_to_string(root.join("plugin.log")).unwrap_or_default();
+    let created = tokio::time::timeout(
+        Duration::from_secs(30),
+        ctl.create_volume(csi::CreateVolumeRequest {
+            name: "pvc-pg".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount_cap(
+                volume_capability::access_mode::Mode::MultiNodeMultiWriter,
+            )],
+            parameters: HashMap::from([(
+                "csi.storage.k8s.io/pvc/namespace".into(),
+                "team-a".into(),
+            )]),
+            secrets: secrets.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("CreateVolume hung: {}", log()))
+    .unwrap_or_else(|e| panic!("CreateVolume: {e}: {}", log()))
+    .into_inner()
+    .volume
+    .unwrap();
+    assert!(
+        created.volume_id.starts_with("pgvol/"),
+        "{}",
+        created.volume_id
+    );
+    let expanded = ctl
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: created.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 2 << 30,
+                limit_bytes: 0,
+            }),
+            secrets: secrets.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ControllerExpandVolume: {e}: {}", log()))
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, 2 << 30);
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: created.volume_id,
+        secrets,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("DeleteVolume: {e}: {}", log()));
+    assert!(!log().contains("panicked"), "{}", log());
+    tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
+}
