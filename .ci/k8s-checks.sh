@@ -44,6 +44,7 @@ check "manifests/strata.yaml matches the chart" diff -u manifests/strata.yaml "$
 check "kubectl decodes the default render" "$kubectl" annotate --local -o name strata.io/checked=true -f "$tmp/default.yaml"
 check "kubectl decodes the custom render" "$kubectl" annotate --local -o name strata.io/checked=true -f "$tmp/custom.yaml"
 check "kubectl decodes the examples" "$kubectl" annotate --local -o name strata.io/checked=true -f e2e/examples
+check "image recipe: Dockerfile and e2e/image/build.sh share packages, set-up, user, binaries" e2e/image/check.sh
 check "typed objects, schema, CEL and CEL cost tests (cargo test --test chart --test schema --test cel_cost)" \
   cargo test -q -p strata-operator --test chart --test schema --test cel_cost
 echo "k8s-checks: ${pass} passed, ${fail} failed"

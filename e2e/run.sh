@@ -488,7 +488,17 @@ step_cleanup() {
     k delete pv "$pv" --wait=true --timeout=60s >/dev/null
   done
   if k get crd volumes.strata.io >/dev/null 2>&1; then
-    k delete volume --all --wait=true --timeout=120s >/dev/null || { fail "Volumes not deleted (finalizer stuck?)"; ok=1; }
+    if ! k delete volumes.strata.io --all --wait=true --timeout=120s >/dev/null; then
+      fail "Volumes not deleted (finalizer stuck?)"; ok=1
+      if [ "${FORCE_CLEANUP:-0}" = 1 ]; then
+        # A previous run's Volume whose PostgreSQL/S3 died with that run cannot have its
+        # data deleted: drop the finalizer so the new run starts clean.
+        local v
+        for v in $(k get volumes.strata.io -o name); do
+          k patch "$v" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null
+        done
+      fi
+    fi
   fi
   k -n "$NS" delete secret e2e-local e2e-s3 --ignore-not-found >/dev/null
   until_ok 60 sh -c "! kubectl -n $NS get pods -l app.kubernetes.io/name=strata-mount -o name | grep -q ." \
@@ -562,7 +572,7 @@ cleanup_leftovers() {
   # A previous run that died half-way: remove its objects first.
   if helm status strata -n "$NS" >/dev/null 2>&1 || k get volumes.strata.io -o name 2>/dev/null | grep -q .; then
     log "removing a previous run's leftovers"
-    step_cleanup >/dev/null 2>&1
+    FORCE_CLEANUP=1 step_cleanup >/dev/null 2>&1
   fi
 }
 
