@@ -71,6 +71,18 @@ pub fn warmup_script(mnt: &str, quoted_paths: &[String], done_file: &str) -> Str
     )
 }
 
+/// `strata mount` options a cache member sets itself; the same keys among the Volume's
+/// `mountOptions` (meant for its clients) are not passed to members.
+pub const MEMBER_OWN_OPTIONS: &[&str] = &[
+    "cache-group",
+    "cache-group-addr",
+    "no-serve",
+    "cache-dir",
+    "cache-size",
+    "hot-replicas",
+    "metrics",
+];
+
 /// Host directories a member needs for a volume kept on the node: the directory of a SQLite
 /// metadata file (`sqlite:///dir/meta.db`) and a `file` bucket; nested ones collapse into
 /// their ancestor.
@@ -149,8 +161,14 @@ pub fn daemonset(
         "--metrics".into(),
         format!("0.0.0.0:{}", s.member_metrics_port),
     ];
+    // The Volume's client options apply to members too, but not those a member sets itself
+    // (given twice, `strata mount` refuses to start: a Volume with `metrics=…` for its
+    // clients crash-looped every member).
     for o in &vol.spec.mount_options {
-        args.push(format!("--{o}"));
+        let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
+        if !MEMBER_OWN_OPTIONS.contains(&key) {
+            args.push(format!("--{o}"));
+        }
     }
     let env = json!([
         {"name": "STRATA_META_URL", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": "metaurl"}}},

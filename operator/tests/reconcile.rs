@@ -592,7 +592,19 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
         fs,
         Fixed(Some((30, 10))),
         vec![
-            Step::new("GET", VOL_PATH, 200, volume_json(true)),
+            // The Volume's client options reach members, except those a member sets
+            // itself (a second --metrics made `strata mount` refuse to start).
+            Step::new(
+                "GET",
+                VOL_PATH,
+                200,
+                serde_json::to_value(volume_obj(
+                    true,
+                    ready_status(),
+                    json!({"mountOptions": ["buffer-size=600", "metrics=127.0.0.1:9999"]}),
+                ))
+                .unwrap(),
+            ),
             Step::new("GET", SECRET_PATH, 200, secret()),
             Step::new("PATCH", DS_PATH, 200, Value::Null)
                 .query("fieldManager=strata-operator")
@@ -605,6 +617,13 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
                         joined.starts_with("mount - /mnt/strata --cache-group gpu"),
                         "{joined}"
                     );
+                    assert!(joined.contains("--buffer-size=600"), "{joined}");
+                    assert_eq!(
+                        args.iter().filter(|a| a.starts_with("--metrics")).count(),
+                        1,
+                        "{joined}"
+                    );
+                    assert!(!joined.contains("127.0.0.1:9999"), "{joined}");
                     assert!(
                         !joined.contains("META_URL"),
                         "no metadata URL on the command line"
@@ -654,9 +673,10 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
                     "currentNumberScheduled": 2, "numberMisscheduled": 0})),
             Step::new("GET", format!("{SC_PATH}/vol1-gpu"), 404, not_found()),
             Step::new("PATCH", format!("{SC_PATH}/vol1-gpu"), 200, Value::Null).check(|b| {
+                // Clients of the group keep the Volume's client options, metrics included.
                 assert_eq!(
                     b["parameters"]["mountOptions"],
-                    "buffer-size=600,cache-size=2048,cache-group=gpu,no-serve"
+                    "buffer-size=600,metrics=127.0.0.1:9999,cache-size=2048,cache-group=gpu,no-serve"
                 );
                 assert_eq!(b["metadata"]["labels"]["strata.io/cache-group"], "gpu");
             }),
