@@ -32,7 +32,9 @@ check "crds: $crds matches crdgen" diff -u "$crds" "$tmp/crds.yaml"
 check "helm lint --strict" "$helm" lint --strict charts/strata
 # manifests/strata.yaml: `kubectl apply -f` on a fresh cluster needs the CRDs (crds/ is left
 # out of `helm template` unless asked) and no Helm hooks (nothing runs them).
-check "helm template (defaults)" sh -c "'$helm' template strata charts/strata --namespace strata-system --include-crds --no-hooks > '$tmp/default.yaml'"
+# It also needs its namespace, which `helm install --create-namespace` makes for Helm users.
+check "helm template (defaults)" sh -c "'$helm' template strata charts/strata --namespace strata-system --include-crds --no-hooks \
+  --set createNamespace=true > '$tmp/default.yaml'"
 check "helm template leaves the CRDs to crds/ (--skip-crds works)" sh -c "! '$helm' template strata charts/strata | grep -q '^kind: CustomResourceDefinition'"
 check "helm template (custom values)" sh -c "'$helm' template strata charts/strata --namespace strata \
   --set kubeletDir=/var/snap/microk8s/common/var/lib/kubelet --set image.tag=v9 --set operator.enabled=false \

@@ -182,6 +182,16 @@ spec:
 EOF
 }
 
+step_manifests() {
+  # A fresh cluster: no Strata CRDs (a previous run's are removed).
+  k delete crd volumes.strata.io quotas.strata.io cachegroups.strata.io --ignore-not-found --wait=true >/dev/null
+  k apply -f manifests/strata.yaml >"$WORK/apply.out" 2>&1 || { cat "$WORK/apply.out"; fail "kubectl apply -f manifests/strata.yaml failed"; return 1; }
+  k wait crd/volumes.strata.io crd/quotas.strata.io crd/cachegroups.strata.io --for=condition=Established --timeout=60s >/dev/null || return 1
+  note "kubectl apply -f manifests/strata.yaml on a cluster without Strata: $(grep -c ' created' "$WORK/apply.out") objects created, CRDs Established"
+  # Its pods would need the release image from a registry; this step checks the objects.
+  k delete -f manifests/strata.yaml --wait=true --timeout=120s >/dev/null || fail "kubectl delete -f manifests/strata.yaml failed"
+}
+
 step_install() {
   local repo=${IMAGE%:*} tag=${IMAGE##*:}
   local args=(--set image.repository="$repo" --set image.tag="$tag" --set image.pullPolicy="$PULL"
@@ -521,7 +531,11 @@ step_cleanup() {
   if [ "$NODE_LOCAL" = 1 ]; then
     local creds; creds=$(grep -rls -e 'e2e-secret' -e 'metaurl' "$STATE_DIR" 2>/dev/null)
     [ -z "$creds" ] || { fail "files with credentials left on the node: $creds"; ok=1; }
-    [ ! -e "$LOCAL_VOL" ] || note "embedded volume directory $LOCAL_VOL left (deletionPolicy Delete removes the data; the directory itself: $(ls "$LOCAL_VOL" | tr '\n' ' '))"
+    # deletionPolicy Delete: every file and object of the embedded volume is gone (its
+    # SQLite database, which holds only the emptied volume, stays, as a PostgreSQL one would).
+    local objs; objs=$(find "$LOCAL_VOL/data" -type f 2>/dev/null | wc -l)
+    [ "$objs" = 0 ] || { fail "deletionPolicy Delete left $objs objects in $LOCAL_VOL/data"; ok=1; }
+    note "Volume e2e-local (deletionPolicy Delete): 0 objects left in its bucket directory"
   fi
   k delete namespace "$NS" --wait=true --timeout=120s >/dev/null 2>&1
   [ $ok = 0 ] && note "nothing left: no PVs, mount Pods, Secrets, Leases, StorageClasses, Strata objects or credential files"
@@ -591,6 +605,7 @@ cleanup_leftovers
 # and objects but keeps the SQLite database, which a new Volume of that name would adopt).
 [ "$NODE_LOCAL" = 1 ] && rm -rf "$LOCAL_VOL"
 start_services || { echo "e2e: could not start PostgreSQL/SeaweedFS"; exit 1; }
+run_step "0. kubectl apply -f manifests/strata.yaml (then deleted)" step_manifests
 run_step "1. helm install (operator, controller, node plugin Ready; CSIDriver registered)" step_install
 run_step "2. Secrets + Volumes (SQLite + local dir; PostgreSQL + S3) Ready" step_volumes
 run_step "3. RWX PVCs, two writers, notebook as uid 1000, df, pod mount mode" step_pvcs

@@ -102,6 +102,7 @@ fn check_objects(yaml: &str) -> (Vec<String>, Vec<String>) {
             "DaemonSet" => strict::<apps::DaemonSet>(&d),
             "Deployment" => strict::<apps::Deployment>(&d),
             "ServiceAccount" => strict::<core::ServiceAccount>(&d),
+            "Namespace" => strict::<core::Namespace>(&d),
             "ConfigMap" => strict::<core::ConfigMap>(&d),
             "ClusterRole" => strict::<rbac::ClusterRole>(&d),
             "ClusterRoleBinding" => strict::<rbac::ClusterRoleBinding>(&d),
@@ -127,7 +128,7 @@ fn helm_lint_is_clean() {
 
 /// The render `kubectl apply -f manifests/strata.yaml` uses: CRDs included, no hooks.
 fn render_manifests() -> String {
-    render(&["--include-crds", "--no-hooks"])
+    render(&["--include-crds", "--no-hooks", "--set", "createNamespace=true"])
 }
 
 /// The documents of a render, as JSON.
