@@ -128,7 +128,12 @@ fn helm_lint_is_clean() {
 
 /// The render `kubectl apply -f manifests/strata.yaml` uses: CRDs included, no hooks.
 fn render_manifests() -> String {
-    render(&["--include-crds", "--no-hooks", "--set", "createNamespace=true"])
+    render(&[
+        "--include-crds",
+        "--no-hooks",
+        "--set",
+        "createNamespace=true",
+    ])
 }
 
 /// The documents of a render, as JSON.
