@@ -151,6 +151,8 @@ impl DiskCache {
             metrics,
             tmp_seq: AtomicU64::new(0),
         });
+        // Blocks written from now on are indexed by `put`; the scan indexes only older files.
+        let opened = SystemTime::now();
         for d in &cache.dirs {
             let d = d.clone();
             let me = Arc::downgrade(&cache);
@@ -158,7 +160,7 @@ impl DiskCache {
                 .name("cache-scan".into())
                 .spawn(move || {
                     let started = Instant::now();
-                    let n = d.rebuild_index();
+                    let n = d.rebuild_index(opened);
                     if let Some(c) = me.upgrade() {
                         c.report_bytes();
                     }
@@ -371,8 +373,10 @@ impl Dir {
         }
     }
 
-    /// Index the files on disk, oldest first. Returns the number of blocks.
-    fn rebuild_index(&self) -> usize {
+    /// Index the files on disk written before `opened`, oldest first. Returns the number of
+    /// blocks. Newer files are this process's own `put`s, already indexed: restoring one that
+    /// a `put` evicted (and deleted) while the scan ran would index a block that is gone.
+    fn rebuild_index(&self, opened: SystemTime) -> usize {
         let raw = self.root.join("raw");
         let mut found: Vec<(SystemTime, String, u64)> = Vec::new();
         let mut stack = vec![raw.clone()];
@@ -387,7 +391,9 @@ impl Dir {
                     && let Some(key) = rel.to_str()
                 {
                     let t = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    found.push((t, key.to_string(), md.len()));
+                    if t < opened {
+                        found.push((t, key.to_string(), md.len()));
+                    }
                 }
             }
         }
