@@ -170,6 +170,33 @@ spec:
 EOF
 }
 
+static_pv() { # pv-name pvc-name size secret volume-attributes: a read-only static PV + its PVC
+  cat <<EOF
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: $1}
+spec:
+  capacity: {storage: $3}
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  csi:
+    driver: csi.strata.io
+    volumeHandle: $1
+    volumeAttributes: {$5}
+    nodeStageSecretRef: {name: $4, namespace: $NS}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $2, namespace: $APPS}
+spec:
+  storageClassName: ""
+  volumeName: $1
+  accessModes: [ReadOnlyMany]
+  resources: {requests: {storage: $3}}
+EOF
+}
+
 pvc_yaml() { # name storageclass size [namespace]
   cat <<EOF
 apiVersion: v1
@@ -372,30 +399,7 @@ step_expand() {
   k -n "$APPS" exec writer-a -- sh -c 'mkdir -p /data/static && echo static-data > /data/static/f' || return 1
   local dir; dir=$(k get pv "$(k -n "$APPS" get pvc shared -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')
   dir=${dir#*/}/static
-  k apply -f - <<EOF || return 1
-apiVersion: v1
-kind: PersistentVolume
-metadata: {name: e2e-static}
-spec:
-  capacity: {storage: 1Gi}
-  accessModes: [ReadOnlyMany]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: ""
-  csi:
-    driver: csi.strata.io
-    volumeHandle: e2e-static
-    volumeAttributes: {subdir: "$dir"}
-    nodeStageSecretRef: {name: e2e-local, namespace: $NS}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: static, namespace: $APPS}
-spec:
-  storageClassName: ""
-  volumeName: e2e-static
-  accessModes: [ReadOnlyMany]
-  resources: {requests: {storage: 1Gi}}
-EOF
+  static_pv e2e-static static 1Gi e2e-local "subdir: \"$dir\"" | apply || return 1
   pod_yaml static-reader static | apply || return 1
   wait_ready "$APPS" static-reader || return 1
   [ "$(k -n "$APPS" exec static-reader -- cat /data/f)" = static-data ] || fail "static PV does not show the directory" || return 1
@@ -448,30 +452,8 @@ EOF
   [ -n "$opts" ] || fail "CacheGroup status has no clientMountOptions" || return 1
   # A dataset PV on the warmed directory whose mounts join the group, as a model server uses
   # it; no local disk tier (on one node it would hold the blocks the writer wrote).
-  k apply -f - <<EOF || return 1
-apiVersion: v1
-kind: PersistentVolume
-metadata: {name: e2e-models}
-spec:
-  capacity: {storage: 10Gi}
-  accessModes: [ReadOnlyMany]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: ""
-  csi:
-    driver: csi.strata.io
-    volumeHandle: e2e-models
-    volumeAttributes: {subdir: "$pvdir", mountOptions: "$opts,cache-size=0,metrics=127.0.0.1:$METRICS_PORT"}
-    nodeStageSecretRef: {name: e2e-s3, namespace: $NS}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: models-ro, namespace: $APPS}
-spec:
-  storageClassName: ""
-  volumeName: e2e-models
-  accessModes: [ReadOnlyMany]
-  resources: {requests: {storage: 10Gi}}
-EOF
+  static_pv e2e-models models-ro 10Gi e2e-s3 \
+    "subdir: \"$pvdir\", mountOptions: \"$opts,cache-size=0,metrics=127.0.0.1:$METRICS_PORT\"" | apply || return 1
   pod_yaml model-server models-ro | apply || return 1
   wait_ready "$APPS" model-server || return 1
   # Object GETs of the model server's client: before the read (its mount's store probe) and
