@@ -32,6 +32,8 @@
 #   E2E_KEEP=1                              after a failed step, leave everything as it is
 #                                           (cluster objects, PostgreSQL and SeaweedFS) to
 #                                           look at; the next run cleans up first
+#   E2E_BUILD=                              how the image's binaries were built, for the report
+#                                           (e.g. "release binaries")
 #   E2E_REPORT=docs/E2E.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -550,7 +552,7 @@ write_report() {
   {
     echo "## Run of $(date -u '+%Y-%m-%d %H:%M UTC'): ${pass} passed, ${failed} failed"
     echo
-    echo "Cluster: Kubernetes $ver; nodes: $nodes. Image $IMAGE (commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ', with uncommitted changes')); mount mode pod."
+    echo "Cluster: Kubernetes $ver; nodes: $nodes. Image $IMAGE (commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet -- . ':!docs/E2E.md' 2>/dev/null || echo ', with uncommitted changes')${E2E_BUILD:+, $E2E_BUILD}); mount mode pod."
     echo
     echo "| step | result | seconds | what was seen |"
     echo "|---|---|---|---|"
