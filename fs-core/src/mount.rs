@@ -59,6 +59,19 @@ impl Default for MountOptions {
 
 /// Whether other users may use the mount (`allow_other`): always for root (pods run
 /// workloads under other uids), for others only when /etc/fuse.conf permits it.
+/// Make the C allocator give large buffers back to the system as soon as they are freed.
+/// Blocks (4 MiB) are reused through the block buffer pool; without this, glibc raises its
+/// mmap threshold after the first free and keeps freed blocks in per-thread arenas, so the
+/// client's resident memory grows to the sum of every thread's peak instead of what is in
+/// use. Call once at start, before threads.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
+    }
+}
+
 pub fn default_allow_other() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;

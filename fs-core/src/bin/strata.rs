@@ -289,8 +289,9 @@ struct MountArgs {
     /// Write buffer in MiB.
     #[arg(long, default_value_t = 300)]
     buffer_size: u64,
-    /// In-memory block cache in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// In-memory block cache in MiB: blocks read ahead wait here until read (sequential
+    /// readers share half of it), and blocks read again are served from it.
+    #[arg(long, default_value_t = 64)]
     mem_cache_size: u64,
     /// Kernel attribute cache timeout in seconds.
     #[arg(long, default_value_t = 1.0)]
@@ -438,6 +439,7 @@ fn init_logging(level: &str) {
 }
 
 fn main() {
+    strata::mount::tune_allocator();
     let cli = Cli::parse();
     strata::tls::install_crypto_provider();
     init_logging(&cli.log_level);

@@ -79,6 +79,8 @@ impl CacheSettings {
 pub struct MemCache {
     index: Slru,
     data: HashMap<String, Bytes>,
+    /// Blocks read ahead and not yet used: their first use is not a repeat hit.
+    fresh: std::collections::HashSet<String>,
 }
 
 impl MemCache {
@@ -86,13 +88,34 @@ impl MemCache {
         MemCache {
             index: Slru::new(cap),
             data: HashMap::new(),
+            fresh: std::collections::HashSet::new(),
         }
     }
 
-    pub fn get(&mut self, key: &str) -> Option<Bytes> {
+    /// The block; `hit`: this access counts as a use that may promote it (a reader starting
+    /// on the block, not one continuing inside it, and not the first use of a block read
+    /// ahead). Otherwise sequential readers, which touch each block several times, would
+    /// fill the protected segment with blocks they are done with and push out the ones
+    /// read ahead for them.
+    pub fn get(&mut self, key: &str, hit: bool) -> Option<Bytes> {
         let b = self.data.get(key)?.clone();
-        self.index.touch(key);
+        if hit && !self.fresh.remove(key) {
+            self.index.touch(key);
+        } else {
+            // In use: the newest of its segment, so a reader's current block is not the
+            // next one evicted.
+            self.index.refresh(key);
+        }
         Some(b)
+    }
+
+    /// Insert a block read ahead (see [`MemCache::get`]).
+    pub fn put_fresh(&mut self, key: &str, data: Bytes) -> usize {
+        let n = self.put(key, data);
+        if self.data.contains_key(key) {
+            self.fresh.insert(key.to_string());
+        }
+        n
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -104,6 +127,7 @@ impl MemCache {
         let evicted = self.index.insert(key, data.len() as u64);
         let mut n = 0;
         for k in &evicted {
+            self.fresh.remove(k);
             if self.data.remove(k).is_some() && k != key {
                 n += 1;
             }
@@ -117,6 +141,7 @@ impl MemCache {
     pub fn remove(&mut self, key: &str) {
         self.index.remove(key);
         self.data.remove(key);
+        self.fresh.remove(key);
     }
 
     pub fn bytes(&self) -> u64 {
@@ -132,7 +157,7 @@ mod tests {
     fn memory_tier_is_bounded_and_keeps_hot_blocks() {
         let mut m = MemCache::new(4096);
         m.put("hot", Bytes::from(vec![1u8; 1024]));
-        assert!(m.get("hot").is_some());
+        assert!(m.get("hot", true).is_some());
         for i in 0..20 {
             m.put(&format!("scan{i}"), Bytes::from(vec![0u8; 1024]));
         }
@@ -142,5 +167,25 @@ mod tests {
         // Larger than the whole tier: not admitted.
         assert_eq!(m.put("huge", Bytes::from(vec![0u8; 5000])), 0);
         assert!(!m.contains("huge"));
+    }
+
+    #[test]
+    fn a_scan_does_not_promote_what_it_reads_ahead_or_continues() {
+        let mut m = MemCache::new(10 * 1024);
+        m.put("hot", Bytes::from(vec![1u8; 1024]));
+        m.get("hot", true);
+        // A sequential reader: each block read ahead, then used from its start and within.
+        for i in 0..40 {
+            let k = format!("seq{i}");
+            m.put_fresh(&k, Bytes::from(vec![0u8; 1024]));
+            assert!(m.get(&k, true).is_some(), "first use of a block read ahead");
+            assert!(m.get(&k, false).is_some(), "continuing inside the block");
+        }
+        assert!(m.contains("hot"));
+        assert!(m.fresh.len() <= m.data.len());
+        // The scan stayed on probation: the protected segment holds only `hot`.
+        m.put("x", Bytes::from(vec![0u8; 1024]));
+        m.get("x", true);
+        assert!(m.contains("hot") && m.contains("x"));
     }
 }

@@ -98,6 +98,16 @@ impl Slru {
         self.slots.insert(key, Slot { size, tick, seg });
     }
 
+    /// Make an entry the newest of its segment without promoting it (a use that is not a
+    /// repeat hit); returns whether the key is present.
+    pub fn refresh(&mut self, key: &str) -> bool {
+        let Some(slot) = self.unlink(key) else {
+            return false;
+        };
+        self.link(key.to_string(), slot.size, slot.seg);
+        true
+    }
+
     /// Record a hit: a probationary entry is promoted; returns whether the key is present.
     pub fn touch(&mut self, key: &str) -> bool {
         let Some(slot) = self.unlink(key) else {

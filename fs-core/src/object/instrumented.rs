@@ -77,6 +77,33 @@ impl<S: ObjectStore> ObjectStore for InstrumentedStore<S> {
         res
     }
 
+    fn map(&self, key: &str, off: u64, len: u64) -> Option<Result<Bytes>> {
+        let mut supported = true;
+        let res = self.record("get", key, |s| match s.map(key, off, len) {
+            Some(r) => r,
+            None => {
+                supported = false;
+                Ok(Bytes::new())
+            }
+        });
+        if !supported {
+            return None;
+        }
+        if let Ok(b) = &res {
+            self.metrics.object_bytes(false, b.len() as u64);
+        }
+        Some(res)
+    }
+
+    fn will_need(&self, key: &str) {
+        self.inner.will_need(key)
+    }
+
+    fn sync(&self, keys: &[String]) -> Result<()> {
+        let first = keys.first().map(String::as_str).unwrap_or("");
+        self.record("sync", first, |s| s.sync(keys))
+    }
+
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let n = data.len() as u64;
         self.record("put", key, |s| s.put(key, data))?;

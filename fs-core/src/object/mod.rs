@@ -88,6 +88,20 @@ pub trait ObjectStore: Send + Sync + 'static {
         sink(&b);
         Ok(b.len() as u64)
     }
+    /// Bytes `[off, off + len)` of an object (fewer at its end) mapped from a file on this
+    /// machine, without copying them: the kernel's page cache holds them. `None`: this store
+    /// has no local files (callers then use [`ObjectStore::get_stream`]).
+    fn map(&self, _key: &str, _off: u64, _len: u64) -> Option<Result<Bytes>> {
+        None
+    }
+    /// A hint that the object will be read soon (a store of local files starts reading it
+    /// into the kernel's cache). Never fails; does nothing by default.
+    fn will_need(&self, _key: &str) {}
+    /// Make objects already stored durable against a crash of the machine (a store of local
+    /// files flushes them to disk); remote stores are durable once a put returns.
+    fn sync(&self, _keys: &[String]) -> Result<()> {
+        Ok(())
+    }
     /// Store an object; replaces any object with that key atomically (readers see old or new).
     fn put(&self, key: &str, data: Bytes) -> Result<()>;
     /// Delete an object. Deleting a missing object is not an error.
@@ -117,6 +131,15 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
     }
     fn get_stream(&self, key: &str, off: u64, sink: &mut dyn FnMut(&[u8])) -> Result<u64> {
         (**self).get_stream(key, off, sink)
+    }
+    fn map(&self, key: &str, off: u64, len: u64) -> Option<Result<Bytes>> {
+        (**self).map(key, off, len)
+    }
+    fn will_need(&self, key: &str) {
+        (**self).will_need(key)
+    }
+    fn sync(&self, keys: &[String]) -> Result<()> {
+        (**self).sync(keys)
     }
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
         (**self).put(key, data)

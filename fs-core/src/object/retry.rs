@@ -123,6 +123,24 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
         Ok(got)
     }
 
+    /// One attempt: a transient failure answers `None`, so the caller takes the streaming
+    /// path, which retries.
+    fn map(&self, key: &str, off: u64, len: u64) -> Option<Result<Bytes>> {
+        match self.inner.map(key, off, len)? {
+            Err(e) if e.is_transient() => None,
+            other => Some(other),
+        }
+    }
+
+    fn will_need(&self, key: &str) {
+        self.inner.will_need(key)
+    }
+
+    fn sync(&self, keys: &[String]) -> Result<()> {
+        let first = keys.first().map(String::as_str).unwrap_or("");
+        self.run("sync", first, |s| s.sync(keys))
+    }
+
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
         self.run("put", key, |s| s.put(key, data.clone()))
     }

@@ -64,7 +64,12 @@ impl Vfs {
 
     fn flusher_loop(self: Arc<Self>) {
         let interval = Duration::from_secs_f64(self.settings.flush_interval.max(0.05));
+        let mut synced = Instant::now();
         while self.sleep(Duration::from_millis(100)) {
+            if synced.elapsed() >= Duration::from_secs(5) {
+                synced = Instant::now();
+                self.sync_old_objects(Duration::from_secs(60));
+            }
             let pressure = self.wctx.budget.used() * 2 > self.wctx.budget.cap();
             let writers: Vec<_> = self.writers.lock().values().cloned().collect();
             for w in writers {
@@ -219,7 +224,7 @@ impl Vfs {
     fn read_range_raw(&self, ino: u64, off: u64, end: u64) -> Result<Vec<u8>, VfsError> {
         self.invalidate(ino);
         // Bytes past the current length (masked anyway) are not needed.
-        let mut out = self.read_range(ino, off, end, false)?;
+        let mut out = self.read_range(ino, off, end, false)?.to_vec();
         out.resize((end - off) as usize, 0);
         Ok(out)
     }

@@ -4,6 +4,7 @@
 //! and deletion of unreferenced objects.
 
 mod background;
+pub mod buffers;
 mod cache_ops;
 pub mod pool;
 pub mod reader;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::object::ObjectStore;
 use pool::Pool;
 use reader::{BlockReader, FetchError};
-use writer::{Budget, FileWriter, FlushError, WriteCtx};
+use writer::{Backlog, Budget, FileWriter, FlushError, Unsynced, WriteCtx};
 
 /// Settings of the VFS (mount options).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,7 +72,7 @@ impl Default for VfsSettings {
             open_cache_timeout: None,
             entry_timeout: 1.0,
             buffer_size: 300 << 20,
-            mem_cache_size: 256 << 20,
+            mem_cache_size: 64 << 20,
             upload_threads: 16,
             prefetch_threads: 8,
             max_readahead: 64 << 20,
@@ -105,6 +107,8 @@ pub type Result<T> = std::result::Result<T, VfsError>;
 struct Readahead {
     next: u64,
     window: u64,
+    /// File offset up to which readahead has been asked for (so each block is asked once).
+    prefetched: u64,
 }
 
 struct FileHandle {
@@ -140,6 +144,9 @@ pub struct Vfs {
     open_counts: Mutex<HashMap<Ino, u32>>,
     opened_attrs: Mutex<HashMap<Ino, (i64, u64)>>,
     next_fh: AtomicU64,
+    /// Open files being read sequentially (with a readahead window): they share the
+    /// memory cache, so each one's window is a share of it.
+    streams: std::sync::atomic::AtomicUsize,
     segs: Mutex<SegCache>,
     names: Mutex<HashMap<Ino, (Ino, Vec<u8>)>>,
     compact_queue: Mutex<BTreeSet<(Ino, u32)>>,
@@ -234,7 +241,9 @@ impl Vfs {
             store,
             reader: reader.clone(),
             uploads: Pool::new("upload", settings.upload_threads),
-            budget: Budget::new(settings.buffer_size.max(8 << 20)),
+            budget: Arc::new(Budget::new(settings.buffer_size.max(8 << 20))),
+            backlog: Arc::new(Backlog::new(settings.upload_threads.max(1) + 2)),
+            unsynced: Arc::new(Unsynced::default()),
             metrics: metrics.clone(),
             volume: format.name.clone(),
             block_size: format.block_size,
@@ -252,6 +261,7 @@ impl Vfs {
             open_counts: Mutex::new(HashMap::new()),
             opened_attrs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            streams: std::sync::atomic::AtomicUsize::new(0),
             segs: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             compact_queue: Mutex::new(BTreeSet::new()),
@@ -479,7 +489,11 @@ impl Vfs {
             fh,
             Arc::new(FileHandle {
                 ino,
-                ra: Mutex::new(Readahead { next: 0, window: 0 }),
+                ra: Mutex::new(Readahead {
+                    next: 0,
+                    window: 0,
+                    prefetched: 0,
+                }),
                 lock_owners: Mutex::new(Default::default()),
             }),
         );
@@ -586,8 +600,28 @@ impl Vfs {
         }
     }
 
+    /// fsync(2): store and commit pending writes, and make the file's objects durable
+    /// against a crash of the machine (a store of local files flushes them to disk).
     pub fn fsync(&self, ino: Ino) -> Result<()> {
-        self.flush_inode(ino)
+        self.flush_inode(ino)?;
+        let keys = self.wctx.unsynced.take(ino);
+        if !keys.is_empty() {
+            self.wctx
+                .store
+                .sync(&keys)
+                .map_err(|e| FlushError::Upload(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Sync objects stored more than `age` ago (all of them with `Duration::ZERO`).
+    pub(crate) fn sync_old_objects(&self, age: Duration) {
+        let keys = self.wctx.unsynced.take_older(age);
+        if !keys.is_empty()
+            && let Err(e) = self.wctx.store.sync(&keys)
+        {
+            tracing::warn!(volume = %self.volume(), error = %e, "flushing stored objects to disk failed");
+        }
     }
 
     /// Close of one file descriptor: pending data is stored so the next open anywhere
@@ -602,6 +636,11 @@ impl Vfs {
     /// sends RELEASE asynchronously, so a late RELEASE must not drop a newer file's lock.
     pub fn release(&self, ino: Ino, fh: u64, flock_owner: Option<u64>) -> Result<()> {
         let handle = self.files.lock().remove(&fh);
+        if let Some(h) = &handle
+            && h.ra.lock().window > 0
+        {
+            self.streams.fetch_sub(1, Ordering::Relaxed);
+        }
         let mut owners: Vec<u64> = handle
             .map(|h| h.lock_owners.lock().drain().collect())
             .unwrap_or_default();
@@ -726,7 +765,7 @@ impl Vfs {
         Ok(out)
     }
 
-    pub fn read(&self, ino: Ino, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+    pub fn read(&self, ino: Ino, fh: u64, off: u64, size: u32) -> Result<Bytes> {
         if let Some(w) = self.writers.lock().get(&ino).cloned()
             && w.pending_length().is_some()
         {
@@ -762,8 +801,14 @@ impl Vfs {
     }
 
     /// The bytes `[off, end)`; `ranged`: blocks not cached are read as byte ranges, uncached.
-    fn read_range(&self, ino: Ino, off: u64, end: u64, ranged: bool) -> Result<Vec<u8>> {
+    fn read_range(&self, ino: Ino, off: u64, end: u64, ranged: bool) -> Result<Bytes> {
         let plan = self.plan(ino, off, end)?;
+        // The common case (a request inside one block): a slice of the cached block, no copy.
+        if let [Piece::Block { key, len, from, to }] = plan.as_slice()
+            && !ranged
+        {
+            return Ok(self.reader.read_bytes(key, *len, *from, *to)?);
+        }
         let total: usize = plan
             .iter()
             .map(|p| match p {
@@ -783,7 +828,7 @@ impl Vfs {
                 }
             }
         }
-        Ok(out)
+        Ok(Bytes::from(out))
     }
 
     fn readahead(&self, ino: Ino, fh: u64, off: u64, n: u64) {
@@ -794,15 +839,28 @@ impl Vfs {
             return;
         }
         let bs = self.format.block_size as u64;
+        // Prefetched blocks wait in the memory cache until read: all sequential readers
+        // together may fill half of it, so none pushes another's blocks out before use.
+        // Reading a store's files directly, the kernel's page cache holds them instead.
+        let cap = if self.reader.direct() {
+            self.settings.max_readahead
+        } else {
+            // Each reader also holds the block it is in and the one its window ends in.
+            let streams = self.streams.load(Ordering::Relaxed).max(1) as u64;
+            let share = self.settings.mem_cache_size / 2 / streams;
+            (share.saturating_sub(2 * bs) / bs * bs).min(self.settings.max_readahead)
+        }
+        .max(bs);
         let (start, window) = {
             let mut ra = h.ra.lock();
+            let was_stream = ra.window > 0;
             // The kernel issues readahead requests in parallel on several FUSE threads, so a
             // sequential reader's requests arrive slightly out of order: anything within a
             // few blocks of the furthest position read so far counts as sequential.
             let slack = ra.window.max(4 * bs);
             let near = off + n + slack >= ra.next && off <= ra.next + slack;
             if ra.next > 0 && near {
-                ra.window = (ra.window * 2).clamp(bs, self.settings.max_readahead.max(bs));
+                ra.window = (ra.window * 2).clamp(bs, cap);
             } else if off == 0 {
                 ra.window = bs;
             } else {
@@ -812,7 +870,25 @@ impl Vfs {
             if !near {
                 ra.next = off + n;
             }
-            (ra.next, ra.window)
+            let (start, end) = (ra.next, ra.next + ra.window);
+            // Blocks asked for by an earlier read are not asked for again; the plan below
+            // starts at the block holding the first byte not yet asked for.
+            let from = if ra.window > 0 && (start..end).contains(&ra.prefetched) {
+                ra.prefetched
+            } else {
+                start
+            };
+            ra.prefetched = if ra.window > 0 { end } else { 0 };
+            match (was_stream, ra.window > 0) {
+                (false, true) => {
+                    self.streams.fetch_add(1, Ordering::Relaxed);
+                }
+                (true, false) => {
+                    self.streams.fetch_sub(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            (from, end - from)
         };
         if window == 0 {
             return;
@@ -1030,6 +1106,7 @@ impl Vfs {
             let _ = t.join();
         }
         self.wctx.uploads.shutdown();
+        self.sync_old_objects(Duration::ZERO);
         self.reader.shutdown();
         if let Err(e) = self.meta.close_session() {
             tracing::warn!(volume = %self.format.name, error = %e, "closing the session failed");

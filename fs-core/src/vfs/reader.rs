@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
+use super::buffers::Buffers;
 use super::pool::Pool;
 use crate::cache::disk::DiskCache;
 use crate::cache::group::Group;
@@ -85,6 +86,10 @@ pub struct BlockReader {
     prefetchers: Pool,
     metrics: Arc<Metrics>,
     cache_written: bool,
+    /// The store can map its objects (files on this machine): until it says otherwise,
+    /// reads without a disk tier or group map them ([`BlockReader::mapped`]).
+    map_ok: std::sync::atomic::AtomicBool,
+    buffers: Arc<Buffers>,
 }
 
 impl BlockReader {
@@ -106,7 +111,14 @@ impl BlockReader {
             prefetchers: Pool::new("prefetch", prefetch_threads.max(1)),
             metrics,
             cache_written: settings.cache_written,
+            map_ok: std::sync::atomic::AtomicBool::new(true),
+            buffers: Buffers::new(8),
         }
+    }
+
+    /// The pool of block buffers (writers fill theirs from it too).
+    pub fn buffers(&self) -> &Arc<Buffers> {
+        &self.buffers
     }
 
     /// Join a cache group (once, at mount).
@@ -122,22 +134,28 @@ impl BlockReader {
         self.disk.as_ref()
     }
 
-    fn mem_put(&self, key: &str, data: Bytes) {
+    fn mem_put(&self, key: &str, data: Bytes, fresh: bool) {
         let (evicted, bytes) = {
             let mut m = self.mem.lock();
-            (m.put(key, data), m.bytes())
+            let n = if fresh {
+                m.put_fresh(key, data)
+            } else {
+                m.put(key, data)
+            };
+            (n, m.bytes())
         };
         self.metrics.cache_evictions("memory", evicted as u64);
         self.metrics.cache_bytes("memory", bytes);
     }
 
     /// A block just written by this client (read-after-write and peers without a GET): to
-    /// the disk tier when there is one, else to memory.
+    /// the disk tier when there is one. Not to memory: a writer of a big file would push
+    /// every block read by others out of it, and hold its own bytes twice while they upload.
     pub fn insert(&self, key: &str, data: Bytes) {
-        match &self.disk {
-            Some(d) if self.cache_written => d.put_async(key, data),
-            Some(_) => {}
-            None => self.mem_put(key, data),
+        if let Some(d) = &self.disk
+            && self.cache_written
+        {
+            d.put_async(key, data);
         }
     }
 
@@ -149,20 +167,52 @@ impl BlockReader {
         }
     }
 
+    /// Whether reads map the store's files instead of caching blocks: a store on this
+    /// machine, and no disk tier or group to fill. The kernel's page cache is the cache
+    /// then; a second copy in memory would only double the memory and the copying.
+    pub(crate) fn direct(&self) -> bool {
+        self.map_ok.load(std::sync::atomic::Ordering::Relaxed)
+            && self.disk.is_none()
+            && self.group.get().is_none()
+    }
+
+    /// Bytes `[from, to)` of block `key` mapped from the store's file, if [`Self::direct`].
+    fn mapped(&self, key: &str, from: usize, to: usize) -> Option<Result<Bytes, FetchError>> {
+        if !self.direct() {
+            return None;
+        }
+        let Some(res) = self.store.map(key, from as u64, (to - from) as u64) else {
+            self.map_ok
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        };
+        Some(match res {
+            Ok(b) if b.len() == to - from => Ok(b),
+            Ok(b) => Err(FetchError::Corrupt {
+                key: key.to_string(),
+                got: from + b.len(),
+                want: to,
+            }),
+            Err(ObjectError::NotFound(_)) => Err(FetchError::Missing(key.to_string())),
+            Err(e) => Err(FetchError::Store(e.to_string())),
+        })
+    }
+
     /// Whether the block is in this client's memory or disk tier.
     pub fn cached(&self, key: &str) -> bool {
         self.mem.lock().contains(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
     }
 
-    /// The block from memory or disk (a disk hit is promoted to memory).
-    fn local(&self, key: &str, len: usize) -> Option<Bytes> {
-        if let Some(b) = self.mem.lock().get(key) {
+    /// The block from memory or disk (a disk hit is promoted to memory). `hit`: whether
+    /// this access counts as a use of the block (see [`MemCache::get`]).
+    fn local(&self, key: &str, len: usize, hit: bool) -> Option<Bytes> {
+        if let Some(b) = self.mem.lock().get(key, hit) {
             self.metrics.cache_hit("memory");
             return Some(b);
         }
         let b = self.disk.as_ref()?.get(key, len)?;
         self.metrics.cache_hit("disk");
-        self.mem_put(key, b.clone());
+        self.mem_put(key, b.clone(), false);
         Some(b)
     }
 
@@ -176,11 +226,45 @@ impl BlockReader {
         to: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), FetchError> {
-        if let Some(b) = self.local(key, len) {
+        if let Some(res) = self.mapped(key, from, to) {
+            out.extend_from_slice(&res?);
+            return Ok(());
+        }
+        if let Some(b) = self.local(key, len, from == 0) {
             return copy_range(&b, key, from, to, out);
         }
         let flight = self.flight(key, len, Source::Any, Run::Foreground);
         wait_range(&flight, key, from, to, out)
+    }
+
+    /// Bytes `[from, to)` of block `key` (`len` bytes) without copying them when the block
+    /// is cached or complete: a slice of the block itself. While the block is still
+    /// arriving, the range is copied out as soon as it is there.
+    pub fn read_bytes(
+        self: &Arc<Self>,
+        key: &str,
+        len: usize,
+        from: usize,
+        to: usize,
+    ) -> Result<Bytes, FetchError> {
+        if let Some(res) = self.mapped(key, from, to) {
+            return res;
+        }
+        if let Some(b) = self.local(key, len, from == 0) {
+            return slice_range(&b, key, from, to);
+        }
+        let flight = self.flight(key, len, Source::Any, Run::Foreground);
+        let mut f = flight.fill.lock();
+        loop {
+            if let Some(done) = &f.done {
+                let b = done.clone()?;
+                return slice_range(&b, key, from, to);
+            }
+            if f.buf.len() >= to {
+                return Ok(Bytes::copy_from_slice(&f.buf[from..to]));
+            }
+            flight.cv.wait(&mut f);
+        }
     }
 
     /// Like [`BlockReader::read_into`] for random reads that should not pull in whole
@@ -225,7 +309,7 @@ impl BlockReader {
         len: usize,
         source: Source,
     ) -> Result<Bytes, FetchError> {
-        if let Some(b) = self.local(key, len) {
+        if let Some(b) = self.local(key, len, true) {
             return Ok(b);
         }
         let flight = self.flight(key, len, source, Run::Inline);
@@ -239,6 +323,17 @@ impl BlockReader {
     /// Fetch blocks in the background (readahead) into memory: from the disk tier when
     /// there, else from a peer or the store. Errors are left for the real read.
     pub fn prefetch(self: &Arc<Self>, blocks: Vec<(String, usize)>) {
+        if self.direct() {
+            // The kernel reads the files ahead into its page cache; asking it to takes a
+            // while (it allocates and queues the pages), so not in the reader's thread.
+            let store = self.store.clone();
+            self.prefetchers.spawn(move || {
+                for (key, _) in blocks {
+                    store.will_need(&key);
+                }
+            });
+            return;
+        }
         for (key, len) in blocks {
             if self.inflight.lock().contains_key(&key) || self.mem.lock().contains(&key) {
                 continue;
@@ -254,6 +349,14 @@ impl BlockReader {
             match inflight.get(key) {
                 Some(f) => (f.clone(), true),
                 None => {
+                    // Finished between the caller's cache lookup and now (a fetch puts the
+                    // block in memory before it leaves `inflight`): no second fetch.
+                    if let Some(b) = self.mem.lock().get(key, false) {
+                        let f = Flight::default();
+                        f.fill.lock().done = Some(Ok(b));
+                        f.started.store(true, std::sync::atomic::Ordering::Release);
+                        return Arc::new(f);
+                    }
                     let f = Arc::new(Flight::default());
                     inflight.insert(key.to_string(), f.clone());
                     (f, false)
@@ -267,9 +370,10 @@ impl BlockReader {
         }
         let me = self.clone();
         let (k, f) = (key.to_string(), flight.clone());
+        let ahead = run == Run::Prefetch;
         let job = move || {
             if f.claim() {
-                me.fetch(&k, len, &f, source)
+                me.fetch(&k, len, &f, source, ahead)
             }
         };
         match run {
@@ -282,8 +386,16 @@ impl BlockReader {
 
     /// Fill `flight` with block `key`: local tiers (another reader may have just finished
     /// it), the group's owner, the object store; then cache it and wake everyone.
-    fn fetch(self: &Arc<Self>, key: &str, len: usize, flight: &Flight, source: Source) {
-        let res = match self.local(key, len) {
+    /// `ahead`: a readahead, whose first use by a reader is not a repeat hit.
+    fn fetch(
+        self: &Arc<Self>,
+        key: &str,
+        len: usize,
+        flight: &Flight,
+        source: Source,
+        ahead: bool,
+    ) {
+        let res = match self.local(key, len, false) {
             Some(b) => Ok(b),
             None => {
                 self.metrics.cache_miss();
@@ -291,7 +403,7 @@ impl BlockReader {
             }
         };
         if let Ok(b) = &res {
-            self.mem_put(key, b.clone());
+            self.mem_put(key, b.clone(), ahead);
         }
         let fetched = res.as_ref().ok().cloned();
         {
@@ -319,7 +431,12 @@ impl BlockReader {
         flight: &Flight,
         source: Source,
     ) -> Result<Bytes, FetchError> {
-        flight.fill.lock().buf.reserve_exact(len);
+        {
+            let mut f = flight.fill.lock();
+            if f.buf.capacity() < len {
+                f.buf = self.buffers.take(len);
+            }
+        }
         let mut woken = 0usize;
         let mut sink = |c: &[u8]| {
             let filled = {
@@ -367,7 +484,7 @@ impl BlockReader {
                 want: len,
             });
         }
-        Ok(Bytes::from(std::mem::take(&mut f.buf)))
+        Ok(self.buffers.freeze(std::mem::take(&mut f.buf)))
     }
 
     pub fn shutdown(&self) {
@@ -379,6 +496,18 @@ impl BlockReader {
         if let Some(g) = self.group.get() {
             g.shutdown();
         }
+    }
+}
+
+fn slice_range(b: &Bytes, key: &str, from: usize, to: usize) -> Result<Bytes, FetchError> {
+    if from <= to && to <= b.len() {
+        Ok(b.slice(from..to))
+    } else {
+        Err(FetchError::Corrupt {
+            key: key.to_string(),
+            got: b.len(),
+            want: to,
+        })
     }
 }
 

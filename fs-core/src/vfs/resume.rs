@@ -40,7 +40,11 @@ impl Vfs {
                 fh,
                 Arc::new(FileHandle {
                     ino,
-                    ra: Mutex::new(Readahead { next: 0, window: 0 }),
+                    ra: Mutex::new(Readahead {
+                        next: 0,
+                        window: 0,
+                        prefetched: 0,
+                    }),
                     lock_owners: Mutex::new(Default::default()),
                 }),
             );

@@ -3,13 +3,14 @@
 //! not-yet-uploaded part, else opens a new slice. Full blocks are uploaded as soon as they
 //! fill; a flush (close, fsync, timer, memory pressure) uploads the rest, waits for every
 //! upload of the inode and commits all its slices in one metadata transaction. Buffered
-//! bytes are bounded by a shared [`Budget`].
+//! bytes are bounded by a shared [`Budget`], given back block by block as uploads finish,
+//! and blocks handed to the uploader but not yet stored are bounded by [`Backlog`]: a writer
+//! faster than the object store waits for it instead of piling blocks up in memory.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use super::pool::Pool;
@@ -60,21 +61,112 @@ impl Budget {
     }
 }
 
+/// Bound on blocks handed to the uploader and not yet stored (queued or being sent). More
+/// than the uploader's parallelism buys no throughput, only memory.
+pub struct Backlog {
+    n: Mutex<usize>,
+    cv: Condvar,
+    cap: usize,
+}
+
+impl Backlog {
+    pub fn new(cap: usize) -> Self {
+        Backlog {
+            n: Mutex::new(0),
+            cv: Condvar::new(),
+            cap: cap.max(1),
+        }
+    }
+    /// Wait until there is room for one more block.
+    pub fn wait_room(&self) {
+        let mut n = self.n.lock();
+        while *n >= self.cap {
+            self.cv.wait(&mut n);
+        }
+    }
+    fn add(&self) {
+        *self.n.lock() += 1;
+    }
+    fn done(&self) {
+        let mut n = self.n.lock();
+        *n = n.saturating_sub(1);
+        self.cv.notify_all();
+    }
+}
+
+/// Objects stored but not yet made durable against a machine crash
+/// ([`ObjectStore::sync`]), by inode: fsync(2) of a file syncs its objects; objects older
+/// than a minute are synced in the background (cheap by then: the kernel has usually
+/// written them back already), so the list stays short.
+#[derive(Default)]
+pub struct Unsynced {
+    inner: Mutex<UnsyncedInner>,
+}
+
+#[derive(Default)]
+struct UnsyncedInner {
+    by_ino: std::collections::HashMap<Ino, Vec<String>>,
+    order: std::collections::VecDeque<(Instant, Ino)>,
+}
+
+impl Unsynced {
+    fn add(&self, ino: Ino, key: String) {
+        let mut u = self.inner.lock();
+        let keys = u.by_ino.entry(ino).or_default();
+        let first = keys.is_empty();
+        keys.push(key);
+        if first {
+            u.order.push_back((Instant::now(), ino));
+        }
+    }
+    /// The objects of `ino` not yet synced.
+    pub fn take(&self, ino: Ino) -> Vec<String> {
+        self.inner.lock().by_ino.remove(&ino).unwrap_or_default()
+    }
+    /// The objects of files whose oldest unsynced object is older than `age`.
+    pub fn take_older(&self, age: Duration) -> Vec<String> {
+        let mut u = self.inner.lock();
+        let mut out = Vec::new();
+        while let Some(&(at, ino)) = u.order.front() {
+            if at.elapsed() < age {
+                break;
+            }
+            u.order.pop_front();
+            if let Some(keys) = u.by_ino.remove(&ino) {
+                out.extend(keys);
+            }
+        }
+        out
+    }
+}
+
 /// What a writer needs from the file system.
 pub struct WriteCtx {
     pub meta: Arc<Meta>,
     pub store: Arc<dyn ObjectStore>,
     pub reader: Arc<BlockReader>,
     pub uploads: Pool,
-    pub budget: Budget,
+    pub budget: Arc<Budget>,
+    pub backlog: Arc<Backlog>,
+    pub unsynced: Arc<Unsynced>,
     pub metrics: Arc<Metrics>,
     pub volume: String,
     pub block_size: u32,
 }
 
 #[derive(Default)]
+struct UploadState {
+    /// Blocks of this file being uploaded.
+    pending: usize,
+    /// The first upload failure since the last flush.
+    error: Option<String>,
+    /// Budget bytes this file holds: taken by writes, given back as its blocks are stored.
+    held: u64,
+}
+
+#[derive(Default)]
 struct Uploads {
-    state: Mutex<(usize, Option<String>)>,
+    state: Mutex<UploadState>,
     cv: Condvar,
 }
 
@@ -152,9 +244,15 @@ impl FileWriter {
         if data.is_empty() {
             return Ok(());
         }
-        ctx.budget.acquire(data.len() as u64, pressure);
-        ctx.metrics.buffer_bytes(data.len() as i64);
         let bs = ctx.block_size;
+        // A write that fills a block hands it to the uploader: wait for room there first
+        // (never while holding this file's state, which a flush needs).
+        if data.len() as u64 + off % bs as u64 >= bs as u64 {
+            ctx.backlog.wait_room();
+        }
+        ctx.budget.acquire(data.len() as u64, pressure);
+        self.uploads.state.lock().held += data.len() as u64;
+        ctx.metrics.buffer_bytes(data.len() as i64);
         let mut st = self.state.lock();
         st.acquired += data.len() as u64;
         let mut done = 0usize;
@@ -172,8 +270,7 @@ impl FileWriter {
                         // Give back what this call took and did not buffer.
                         let unused = (data.len() - done) as u64;
                         st.acquired -= unused;
-                        ctx.budget.release(unused);
-                        ctx.metrics.buffer_bytes(-(unused as i64));
+                        self.give_back(ctx, unused);
                         return Err(e);
                     }
                 };
@@ -200,7 +297,7 @@ impl FileWriter {
                 let b = &mut s.blocks[k];
                 if b.len() < within + take {
                     if b.capacity() == 0 {
-                        b.reserve_exact(bs as usize);
+                        *b = ctx.reader.buffers().take(bs as usize);
                     }
                     b.resize(within + take, 0);
                 }
@@ -223,19 +320,38 @@ impl FileWriter {
         Ok(())
     }
 
+    /// Give back up to `n` budget bytes this file holds.
+    fn give_back(&self, ctx: &WriteCtx, n: u64) {
+        give_back(&self.uploads, &ctx.budget, &ctx.metrics, n);
+    }
+
     fn upload(&self, ctx: &WriteCtx, id: u64, k: u32, block: Vec<u8>) {
-        let data = Bytes::from(block);
+        let data = ctx.reader.buffers().freeze(block);
         let key = block_key(&ctx.volume, id, k, data.len() as u32);
         ctx.reader.insert(&key, data.clone());
-        self.uploads.state.lock().0 += 1;
+        self.uploads.state.lock().pending += 1;
+        ctx.backlog.add();
         let store = ctx.store.clone();
         let uploads = self.uploads.clone();
+        let (budget, backlog, metrics, unsynced) = (
+            ctx.budget.clone(),
+            ctx.backlog.clone(),
+            ctx.metrics.clone(),
+            ctx.unsynced.clone(),
+        );
+        let ino = self.ino;
         ctx.uploads.spawn(move || {
+            let len = data.len() as u64;
             let res = store.put(&key, data);
+            backlog.done();
+            give_back(&uploads, &budget, &metrics, len);
             let mut st = uploads.state.lock();
-            st.0 -= 1;
-            if let Err(e) = res {
-                st.1.get_or_insert_with(|| format!("{key}: {e}"));
+            st.pending -= 1;
+            match res {
+                Ok(()) => unsynced.add(ino, key),
+                Err(e) => {
+                    st.error.get_or_insert_with(|| format!("{key}: {e}"));
+                }
             }
             uploads.cv.notify_all();
         });
@@ -268,18 +384,15 @@ impl FileWriter {
 
     fn flush_inner(&self, ctx: &WriteCtx) -> Result<Vec<(u32, usize)>, FlushError> {
         let _guard = self.flush_lock.lock();
-        let (chunks, length, acquired) = {
+        let (chunks, length) = {
             let mut st = self.state.lock();
             if st.chunks.is_empty() {
                 return Ok(Vec::new());
             }
             st.committing = true;
             st.dirty_since = None;
-            (
-                std::mem::take(&mut st.chunks),
-                st.length,
-                std::mem::take(&mut st.acquired),
-            )
+            st.acquired = 0;
+            (std::mem::take(&mut st.chunks), st.length)
         };
         let bs = ctx.block_size;
         let mut list = Vec::new();
@@ -310,10 +423,10 @@ impl FileWriter {
         }
         let err = {
             let mut st = self.uploads.state.lock();
-            while st.0 > 0 {
+            while st.pending > 0 {
                 self.uploads.cv.wait(&mut st);
             }
-            st.1.take()
+            st.error.take()
         };
         let res = match err {
             Some(e) => {
@@ -329,12 +442,13 @@ impl FileWriter {
                 }
             },
         };
-        ctx.budget.release(acquired);
-        ctx.metrics.buffer_bytes(-(acquired as i64));
         let mut st = self.state.lock();
         st.committing = false;
         if st.chunks.is_empty() {
             st.length = 0;
+            // Nothing of this file is buffered any more: what it still holds (bytes
+            // written twice into one block count twice) goes back now.
+            self.give_back(ctx, u64::MAX);
         }
         res
     }
@@ -345,5 +459,19 @@ impl FileWriter {
         if st.chunks.is_empty() {
             st.length = 0;
         }
+    }
+}
+
+/// Give back up to `n` of the budget bytes `uploads`' file holds.
+fn give_back(uploads: &Uploads, budget: &Budget, metrics: &Metrics, n: u64) {
+    let give = {
+        let mut st = uploads.state.lock();
+        let g = n.min(st.held);
+        st.held -= g;
+        g
+    };
+    if give > 0 {
+        budget.release(give);
+        metrics.buffer_bytes(-(give as i64));
     }
 }
