@@ -5,6 +5,10 @@ Cleanup stack that runs on normal exit, on exceptions and on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import hmac
+import http.client
 import json
 import os
 import pwd
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -127,6 +132,25 @@ def ensure_tools(need_weed: bool) -> dict[str, Path]:
     except ImportError:
         pip_install("matplotlib")
     return tools
+
+
+def ensure_fio() -> tuple[Path | None, str]:
+    """fio for workload 9: (path, version) or (None, why not). Installs Debian's `fio` with
+    apt-get when it is missing and we are root."""
+    fio = shutil.which("fio")
+    if fio is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        log("installing fio (apt-get install -y fio)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        p = run(["apt-get", "install", "-y", "fio"], check=False, timeout=900, env=env)
+        if p.returncode != 0:  # empty or stale package lists on a fresh machine
+            run(["apt-get", "update", "-qq"], check=False, timeout=900, env=env)
+            p = run(["apt-get", "install", "-y", "fio"], check=False, timeout=900, env=env)
+        if p.returncode != 0:
+            log(f"apt-get install fio failed: {p.stdout[-500:]}")
+        fio = shutil.which("fio")
+    if fio is None:
+        return None, "fio not installed (apt-get install fio)"
+    return Path(fio), run([fio, "--version"], check=False).stdout.strip()
 
 
 def build_strata(repo: Path) -> Path:
@@ -318,6 +342,66 @@ class SeaweedFS:
     def version(self) -> str:
         out = run([str(self.weed), "version"], check=False).stdout.strip()
         return out.splitlines()[0] if out else "?"
+
+
+class S3:
+    """A minimal S3 client for the store-limit measurement: path-style requests to one
+    endpoint on 127.0.0.1, signed with AWS Signature V4 (payload not hashed:
+    UNSIGNED-PAYLOAD, so the client spends no CPU on it). One HTTP connection per instance:
+    give each worker thread its own."""
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, region: str = "us-east-1") -> None:
+        u = urllib.parse.urlsplit(endpoint)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
+        self.access_key, self.secret_key, self.region = access_key, secret_key, region
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _key(self, day: str) -> bytes:
+        k = ("AWS4" + self.secret_key).encode()
+        for part in (day, self.region, "s3", "aws4_request"):
+            k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+        return k
+
+    def request(self, method: str, path: str, body=b"", query: str = "") -> bytes:
+        """Send one request (path: "/bucket" or "/bucket/key"); the response body. Raises on
+        a status >= 300."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        host = f"{self.host}:{self.port}"
+        uri = urllib.parse.quote(path, safe="/-_.~")
+        headers = {"host": host, "x-amz-content-sha256": "UNSIGNED-PAYLOAD", "x-amz-date": stamp}
+        signed = ";".join(sorted(headers))
+        canonical = "\n".join([method, uri, query,
+                               "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)), signed,
+                               "UNSIGNED-PAYLOAD"])
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope,
+                             hashlib.sha256(canonical.encode()).hexdigest()])
+        sig = hmac.new(self._key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                                    f"SignedHeaders={signed}, Signature={sig}")
+        headers["content-length"] = str(len(body))
+        for attempt in range(2):  # a kept-alive connection the server closed: reconnect once
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=300)
+            try:
+                self.conn.request(method, uri + (f"?{query}" if query else ""), body=body,
+                                  headers=headers)
+                r = self.conn.getresponse()
+                data = r.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if attempt:
+                    raise
+        if r.status >= 300:
+            raise RuntimeError(f"S3 {method} {path}: HTTP {r.status} {data[:300]!r}")
+        return data
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -731,7 +815,7 @@ class Strata(System):
         elif self.has_disk_cache:
             cache = ["--cache-size", "0", "--cache-dir", str(self.dir / "cache")]
         return ["-d", "--log", str(self.logfile), "--metrics", f"127.0.0.1:{self.port}",
-                "--buffer-size", str(f["buffer_mib"]), "--mem-cache-size", str(f["mem_cache_mib"]),
+                "--buffer-size", str(f["buffer_mib"]),
                 *cache, "--max-uploads", str(f["uploads"]), self.meta_url(), str(self.mnt)]
 
     def object_gets(self) -> tuple[float, float]:

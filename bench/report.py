@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -96,6 +97,192 @@ def table(res) -> str:
     return "\n".join(out)
 
 
+def along_path(chart: Path) -> Path:
+    """The along-the-file chart beside the ratio chart: benchmarks.png -> benchmarks-along.png."""
+    return chart.with_name(chart.stem + "-along.png")
+
+
+def med(row: dict | None, system: str) -> float | None:
+    xs = row["values"].get(system) if row else None
+    return statistics.median(xs) if xs else None
+
+
+def store_limits(res, backend: str) -> tuple[float | None, float | None]:
+    """(PUT, GET) limit of an object store: the best median over the worker counts."""
+    st = res.store.get(backend)
+    if not st:
+        return None, None
+    best = lambda d: max((statistics.median(v) for v in d.values() if v), default=None)  # noqa: E731
+    return best(st.get("put", {})), best(st.get("get", {}))
+
+
+def store_table(res, cfg: dict) -> str:
+    """Workload 10: the object stores alone, MiB/s per number of workers."""
+    backends = [b for b in BACKENDS if res.store.get(b)]
+    if not backends:
+        return ""
+    workers = sorted({int(n) for b in backends for op in ("put", "get") for n in res.store[b].get(op, {})})
+    obj = cfg.get("store_obj_mib", 4)
+    out = [f"### 10. Object store limit: parallel PUT / GET of {obj} MiB objects straight to the store\n",
+           "No file system in between: " + "; ".join(
+               {"local": "local directory = one file per object written (write + close, no fsync) in a "
+                         "directory of the scratch file system, read back after `drop_caches`",
+                "s3": "SeaweedFS S3 = signed PUT/GET requests from Python, one HTTP connection per "
+                      "worker, page cache dropped before the GETs"}[b] for b in backends)
+           + f"; {cfg.get('store_mib', '?')} MiB per measurement, median over runs (min–max). The best "
+           "median of each column is the store's limit used in the share table below.\n",
+           "| workers | " + " | ".join(f"{BACKENDS[b]} {op} [MiB/s]" for b in backends for op in ("PUT", "GET"))
+           + " |", "|---|" + "---:|" * (2 * len(backends))]
+    for n in workers:
+        cells = [cell(res.store[b].get(op, {}).get(str(n))) for b in backends for op in ("put", "get")]
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    out.append("")
+    return "\n".join(out)
+
+
+SHARE_ROW = re.compile(r"(bigw|bigrc|fiow|fior)\d+|alongall")  # rows compared with the store
+SHARE_OP = {"bigw": "put", "fiow": "put", "bigrc": "get", "fior": "get", "alongall": "get"}
+
+
+def share_table(res) -> str:
+    """Each client's rate in the big write / cold read rows as a share of the store's limit."""
+    keys = [k for k in setups_of(res) if any(store_limits(res, split_setup(k)[1]))]
+    if not keys:
+        return ""
+    rids: list[str] = []
+    titles: dict[str, str] = {}
+    for (k, rid), r in sorted(res.rows.items(), key=lambda kv: kv[1]["workload"]):
+        if k in keys and SHARE_ROW.fullmatch(rid) and rid not in rids:
+            rids.append(rid)
+            titles[rid] = r["title"]
+    if not rids:
+        return ""
+    out = ["### Share of the object store's limit (workload 10)\n",
+           "Each client's median rate divided by its object store's limit (best PUT median for "
+           "writes, best GET median for reads, table above); cells: Strata / JuiceFS.\n",
+           "| workload (row of the tables above) | " + " | ".join(setup_title(k) for k in keys) + " |",
+           "|---|" + "---:|" * len(keys)]
+    for rid in rids:
+        op = SHARE_OP[rid.rstrip("0123456789")]
+        num, _, rest = titles[rid].partition(". ")
+        cells = []
+        for k in keys:
+            put, get = store_limits(res, split_setup(k)[1])
+            lim = put if op == "put" else get
+            r = res.rows.get((k, rid))
+            vals = [med(r, sysname) for sysname in SYSTEMS]
+            cells.append(" / ".join(f"{100 * v / lim:.0f}%" if v is not None and lim else "n/a"
+                                    for v in vals) if r else "n/a")
+        out.append(f"| {rest} (workload {num}, vs {op.upper()}) | " + " | ".join(cells) + " |")
+    out.append("")
+    return "\n".join(out)
+
+
+def goals_table(res, meta: dict) -> str:
+    """Issue #14's goals, each checked against this run's numbers (first metadata engine)."""
+    keys = setups_of(res)
+    if not keys:
+        return ""
+    m0 = split_setup(keys[0])[0]
+    cols = [k for k in keys if split_setup(k)[0] == m0]
+    fio_setup = meta.get("fio_setup") or next((k for (k, rid) in res.rows if rid.startswith("fio")), None)
+    ck_ok = bool(res.localdisk)  # the local-disk save ran beside the first setup
+
+    def ratio_goal(rid, thr):
+        def f(k):
+            r = res.rows.get((k, rid))
+            v = ratio(r) if r else None
+            if v is None:
+                return None
+            extra = ""
+            if r["unit"] == "MiB" and med(r, "Strata") is not None:
+                extra = f" ({fmt(med(r, 'Strata'))} vs {fmt(med(r, 'JuiceFS'))} MiB)"
+            return f"{v:.2f}×{extra}", v >= thr
+        return f
+
+    def store_goal(rid, share):
+        def f(k):
+            put, _ = store_limits(res, split_setup(k)[1])
+            v = med(res.rows.get((k, rid)), "Strata")
+            if v is None or not put:
+                return None
+            return f"{100 * v / put:.0f}% of {fmt(put)} MiB/s", v >= share * put
+        return f
+
+    def local_goal(rid, most):
+        def f(k):
+            v, loc = med(res.rows.get((k, rid)), "Strata"), res.localdisk.get(rid)
+            if v is None or not loc or not ck_ok:
+                return None
+            x = statistics.median(loc) / v  # Strata time / local-disk time
+            return f"{x:.2f}× the local-disk time", x <= most
+        return f
+
+    only = lambda pred, f: (lambda k: f(k) if pred(k) else None)  # noqa: E731
+    is_local = lambda k: split_setup(k)[1] == "local"  # noqa: E731
+    is_s3 = lambda k: split_setup(k)[1] == "s3"  # noqa: E731
+    is_fio = lambda k: k == fio_setup  # noqa: E731
+    threads = sorted({int(rid[5:]) for (_, rid) in res.rows if rid.startswith("bigrc") and rid[5:].isdigit()})
+    wthreads = sorted({int(rid[4:]) for (_, rid) in res.rows if rid.startswith("bigw") and rid[4:].isdigit()})
+    warm = sorted({int(rid[5:]) for (_, rid) in res.rows if rid.startswith("bigrw") and rid[5:].isdigit()})
+    fjobs = sorted({int(rid[4:]) for (_, rid) in res.rows if rid.startswith("fior") and rid[4:].isdigit()})
+    th = lambda t: f"{t} thread{'s' if t > 1 else ''}"  # noqa: E731
+    goals = []
+    for t in [t for t in threads if t in (1, 4)] or threads:  # the issue's 1 and 4 threads
+        goals.append((f"Cold sequential read, {th(t)} (fresh mount)", "≥ 1.5× JuiceFS", ratio_goal(f"bigrc{t}", 1.5)))
+    along = next((r["title"] for (_, rid), r in res.rows.items() if rid == "alongall"), None)
+    if along:
+        goals.append(("One reader along one big file (" + along.split("cold ", 1)[-1].split(" file")[0]
+                      + "), whole-file rate", "≥ 1.5× JuiceFS", ratio_goal("alongall", 1.5)))
+    for t in wthreads:
+        goals.append((f"Sequential write, {th(t)}, local directory", "≥ 1.5× JuiceFS",
+                      only(is_local, ratio_goal(f"bigw{t}", 1.5))))
+    for t in wthreads:
+        goals.append((f"Sequential write, {th(t)}, S3", "≥ 90% of the store's PUT limit (Strata)",
+                      only(is_s3, store_goal(f"bigw{t}", 0.9))))
+    goals.append(("Peak RSS during the big writes and reads (workload 7)", "≤ JuiceFS (ratio ≥ 1)",
+                  ratio_goal("rss", 1.0)))
+    for rid, what in (("ckpt_new", "save"), ("ckpt_over", "re-save (O_TRUNC)")):
+        goals.append((f"Checkpoint {what}", "≥ 1.3× JuiceFS", ratio_goal(rid, 1.3)))
+        goals.append((f"Checkpoint {what} vs the local disk", "Strata time ≤ 1.3× local-disk time",
+                      local_goal(rid, 1.3)))
+    for t in warm:
+        goals.append((f"Warm (page cache) read, {th(t)}", "≥ 1.2× JuiceFS", ratio_goal(f"bigrw{t}", 1.2)))
+    for j in fjobs:
+        goals.append((f"fio cold read, {j} job{'s' if j > 1 else ''}", "≥ 1.5× JuiceFS",
+                      only(is_fio, ratio_goal(f"fior{j}", 1.5))))
+    for j in fjobs:
+        goals.append((f"fio write, {j} job{'s' if j > 1 else ''}", "≥ 1.0× JuiceFS",
+                      only(is_fio, ratio_goal(f"fiow{j}", 1.0))))
+    for rid, what in (("fiorssw", "write"), ("fiorssr", "read")):
+        if any(i == rid for (_, i) in res.rows):
+            goals.append((f"fio peak RSS, {what} phase", "≤ JuiceFS (ratio ≥ 1)", only(is_fio, ratio_goal(rid, 1.0))))
+    met = total = 0
+    out = ["## Goals (issue #14)\n",
+           f"Checked against this run's medians on the {METAS[m0]} setups (ratios as in the tables: "
+           "> 1 means Strata is better; RSS ratio = JuiceFS/Strata). \"—\": the goal does not apply "
+           "to that object store or was not measured there.\n",
+           "| goal | target | " + " | ".join(BACKENDS[split_setup(k)[1]] for k in cols) + " |",
+           "|---|---|" + "---|" * len(cols)]
+    for name, target, f in goals:
+        cells = []
+        got_any = False
+        for k in cols:
+            got = f(k)
+            if got is None:
+                cells.append("—")
+                continue
+            got_any = True
+            text, ok = got
+            total += 1
+            met += ok
+            cells.append(f"{text} met" if ok else f"{text} **not met**")
+        if got_any:  # e.g. the S3 goals in a run without S3
+            out.append(f"| {name} | {target} | " + " | ".join(cells) + " |")
+    out.append(f"\n{met} of {total} checks met.\n")
+    return "\n".join(out)
+
+
 def engines_table(res) -> str:
     """Ratios of the metadata-bound rows (workloads 2-4) side by side, one column per setup;
     empty unless more than one metadata engine ran."""
@@ -125,14 +312,24 @@ def render(res, meta: dict, chart: Path) -> str:
     when = meta.get("finished") or time.strftime("%Y-%m-%d %H:%M %Z")
     L.append(f"Generated by `{meta['command']}` on {when} "
              f"in {meta['elapsed_s'] / 60:.1f} min ({meta['mode']} mode). Re-run with the same "
-             "command; `bench/run --quick` takes about 7 minutes on 2 cores, `bench/run --smoke` "
+             "command; `bench/run --quick` takes about 10-14 minutes on 2 cores, `bench/run --smoke` "
              "well under one.\n")
     L.append("Cells: median over runs (min–max). **ratio > 1 means Strata is better**: "
              "Strata/JuiceFS for rates (MiB/s, files/s, ops/s), JuiceFS/Strata for times, "
              "latencies, GETs and memory. Ratios below 0.9 are in bold.\n")
+    L.append(goals_table(res, meta))
+    L.append("## Results\n")
     L.append(table(res))
     L.append(engines_table(res))
     L.append(f"![Ratios, one bar per row above; > 1 means Strata is better]({chart.name})\n")
+    if res.along:
+        L.append("### One reader along one cold big file (workload 1)\n")
+        L.append(f"MiB/s of each {cfg.get('along_seg_mib', '?')} MiB segment as the reader moves "
+                 "through the file (single thread, 1 MiB reads, fresh mount, page cache dropped; "
+                 "median over runs per segment):\n")
+        L.append(f"![MiB/s along the file, Strata and JuiceFS]({along_path(chart).name})\n")
+    L.append(store_table(res, cfg))
+    L.append(share_table(res))
     # Against the first metadata engine's setups (the local-disk save ran beside those).
     keys = setups_of(res)
     ck = [k for k in keys if split_setup(k)[0] == split_setup(keys[0])[0]] if keys else []
@@ -150,6 +347,15 @@ def render(res, meta: dict, chart: Path) -> str:
                     r = res.rows.get((k, rid))
                     cells.append(cell(r["values"].get(sysname)) if r else "n/a")
             L.append(f"| {name} | " + " | ".join(cells) + f" | {cell(res.localdisk.get(rid))} |")
+        for rid, name in (("ckpt_new", "new file: time / local-disk time"),
+                          ("ckpt_over", "over the old one: time / local-disk time")):
+            cells = []
+            loc = res.localdisk.get(rid)
+            for sysname in SYSTEMS:
+                for k in ck:
+                    v = med(res.rows.get((k, rid)), sysname)
+                    cells.append(f"{statistics.median(loc) / v:.2f}×" if v and loc else "n/a")
+            L.append(f"| {name} | " + " | ".join(cells) + " | 1.00× |")
         L.append("")
 
     L.append("## Setup\n")
@@ -181,7 +387,9 @@ def render(res, meta: dict, chart: Path) -> str:
         L.append("```\n")
     L.append(
         "Matching settings: block size 4 MiB, buffer 300 MiB, 16 parallel uploads on both; "
-        "Strata keeps its 256 MiB in-memory block cache (`--mem-cache-size 256`); in workloads "
+        "Strata's in-memory block cache and read-ahead at their defaults (`--mem-cache-size 64`, "
+        "`--max-readahead 64`; with the local directory Strata maps the store's files and the "
+        "kernel's page cache holds what is read ahead); in workloads "
         "1-7 neither has a local disk cache (both run with `--cache-size 0`), so reads go "
         "to the object store, JuiceFS's through its read-ahead buffers. Workload 8 mounts both "
         f"with a local disk cache of the same size ({cfg.get('cache_mib', '?')} MiB, "
@@ -199,9 +407,20 @@ def render(res, meta: dict, chart: Path) -> str:
     L.append("- Each run of a system: writes on a freshly mounted client (big files, small files, "
              "the fan-out file), then the client is remounted (new process, empty block cache) and "
              "the page cache dropped before every cold read, stat and fan-out.")
-    L.append(f"- 1. Big files: {cfg['big_mib']} MiB per thread, one file per thread, 1 MiB "
-             "write()/read() calls, time includes close() (which uploads and commits). Warm read = "
-             "the same files read again right after the cold read (kernel page cache).")
+    thr = "/".join(str(t) for t in cfg.get("threads", [1, 2]))
+    warm = "/".join(str(t) for t in cfg.get("warm_threads", cfg.get("threads", [1, 2])))
+    L.append(f"- 1. Big files: {thr} threads, {cfg['big_mib']} MiB per thread, one file per thread, "
+             "1 MiB write()/read() calls, time includes close() (which uploads and commits). Cold "
+             "reads on a fresh mount after dropping the page cache; warm read (at "
+             f"{warm} threads) = the same files read again right after the cold read (kernel page "
+             "cache).")
+    if cfg.get("along_mib"):
+        L.append(f"- 1. One reader along one big file (SQLite setups only, like workload 8): a "
+                 f"{cfg['along_mib']} MiB file written (untimed), the system remounted (new process) "
+                 "and the page cache dropped, then one thread reads it from start to end with 1 MiB "
+                 f"read() calls; the time of every {cfg['along_seg_mib']} MiB segment is recorded. "
+                 "Rows: the whole-file rate, the slowest segment, and slowest/median segment "
+                 "(1.00 = a perfectly even rate); the chart plots every segment.")
     L.append(f"- 2. Small files: {cfg['small_count']} files of {cfg['small_kib']} KiB, one thread, "
              "one directory: create+write+close, then read (cold), stat (dentry cache dropped), "
              "delete.")
@@ -226,7 +445,9 @@ def render(res, meta: dict, chart: Path) -> str:
              "{method=\"GET\"}`) divided by the number of 4 MiB blocks (1.0 = each block fetched once).")
     L.append("- 7. Peak RSS: VmHWM of the mount daemon (the process holding /dev/fuse; for "
              "JuiceFS the larger of supervisor and worker), reset with clear_refs before the "
-             "write phase, max over the write mount and the read mount.")
+             f"write phase: one row for the write mount (big writes at {thr} threads), one for the "
+             "read mount (a new process: cold and warm big reads, read before the fan-out), and "
+             "the larger of the two.")
     L.append(f"- 8. Disk cache (SQLite setups only; the metadata engine hardly matters for it): a "
              f"{cfg['big_mib']} MiB file is written on the regular mount (no disk cache), then "
              f"the system is remounted with a local disk cache ({cfg.get('cache_mib', '?')} MiB, "
@@ -239,6 +460,27 @@ def render(res, meta: dict, chart: Path) -> str:
              + (f" This Strata build has no disk cache (`strata mount --help` lists no "
                 f"`--cache-dir`/`--cache-size`: {meta['strata_disk_cache']}): its cells say n/a."
                 if meta.get("strata_disk_cache") else ""))
+    if cfg.get("fio_mib"):
+        jobs = cfg.get("fio_jobs", [1, 4])
+        L.append(f"- 9. fio (on {setup_title(meta['fio_setup']) if meta.get('fio_setup') else '?'} "
+                 f"only; {meta.get('versions', {}).get('fio', 'fio')}): per job count "
+                 f"({', '.join(map(str, jobs))}) a fresh mount, `fio --name=seq --rw=write --bs=1M "
+                 f"--size={cfg['fio_mib'] // max(jobs)}M --numjobs={max(jobs)} --ioengine=psync "
+                 "--direct=0 --end_fsync=1 --fallocate=none --group_reporting --output-format=json` "
+                 f"({cfg['fio_mib']} MiB in total whatever the job count: 1 job × {cfg['fio_mib']} MiB, "
+                 f"{max(jobs)} jobs × {cfg['fio_mib'] // max(jobs)} MiB), then a remount (new "
+                 "process), `drop_caches` and the same command with `--rw=read`. MiB/s = fio's "
+                 "aggregate bandwidth (`bw_bytes`). Peak RSS (VmHWM) per phase, max over the job "
+                 "counts. Both clients without a disk cache, as in workloads 1-7.")
+    if cfg.get("store_mib"):
+        L.append(f"- 10. Object store limit: before each run's sessions, the object store alone: "
+                 f"{cfg['store_mib']} MiB in {cfg.get('store_obj_mib', 4)} MiB objects PUT by "
+                 f"{', '.join(map(str, cfg.get('store_workers', [])))} parallel workers (each its "
+                 "share, one object after another), page cache dropped, GET back by as many "
+                 "workers, then deleted; S3 through a minimal SigV4 client in Python "
+                 "(`UNSIGNED-PAYLOAD`, one keep-alive connection per worker) to the same "
+                 "SeaweedFS on 127.0.0.1, the local directory as files on the scratch file system. "
+                 "The store's limit is the best median over the worker counts.")
     if len(cfg.get("metas", ["sqlite"])) > 1:
         L.append("- Metadata engines: workloads 1-7 run on each engine and object store "
                  f"({', '.join(setup_title(k) for k in setups_of(res))}); each combination is a "
@@ -320,6 +562,56 @@ def chart(res, path: Path) -> None:
         row[0].set_yticklabels(titles, fontsize=7)
     fig.suptitle("Strata vs JuiceFS 1.4.2 — faded bars: Strata behind", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def along_chart(res, meta: dict, path: Path) -> None:
+    """MiB/s of each segment along the big file (one reader, cold), both systems on one chart,
+    one panel per setup; median over runs per segment, each run as a thin line."""
+    if not res.along:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cfg = meta.get("config", {})
+    seg = cfg.get("along_seg_mib", 256)
+    keys = [k for k in setups_of(res) if k in res.along] or sorted(res.along)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 3.8), squeeze=False)
+    colors = {"Strata": "#3b75af", "JuiceFS": "#e0892b"}
+    gib = cfg.get("along_mib", 0) >= 2048
+    for ax, k in zip(axes[0], keys):
+        top = 0.0
+        for sysname in SYSTEMS:
+            runs = [r for r in res.along[k].get(sysname, []) if r]
+            if not runs:
+                continue
+            n = min(len(r) for r in runs)
+            xs = [(i + 1) * seg / (1024 if gib else 1) for i in range(n)]
+            for r in runs:
+                ax.plot(xs, r[:n], color=colors[sysname], lw=0.6, alpha=0.3)
+            ys = [statistics.median(r[i] for r in runs) for i in range(n)]
+            top = max(top, max(max(r[:n]) for r in runs))
+            ax.plot(xs, ys, color=colors[sysname], lw=1.8, marker="o", ms=2.5,
+                    label=f"{sysname} (median {fmt(statistics.median(ys))} MiB/s, "
+                          f"min {fmt(min(ys))})")
+        ax.set_ylim(0, top * 1.15 or 1)
+        ax.set_xlim(0, None)
+        ax.grid(lw=0.3, alpha=0.5)
+        ax.set_title(setup_title(k), fontsize=9)
+        ax.set_xlabel(f"position in the file [{'GiB' if gib else 'MiB'}] (end of each {seg} MiB segment)",
+                      fontsize=8)
+        ax.set_ylabel("MiB/s in the segment", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    size = cfg.get("along_mib", 0)
+    name = f"{size // 1024} GiB" if size and size % 1024 == 0 else f"{size} MiB"
+    fig.suptitle(f"One reader along one cold {name} file, Strata vs JuiceFS 1.4.2\n(fresh mount, page "
+                 "cache dropped, 1 MiB reads; thick: median over runs, thin: single runs)", fontsize=9.5)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Smoke test of the benchmark harness: a tiny run (`bench/run --smoke`, SQLite + local
 # directory only, one run of every workload) into a temporary report, then checks that the
-# table has a row with numbers for both systems for every workload (1-8) and that the chart
-# was drawn. Workload 8 (disk cache) accepts "n/a (…)" for Strata while its build has no disk
+# table has a row with numbers for both systems for every workload (1-9), that the store-limit
+# rows (10), the share-of-store and goals tables are there, and that both charts were drawn.
+# fio (workload 9) is installed by the harness if missing (apt-get install fio). Workload 8 (disk cache) accepts "n/a (…)" for Strata while its build has no disk
 # cache, but JuiceFS must have numbers, so the warm-read code path always runs.
 # Needs root (FUSE mounts, drop_caches) and /dev/fuse, like the real benchmark.
 set -euo pipefail
@@ -43,6 +44,11 @@ check '1\. big file read cold, 1 thread'      '1. big file read cold, 1 thread'
 check '1\. big file read cold, 2 threads'     '1. big file read cold, 2 threads'
 check '1\. big file read warm, 1 thread'      '1. big file read warm, 1 thread'
 check '1\. big file read warm, 2 threads'     '1. big file read warm, 2 threads'
+check '1\. big file write, 4 threads'         '1. big file write, 4 threads'
+check '1\. big file read cold, 4 threads'     '1. big file read cold, 4 threads'
+check '1\. one reader along.*whole file'      '1. one reader along one cold file: whole file'
+check '1\. one reader along.*slowest [0-9]+ MiB segment' '1. one reader along one file: slowest segment'
+check '1\. one reader along.*slowest segment / median' '1. one reader along one file: slowest / median'
 check '2\. small files: create'               '2. small files create+write+close'
 check '2\. small files: read'                 '2. small files read'
 check '2\. small files: stat'                 '2. small files stat'
@@ -61,11 +67,32 @@ check '5\. checkpoint re-save'                '5. checkpoint re-save (O_TRUNC)'
 check '6\. fan-out.*wall'                     '6. fan-out wall time'
 check '6\. fan-out.*GETs'                     '6. fan-out GETs per block'
 check '7\. peak RSS'                          '7. peak RSS'
+check '7\. peak RSS.*big writes'             '7. peak RSS during the big writes'
+check '7\. peak RSS.*big reads'              '7. peak RSS during the big reads'
 check_cache '8\. disk cache: big file read cold'  '8. disk cache cold read'
 check_cache '8\. disk cache: big file read after' '8. disk cache warm read after remount'
 check_cache '8\. disk cache: object GETs'         '8. disk cache GETs during the warm read'
+check '9\. fio seq write, 1 job '             '9. fio write, 1 job'
+check '9\. fio seq write, 4 jobs'             '9. fio write, 4 jobs'
+check '9\. fio seq read cold, 1 job '         '9. fio cold read, 1 job'
+check '9\. fio seq read cold, 4 jobs'         '9. fio cold read, 4 jobs'
+check '9\. fio peak RSS.*write'               '9. fio peak RSS, write phase'
+check '9\. fio peak RSS.*read'                '9. fio peak RSS, read phase'
+# Workload 10 (store limit, one number per store and direction, not per system) and the
+# tables built from it; the goals table at the top.
+for n in 1 2 4 16; do
+  if ! grep -qE "^\| $n \| [0-9][0-9,.]* .*\| [0-9][0-9,.]* " "$md"; then
+    echo "MISSING or empty: 10. store limit row, $n workers"; fail=1
+  else echo "ok: 10. store limit, $n workers"; fi
+done
+if grep -q '^### Share of the object store' "$md" && grep -qE '^\| big file write, 1 thread.*[0-9]+% / [0-9]+%' "$md"
+then echo "ok: share of the store limit"; else echo "MISSING: share of the store limit table"; fail=1; fi
+if grep -q '^## Goals (issue #14)' "$md" && grep -qE '^[0-9]+ of [0-9]+ checks met' "$md"
+then echo "ok: goals table ($(grep -E '^[0-9]+ of [0-9]+ checks met' "$md"))"; else echo "MISSING: goals table"; fail=1; fi
 if ! grep -q 'local disk' "$md"; then echo "MISSING: checkpoint local-disk table"; fail=1; fi
+if ! grep -qE '^\| new file: time / local-disk time \| [0-9]' "$md"; then echo "MISSING: checkpoint time / local-disk time"; fail=1; fi
 if [ ! -s "$out/benchmarks.png" ]; then echo "MISSING: chart $out/benchmarks.png"; fail=1; fi
+if [ ! -s "$out/benchmarks-along.png" ]; then echo "MISSING: chart $out/benchmarks-along.png"; fail=1; fi
 if grep -q '^## Failures' "$md"; then echo "the run reported failures:"; sed -n '/^## Failures/,$p' "$md"; fail=1; fi
 # Nothing left mounted or running from the run.
 if grep -q "strata-bench-" /proc/self/mountinfo; then echo "LEFT MOUNTED:"; grep "strata-bench-" /proc/self/mountinfo; fail=1; fi

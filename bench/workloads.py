@@ -26,7 +26,15 @@ class Config:
     runs: int
     backends: list[str]
     big_mib: int                 # size of each big file (one per thread)
-    threads: list[int] = field(default_factory=lambda: [1, 2])
+    threads: list[int] = field(default_factory=lambda: [1, 2, 4])       # write and cold read
+    warm_threads: list[int] = field(default_factory=lambda: [1, 2])     # warm (page cache) read
+    along_mib: int = 8192        # workload 1, one big file read cold along its length ...
+    along_seg_mib: int = 256     # ... in segments of this size (SQLite setups only)
+    store_mib: int = 512         # workload 10: MiB per store-limit measurement
+    store_obj_mib: int = 4       # object size (= block size of both systems)
+    store_workers: list[int] = field(default_factory=lambda: [1, 2, 4, 16])
+    fio_mib: int = 2048          # workload 9: total bytes per fio phase (split over the jobs)
+    fio_jobs: list[int] = field(default_factory=lambda: [1, 4])
     small_count: int = 1000
     small_kib: int = 128
     meta_files: int = 2000       # per thread
@@ -47,11 +55,12 @@ def make_config(mode: str, ckpt_mib: int | None) -> Config:
     if mode == "smoke":
         c = Config(mode, runs=1, backends=["local"], big_mib=16, small_count=20, meta_files=50,
                    trunc_frags=64, trunc_samples=3, ckpt_mib=16, ckpt_entry_mib=4, fanout_mib=16,
-                   metas=["sqlite"])
+                   metas=["sqlite"], along_mib=64, along_seg_mib=8, store_mib=32, fio_mib=32)
     elif mode == "quick":
         c = Config(mode, runs=3, backends=["local", "s3"], big_mib=128, small_count=100,
                    meta_files=250, trunc_frags=512, trunc_samples=6, ckpt_mib=128,
-                   ckpt_entry_mib=16, fanout_mib=128)
+                   ckpt_entry_mib=16, fanout_mib=128, along_mib=512, along_seg_mib=32,
+                   store_mib=128, fio_mib=512)
     else:
         c = Config(mode, runs=3, backends=["local", "s3"], big_mib=1024)
     if ckpt_mib:
@@ -142,6 +151,31 @@ def big_read(d: Path, threads: int, size: int) -> float:
     if sum(got) != threads * size:
         raise RuntimeError(f"read {sum(got)} bytes, expected {threads * size}")
     return sum(got) / MiB / wall
+
+
+def read_along(path: Path, size: int, seg: int) -> tuple[float, list[float]]:
+    """One reader, 1 MiB read() calls, start to end: (MiB/s over the whole file, MiB/s of
+    each `seg`-byte segment in file order)."""
+    buf = bytearray(IO)
+    mv = memoryview(buf)
+    rates: list[float] = []
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        t0 = last = time.perf_counter()
+        mark = seg
+        while True:
+            k = f.readinto(mv)
+            if not k:
+                break
+            n += k
+            if n >= mark:
+                now = time.perf_counter()
+                rates.append(seg / MiB / (now - last))
+                last, mark = now, mark + seg
+        wall = time.perf_counter() - t0
+    if n != size:
+        raise RuntimeError(f"read {n} bytes along {path}, expected {size}")
+    return n / MiB / wall, rates
 
 
 # --------------------------------------------------------------------------- 2. small files
@@ -316,6 +350,57 @@ def fanout(path: Path, readers: int, size: int) -> float:
     if any(g != size for g in got):
         raise RuntimeError(f"fan-out readers got {got}, expected {size} each")
     return wall
+
+
+# --------------------------------------------------------------------------- 9. fio
+
+def fio(binary: Path, d: Path, rw: str, jobs: int, total_mib: int) -> float:
+    """One fio phase in directory `d`: `jobs` jobs, each sequentially writing (rw=write, with
+    end_fsync=1) or reading (rw=read) its own file of total_mib/jobs MiB in 1 MiB requests,
+    buffered (direct=0), psync engine. MiB/s of all jobs together, as fio reports it."""
+    import json
+    import subprocess
+    per = max(1, total_mib // jobs)
+    cmd = [str(binary), "--name=seq", f"--directory={d}", f"--rw={rw}", "--bs=1M",
+           f"--size={per}M", f"--numjobs={jobs}", "--ioengine=psync", "--direct=0",
+           "--group_reporting", "--output-format=json", "--fallocate=none"]
+    if rw == "write":
+        cmd.append("--end_fsync=1")
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"fio failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    out = json.loads(p.stdout[p.stdout.index("{"):])
+    job = out["jobs"][0][rw]
+    if job["io_bytes"] != per * jobs * MiB:
+        raise RuntimeError(f"fio {rw}: {job['io_bytes']} bytes, expected {per * jobs * MiB}")
+    return job["bw_bytes"] / MiB
+
+
+# --------------------------------------------------------------------------- 10. store limit
+
+def store_limit(put, get, delete, total_mib: int, obj_mib: int, workers: int) -> tuple[float, float]:
+    """The object store alone: `workers` threads PUT total_mib/obj_mib objects of obj_mib MiB
+    (each thread its share, one after the other), then, after dropping the page cache, GET
+    them back the same way; then they are deleted (untimed). put(worker, i, data),
+    get(worker, i) -> bytes read, delete(worker, i) act on object number i, on the worker's own
+    connection. (PUT MiB/s, GET MiB/s)."""
+    size = obj_mib * MiB
+    n = max(workers, total_mib // obj_mib)
+    mine = lambda w: range(w, n, workers)  # noqa: E731
+    wall_put = run_threads([lambda w=w: [put(w, i, chunk_of(i, size)) for i in mine(w)]
+                            for w in range(workers)])
+    drop_caches()
+    got = [0] * workers
+
+    def rd(w):
+        for i in mine(w):
+            got[w] += get(w, i)
+    wall_get = run_threads([lambda w=w: rd(w) for w in range(workers)])
+    if sum(got) != n * size:
+        raise RuntimeError(f"store limit: read back {sum(got)} bytes, expected {n * size}")
+    for i in range(n):
+        delete(i % workers, i)
+    return n * size / MiB / wall_put, n * size / MiB / wall_get
 
 
 def median(xs: list[float]) -> float:

@@ -69,6 +69,9 @@ pub fn tune_allocator() {
     // SAFETY: mallopt only changes allocator parameters; called before other threads start.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
+        // A fixed mmap threshold also fixes the trim threshold at 128 KiB: the heaps would
+        // shrink and grow again (a page fault per page) around every HTTP body buffer.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 

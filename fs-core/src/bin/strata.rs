@@ -293,6 +293,10 @@ struct MountArgs {
     /// readers share half of it), and blocks read again are served from it.
     #[arg(long, default_value_t = 64)]
     mem_cache_size: u64,
+    /// Most MiB read ahead of one sequential reader (readers of blocks cached in memory
+    /// also share the memory cache: see --mem-cache-size).
+    #[arg(long, default_value_t = 64)]
+    max_readahead: u64,
     /// Kernel attribute cache timeout in seconds.
     #[arg(long, default_value_t = 1.0)]
     attr_cache: f64,
@@ -621,6 +625,7 @@ fn mount_cmd(a: MountArgs, log_level: &str) -> Result<()> {
     opts.vfs.read_only = a.read_only;
     opts.vfs.buffer_size = a.buffer_size << 20;
     opts.vfs.mem_cache_size = a.mem_cache_size << 20;
+    opts.vfs.max_readahead = a.max_readahead << 20;
     opts.vfs.attr_timeout = a.attr_cache;
     opts.vfs.entry_timeout = a.entry_cache;
     opts.vfs.dir_entry_timeout = a.dir_entry_cache;

@@ -19,7 +19,7 @@ pub struct StorageConfig {
     pub storage: String,
     /// `file`: a directory. `s3`: `http(s)://host[:port]/bucket[/prefix]` (path style) or
     /// `http(s)://bucket.host[:port][/]` (virtual-host style), optionally followed by
-    /// `?region=R&path-style=true|false`. `mem`: ignored.
+    /// `?region=R&path-style=true|false&sign-payload=true|false`. `mem`: ignored.
     pub bucket: String,
     /// Access key id (s3).
     pub access_key: Option<String>,
@@ -63,15 +63,18 @@ impl StorageConfig {
         }
         let mut region = self.region.clone();
         let mut path_style = None;
+        let mut sign_payload = false;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("region", r)) if !r.is_empty() => region = Some(r.to_string()),
                 Some(("path-style", "true" | "1")) => path_style = Some(true),
                 Some(("path-style", "false" | "0")) => path_style = Some(false),
+                Some(("sign-payload", "true" | "1")) => sign_payload = true,
+                Some(("sign-payload", "false" | "0")) => sign_payload = false,
                 _ => {
                     return Err(bad(format!(
                         "--bucket: unknown or malformed query parameter {pair:?}; supported: \
-                         region=NAME, path-style=true|false"
+                         region=NAME, path-style=true|false, sign-payload=true|false"
                     )));
                 }
             }
@@ -128,6 +131,7 @@ impl StorageConfig {
         s.region = region;
         s.prefix = prefix;
         s.path_style = path_style.unwrap_or(style);
+        s.sign_payload = sign_payload;
         Ok(s)
     }
 }
@@ -231,6 +235,8 @@ mod tests {
         );
         assert!(s.path_style);
         assert!(!parse("http://host:1/vol1?path-style=false").path_style);
+        assert!(!parse("http://host:1/vol1").sign_payload);
+        assert!(parse("http://host:1/vol1?sign-payload=true").sign_payload);
     }
 
     #[test]

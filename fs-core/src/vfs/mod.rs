@@ -104,6 +104,9 @@ pub enum VfsError {
 
 pub type Result<T> = std::result::Result<T, VfsError>;
 
+/// Most bytes asked of the kernel's page cache ahead of one reader of a store's files.
+const DIRECT_READAHEAD: u64 = 16 << 20;
+
 struct Readahead {
     next: u64,
     window: u64,
@@ -843,7 +846,9 @@ impl Vfs {
         // together may fill half of it, so none pushes another's blocks out before use.
         // Reading a store's files directly, the kernel's page cache holds them instead.
         let cap = if self.reader.direct() {
-            self.settings.max_readahead
+            // Measured on a local disk: deeper kernel readahead than this made several
+            // readers slower (their requests interleave on the device) and one no faster.
+            self.settings.max_readahead.min(DIRECT_READAHEAD)
         } else {
             // Each reader also holds the block it is in and the one its window ends in.
             let streams = self.streams.load(Ordering::Relaxed).max(1) as u64;
