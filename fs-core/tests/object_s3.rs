@@ -57,6 +57,17 @@ fn s3_conformance() {
     assert_eq!(store.head("pre/fix/k").unwrap().size, 1);
     assert_eq!(prefixed.list("", None, 10).unwrap()[0].key, "k");
     prefixed.delete("k").unwrap();
+
+    // Uploads with the payload hashed into the signature (`?sign-payload=true`) work too,
+    // single-part and multipart.
+    let mut signed = weed.settings("conformance");
+    signed.sign_payload = true;
+    let signed = S3Store::new(signed).unwrap();
+    conformance(&signed, "signed/");
+    let big = Bytes::from(vec![5u8; 17 << 20]);
+    signed.put("signed-big", big.clone()).unwrap();
+    assert_eq!(store.get("signed-big", 0, None).unwrap(), big);
+    store.delete("signed-big").unwrap();
 }
 
 #[test]
