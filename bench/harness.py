@@ -276,6 +276,9 @@ class SeaweedFS:
             f"-dir={data}", f"-s3.config={cfg}",
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
+            # Full mode stores several 8 GiB files per system: with mini's 128 MB volumes the
+            # second system's writes failed with "failed to find writable volumes" (HTTP 500).
+            "-master.volumeSizeLimitMB=1024", "-volume.max=200",
             f"-master.port={p[0]}", f"-master.port.grpc={p[1]}",
             f"-volume.port={p[2]}", f"-volume.port.grpc={p[3]}",
             f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}",

@@ -186,16 +186,7 @@ impl BlockReader {
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             return None;
         };
-        Some(match res {
-            Ok(b) if b.len() == to - from => Ok(b),
-            Ok(b) => Err(FetchError::Corrupt {
-                key: key.to_string(),
-                got: from + b.len(),
-                want: to,
-            }),
-            Err(ObjectError::NotFound(_)) => Err(FetchError::Missing(key.to_string())),
-            Err(e) => Err(FetchError::Store(e.to_string())),
-        })
+        Some(exact_range(key, from, to, res))
     }
 
     /// Whether the block is in this client's memory or disk tier.
@@ -282,19 +273,9 @@ impl BlockReader {
             return self.read_into(key, len, from, to, out);
         }
         self.metrics.cache_miss();
-        match self.store.get(key, from as u64, Some((to - from) as u64)) {
-            Ok(b) if b.len() == to - from => {
-                out.extend_from_slice(&b);
-                Ok(())
-            }
-            Ok(b) => Err(FetchError::Corrupt {
-                key: key.to_string(),
-                got: from + b.len(),
-                want: to,
-            }),
-            Err(ObjectError::NotFound(_)) => Err(FetchError::Missing(key.to_string())),
-            Err(e) => Err(FetchError::Store(e.to_string())),
-        }
+        let res = self.store.get(key, from as u64, Some((to - from) as u64));
+        out.extend_from_slice(&exact_range(key, from, to, res)?);
+        Ok(())
     }
 
     /// The whole block.
@@ -496,6 +477,26 @@ impl BlockReader {
         if let Some(g) = self.group.get() {
             g.shutdown();
         }
+    }
+}
+
+/// Bytes `[from, to)` of block `key` as a store answered them: exactly that many, or an error
+/// (missing, short, store failure), never fewer bytes as if they were all.
+fn exact_range(
+    key: &str,
+    from: usize,
+    to: usize,
+    res: crate::object::Result<Bytes>,
+) -> Result<Bytes, FetchError> {
+    match res {
+        Ok(b) if b.len() == to - from => Ok(b),
+        Ok(b) => Err(FetchError::Corrupt {
+            key: key.to_string(),
+            got: from + b.len(),
+            want: to,
+        }),
+        Err(ObjectError::NotFound(_)) => Err(FetchError::Missing(key.to_string())),
+        Err(e) => Err(FetchError::Store(e.to_string())),
     }
 }
 
