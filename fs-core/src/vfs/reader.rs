@@ -304,6 +304,9 @@ impl BlockReader {
     /// Fetch blocks in the background (readahead) into memory: from the disk tier when
     /// there, else from a peer or the store. Errors are left for the real read.
     pub fn prefetch(self: &Arc<Self>, blocks: Vec<(String, usize)>) {
+        if blocks.is_empty() {
+            return;
+        }
         if self.direct() {
             // The kernel reads the files ahead into its page cache; asking it to takes a
             // while (it allocates and queues the pages), so not in the reader's thread.
