@@ -386,3 +386,133 @@ fn a_cache_group_shares_blocks_and_survives_a_dead_member() {
     );
     assert_eq!(read_all(&c.path.join("f3.bin")), pattern(6, file_size()));
 }
+
+/// Extended attribute `name` of `path` as text.
+fn xattr(path: &Path, name: &str) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and a buffer of the length given.
+    let got = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(
+        got >= 0,
+        "getxattr {name} of {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    String::from_utf8_lossy(&buf[..got as usize]).to_string()
+}
+
+/// Sum of `gets` over members' metrics ports.
+fn gets_of(ports: &[u16]) -> u64 {
+    ports.iter().map(|p| gets(*p)).sum()
+}
+
+#[test]
+fn members_joining_or_restarting_take_blocks_from_peers_not_the_store() {
+    let v = volume(&[("model.bin", 7)]);
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    let member_of = |name: &str, metrics: u16, peer: u16| {
+        let a = addr(peer);
+        member(
+            &v,
+            name,
+            metrics,
+            &["--cache-group", "g2", "--cache-group-addr", a.as_str()],
+        )
+    };
+    // Three members read the file.
+    let old_ports = [free_port(), free_port(), free_port()];
+    let olds: Vec<TestMount> = ["a", "b", "c"]
+        .iter()
+        .zip(old_ports)
+        .map(|(n, p)| member_of(n, p, free_port()))
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    let blocks = objects(&olds[0].path.join("model.bin"));
+    let base = gets_of(&old_ports);
+    // A warm-up through one member fills the group: each block with its owner only.
+    let file = olds[0].path.join("model.bin");
+    let out = Command::new(BIN).arg("warmup").arg(&file).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        gets_of(&old_ports) - base,
+        blocks,
+        "warm-up: one GET per block"
+    );
+    let cached = |p: &Path| {
+        let s = xattr(p, "user.strata.cached");
+        s.split_whitespace()
+            .find_map(|t| t.strip_prefix("cached=")?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("user.strata.cached of {}: {s:?}", p.display()))
+    };
+    let shares: Vec<u64> = olds
+        .iter()
+        .map(|m| cached(&m.path.join("model.bin")))
+        .collect();
+    assert_eq!(
+        shares.iter().sum::<u64>(),
+        file_size() as u64,
+        "the members' shares add up to the file: {shares:?}"
+    );
+    assert!(shares.iter().all(|s| *s < file_size() as u64), "{shares:?}");
+    read_concurrently(olds.iter().map(|m| m.path.join("model.bin")).collect(), 7);
+    assert_eq!(
+        gets_of(&old_ports) - base,
+        blocks,
+        "reads after the warm-up: no GET"
+    );
+    let after_first = gets_of(&old_ports);
+
+    // Two members join; the blocks they now own come from the old members.
+    let (d_port, e_port) = (free_port(), free_port());
+    let d_peer = free_port();
+    let mut d = member_of("d", d_port, d_peer);
+    let e = member_of("e", e_port, free_port());
+    std::thread::sleep(Duration::from_secs(4));
+    let all = [old_ports[0], old_ports[1], old_ports[2], d_port, e_port];
+    let base_new = gets(d_port) + gets(e_port);
+    let paths: Vec<PathBuf> = (0..8)
+        .map(|i| [&d, &e][i % 2].path.join("model.bin"))
+        .collect();
+    read_concurrently(paths, 7);
+    let errors: Vec<u64> = all
+        .iter()
+        .map(|p| metric(*p, "strata_cache_peer_errors_total"))
+        .collect();
+    assert_eq!(
+        gets_of(&old_ports) - after_first + gets(d_port) + gets(e_port) - base_new,
+        0,
+        "8 readers on two new members: 0 GETs (peer errors {errors:?}; logs:\n{}\n{}",
+        d.log(),
+        e.log()
+    );
+    assert!(metric(d_port, "strata_cache_peer_hits_total") > 0);
+
+    // A member killed and started again (same address, same cache disk) serves its share
+    // from its disk tier: still no GET anywhere.
+    d.kill9();
+    d.remount();
+    std::thread::sleep(Duration::from_secs(4));
+    let before: u64 = gets_of(&all);
+    read_concurrently(
+        vec![
+            d.path.join("model.bin"),
+            e.path.join("model.bin"),
+            olds[0].path.join("model.bin"),
+        ],
+        7,
+    );
+    assert_eq!(
+        gets_of(&all) - before,
+        0,
+        "after a member's restart: 0 GETs (logs:\n{})",
+        d.log()
+    );
+    drop(olds);
+}

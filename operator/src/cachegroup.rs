@@ -1,7 +1,7 @@
 //! CacheGroup controller: a DaemonSet of cache members (`strata mount --cache-group NAME`)
 //! on the selected nodes, in the namespace of the Volume's Secret; optionally a StorageClass
-//! whose mounts join the group; status with members ready and the hit ratio scraped from the
-//! members' metrics.
+//! whose mounts join the group; status with members ready, the hit ratio and the bytes cached,
+//! scraped from the members' metrics.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use crate::context::{
 };
 use crate::crd::{
     CACHE_GROUP_LABEL, CacheGroup, CacheGroupStatus, MANAGED_BY, StorageClassSpec, StorageType,
-    VOLUME_LABEL, Volume, parse_quantity,
+    VOLUME_LABEL, Volume, human_bytes, parse_quantity,
 };
 use crate::errors::{Error, Result};
 use crate::volume::{apply_storage_class, is_ready, storage_class, storage_class_specs};
@@ -483,9 +483,9 @@ async fn apply(api: &Api<CacheGroup>, cg: &CacheGroup, ctx: &Context) -> Result<
             .collect::<Vec<_>>())
     })
     .await?;
-    let (hits, misses) = counts
-        .iter()
-        .fold((0u64, 0u64), |(h, m), (a, b)| (h + a, m + b));
+    let (hits, misses, cached) = counts.iter().fold((0u64, 0u64, 0u64), |(h, m, b), c| {
+        (h + c.hits, m + c.misses, b + c.cached_bytes)
+    });
     let hit_ratio =
         (hits + misses > 0).then(|| format!("{:.2}", hits as f64 / (hits + misses) as f64));
 
@@ -494,6 +494,8 @@ async fn apply(api: &Api<CacheGroup>, cg: &CacheGroup, ctx: &Context) -> Result<
         members_desired: Some(desired),
         members: Some(format!("{ready}/{desired}")),
         hit_ratio,
+        cached_bytes: (!counts.is_empty()).then_some(cached as i64),
+        cached: (!counts.is_empty()).then(|| human_bytes(cached)),
         client_mount_options: Some(opts),
         ..Default::default()
     };

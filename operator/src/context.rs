@@ -25,17 +25,26 @@ use crate::settings::Settings;
 /// Field manager of every server-side apply of the operator.
 pub const FIELD_MANAGER: &str = "strata-operator";
 
+/// A cache member's counters, from its metrics endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemberCounters {
+    pub hits: u64,
+    pub misses: u64,
+    /// Bytes in its disk tier (`strata_cache_bytes{tier="disk"}`).
+    pub cached_bytes: u64,
+}
+
 /// Reads the cache counters of a cache member's metrics endpoint.
 pub trait MemberScraper: Send + Sync + 'static {
-    /// `(hits, misses)` from `http://addr/metrics`, or None when unreachable.
-    fn scrape(&self, addr: &str) -> Option<(u64, u64)>;
+    /// The counters from `http://addr/metrics`, or None when unreachable.
+    fn scrape(&self, addr: &str) -> Option<MemberCounters>;
 }
 
 /// Plain HTTP GET with short timeouts.
 pub struct HttpScraper;
 
 impl MemberScraper for HttpScraper {
-    fn scrape(&self, addr: &str) -> Option<(u64, u64)> {
+    fn scrape(&self, addr: &str) -> Option<MemberCounters> {
         let sa = addr.to_socket_addrs().ok()?.next()?;
         let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(1)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -47,9 +56,10 @@ impl MemberScraper for HttpScraper {
     }
 }
 
-/// Sum of `strata_cache_hits_total` and `strata_cache_misses_total` samples (any labels).
-pub fn parse_cache_counters(text: &str) -> Option<(u64, u64)> {
-    let (mut hits, mut misses, mut seen) = (0f64, 0f64, false);
+/// Sums of `strata_cache_hits_total` and `strata_cache_misses_total` samples (any labels),
+/// and the disk tier's `strata_cache_bytes`.
+pub fn parse_cache_counters(text: &str) -> Option<MemberCounters> {
+    let (mut hits, mut misses, mut bytes, mut seen) = (0f64, 0f64, 0f64, false);
     for line in text.lines() {
         let Some((name, value)) = line.rsplit_once(' ') else {
             continue;
@@ -68,10 +78,15 @@ pub fn parse_cache_counters(text: &str) -> Option<(u64, u64)> {
                 misses += v;
                 seen = true;
             }
+            "strata_cache_bytes" if name.contains("tier=\"disk\"") => bytes += v,
             _ => {}
         }
     }
-    seen.then_some((hits as u64, misses as u64))
+    seen.then_some(MemberCounters {
+        hits: hits as u64,
+        misses: misses as u64,
+        cached_bytes: bytes as u64,
+    })
 }
 
 pub struct Context {
@@ -304,8 +319,17 @@ mod tests {
             strata_cache_hits_total{tier=\"mem\"} 30\n\
             strata_cache_hits_total{tier=\"disk\"} 60\n\
             strata_cache_misses_total 10\n\
+            strata_cache_bytes{tier=\"memory\"} 4096\n\
+            strata_cache_bytes{tier=\"disk\"} 8388608\n\
             strata_cache_hits_created 1.7e9\n";
-        assert_eq!(parse_cache_counters(text), Some((90, 10)));
+        assert_eq!(
+            parse_cache_counters(text),
+            Some(MemberCounters {
+                hits: 90,
+                misses: 10,
+                cached_bytes: 8 << 20
+            })
+        );
         assert_eq!(parse_cache_counters("other_metric 1\n"), None);
     }
 

@@ -369,6 +369,7 @@ pub struct QuotaStatus {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Members","type":"string","jsonPath":".status.members"}"#,
     printcolumn = r#"{"name":"Hit","type":"string","jsonPath":".status.hitRatio"}"#,
+    printcolumn = r#"{"name":"Cached","type":"string","jsonPath":".status.cached"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$')").message("a CacheGroup name is used in DaemonSet names and --cache-group: 1-42 characters of a-z, 0-9 and '-'").field_path(".metadata.name")
 )]
@@ -462,6 +463,12 @@ pub struct CacheGroupStatus {
     /// Cache hits / (hits + misses) over the members, e.g. `0.93` (absent until scraped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hit_ratio: Option<String>,
+    /// Bytes in the members' disk caches together (absent until scraped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_bytes: Option<i64>,
+    /// `cachedBytes` for people, e.g. `12.5Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<String>,
     /// Options a client on the group's nodes adds to `strata mount` to use the group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_mount_options: Option<String>,

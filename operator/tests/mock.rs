@@ -8,7 +8,7 @@ use http::{Request, Response};
 use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
-use strata_operator::context::{Context, MemberScraper};
+use strata_operator::context::{Context, MemberCounters, MemberScraper};
 use strata_operator::fsops::MemFs;
 use strata_operator::metrics::Metrics;
 use strata_operator::settings::Settings;
@@ -64,8 +64,12 @@ pub fn not_found() -> Value {
 pub struct Fixed(pub Option<(u64, u64)>);
 
 impl MemberScraper for Fixed {
-    fn scrape(&self, _addr: &str) -> Option<(u64, u64)> {
-        self.0
+    fn scrape(&self, _addr: &str) -> Option<MemberCounters> {
+        self.0.map(|(hits, misses)| MemberCounters {
+            hits,
+            misses,
+            cached_bytes: (hits + misses) << 20,
+        })
     }
 }
 

@@ -693,6 +693,9 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
                 let s = &b["status"];
                 assert_eq!(s["members"], "2/2");
                 assert_eq!(s["hitRatio"], "0.75");
+                // Two members scraped, 40 MiB each in the fake.
+                assert_eq!(s["cachedBytes"], 80 << 20);
+                assert_eq!(s["cached"], "80Mi");
                 assert_eq!(s["clientMountOptions"], "cache-group=gpu,no-serve");
                 assert_eq!(s["conditions"][0]["status"], "True");
             }),

@@ -11,6 +11,13 @@
 //! - Hot blocks: an owner that sees one block asked for often answers `X-Strata-Hot: 1`; the
 //!   askers then spread their requests over the top `hot_replicas` members of the block's
 //!   ranking (by their own id), and those replicas fetch it from the owner, not the store.
+//! - Handoff: the member that is to fetch a block it does not hold (the owner, or a replica
+//!   the owner was asked through) first asks the next `handoff_probes` members of the block's
+//!   ranking for a cached copy (`X-Strata-Hop: 2`, answered from their memory and disk tiers
+//!   only, 404 when absent), then the object store. When a member joins, the blocks it now
+//!   owns are taken from their previous owners (the next of the ranking), so the group never
+//!   reads the store again for what it holds; ownership moves block by block as they are
+//!   read. A member's disk tier survives its restart (see `disk`).
 //! - Failure: connecting, or any pause in the answer, is bounded by `peer_timeout_ms`; a peer
 //!   that failed is skipped for 10 s, and the read continues from the object store. A read
 //!   never fails because a peer is down.
@@ -18,7 +25,9 @@
 //! The wire protocol is a small HTTP/1.1 subset over TCP with keep-alive:
 //! `GET /v1/block?key=K&len=N` with headers `X-Strata-Token` (derived from the volume UUID,
 //! which only clients that can read the metadata know) and `X-Strata-Hop` (1 = the asker is a
-//! replica: answer from the local cache or the object store, never forward).
+//! replica: answer from the local cache or the object store, never forward; 2 = a handoff
+//! probe: answer from the local cache only; 3 = a warm-up: get the block into the local
+//! cache, answer without a body).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -41,6 +50,22 @@ const HOT_WINDOW: Duration = Duration::from_secs(10);
 const HOT_FOR: Duration = Duration::from_secs(60);
 /// Piece size of reading a peer's answer.
 const PIECE: usize = 256 << 10;
+/// `X-Strata-Hop` of a handoff probe: answer from the local tiers only, 404 if not there.
+const HOP_CACHED: u8 = 2;
+/// `X-Strata-Hop` of a warm-up: get the block into your cache as for a reader and answer
+/// with no body, only `X-Strata-Warm: cached|fetched|dropped`.
+const HOP_WARM: u8 = 3;
+
+/// What a member did for a warm-up request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Warm {
+    /// It had the block already.
+    Cached,
+    /// It fetched the block and keeps it.
+    Fetched,
+    /// It fetched the block but its cache did not keep it (disk full).
+    Dropped,
+}
 
 /// Errors of joining a group (each names the fix).
 #[derive(Debug, thiserror::Error)]
@@ -319,24 +344,78 @@ impl Group {
         Ok((s, false))
     }
 
-    /// Ask `peer` for block `key` (`len` bytes), streaming it into `sink`.
+    /// Members to ask for a cached copy of `key` before the object store, best first: the
+    /// next members of the block's ranking other than this one and `skip` (the peer
+    /// already asked), at most `handoff_probes` of them. After a member joins, the block's
+    /// previous owner is the next of its ranking; after one leaves or restarts empty, the
+    /// next members are the replicas and earlier askers most likely to hold it.
+    pub fn holders(&self, key: &str, skip: Option<&str>) -> Vec<String> {
+        let me = self.advertised.as_deref();
+        self.ranked(key)
+            .into_iter()
+            .filter(|a| Some(a.as_str()) != me && Some(a.as_str()) != skip)
+            .take(self.settings.handoff_probes)
+            .collect()
+    }
+
+    /// Ask `peer` for block `key` (`len` bytes), streaming it into `sink`. `Ok(false)`: the
+    /// peer answered that it has no such block.
     pub fn fetch(
         &self,
         peer: &str,
         key: &str,
         len: usize,
         sink: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
+        self.fetch_hop(peer, key, len, None, sink)
+            .map(|a| a.is_some())
+    }
+
+    /// Ask `peer` for block `key` only if it has it cached (no fetch on its side).
+    /// `Ok(false)`: it has not.
+    pub fn fetch_cached(
+        &self,
+        peer: &str,
+        key: &str,
+        len: usize,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<bool, String> {
+        self.fetch_hop(peer, key, len, Some(HOP_CACHED), sink)
+            .map(|a| a.is_some())
+    }
+
+    /// Have `peer` (the block's owner) get block `key` into its cache, without sending it
+    /// here: a warm-up of the group leaves each block with its owner only.
+    pub fn warm(&self, peer: &str, key: &str, len: usize) -> Result<Warm, String> {
+        match self.fetch_hop(peer, key, len, Some(HOP_WARM), &mut |_| {})? {
+            None => Err(format!("block {key} is missing from the object store")),
+            Some(state) => match state.as_str() {
+                "cached" => Ok(Warm::Cached),
+                "fetched" => Ok(Warm::Fetched),
+                "dropped" => Ok(Warm::Dropped),
+                other => Err(format!("unexpected warm-up answer {other:?}")),
+            },
+        }
+    }
+
+    fn fetch_hop(
+        &self,
+        peer: &str,
+        key: &str,
+        len: usize,
+        hop: Option<u8>,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<String>, String> {
         let delivered = std::cell::Cell::new(0usize);
         let mut counting = |c: &[u8]| {
             delivered.set(delivered.get() + c.len());
             sink(c)
         };
-        match self.fetch_on(peer, key, len, true, &mut counting) {
+        match self.fetch_on(peer, key, len, hop, true, &mut counting) {
             // A pooled connection the peer closed meanwhile (idle timeout, restart): one
             // more try on a new connection before the peer counts as failed.
             Err((true, _)) if delivered.get() == 0 => self
-                .fetch_on(peer, key, len, false, &mut counting)
+                .fetch_on(peer, key, len, hop, false, &mut counting)
                 .map_err(|e| e.1),
             other => other.map_err(|e| e.1),
         }
@@ -348,20 +427,22 @@ impl Group {
         peer: &str,
         key: &str,
         len: usize,
+        hop: Option<u8>,
         reuse: bool,
         sink: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), (bool, String)> {
+    ) -> Result<Option<String>, (bool, String)> {
         let (stream, reused) = self
             .connect(peer, reuse)
             .map_err(|e| (false, format!("connect: {e}")))?;
-        self.request(&stream, peer, key, len, sink)
+        let found = self
+            .request(&stream, peer, key, len, hop, sink)
             .map_err(|e| (reused, e))?;
         self.conns
             .lock()
             .entry(peer.to_string())
             .or_default()
             .push(stream);
-        Ok(())
+        Ok(found)
     }
 
     fn request(
@@ -370,11 +451,14 @@ impl Group {
         peer: &str,
         key: &str,
         len: usize,
+        hop: Option<u8>,
         sink: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), String> {
-        let owner = self.ranked(key).into_iter().next();
+    ) -> Result<Option<String>, String> {
         // A replica asking the owner says so: the owner must not forward again.
-        let hop = u8::from(owner.as_deref() == Some(peer) && self.is_hot(key));
+        let hop = hop.unwrap_or_else(|| {
+            let owner = self.ranked(key).into_iter().next();
+            u8::from(owner.as_deref() == Some(peer) && self.is_hot(key))
+        });
         let timeout = Duration::from_millis(self.settings.peer_timeout_ms.max(1));
         stream
             .set_read_timeout(Some(timeout))
@@ -396,9 +480,21 @@ impl Group {
         if status != 200 {
             let mut body = vec![0u8; clen.min(4096)];
             let _ = r.read_exact(&mut body);
+            if status == 404 && clen <= body.len() {
+                // "No such block here": the connection stays usable.
+                return Ok(None);
+            }
             return Err(format!(
                 "status {status}: {}",
                 String::from_utf8_lossy(&body).trim()
+            ));
+        }
+        if hop == HOP_WARM {
+            if clen != 0 {
+                return Err(format!("warm-up answer has {clen} bytes, expected none"));
+            }
+            return Ok(Some(
+                headers.get("x-strata-warm").cloned().unwrap_or_default(),
             ));
         }
         if clen != len {
@@ -418,7 +514,7 @@ impl Group {
             sink(&buf[..n]);
             left -= n;
         }
-        Ok(())
+        Ok(Some(String::new()))
     }
 
     fn is_hot(&self, key: &str) -> bool {
@@ -558,7 +654,55 @@ fn serve_conn(conn: TcpStream, group: Weak<Group>, reader: Weak<BlockReader>) {
             let _ = respond(&mut w, "400 Bad Request", b"bad key or len\n", false);
             continue;
         };
-        let hop = headers.get("x-strata-hop").map(String::as_str) == Some("1");
+        let hop = headers.get("x-strata-hop").map(String::as_str);
+        if hop == Some("2") {
+            // A handoff probe: only what this member already holds.
+            let sent = match reader.cached_block(key, len) {
+                Some(b) => {
+                    g.metrics.cache_peer_served();
+                    respond(&mut w, "200 OK", &b, false)
+                }
+                None => respond(&mut w, "404 Not Found", b"not cached here\n", false),
+            };
+            if sent.is_err() {
+                return;
+            }
+            continue;
+        }
+        if hop == Some("3") {
+            let state = if reader.cached(key) {
+                Ok("cached")
+            } else {
+                reader.get(key, len).map(|_| {
+                    if reader.kept(key) {
+                        "fetched"
+                    } else {
+                        "dropped"
+                    }
+                })
+            };
+            let sent = match state {
+                Ok(state) => write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Strata-Warm: {state}\r\n\r\n"
+                )
+                .and_then(|_| w.flush()),
+                Err(crate::vfs::reader::FetchError::Missing(_)) => {
+                    respond(&mut w, "404 Not Found", b"block missing\n", false)
+                }
+                Err(e) => respond(
+                    &mut w,
+                    "503 Service Unavailable",
+                    e.to_string().as_bytes(),
+                    false,
+                ),
+            };
+            if sent.is_err() {
+                return;
+            }
+            continue;
+        }
+        let hop = hop == Some("1");
         let hot = g.note_request(key);
         let source = if hop { Source::Store } else { Source::Any };
         let res = reader.get_from(key, len, source);

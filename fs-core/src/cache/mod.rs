@@ -47,6 +47,9 @@ pub struct CacheSettings {
     pub hot_replicas: usize,
     /// Requests for one block within 10 s that make it hot.
     pub hot_threshold: u32,
+    /// Members asked for a cached copy of a block before the object store, when this
+    /// member is the one to fetch it (`--cache-group-handoff`; 0 = never).
+    pub handoff_probes: usize,
 }
 
 impl Default for CacheSettings {
@@ -64,6 +67,7 @@ impl Default for CacheSettings {
             peer_timeout_ms: 2000,
             hot_replicas: 3,
             hot_threshold: 8,
+            handoff_probes: 3,
         }
     }
 }

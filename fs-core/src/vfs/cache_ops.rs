@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 
 use super::{Piece, Result, Vfs, VfsError};
+use crate::cache::group::Warm;
 use crate::meta::{FileKind, Ino, MetaError};
 
 /// Prefix of the warm-up attribute.
@@ -79,18 +80,36 @@ impl Vfs {
             return Ok(w);
         }
         for (key, blen) in self.blocks(ino, off, end)? {
+            // In a cache group each block goes to its owner only (the group's cache is the
+            // sum of its members' shares); a copy here would only take this member's room.
+            if let Some(g) = self.reader.group()
+                && let Some(owner) = g.target(&key)
+            {
+                match g.warm(&owner, &key, blen) {
+                    Ok(state) => {
+                        match state {
+                            Warm::Cached => w.cached += blen as u64,
+                            Warm::Fetched => w.fetched += blen as u64,
+                            Warm::Dropped => {
+                                w.fetched += blen as u64;
+                                w.dropped += blen as u64;
+                            }
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        g.mark_down(&owner);
+                        tracing::info!(peer = %owner, key, error = %e, "warm-up through the cache group owner failed, warming here");
+                    }
+                }
+            }
             if self.reader.cached(&key) {
                 w.cached += blen as u64;
                 continue;
             }
             self.reader.get(&key, blen).map_err(VfsError::Fetch)?;
             w.fetched += blen as u64;
-            // Memory alone does not keep a warm-up: with a disk tier the block must be there.
-            let kept = match self.reader.disk() {
-                Some(d) => d.contains(&key),
-                None => self.reader.cached(&key),
-            };
-            if !kept {
+            if !self.reader.kept(&key) {
                 w.dropped += blen as u64;
             }
         }

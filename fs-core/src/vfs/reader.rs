@@ -189,6 +189,21 @@ impl BlockReader {
         Some(exact_range(key, from, to, res))
     }
 
+    /// The block if this client's memory or disk tier holds it (for a peer's handoff
+    /// probe: no fetch, and no promotion in the memory tier).
+    pub fn cached_block(&self, key: &str, len: usize) -> Option<Bytes> {
+        self.local(key, len, false)
+    }
+
+    /// Whether a block just fetched stays cached: with a disk tier it must be on disk
+    /// (memory alone does not keep a warm-up), else in memory.
+    pub fn kept(&self, key: &str) -> bool {
+        match &self.disk {
+            Some(d) => d.contains(key),
+            None => self.cached(key),
+        }
+    }
+
     /// Whether the block is in this client's memory or disk tier.
     pub fn cached(&self, key: &str) -> bool {
         self.mem.lock().contains(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
@@ -434,16 +449,45 @@ impl BlockReader {
                 flight.cv.notify_all();
             }
         };
-        if source == Source::Any
-            && let Some(g) = self.group.get()
-            && let Some(peer) = g.target(key)
-        {
-            match g.fetch(&peer, key, len, &mut sink) {
-                Ok(()) => self.metrics.cache_peer_hit(),
-                Err(e) => {
-                    self.metrics.cache_peer_error();
-                    g.mark_down(&peer);
-                    tracing::info!(peer = %peer, key, error = %e, "cache group peer failed, reading from the object store");
+        if let Some(g) = self.group.get() {
+            let asked = if source == Source::Any {
+                g.target(key)
+            } else {
+                None
+            };
+            if let Some(peer) = &asked {
+                match g.fetch(peer, key, len, &mut sink) {
+                    Ok(true) => self.metrics.cache_peer_hit(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.metrics.cache_peer_error();
+                        g.mark_down(peer);
+                        tracing::info!(peer = %peer, key, error = %e, "cache group peer failed, reading from the object store");
+                    }
+                }
+            }
+            // Not from the owner: this member is the one to fetch it (the owner, or the
+            // peer the owner chose). Members that may hold it from before the last change
+            // of membership (its previous owners, hot replicas) are asked for a cached
+            // copy before the object store.
+            if flight.fill.lock().buf.is_empty() {
+                for holder in g.holders(key, asked.as_deref()) {
+                    match g.fetch_cached(&holder, key, len, &mut sink) {
+                        Ok(true) => {
+                            self.metrics.cache_peer_hit();
+                            break;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            self.metrics.cache_peer_error();
+                            g.mark_down(&holder);
+                            tracing::info!(peer = %holder, key, error = %e, "cache group peer failed while asked for a cached block");
+                        }
+                    }
+                    if !flight.fill.lock().buf.is_empty() {
+                        // Cut short mid-block: the store sends the rest.
+                        break;
+                    }
                 }
             }
         }
