@@ -477,6 +477,17 @@ EOF
   else
     note "model server read 64 MiB of warmed weights (md5 equal); the GET count needs node access (E2E_NODE_LOCAL=1)"
   fi
+  # The CacheGroup's status: bytes in the members' disk tiers (the warmed 64 MiB at least)
+  # and the hit ratio, scraped from the members at each reconcile.
+  local cb="" i
+  for i in $(seq 45); do
+    cb=$(k get cachegroup e2e -o jsonpath='{.status.cachedBytes}')
+    [ "${cb:-0}" -ge $((64 << 20)) ] && break
+    sleep 2
+  done
+  note "CacheGroup status: cached $(k get cachegroup e2e -o jsonpath='{.status.cached}') (cachedBytes ${cb:-none}), hit ratio $(k get cachegroup e2e -o jsonpath='{.status.hitRatio}')"
+  k get cachegroup e2e
+  [ "${cb:-0}" -ge $((64 << 20)) ] || fail "CacheGroup status cachedBytes=${cb:-none}, expected at least the warmed 64 MiB" || return 1
 }
 
 step_cleanup() {
