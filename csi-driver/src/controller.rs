@@ -162,6 +162,17 @@ fn remove_tree(meta: &Meta, parent: Ino, name: &[u8]) -> Result<()> {
         Err(MetaError::NotFound) => return Ok(()),
         Err(e) => return Err(CsiError::meta("delete", e)),
     };
+    if n.kind == FileKind::Dir && n.rdev != 0 {
+        // The directory of an attached source (read-only): detached, which removes its
+        // tree; the source's bucket is not the volume's and is left alone.
+        let attachments = meta
+            .attachments()
+            .map_err(|e| CsiError::meta("delete", e))?;
+        if let Some(a) = attachments.into_iter().find(|a| a.ino == n.ino) {
+            meta.detach(a.id).map_err(|e| CsiError::meta("delete", e))?;
+            return Ok(());
+        }
+    }
     if n.kind == FileKind::Dir {
         loop {
             let entries = meta

@@ -43,14 +43,19 @@ pub fn errno_of(e: &VfsError) -> i32 {
             MetaError::TooBig => libc::EFBIG,
             MetaError::Quota => libc::EDQUOT,
             MetaError::CrossQuota => libc::EXDEV,
+            MetaError::ReadOnlySource => libc::EROFS,
             MetaError::Conflict
             | MetaError::NotFormatted(_)
             | MetaError::Format(_)
             | MetaError::Engine(_) => libc::EIO,
         },
         VfsError::Fetch(
-            FetchError::Missing(_) | FetchError::Corrupt { .. } | FetchError::Store(_),
+            FetchError::Missing(_)
+            | FetchError::Corrupt { .. }
+            | FetchError::Store(_)
+            | FetchError::Changed(_),
         ) => libc::EIO,
+        VfsError::Source(_) => libc::EIO,
         VfsError::Flush(FlushError::Meta(MetaError::NoSpace)) => libc::ENOSPC,
         VfsError::Flush(FlushError::Meta(MetaError::Quota)) => libc::EDQUOT,
         VfsError::Flush(_) => libc::EIO,
@@ -175,7 +180,13 @@ impl StrataFs {
             nlink: n.nlink,
             uid: n.uid,
             gid: n.gid,
-            rdev: n.rdev,
+            // Non-zero on files and directories of attached sources (their mark, not a
+            // device number).
+            rdev: if matches!(n.kind, FileKind::BlockDev | FileKind::CharDev) {
+                n.rdev
+            } else {
+                0
+            },
             blksize: 1 << 20,
             flags: 0,
         }

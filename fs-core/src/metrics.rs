@@ -37,6 +37,12 @@ pub mod names {
     pub const CACHE_CORRUPT: &str = "strata_cache_corrupt_blocks";
     pub const CACHE_PEER_SERVED: &str = "strata_cache_peer_served";
     pub const CACHE_SKIPPED: &str = "strata_cache_skipped_blocks";
+    pub const GATEWAY_REQUESTS: &str = "strata_gateway_requests";
+    pub const GATEWAY_REQUEST_SECONDS: &str = "strata_gateway_request_seconds";
+    pub const GATEWAY_BYTES: &str = "strata_gateway_bytes";
+    pub const SOURCE_REQUESTS: &str = "strata_source_requests";
+    pub const SOURCE_ERRORS: &str = "strata_source_errors";
+    pub const SOURCE_BYTES: &str = "strata_source_bytes";
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -70,6 +76,12 @@ pub struct Metrics {
     cache_corrupt: Counter,
     cache_peer_served: Counter,
     cache_skipped: Family<Labels, Counter>,
+    gateway_requests: Family<Labels, Counter>,
+    gateway_request_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    gateway_bytes: Family<Labels, Counter>,
+    source_requests: Family<Labels, Counter>,
+    source_errors: Family<Labels, Counter>,
+    source_bytes: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,7 +121,7 @@ impl Metrics {
         let object_requests = Family::<Labels, Counter>::default();
         registry.register(
             names::OBJECT_REQUESTS,
-            "Object store requests, by op (get/put/delete/head/list)",
+            "Object store requests, by op (get/put/delete/head/list; map: a read of a local store's file through its mapping; sync)",
             object_requests.clone(),
         );
         let object_errors = Family::<Labels, Counter>::default();
@@ -211,8 +223,51 @@ impl Metrics {
             "Blocks not written to the disk cache, by reason (low_space: the cache file system is below --free-space-ratio free)",
             cache_skipped.clone(),
         );
+        let gateway_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            names::GATEWAY_REQUESTS,
+            "S3 gateway requests answered, by S3 operation and HTTP status",
+            gateway_requests.clone(),
+        );
+        let gateway_request_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(seconds_histogram);
+        registry.register(
+            names::GATEWAY_REQUEST_SECONDS,
+            "Latency of S3 gateway requests (until the last byte of the answer), by S3 operation",
+            gateway_request_seconds.clone(),
+        );
+        let gateway_bytes = Family::<Labels, Counter>::default();
+        registry.register(
+            names::GATEWAY_BYTES,
+            "Object bytes received (in) and sent (out) by the S3 gateway",
+            gateway_bytes.clone(),
+        );
+        let source_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            names::SOURCE_REQUESTS,
+            "Requests to attached sources (buckets written by others), by op (list/get)",
+            source_requests.clone(),
+        );
+        let source_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            names::SOURCE_ERRORS,
+            "Requests to attached sources that failed (after retries), by op",
+            source_errors.clone(),
+        );
+        let source_bytes = Counter::default();
+        registry.register(
+            names::SOURCE_BYTES,
+            "Bytes read from attached sources",
+            source_bytes.clone(),
+        );
         Metrics {
+            source_requests,
+            source_errors,
+            source_bytes,
             registry,
+            gateway_requests,
+            gateway_request_seconds,
+            gateway_bytes,
             cache_hits,
             cache_misses,
             cache_peer_hits,
@@ -259,6 +314,16 @@ impl Metrics {
         if !ok {
             self.object_errors.get_or_create(&labels).inc();
         }
+    }
+
+    /// A request to an attached source (`list` or `get`), and the bytes it delivered.
+    pub fn source_request(&self, op: &'static str, ok: bool, bytes: u64) {
+        let labels = vec![("op", op.to_string())];
+        self.source_requests.get_or_create(&labels).inc();
+        if !ok {
+            self.source_errors.get_or_create(&labels).inc();
+        }
+        self.source_bytes.inc_by(bytes);
     }
 
     pub fn object_bytes(&self, upload: bool, n: u64) {
@@ -338,6 +403,43 @@ impl Metrics {
 
     pub fn cache_corrupt(&self) {
         self.cache_corrupt.inc();
+    }
+
+    /// One answered S3 gateway request.
+    pub fn gateway_request(
+        &self,
+        op: &'static str,
+        status: u16,
+        elapsed: Duration,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        self.gateway_requests
+            .get_or_create(&vec![
+                ("op", op.to_string()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+        self.gateway_request_seconds
+            .get_or_create(&vec![("op", op.to_string())])
+            .observe(elapsed.as_secs_f64());
+        for (dir, n) in [("in", bytes_in), ("out", bytes_out)] {
+            if n > 0 {
+                self.gateway_bytes
+                    .get_or_create(&vec![("direction", dir.to_string())])
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// How many S3 gateway requests of `op` were answered with `status` (tests).
+    pub fn gateway_request_count(&self, op: &'static str, status: u16) -> u64 {
+        self.gateway_requests
+            .get_or_create(&vec![
+                ("op", op.to_string()),
+                ("status", status.to_string()),
+            ])
+            .get()
     }
 
     /// Counts for tests and `strata warmup`: (memory hits, disk hits, misses, peer hits).
@@ -425,6 +527,22 @@ mod tests {
         assert!(text.contains("strata_meta_txn_retries_total 2"), "{text}");
         assert!(text.contains("strata_fuse_op_seconds_bucket"), "{text}");
         assert_eq!(m.object_request_count("get"), 1);
+        m.gateway_request("GetObject", 206, Duration::from_millis(3), 0, 100);
+        m.gateway_request("PutObject", 200, Duration::from_millis(3), 42, 0);
+        let text = m.encode();
+        assert!(
+            text.contains("strata_gateway_requests_total{op=\"GetObject\",status=\"206\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("strata_gateway_bytes_total{direction=\"out\"} 100"),
+            "{text}"
+        );
+        assert!(
+            text.contains("strata_gateway_request_seconds_bucket{le="),
+            "{text}"
+        );
+        assert_eq!(m.gateway_request_count("PutObject", 200), 1);
     }
 
     #[test]

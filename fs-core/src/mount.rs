@@ -345,8 +345,9 @@ pub fn wait_mounted(
     ))
 }
 
-/// Open the volume, with the object-store keys of `opts` when given.
-fn open_volume(
+/// Open the volume, with the object-store keys of `opts` when given (also used by
+/// `strata gateway`).
+pub fn open_volume(
     meta_url: &str,
     metrics: Arc<Metrics>,
     opts: &MountOptions,

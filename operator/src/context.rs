@@ -204,10 +204,22 @@ impl Context {
                 ),
             )));
         };
+        let mut data = std::collections::BTreeMap::new();
+        for k in secret
+            .data
+            .iter()
+            .flat_map(|d| d.keys())
+            .chain(secret.string_data.iter().flat_map(|d| d.keys()))
+        {
+            if let Some(v) = get(k) {
+                data.insert(k.clone(), v);
+            }
+        }
         Ok(Ok(FsTarget {
             meta_url,
             access_key: get("access-key"),
             secret_key: get("secret-key"),
+            data,
         }))
     }
 }

@@ -96,6 +96,51 @@ pub struct VolumeSpec {
     /// and the volume's objects are deleted from the bucket).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Buckets that other systems write, attached as read-only directories of the volume
+    /// (`strata attach`, docs/DATASETS.md): read in place through the caches, no copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub datasets: Vec<DatasetSpec>,
+}
+
+/// A source attached to a directory of the volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.path.startsWith('/') && !self.path.contains('..') && self.path != '/'").message("datasets[].path is an absolute path below the volume root without '..', e.g. /datasets/web"))]
+#[x_kube(validation = Rule::new("self.source.startsWith('s3://')").message("datasets[].source is s3://BUCKET[/PREFIX]"))]
+pub struct DatasetSpec {
+    /// Directory of the volume the source appears at, e.g. `/datasets/web` (created; its
+    /// parents are created too).
+    #[schemars(length(min = 2, max = 1024))]
+    pub path: String,
+    /// `s3://BUCKET[/PREFIX]`.
+    #[schemars(length(min = 6, max = 1024))]
+    pub source: String,
+    /// S3 endpoint URL, e.g. `http://seaweedfs.storage:8333` (default: AWS in `region`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Keys of the Volume's credentials Secret holding the source's access and secret key
+    /// (default `access-key` and `secret-key`: the volume's own store keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_key: Option<String>,
+    /// Seconds a directory's listing is trusted before an access lists it again (default
+    /// 600; 0: only the first access).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_seconds: Option<u64>,
+}
+
+/// An attached source as reconciled.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetStatus {
+    pub path: String,
+    pub source: String,
+    /// The attachment id in the volume (`strata attach --list`).
+    pub attachment: u32,
 }
 
 /// A reference to a Secret in a namespace.
@@ -283,6 +328,9 @@ pub struct VolumeStatus {
     /// StorageClasses the operator maintains for this volume.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub storage_classes: Vec<String>,
+    /// Attached sources (`spec.datasets`) as reconciled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<DatasetStatus>,
 }
 
 // ------------------------------------------------------------------------------------- Quota

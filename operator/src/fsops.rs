@@ -20,6 +20,8 @@ pub struct FsTarget {
     pub meta_url: String,
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
+    /// Every key of the Secret (datasets name theirs), values never printed.
+    pub data: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for FsTarget {
@@ -28,8 +30,40 @@ impl fmt::Debug for FsTarget {
             .field("meta_url", &strata::meta::redact_url(&self.meta_url))
             .field("access_key", &self.access_key)
             .field("secret_key", &self.secret_key.as_ref().map(|_| "***"))
+            .field("data", &self.data.keys().collect::<Vec<_>>())
             .finish()
     }
+}
+
+/// A source to attach (`spec.datasets[]`, keys resolved from the Secret).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatasetRequest {
+    pub path: String,
+    pub source: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+    pub refresh_secs: u64,
+}
+
+impl fmt::Debug for DatasetRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatasetRequest")
+            .field("path", &self.path)
+            .field("source", &self.source)
+            .field("endpoint", &self.endpoint)
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// An attached source as found or made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetState {
+    pub path: String,
+    pub source: String,
+    pub attachment: u32,
 }
 
 /// What the Volume spec asks for.
@@ -144,6 +178,15 @@ pub trait FsOps: Send + Sync + 'static {
     fn remove_dir_quota(&self, t: &FsTarget, path: &str) -> Result<(), FsError>;
     /// Remove every file of the volume and delete its objects from the store.
     fn empty_volume(&self, t: &FsTarget) -> Result<(), FsError>;
+    /// Attach the wanted sources (creating their parent directories), re-attach one whose
+    /// source, endpoint, keys or refresh changed, and detach those of `managed` (paths this
+    /// operator attached before) no longer wanted.
+    fn ensure_datasets(
+        &self,
+        t: &FsTarget,
+        wanted: &[DatasetRequest],
+        managed: &[String],
+    ) -> Result<Vec<DatasetState>, FsError>;
 }
 
 // -------------------------------------------------------------------------- real library
@@ -362,6 +405,69 @@ impl FsOps for StrataFs {
         Ok(())
     }
 
+    fn ensure_datasets(
+        &self,
+        t: &FsTarget,
+        wanted: &[DatasetRequest],
+        managed: &[String],
+    ) -> Result<Vec<DatasetState>, FsError> {
+        let meta = self.meta(t)?;
+        let current = meta.attachments()?;
+        let clean = |p: &str| format!("/{}", p.trim_matches('/'));
+        for path in managed {
+            if !wanted.iter().any(|w| clean(&w.path) == clean(path))
+                && let Some(a) = current.iter().find(|a| clean(&a.path) == clean(path))
+            {
+                meta.detach(a.id)?;
+            }
+        }
+        let mut out = Vec::new();
+        for w in wanted {
+            let path = clean(&w.path);
+            let want = strata::source::Attachment {
+                id: 0,
+                ino: 0,
+                path: path.clone(),
+                source: w.source.clone(),
+                endpoint: w.endpoint.clone(),
+                region: w.region.clone(),
+                access_key: w.access_key.clone(),
+                secret_key: w.secret_key.clone(),
+                path_style: true,
+                refresh_secs: w.refresh_secs,
+                read_only: true,
+            };
+            if let Some(a) = current.iter().find(|a| clean(&a.path) == path) {
+                let same = strata::source::Attachment {
+                    id: a.id,
+                    ino: a.ino,
+                    ..want.clone()
+                };
+                if *a == same {
+                    out.push(DatasetState {
+                        path,
+                        source: a.source.clone(),
+                        attachment: a.id,
+                    });
+                    continue;
+                }
+                meta.detach(a.id)?;
+            }
+            let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+            if !parent.is_empty() {
+                mkdir_p(&meta, parent)?;
+            }
+            let a = strata::source::attach_at(&meta, &path, want)
+                .map_err(|e| FsError::Invalid(format!("dataset {path}: {e}")))?;
+            out.push(DatasetState {
+                path,
+                source: a.source,
+                attachment: a.id,
+            });
+        }
+        Ok(out)
+    }
+
     fn empty_volume(&self, t: &FsTarget) -> Result<(), FsError> {
         let vol = volume::open(
             &t.meta_url,
@@ -370,6 +476,11 @@ impl FsOps for StrataFs {
             RetrySettings::default(),
             false,
         )?;
+        // Attached sources' trees are read-only: detached first (their buckets are not
+        // the volume's and are left alone).
+        for a in vol.meta.attachments()? {
+            vol.meta.detach(a.id)?;
+        }
         remove_tree(&vol.meta, ROOT_INO)?;
         let prefix = format!("{}/", vol.format.name);
         loop {
@@ -403,6 +514,8 @@ pub struct MemVolume {
     /// Directory quotas by path.
     pub quotas: BTreeMap<String, DirQuota>,
     pub emptied: bool,
+    /// Attached sources by path.
+    pub datasets: BTreeMap<String, DatasetState>,
 }
 
 /// In-memory [`FsOps`] for tests: volumes keyed by metadata URL, a log of calls, and a
@@ -480,6 +593,7 @@ impl FsOps for MemFs {
             },
             quotas: BTreeMap::new(),
             emptied: false,
+            datasets: BTreeMap::new(),
         };
         let info = VolumeInfo {
             name: v.name.clone(),
@@ -528,10 +642,49 @@ impl FsOps for MemFs {
         })
     }
 
+    fn ensure_datasets(
+        &self,
+        t: &FsTarget,
+        wanted: &[DatasetRequest],
+        managed: &[String],
+    ) -> Result<Vec<DatasetState>, FsError> {
+        self.begin(format!(
+            "ensure_datasets {}",
+            wanted
+                .iter()
+                .map(|w| format!("{}={}", w.path, w.source))
+                .collect::<Vec<_>>()
+                .join(",")
+        ))?;
+        self.with(t, |v| {
+            for m in managed {
+                if !wanted.iter().any(|w| &w.path == m) {
+                    v.datasets.remove(m);
+                }
+            }
+            let mut out = Vec::new();
+            for w in wanted {
+                let next = v.datasets.len() as u32 + 1;
+                let d = v
+                    .datasets
+                    .entry(w.path.clone())
+                    .or_insert_with(|| DatasetState {
+                        path: w.path.clone(),
+                        source: w.source.clone(),
+                        attachment: next,
+                    });
+                d.source = w.source.clone();
+                out.push(d.clone());
+            }
+            Ok(out)
+        })
+    }
+
     fn empty_volume(&self, t: &FsTarget) -> Result<(), FsError> {
         self.begin("empty_volume".into())?;
         self.with(t, |v| {
             v.emptied = true;
+            v.datasets.clear();
             v.quotas.clear();
             v.usage.used_bytes = 0;
             v.usage.used_inodes = 1;
@@ -549,6 +702,7 @@ mod tests {
             meta_url: format!("sqlite://{}/meta.db", dir.display()),
             access_key: None,
             secret_key: None,
+            data: BTreeMap::new(),
         }
     }
 
@@ -644,6 +798,7 @@ mod tests {
             meta_url: "postgres://u:pw@db:5432/x".into(),
             access_key: Some("AK".into()),
             secret_key: Some("SECRET".into()),
+            data: BTreeMap::from([("secret-key".to_string(), "SECRET".to_string())]),
         };
         let s = format!("{t:?}");
         assert!(!s.contains("pw@") && !s.contains("SECRET"), "{s}");

@@ -17,11 +17,11 @@ use crate::context::{
     Context, FIELD_MANAGER, apply_status, blocking, outcome_conditions, reconcile_finalized,
 };
 use crate::crd::{
-    DeletionPolicy, MANAGED_BY, StorageClassSpec, VOLUME_LABEL, Volume, VolumeStatus, human_bytes,
-    parse_quantity,
+    DatasetStatus, DeletionPolicy, MANAGED_BY, StorageClassSpec, VOLUME_LABEL, Volume,
+    VolumeStatus, human_bytes, parse_quantity,
 };
 use crate::errors::{Error, Result};
-use crate::fsops::{FsError, VolumeRequest};
+use crate::fsops::{DatasetRequest, FsError, VolumeRequest};
 
 /// Default CSI `pathPattern`: a tenant namespace's PVCs land under `tenants/<namespace>`.
 pub const DEFAULT_PATH_PATTERN: &str = "tenants/${pvc.namespace}/${pv.name}";
@@ -52,6 +52,41 @@ pub fn volume_request(vol: &Volume) -> Result<VolumeRequest> {
         capacity_gib: capacity.div_ceil(1 << 30),
         inodes: vol.spec.inodes.unwrap_or(0),
     })
+}
+
+/// The sources `spec.datasets` asks for, with their keys from the Volume's Secret; an error
+/// names the missing key.
+pub fn dataset_requests(
+    vol: &Volume,
+    t: &crate::fsops::FsTarget,
+) -> std::result::Result<Vec<DatasetRequest>, String> {
+    let secret = &vol.spec.credentials_secret_ref;
+    let key = |name: &Option<String>, default: &str, path: &str| {
+        let k = name.clone().unwrap_or_else(|| default.to_string());
+        match t.data.get(&k) {
+            Some(v) => Ok(Some(v.clone())),
+            None if name.is_none() => Ok(None),
+            None => Err(format!(
+                "Secret {}/{} has no key {k} (named by the dataset at {path}): add it, or change the dataset's key names",
+                secret.namespace, secret.name
+            )),
+        }
+    };
+    vol.spec
+        .datasets
+        .iter()
+        .map(|d| {
+            Ok(DatasetRequest {
+                path: d.path.clone(),
+                source: d.source.clone(),
+                endpoint: d.endpoint.clone(),
+                region: d.region.clone(),
+                access_key: key(&d.access_key_key, "access-key", &d.path)?,
+                secret_key: key(&d.secret_key_key, "secret-key", &d.path)?,
+                refresh_secs: d.refresh_seconds.unwrap_or(600),
+            })
+        })
+        .collect()
 }
 
 /// The StorageClasses a Volume asks for (one named after it by default).
@@ -207,6 +242,8 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
         }
     };
     let req = volume_request(vol)?;
+    let wanted_datasets = dataset_requests(vol, &target);
+    let dataset_target = target.clone();
     let fs = ctx.fs.clone();
     let res = blocking(move || {
         let info = fs.ensure_volume(&target, &req)?;
@@ -296,6 +333,26 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
         }
     }
 
+    // Attached sources: attach the wanted, detach the ones this operator attached before
+    // that are no longer wanted. A failure leaves the volume usable but Degraded.
+    let managed: Vec<String> = old.datasets.iter().map(|d| d.path.clone()).collect();
+    let datasets = match wanted_datasets {
+        Err(msg) => Err(msg),
+        Ok(w) if w.is_empty() && managed.is_empty() => Ok(Vec::new()),
+        Ok(w) => {
+            let fs = ctx.fs.clone();
+            match blocking(move || Ok(fs.ensure_datasets(&dataset_target, &w, &managed)?)).await {
+                Ok(d) => Ok(d),
+                Err(Error::Fs(e)) => Err(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let (datasets, dataset_error) = match datasets {
+        Ok(d) => (d, None),
+        Err(msg) => (Vec::new(), Some(msg)),
+    };
+
     let capacity = (usage.capacity_bytes > 0).then_some(usage.capacity_bytes);
     let status = VolumeStatus {
         uuid: Some(info.uuid.clone()),
@@ -317,8 +374,25 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
                 .unwrap_or_else(|| "unlimited".into())
         )),
         storage_classes: wanted.iter().map(|w| w.name.clone()).collect(),
+        datasets: if dataset_error.is_some() {
+            old.datasets.clone()
+        } else {
+            datasets
+                .into_iter()
+                .map(|d| DatasetStatus {
+                    path: d.path,
+                    source: d.source,
+                    attachment: d.attachment,
+                })
+                .collect()
+        },
         ..Default::default()
     };
+    if let Some(msg) = dataset_error {
+        let outcome = Outcome::degraded("DatasetUnavailable", msg);
+        set_status(api, vol, ctx, status, &outcome).await?;
+        return Ok(Action::requeue(ctx.retry()));
+    }
     let outcome = Outcome::ready(
         "VolumeReady",
         format!(

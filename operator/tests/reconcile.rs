@@ -213,6 +213,7 @@ async fn ready_volume_is_adopted_without_events_and_changed_class_is_recreated()
                 inodes: 0,
             },
             quotas: Default::default(),
+            datasets: Default::default(),
             emptied: false,
         },
     );
@@ -335,6 +336,7 @@ async fn deleted_volume_removes_classes_and_with_delete_policy_its_data() {
             inodes: 0,
             usage: Default::default(),
             quotas: Default::default(),
+            datasets: Default::default(),
             emptied: false,
         },
     );
@@ -468,6 +470,7 @@ async fn quota_sets_tenant_directory_quota_and_reports_usage() {
             inodes: 0,
             usage: Default::default(),
             quotas: Default::default(),
+            datasets: Default::default(),
             emptied: false,
         },
     );
@@ -984,4 +987,82 @@ async fn cleanup_waits_for_the_lease_holders_to_stop() {
             .unwrap();
     assert!(!gone, "timeout: still there");
     done(task).await;
+}
+
+#[tokio::test]
+async fn datasets_are_attached_and_reported_in_status() {
+    let fs = Arc::new(MemFs::default());
+    let (ctx, task) = scenario(
+        fs.clone(),
+        Fixed(None),
+        vec![
+            Step::new("GET", SECRET_PATH, 200, secret()),
+            Step::event("default", "Formatted"),
+            Step::new("GET", format!("{SC_PATH}/vol1"), 404, not_found()),
+            Step::new("PATCH", format!("{SC_PATH}/vol1"), 200, Value::Null)
+                .query("fieldManager=strata-operator"),
+            Step::new("GET", SC_PATH, 200, sc_list(&["vol1"]))
+                .query("labelSelector=strata.io%2Fvolume%3Dvol1"),
+            Step::event("default", "Ready"),
+            Step::new(
+                "PATCH",
+                format!("{VOL_PATH}/status"),
+                200,
+                volume_json(true),
+            )
+            .query("force=true")
+            .check(|b| {
+                let s = &b["status"];
+                assert_eq!(s["conditions"][0]["status"], "True", "{s}");
+                assert_eq!(s["datasets"][0]["path"], "/datasets/web");
+                assert_eq!(s["datasets"][0]["source"], "s3://crawl/web");
+                assert_eq!(s["datasets"][0]["attachment"], 1);
+                assert!(!b.to_string().contains("\"SK\""), "no key in the status");
+            }),
+        ],
+    );
+    let vol = volume_obj(
+        true,
+        Value::Null,
+        json!({"datasets": [{"path": "/datasets/web", "source": "s3://crawl/web",
+            "endpoint": "http://10.0.0.5:8333", "refreshSeconds": 60}]}),
+    );
+    volume::reconcile(Arc::new(vol), ctx).await.unwrap();
+    done(task).await;
+    assert_eq!(
+        *fs.calls.lock(),
+        vec![
+            "ensure_volume vol1",
+            "usage",
+            "ensure_datasets /datasets/web=s3://crawl/web"
+        ]
+    );
+}
+
+#[test]
+fn a_dataset_naming_a_missing_secret_key_says_which() {
+    let vol = volume_obj(
+        true,
+        Value::Null,
+        json!({"datasets": [{"path": "/d", "source": "s3://b", "accessKeyKey": "crawl-ak"}]}),
+    );
+    let t = strata_operator::fsops::FsTarget {
+        meta_url: META.into(),
+        access_key: Some("AK".into()),
+        secret_key: Some("SK".into()),
+        data: [("access-key".to_string(), "AK".to_string())].into(),
+    };
+    let err = volume::dataset_requests(&vol, &t).unwrap_err();
+    assert!(
+        err.contains("no key crawl-ak") && err.contains("vol1-secret"),
+        "{err}"
+    );
+    let vol = volume_obj(
+        true,
+        Value::Null,
+        json!({"datasets": [{"path": "/d", "source": "s3://b"}]}),
+    );
+    let r = volume::dataset_requests(&vol, &t).unwrap();
+    assert_eq!(r[0].access_key.as_deref(), Some("AK"));
+    assert_eq!(r[0].refresh_secs, 600);
 }

@@ -1,5 +1,5 @@
 //! `strata`: the command-line client. Parses arguments and calls the library; the logic lives
-//! in `strata::volume`, `strata::mount` and friends.
+//! in `strata::volume`, `strata::mount`, `strata::gateway` and friends.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use strata::gateway::{Credentials, GatewayOptions, GatewaySettings};
 use strata::meta::{Meta, MetaSettings, open_engine, redact_url};
 use strata::metrics::Metrics;
 use strata::mount::{self, MountOptions};
@@ -34,6 +35,8 @@ enum Cmd {
     Format(FormatArgs),
     /// Mount a volume with FUSE.
     Mount(Box<MountArgs>),
+    /// Serve a volume (or one of its directories) as an S3 bucket named after the volume.
+    Gateway(Box<GatewayArgs>),
     /// Unmount a mounted volume.
     Umount {
         mountpoint: PathBuf,
@@ -85,6 +88,134 @@ enum Cmd {
         #[arg(long)]
         repair: bool,
     },
+    /// Attach a bucket or prefix that other systems write (or a directory) to a new
+    /// directory of the volume: its objects become read-only files there, read through
+    /// the caches without copying. Also: --sync (list it again now), --list.
+    Attach(Box<AttachArgs>),
+    /// Remove the directory of an attached source (the source's objects are not touched).
+    Detach {
+        meta_url: String,
+        /// The directory the source is attached to.
+        #[arg(long)]
+        path: String,
+    },
+}
+
+#[derive(Args)]
+struct AttachArgs {
+    meta_url: String,
+    /// New directory of the volume for the source, e.g. /datasets/web (its parent must
+    /// exist); with --sync, the attached directory.
+    #[arg(long, required_unless_present = "list")]
+    path: Option<String>,
+    /// s3://BUCKET[/PREFIX] (with --endpoint for an S3-compatible service) or
+    /// file:///DIRECTORY.
+    #[arg(long, required_unless_present_any = ["sync", "list"])]
+    source: Option<String>,
+    /// S3 endpoint URL, e.g. http://127.0.0.1:8333 (default: AWS in --region).
+    #[arg(long)]
+    endpoint: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+    /// Access key of the source (stored in the volume's metadata).
+    #[arg(long, env = "STRATA_SOURCE_ACCESS_KEY", hide_env_values = true)]
+    access_key: Option<String>,
+    /// Secret key of the source (stored in the volume's metadata, never printed).
+    #[arg(long, env = "STRATA_SOURCE_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
+    /// Virtual-host style addressing (http://BUCKET.host) instead of path style.
+    #[arg(long)]
+    virtual_host: bool,
+    /// How old a directory's listing may get before an access lists it again (e.g. 30s,
+    /// 10m, 1h; 0 = only on first access and with --sync).
+    #[arg(long, default_value = "10m")]
+    refresh: String,
+    /// Read-only (the only mode: files of a source cannot be written, EROFS).
+    #[arg(long)]
+    read_only: bool,
+    /// List the directories imported so far again now and import what changed.
+    #[arg(long, conflicts_with_all = ["source", "list"])]
+    sync: bool,
+    /// Show the attachments of the volume.
+    #[arg(long, conflicts_with_all = ["source", "sync"])]
+    list: bool,
+}
+
+fn parse_secs(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    let v: u64 = num.parse().map_err(|_| {
+        anyhow::anyhow!("--refresh {s:?}: give seconds or a number with s, m, h or d, e.g. 10m")
+    })?;
+    Ok(v * mul)
+}
+
+fn attach_cmd(a: AttachArgs) -> Result<()> {
+    use strata::source::{self, Attachment};
+    let meta = Meta::new(
+        open_engine(&a.meta_url)?,
+        Arc::new(Metrics::new()),
+        MetaSettings::default(),
+    );
+    meta.load()?;
+    if a.list {
+        for x in meta.attachments()? {
+            println!(
+                "{}: {} -> {}{} (refresh {} s)",
+                x.id,
+                x.path,
+                x.source,
+                x.endpoint
+                    .as_deref()
+                    .map(|e| format!(" at {e}"))
+                    .unwrap_or_default(),
+                x.refresh_secs
+            );
+        }
+        return Ok(());
+    }
+    let path = a.path.clone().unwrap_or_default();
+    if a.sync {
+        let att = source::find_attachment(&meta, &path)?;
+        let src = att.open()?;
+        let t0 = std::time::Instant::now();
+        let r = source::sync(&meta, &att, src.as_ref())?;
+        println!(
+            "{path}: {} directories listed, {} changed: {} added, {} updated, {} removed in {:.1} s",
+            r.listed,
+            r.changed,
+            r.added,
+            r.updated,
+            r.removed,
+            t0.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    let att = Attachment {
+        id: 0,
+        ino: 0,
+        path: path.clone(),
+        source: a.source.clone().unwrap_or_default(),
+        endpoint: a.endpoint.clone(),
+        region: a.region.clone(),
+        access_key: a.access_key.clone(),
+        secret_key: a.secret_key.clone(),
+        path_style: !a.virtual_host,
+        refresh_secs: parse_secs(&a.refresh)?,
+        read_only: true,
+    };
+    let att = source::attach_at(&meta, &path, att)?;
+    println!(
+        "attached {} at {} (attachment {}, read-only, listings imported on first access, refresh {} s)",
+        att.source, att.path, att.id, att.refresh_secs
+    );
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -286,6 +417,60 @@ struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Serve a FUSE connection mounted by a keeper (the CSI node plugin) and handed over on
+    /// this unix socket, instead of mounting; the mount then survives this process.
+    #[arg(long, value_name = "PATH")]
+    fuse_fd_socket: Option<PathBuf>,
+    /// With --fuse-fd-socket: run the client as a child of this process and start it again
+    /// at once whenever it exits (after 0.2 s, doubling up to 2 s; back to 0.2 s after a run
+    /// of 10 s), so that a crash costs well under a second instead of kubelet's crash
+    /// back-off; SIGTERM, SIGINT and SIGHUP are passed on and end it. After 10 exits in a
+    /// row within 10 s of their start it exits with the client's status.
+    #[arg(long, requires = "fuse_fd_socket")]
+    supervise: bool,
+    /// Object-store access key replacing the one stored in the volume.
+    #[arg(long, env = "STRATA_ACCESS_KEY", hide_env_values = true)]
+    access_key: Option<String>,
+    /// Object-store secret key replacing the one stored in the volume.
+    #[arg(long, env = "STRATA_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
+    /// Metadata URL of a formatted volume.
+    meta_url: String,
+    mountpoint: PathBuf,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// Serve Prometheus metrics at ADDR (e.g. 127.0.0.1:9567).
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Serve only this directory of the volume: keys are paths below it.
+    #[arg(long)]
+    subdir: Option<String>,
+    /// Refuse every write (403 AccessDenied).
+    #[arg(long)]
+    read_only: bool,
+    /// Access key id that clients sign requests with (prefer the environment variable: the
+    /// command line is visible to other users).
+    #[arg(long, env = "STRATA_GATEWAY_ACCESS_KEY", hide_env_values = true)]
+    access_key: Option<String>,
+    /// Secret key that clients sign requests with.
+    #[arg(long, env = "STRATA_GATEWAY_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Metadata URL of a formatted volume (`-`: from STRATA_META_URL).
+    meta_url: String,
+    /// Where to listen, HOST:PORT (port 0: a free port; the address is printed at start).
+    address: String,
+}
+
+/// Options of a client of a volume, the same for `strata mount` and `strata gateway`:
+/// buffers, caches (and the cache group), metadata cache times, background work, session.
+#[derive(Args)]
+struct ClientArgs {
     /// Write buffer in MiB.
     #[arg(long, default_value_t = 300)]
     buffer_size: u64,
@@ -325,29 +510,28 @@ struct MountArgs {
     session_timeout: i64,
     #[command(flatten)]
     cache: CacheArgs,
-    /// Serve a FUSE connection mounted by a keeper (the CSI node plugin) and handed over on
-    /// this unix socket, instead of mounting; the mount then survives this process.
-    #[arg(long, value_name = "PATH")]
-    fuse_fd_socket: Option<PathBuf>,
-    /// With --fuse-fd-socket: run the client as a child of this process and start it again
-    /// at once whenever it exits (after 0.2 s, doubling up to 2 s; back to 0.2 s after a run
-    /// of 10 s), so that a crash costs well under a second instead of kubelet's crash
-    /// back-off; SIGTERM, SIGINT and SIGHUP are passed on and end it. After 10 exits in a
-    /// row within 10 s of their start it exits with the client's status.
-    #[arg(long, requires = "fuse_fd_socket")]
-    supervise: bool,
-    /// Object-store access key replacing the one stored in the volume.
-    #[arg(long, env = "STRATA_ACCESS_KEY", hide_env_values = true)]
-    access_key: Option<String>,
-    /// Object-store secret key replacing the one stored in the volume.
-    #[arg(long, env = "STRATA_SECRET_KEY", hide_env_values = true)]
-    secret_key: Option<String>,
-    /// Metadata URL of a formatted volume.
-    meta_url: String,
-    mountpoint: PathBuf,
 }
 
-/// Block cache and cache group options of `strata mount`.
+impl ClientArgs {
+    /// Apply to the options of a mount (or of a gateway, which opens the volume the same way).
+    fn apply(&self, opts: &mut MountOptions) -> Result<()> {
+        opts.vfs.buffer_size = self.buffer_size << 20;
+        opts.vfs.mem_cache_size = self.mem_cache_size << 20;
+        opts.vfs.max_readahead = self.max_readahead << 20;
+        opts.vfs.attr_timeout = self.attr_cache;
+        opts.vfs.entry_timeout = self.entry_cache;
+        opts.vfs.dir_entry_timeout = self.dir_entry_cache;
+        opts.vfs.open_cache_timeout = self.open_cache;
+        opts.vfs.upload_threads = self.max_uploads;
+        opts.vfs.background_gc = !self.no_bgjob;
+        opts.meta.gc_grace_secs = self.gc_grace;
+        opts.meta.session_timeout_secs = self.session_timeout;
+        opts.vfs.cache = self.cache.settings()?;
+        Ok(())
+    }
+}
+
+/// Block cache and cache group options of `strata mount` and `strata gateway`.
 #[derive(Args)]
 struct CacheArgs {
     /// Disk cache directories, separated by ':' (default /var/cache/strata as root, else
@@ -383,6 +567,11 @@ struct CacheArgs {
     /// Members that serve a hot block (spreads thousands of readers of one file).
     #[arg(long, default_value_t = 3)]
     hot_replicas: usize,
+    /// Members asked for a cached copy of a block before the object store when this member
+    /// is to fetch it (after members join, leave or restart, blocks move between members
+    /// instead of being fetched again); 0 disables.
+    #[arg(long, default_value_t = 3)]
+    cache_group_handoff: usize,
 }
 
 impl CacheArgs {
@@ -415,6 +604,7 @@ impl CacheArgs {
             no_serve: self.no_serve,
             peer_timeout_ms: self.peer_timeout,
             hot_replicas: self.hot_replicas,
+            handoff_probes: self.cache_group_handoff,
             ..Default::default()
         })
     }
@@ -457,6 +647,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Format(a) => format(a),
         Cmd::Mount(a) => mount_cmd(*a, &cli.log_level),
+        Cmd::Gateway(a) => gateway_cmd(*a),
         Cmd::Warmup {
             paths,
             threads,
@@ -511,6 +702,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Info { path } => info(&path),
         Cmd::Quota { cmd } => quota_cmd(cmd),
+        Cmd::Attach(a) => attach_cmd(*a),
+        Cmd::Detach { meta_url, path } => {
+            let meta = Meta::new(
+                open_engine(&meta_url)?,
+                Arc::new(Metrics::new()),
+                MetaSettings::default(),
+            );
+            meta.load()?;
+            let att = strata::source::find_attachment(&meta, &path)?;
+            let n = meta.detach(att.id)?;
+            println!("detached {} from {path} ({n} entries removed)", att.source);
+            Ok(())
+        }
         Cmd::Fsck { meta_url, repair } => {
             let meta = Meta::new(
                 open_engine(&meta_url)?,
@@ -622,19 +826,8 @@ fn mount_cmd(a: MountArgs, log_level: &str) -> Result<()> {
         threads: a.threads,
         ..MountOptions::default()
     };
+    a.client.apply(&mut opts)?;
     opts.vfs.read_only = a.read_only;
-    opts.vfs.buffer_size = a.buffer_size << 20;
-    opts.vfs.mem_cache_size = a.mem_cache_size << 20;
-    opts.vfs.max_readahead = a.max_readahead << 20;
-    opts.vfs.attr_timeout = a.attr_cache;
-    opts.vfs.entry_timeout = a.entry_cache;
-    opts.vfs.dir_entry_timeout = a.dir_entry_cache;
-    opts.vfs.open_cache_timeout = a.open_cache;
-    opts.vfs.upload_threads = a.max_uploads;
-    opts.vfs.background_gc = !a.no_bgjob;
-    opts.meta.gc_grace_secs = a.gc_grace;
-    opts.meta.session_timeout_secs = a.session_timeout;
-    opts.vfs.cache = a.cache.settings()?;
     opts.fuse_fd_socket = a.fuse_fd_socket.clone();
     if opts.fuse_fd_socket.is_some() {
         // The keeper mounted the connection (with allow_other: the kernel lets every user
@@ -645,6 +838,34 @@ fn mount_cmd(a: MountArgs, log_level: &str) -> Result<()> {
     opts.access_key = a.access_key.clone();
     opts.secret_key = a.secret_key.clone();
     mount::run(&a.meta_url, &a.mountpoint, &opts)?;
+    Ok(())
+}
+
+/// `strata gateway`: serve the volume over S3 until a termination signal.
+fn gateway_cmd(a: GatewayArgs) -> Result<()> {
+    mount::block_signals();
+    let mut opts = MountOptions {
+        metrics: a.metrics.clone(),
+        subdir: a.subdir.clone(),
+        ..MountOptions::default()
+    };
+    a.client.apply(&mut opts)?;
+    opts.vfs.read_only = a.read_only;
+    let (Some(access_key), Some(secret_key)) = (a.access_key.clone(), a.secret_key.clone()) else {
+        bail!(
+            "the gateway needs the key pair clients sign with: set STRATA_GATEWAY_ACCESS_KEY and STRATA_GATEWAY_SECRET_KEY (or --access-key and --secret-key)"
+        );
+    };
+    let g = GatewayOptions {
+        address: a.address.clone(),
+        settings: GatewaySettings::default(),
+        mount: opts,
+        credentials: Credentials {
+            access_key,
+            secret_key,
+        },
+    };
+    strata::gateway::run(&a.meta_url, &g)?;
     Ok(())
 }
 

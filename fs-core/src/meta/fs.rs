@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CHUNK_SIZE, Entry, EntryNode, FileKind, Ino, LockRange, LockSet, MAX_NAME, MAX_SYMLINK,
-    MAX_XATTR_VALUE, Mask, MetaEngine, MetaError, Node, ROOT_INO, Result, Slice, Txn, now_ns,
+    MAX_XATTR_VALUE, Mask, MetaEngine, MetaError, Node, RESERVED_XATTR_PREFIX, ROOT_INO, Result,
+    Slice, Txn, now_ns,
 };
 use crate::chunk::{Segment, hidden_slices, visible_segments};
 use crate::metrics::Metrics;
@@ -147,7 +148,7 @@ struct Opened {
     sustained: bool,
 }
 
-fn check_name(name: &[u8]) -> Result<()> {
+pub(super) fn check_name(name: &[u8]) -> Result<()> {
     if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
         return Err(MetaError::Invalid("bad file name"));
     }
@@ -157,7 +158,16 @@ fn check_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn get_dir(tx: &mut dyn Txn, ino: Ino) -> Result<Node> {
+/// Inodes imported from an attached source, and the directory a source is attached to
+/// (marked by a non-zero `rdev`, see docs/FORMAT.md), cannot be changed: EROFS.
+pub(crate) fn check_not_source(n: &Node) -> Result<()> {
+    if n.rdev != 0 && matches!(n.kind, FileKind::File | FileKind::Dir) {
+        return Err(MetaError::ReadOnlySource);
+    }
+    Ok(())
+}
+
+pub(super) fn get_dir(tx: &mut dyn Txn, ino: Ino) -> Result<Node> {
     check_dir(tx.get_node(ino)?)
 }
 
@@ -454,7 +464,7 @@ impl Meta {
         self.alloc(&self.slices, COUNTER_SLICE, 1000)
     }
 
-    fn new_inode(&self) -> Result<Ino> {
+    pub(super) fn new_inode(&self) -> Result<Ino> {
         self.alloc(&self.inodes, COUNTER_INODE, 100)
     }
 
@@ -474,7 +484,7 @@ impl Meta {
         Ok(())
     }
 
-    fn account(tx: &mut dyn Txn, space: i64, inodes: i64) -> Result<()> {
+    pub(super) fn account(tx: &mut dyn Txn, space: i64, inodes: i64) -> Result<()> {
         if space != 0 {
             tx.add_counter(USED_SPACE, space)?;
         }
@@ -573,6 +583,7 @@ impl Meta {
         let qset = self.quota_dirs()?;
         self.txn(true, |tx| {
             let (mut p, entry) = dir_entry(tx, parent, name)?;
+            check_not_source(&p)?;
             if entry.is_some() {
                 return Err(MetaError::Exists);
             }
@@ -641,6 +652,8 @@ impl Meta {
             if n.kind == FileKind::Dir {
                 return Err(MetaError::Perm);
             }
+            check_not_source(&n)?;
+            check_not_source(&p)?;
             if n.nlink == 0 {
                 return Err(MetaError::NotFound);
             }
@@ -725,6 +738,7 @@ impl Meta {
             if e.kind == FileKind::Dir {
                 return Err(MetaError::IsDir);
             }
+            check_not_source(&p)?;
             let now = now_ns();
             tx.delete_edge(parent, name)?;
             p.mtime = now;
@@ -755,6 +769,10 @@ impl Meta {
             let (e, node) = entry.ok_or(MetaError::NotFound)?;
             if e.kind != FileKind::Dir {
                 return Err(MetaError::NotDir);
+            }
+            check_not_source(&p)?;
+            if let Some(n) = &node {
+                check_not_source(n)?;
             }
             if !tx.list_edges(e.ino, None, 1)?.is_empty() {
                 return Err(MetaError::NotEmpty);
@@ -837,6 +855,15 @@ impl Meta {
                 return Err(MetaError::Invalid("cannot move a directory below itself"));
             }
             let mut snode = tx.get_node(se.ino)?.ok_or(MetaError::NotFound)?;
+            check_not_source(&snode)?;
+            for p in parents.values() {
+                check_not_source(p)?;
+            }
+            if let Some(de) = &de
+                && let Some(dn) = tx.get_node(de.ino)?
+            {
+                check_not_source(&dn)?;
+            }
             let src_chain = self.quota_chain(tx, parent, &qset)?;
             let dst_chain = if newparent == parent {
                 src_chain.clone()
@@ -961,6 +988,7 @@ impl Meta {
     pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Node> {
         self.txn(true, |tx| {
             let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            check_not_source(&n)?;
             let now = now_ns();
             if let Some(m) = set.mode {
                 n.mode = m & 0o7777;
@@ -998,6 +1026,7 @@ impl Meta {
                 FileKind::Dir => return Err(MetaError::IsDir),
                 _ => return Err(MetaError::Invalid("truncate of a special file")),
             }
+            check_not_source(&n)?;
             let delta = space_of(n.kind, size) - space_of(n.kind, n.length);
             Self::check_space(tx, &fmt, delta, 0)?;
             let chain = self.quota_chain(tx, n.parent, &qset)?;
@@ -1052,6 +1081,7 @@ impl Meta {
                 FileKind::Dir => return Err(MetaError::IsDir),
                 _ => return Err(MetaError::Invalid("fallocate of a special file")),
             }
+            check_not_source(&n)?;
             if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 && off < n.length {
                 n.seq += 1;
                 n.masks.push(Mask {
@@ -1082,6 +1112,9 @@ impl Meta {
     // ---------------------------------------------------------------- xattrs
 
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        if name.starts_with(RESERVED_XATTR_PREFIX) {
+            return Err(MetaError::NoAttr);
+        }
         self.txn(false, |tx| {
             tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
             tx.get_xattr(ino, name)?.ok_or(MetaError::NoAttr)
@@ -1096,8 +1129,12 @@ impl Meta {
         if value.len() > MAX_XATTR_VALUE {
             return Err(MetaError::TooBig);
         }
+        if name.starts_with(RESERVED_XATTR_PREFIX) {
+            return Err(MetaError::Perm);
+        }
         self.txn(true, |tx| {
             let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            check_not_source(&n)?;
             let exists = tx.get_xattr(ino, name)?.is_some();
             if flags & libc::XATTR_CREATE != 0 && exists {
                 return Err(MetaError::Exists);
@@ -1114,13 +1151,19 @@ impl Meta {
     pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
         self.txn(false, |tx| {
             tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
-            tx.list_xattrs(ino)
+            let mut names = tx.list_xattrs(ino)?;
+            names.retain(|n| !n.starts_with(RESERVED_XATTR_PREFIX));
+            Ok(names)
         })
     }
 
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        if name.starts_with(RESERVED_XATTR_PREFIX) {
+            return Err(MetaError::NoAttr);
+        }
         self.txn(true, |tx| {
             let mut n = tx.get_node(ino)?.ok_or(MetaError::NotFound)?;
+            check_not_source(&n)?;
             if !tx.delete_xattr(ino, name)? {
                 return Err(MetaError::NoAttr);
             }
@@ -1313,6 +1356,7 @@ impl Meta {
                 }
                 return Ok(None);
             };
+            check_not_source(&n)?;
             // A retry after a lost connection may follow a commit that did land: slice ids
             // are unique, so finding the first one means this commit is already done.
             if attempt > 1

@@ -107,7 +107,10 @@ impl Meta {
         let (mut space, mut count) = (0i64, 0i64);
         for n in nodes.values() {
             if n.ino != ROOT_INO {
-                space += space_of(n.kind, n.length);
+                // Files of attached sources are counted as inodes but hold no space.
+                if super::check_not_source(n).is_ok() {
+                    space += space_of(n.kind, n.length);
+                }
                 count += 1;
             }
             let have = links.get(&n.ino).copied().unwrap_or(0);

@@ -5,6 +5,7 @@
 //! Engines are selected by URL: `sqlite:///path/meta.db` (embedded default) or `mem://`
 //! (in-process, tests only). The table layout is documented in docs/FORMAT.md.
 
+mod external;
 mod fs;
 mod fsck;
 mod memory;
@@ -17,6 +18,8 @@ mod tests;
 
 pub mod conformance;
 
+pub use external::{DirState, ExtFile, ImportStats, RESERVED_XATTR_PREFIX};
+pub(crate) use fs::check_not_source;
 pub use fs::{Ctx, FORMAT_VERSION, Format, Meta, MetaSettings, SetAttr, StatFs, TimeSet, space_of};
 pub use fsck::FsckReport;
 pub use memory::MemEngine;
@@ -279,6 +282,10 @@ pub enum MetaError {
     CrossQuota,
     #[error("transaction conflict")]
     Conflict,
+    #[error(
+        "read-only: this path belongs to an attached source (files there are the source's objects; change them in the source and run `strata attach --sync`)"
+    )]
+    ReadOnlySource,
     #[error(
         "the metadata at {0} is not formatted: run `strata format {0} NAME` first (see `strata format --help`)"
     )]

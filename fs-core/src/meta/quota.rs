@@ -104,6 +104,10 @@ impl Meta {
                         continue; // a hard link counted already
                     }
                     let n = self.getattr(e.ino)?;
+                    if super::check_not_source(&n).is_err() {
+                        // An attached source's tree: not stored in the volume, not charged.
+                        continue;
+                    }
                     space += space_of(n.kind, n.length);
                     inodes += 1;
                     if n.kind == FileKind::Dir {

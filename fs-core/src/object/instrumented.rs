@@ -79,7 +79,9 @@ impl<S: ObjectStore> ObjectStore for InstrumentedStore<S> {
 
     fn map(&self, key: &str, off: u64, len: u64) -> Option<Result<Bytes>> {
         let mut supported = true;
-        let res = self.record("get", key, |s| match s.map(key, off, len) {
+        // Counted apart from GETs: a mapped read is a page-cache lookup per read call, not
+        // a request (a reader of one block maps it once per call).
+        let res = self.record("map", key, |s| match s.map(key, off, len) {
             Some(r) => r,
             None => {
                 supported = false;

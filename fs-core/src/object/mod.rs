@@ -24,7 +24,7 @@ pub use instrumented::InstrumentedStore;
 pub use local::LocalStore;
 pub use mem::MemStore;
 pub use retry::{RetrySettings, RetryStore};
-pub use s3::{MULTIPART_THRESHOLD, S3Settings, S3Store};
+pub use s3::{ListedObject, MULTIPART_THRESHOLD, S3Settings, S3Store};
 
 /// One object as listed or returned by `head`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +53,9 @@ pub enum ObjectError {
     /// A failure that may go away on retry (timeout, 5xx, connection error, throttling).
     #[error("object store request failed (will retry): {0}")]
     Transient(String),
+    /// The object was replaced since its ETag was recorded (a conditional read failed).
+    #[error("object changed: {0}")]
+    Changed(String),
     /// Any other, final, failure.
     #[error("object store error: {0}")]
     Other(String),

@@ -492,49 +492,12 @@ impl ObjectStore for S3Store {
         })??;
         let Some(out) = out else { return Ok(0) };
         // A server that ignored the Range header sends the whole object: skip the head.
-        let mut skip = if off > 0 && out.content_range().is_none() {
+        let skip = if off > 0 && out.content_range().is_none() {
             off
         } else {
             0
         };
-        let rt = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| ObjectError::Other("the S3 store is shut down".to_string()))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<std::result::Result<Bytes, String>>(16);
-        let mut body = out.body;
-        rt.spawn(async move {
-            loop {
-                let item = match body.try_next().await {
-                    Ok(Some(c)) => Ok(c),
-                    Ok(None) => return,
-                    Err(e) => Err(e.to_string()),
-                };
-                let stop = item.is_err();
-                if tx.send(item).is_err() || stop {
-                    return;
-                }
-            }
-        });
-        let mut n = 0u64;
-        for item in rx {
-            let mut c = item.map_err(|e| {
-                ObjectError::Transient(self.scrub(format!(
-                    "get {key:?} on {}: reading the body: {e}",
-                    self.describe()
-                )))
-            })?;
-            if skip > 0 {
-                let k = skip.min(c.len() as u64);
-                skip -= k;
-                c = c.slice(k as usize..);
-            }
-            if !c.is_empty() {
-                sink(&c);
-                n += c.len() as u64;
-            }
-        }
-        Ok(n)
+        self.stream_body(key, out.body, skip, u64::MAX, sink)
     }
 
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
@@ -637,5 +600,163 @@ impl ObjectStore for S3Store {
             }
         }
         Ok(out)
+    }
+}
+
+/// An object of a bucket as a listing shows it (for sources attached to a volume, see
+/// `crate::source`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// The key relative to the store's prefix.
+    pub key: String,
+    pub size: u64,
+    /// The ETag without quotes.
+    pub etag: String,
+    /// Last modification, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+impl S3Store {
+    /// Hand `body` to `sink` piece by piece as it arrives, after skipping `skip` bytes and
+    /// up to `limit` bytes in all. The body is read on the store's runtime; `sink` runs in
+    /// the calling thread.
+    fn stream_body(
+        &self,
+        key: &str,
+        body: ByteStream,
+        mut skip: u64,
+        limit: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<u64> {
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| ObjectError::Other("the S3 store is shut down".to_string()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::result::Result<Bytes, String>>(16);
+        let mut body = body;
+        rt.spawn(async move {
+            loop {
+                let item = match body.try_next().await {
+                    Ok(Some(c)) => Ok(c),
+                    Ok(None) => return,
+                    Err(e) => Err(e.to_string()),
+                };
+                let stop = item.is_err();
+                if tx.send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let mut n = 0u64;
+        for item in rx {
+            let mut c = item.map_err(|e| {
+                ObjectError::Transient(self.scrub(format!(
+                    "get {key:?} on {}: reading the body: {e}",
+                    self.describe()
+                )))
+            })?;
+            if skip > 0 {
+                let k = skip.min(c.len() as u64);
+                skip -= k;
+                c = c.slice(k as usize..);
+            }
+            let take = (c.len() as u64).min(limit - n) as usize;
+            if take > 0 {
+                sink(&c[..take]);
+                n += take as u64;
+            }
+            if n >= limit {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The objects and common prefixes right below `prefix` (relative to the store's
+    /// prefix, empty or ending with `/`), all pages, delimiter `/`. Prefixes are returned
+    /// relative to the store's prefix too, ending with `/`.
+    pub fn list_dir(&self, prefix: &str) -> Result<(Vec<ListedObject>, Vec<String>)> {
+        let full = self.full_key(prefix);
+        let strip = self.settings.prefix.len();
+        let mut objects = Vec::new();
+        let mut prefixes = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.settings.bucket)
+                .delimiter("/")
+                .prefix(&full);
+            if let Some(t) = &token {
+                req = req.continuation_token(t);
+            }
+            let out = self
+                .block_on(req.send())?
+                .map_err(|e| self.map_err("list", prefix, &e))?;
+            for o in out.contents() {
+                let Some(key) = o.key() else { continue };
+                objects.push(ListedObject {
+                    key: key.get(strip..).unwrap_or_default().to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+                    mtime_ns: o
+                        .last_modified()
+                        .map(|t| t.secs() * 1_000_000_000 + i64::from(t.subsec_nanos()))
+                        .unwrap_or(0),
+                });
+            }
+            for p in out.common_prefixes() {
+                if let Some(p) = p.prefix() {
+                    prefixes.push(p.get(strip..).unwrap_or_default().to_string());
+                }
+            }
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok((objects, prefixes))
+    }
+
+    /// Bytes `[off, off + len)` of object `key`, streamed into `sink`, only if its ETag is
+    /// still `etag` (`If-Match`): a replaced object is [`ObjectError::Changed`], never a mix
+    /// of old and new bytes.
+    pub fn get_range_if(
+        &self,
+        key: &str,
+        etag: &str,
+        off: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<u64> {
+        if len == 0 {
+            return Ok(0);
+        }
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.settings.bucket)
+            .key(self.full_key(key))
+            .if_match(format!("\"{etag}\""))
+            .range(format!("bytes={off}-{}", off + len - 1));
+        let out = self.block_on(async {
+            match req.send().await {
+                Ok(out) => Ok(out),
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {
+                    Err(ObjectError::Changed(format!(
+                        "{key:?} on {}: its ETag is no longer {etag}",
+                        self.describe()
+                    )))
+                }
+                Err(e) => Err(self.map_err("get", key, &e)),
+            }
+        })??;
+        let skip = if out.content_range().is_none() {
+            off
+        } else {
+            0
+        };
+        self.stream_body(key, out.body, skip, len, sink)
     }
 }

@@ -1,6 +1,7 @@
 //! Helpers for tests (unit, integration and benchmarks): throwaway servers and conformance
 //! checks. Not used by the file system itself. These helpers panic on failure, like asserts.
 
+pub mod gateway;
 pub mod mount;
 pub mod postgres;
 pub mod seaweedfs;

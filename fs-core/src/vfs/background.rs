@@ -224,7 +224,7 @@ impl Vfs {
     fn read_range_raw(&self, ino: u64, off: u64, end: u64) -> Result<Vec<u8>, VfsError> {
         self.invalidate(ino);
         // Bytes past the current length (masked anyway) are not needed.
-        let mut out = self.read_range(ino, off, end, false)?.to_vec();
+        let mut out = self.read_range(ino, None, off, end, false)?.to_vec();
         out.resize((end - off) as usize, 0);
         Ok(out)
     }

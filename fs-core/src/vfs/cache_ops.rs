@@ -85,7 +85,12 @@ impl Vfs {
             if let Some(g) = self.reader.group()
                 && let Some(owner) = g.target(&key)
             {
-                match g.warm(&owner, &key, blen) {
+                let origin = self
+                    .reader
+                    .origin(&key)
+                    .map(|o| o.query())
+                    .unwrap_or_default();
+                match g.warm(&owner, &key, blen, &origin) {
                     Ok(state) => {
                         match state {
                             Warm::Cached => w.cached += blen as u64,

@@ -6,6 +6,7 @@
 mod background;
 pub mod buffers;
 mod cache_ops;
+pub mod external;
 pub mod pool;
 pub mod reader;
 mod resume;
@@ -100,6 +101,8 @@ pub enum VfsError {
     BadHandle,
     #[error("cache: {0}")]
     Cache(String),
+    #[error("attached source: {0}")]
+    Source(String),
 }
 
 pub type Result<T> = std::result::Result<T, VfsError>;
@@ -120,6 +123,9 @@ struct FileHandle {
     /// Lock owners that took locks through this open file (released at its last close:
     /// open-file-description and flock owners).
     lock_owners: Mutex<std::collections::HashSet<u64>>,
+    /// For a file of an attached source: its object as when opened (reads through this
+    /// handle never mix two versions of the object).
+    ext: Option<Arc<crate::meta::ExtFile>>,
 }
 
 enum Piece {
@@ -161,6 +167,10 @@ pub struct Vfs {
     stop: AtomicBool,
     wake: (Mutex<bool>, Condvar),
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Attached sources as this client knows them.
+    attached: Mutex<external::Attached>,
+    /// One listing import at a time in this client.
+    import_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Vfs {
@@ -251,7 +261,7 @@ impl Vfs {
             volume: format.name.clone(),
             block_size: format.block_size,
         });
-        Ok(Arc::new(Vfs {
+        let vfs = Arc::new(Vfs {
             meta,
             settings,
             metrics,
@@ -274,7 +284,21 @@ impl Vfs {
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             threads: Mutex::new(Vec::new()),
-        }))
+            attached: Mutex::new(Default::default()),
+            import_lock: Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&vfs);
+        vfs.reader.set_resolver(Arc::new(move |id| {
+            let v = weak.upgrade()?;
+            match v.source(id) {
+                Ok((src, _)) => Some(src),
+                Err(e) => {
+                    tracing::warn!(volume = %v.format.name, attachment = id, error = %e, "cannot open an attached source");
+                    None
+                }
+            }
+        }));
+        Ok(vfs)
     }
 
     pub fn volume(&self) -> &str {
@@ -351,11 +375,15 @@ impl Vfs {
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Node> {
-        Ok(self.overlay(self.meta.getattr(ino)?))
+        let n = self.meta.getattr(ino)?;
+        self.note_node(&n);
+        Ok(self.overlay(n))
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Node> {
+        self.ensure_listed(parent)?;
         let n = self.meta.lookup(parent, name)?;
+        self.note_node(&n);
         if name != b"." && name != b".." {
             self.remember(parent, name, n.ino);
         }
@@ -476,6 +504,10 @@ impl Vfs {
         if n.kind == FileKind::Dir {
             return Err(MetaError::IsDir.into());
         }
+        if write {
+            crate::meta::check_not_source(&n)?;
+        }
+        let ext = self.ext_file_of(ino)?;
         self.invalidate(ino);
         let keep = {
             let mut opened = self.opened_attrs.lock();
@@ -483,10 +515,10 @@ impl Vfs {
             opened.insert(ino, (n.mtime, n.length));
             keep
         };
-        Ok((self.new_file_handle(ino), keep))
+        Ok((self.new_file_handle(ino, ext), keep))
     }
 
-    fn new_file_handle(&self, ino: Ino) -> u64 {
+    fn new_file_handle(&self, ino: Ino, ext: Option<Arc<crate::meta::ExtFile>>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files.lock().insert(
             fh,
@@ -498,6 +530,7 @@ impl Vfs {
                     prefetched: 0,
                 }),
                 lock_owners: Mutex::new(Default::default()),
+                ext,
             }),
         );
         *self.open_counts.lock().entry(ino).or_insert(0) += 1;
@@ -512,7 +545,7 @@ impl Vfs {
             .mknod(ctx, parent, name, FileKind::File, mode, 0, None)?;
         self.remember(parent, name, n.ino);
         self.opened_attrs.lock().insert(n.ino, (n.mtime, n.length));
-        let fh = self.new_file_handle(n.ino);
+        let fh = self.new_file_handle(n.ino, None);
         Ok((n, fh))
     }
 
@@ -716,6 +749,9 @@ impl Vfs {
 
     /// How to produce file bytes `[off, end)` (clipped to the file length).
     fn plan(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<Piece>> {
+        if let Some(f) = self.ext_file_of(ino)? {
+            return Ok(self.plan_ext(&f, off, end));
+        }
         let bs = self.format.block_size as u64;
         let mut out = Vec::new();
         let mut pos = off;
@@ -778,7 +814,8 @@ impl Vfs {
         let ranged = !self.settings.cache.random_whole_blocks && self.is_random(fh, off);
         let mut attempt = 0;
         let out = loop {
-            match self.read_range(ino, off, end, ranged) {
+            let pinned = self.files.lock().get(&fh).and_then(|h| h.ext.clone());
+            match self.read_range(ino, pinned.as_deref(), off, end, ranged) {
                 Err(VfsError::Fetch(FetchError::Missing(k))) if attempt == 0 => {
                     // A compaction or truncation may have replaced the slice: re-read the
                     // chunk map once. Still missing afterwards is an error, never zeros.
@@ -804,8 +841,18 @@ impl Vfs {
     }
 
     /// The bytes `[off, end)`; `ranged`: blocks not cached are read as byte ranges, uncached.
-    fn read_range(&self, ino: Ino, off: u64, end: u64, ranged: bool) -> Result<Bytes> {
-        let plan = self.plan(ino, off, end)?;
+    fn read_range(
+        &self,
+        ino: Ino,
+        ext: Option<&crate::meta::ExtFile>,
+        off: u64,
+        end: u64,
+        ranged: bool,
+    ) -> Result<Bytes> {
+        let plan = match ext {
+            Some(f) => self.plan_ext(f, off, end),
+            None => self.plan(ino, off, end)?,
+        };
         // The common case (a request inside one block): a slice of the cached block, no copy.
         if let [Piece::Block { key, len, from, to }] = plan.as_slice()
             && !ranged
@@ -898,7 +945,11 @@ impl Vfs {
         if window == 0 {
             return;
         }
-        if let Ok(plan) = self.plan(ino, start, start + window) {
+        let plan = match &h.ext {
+            Some(f) => Ok(self.plan_ext(f, start, start + window)),
+            None => self.plan(ino, start, start + window),
+        };
+        if let Ok(plan) = plan {
             let mut blocks: Vec<(String, usize)> = Vec::new();
             for p in plan {
                 if let Piece::Block { key, len, .. } = p
@@ -960,6 +1011,7 @@ impl Vfs {
     // ------------------------------------------------------------ directories
 
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        self.ensure_listed(ino)?;
         let mut entries = Vec::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -1074,7 +1126,7 @@ impl Vfs {
                 }));
             }
         }
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "volume": self.format.name,
             "path": self.path(ino),
             "inode": ino,
@@ -1086,6 +1138,12 @@ impl Vfs {
             "objects": objects,
             "chunks": chunks,
         });
+        if let Some(src) = self.ext_info(&n) {
+            v["source"] = src;
+            if let Some(size) = v["source"]["size"].as_u64() {
+                v["objects"] = serde_json::json!(size.div_ceil(self.format.block_size as u64));
+            }
+        }
         Ok(serde_json::to_vec_pretty(&v).unwrap_or_default())
     }
 

@@ -16,6 +16,7 @@ use crate::cache::group::Group;
 use crate::cache::{CacheSettings, MemCache};
 use crate::metrics::Metrics;
 use crate::object::{ObjectError, ObjectStore};
+use crate::source::Source as ObjectSource;
 
 /// Waiters are woken every time this many more bytes of a block have arrived.
 const WAKE_STEP: usize = 128 << 10;
@@ -41,11 +42,97 @@ impl Flight {
     }
 }
 
+/// Where a block of an attached source's file comes from: bytes `[off, off + len)` of the
+/// source's object `key`, as long as its ETag is `etag` (docs/DATASETS.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub attach: u32,
+    pub key: String,
+    pub etag: String,
+    pub off: u64,
+}
+
+impl Origin {
+    /// As query parameters of a cache-group request (the owner may not have seen the file).
+    pub fn query(&self) -> String {
+        format!(
+            "&src={}&off={}&etag={}&obj={}",
+            self.attach,
+            self.off,
+            pct_encode(&self.etag),
+            pct_encode(&self.key)
+        )
+    }
+
+    /// From the query parameters [`Origin::query`] wrote.
+    pub fn from_query(query: &str) -> Option<Origin> {
+        let (mut attach, mut off, mut etag, mut key) = (None, None, None, None);
+        for kv in query.split('&') {
+            match kv.split_once('=') {
+                Some(("src", v)) => attach = v.parse().ok(),
+                Some(("off", v)) => off = v.parse().ok(),
+                Some(("etag", v)) => etag = pct_decode(v),
+                Some(("obj", v)) => key = pct_decode(v),
+                _ => {}
+            }
+        }
+        Some(Origin {
+            attach: attach?,
+            key: key?,
+            etag: etag?,
+            off: off?,
+        })
+    }
+}
+
+fn pct_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn pct_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Whether `key` is a block of an attached source (`{volume}/ext/…`) rather than one of the
+/// volume's own objects.
+pub fn is_ext_key(key: &str) -> bool {
+    key.split_once('/')
+        .is_some_and(|(_, rest)| rest.starts_with("ext/"))
+}
+
+/// The source of an attachment id, for blocks of attached files.
+pub type SourceResolver = Arc<dyn Fn(u32) -> Option<Arc<dyn ObjectSource>> + Send + Sync>;
+
 /// Error of a block fetch, already retried by the store.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     #[error("block {0} is missing from the object store")]
     Missing(String),
+    #[error(
+        "the source object changed while it was read: {0} (run `strata attach --sync` or wait for the refresh, then open the file again)"
+    )]
+    Changed(String),
     #[error("block {key} has {got} bytes, expected {want}")]
     Corrupt {
         key: String,
@@ -90,6 +177,10 @@ pub struct BlockReader {
     /// reads without a disk tier or group map them ([`BlockReader::mapped`]).
     map_ok: std::sync::atomic::AtomicBool,
     buffers: Arc<Buffers>,
+    /// Blocks of attached sources' files: where each comes from (registered by the plans
+    /// of reads and by peers' requests; bounded).
+    origins: Mutex<HashMap<String, Origin>>,
+    resolver: OnceLock<SourceResolver>,
 }
 
 impl BlockReader {
@@ -113,12 +204,62 @@ impl BlockReader {
             cache_written: settings.cache_written,
             map_ok: std::sync::atomic::AtomicBool::new(true),
             buffers: Buffers::new(8),
+            origins: Mutex::new(HashMap::new()),
+            resolver: OnceLock::new(),
         }
     }
 
     /// The pool of block buffers (writers fill theirs from it too).
     pub fn buffers(&self) -> &Arc<Buffers> {
         &self.buffers
+    }
+
+    /// How attachment ids map to sources (once, at mount).
+    pub fn set_resolver(&self, r: SourceResolver) {
+        let _ = self.resolver.set(r);
+    }
+
+    /// Say where block `key` of an attached file comes from.
+    pub fn register_origin(&self, key: &str, o: Origin) {
+        let mut m = self.origins.lock();
+        if m.len() >= 200_000 {
+            m.clear();
+        }
+        m.insert(key.to_string(), o);
+    }
+
+    /// Where block `key` of an attached file comes from, if known here.
+    pub fn origin(&self, key: &str) -> Option<Origin> {
+        self.origins.lock().get(key).cloned()
+    }
+
+    /// Read `[off, off + len)` of the origin's object (from its offset) into `sink`.
+    fn read_origin(
+        &self,
+        key: &str,
+        o: &Origin,
+        off: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<u64, FetchError> {
+        let src = self
+            .resolver
+            .get()
+            .and_then(|r| r(o.attach))
+            .ok_or_else(|| {
+                FetchError::Store(format!(
+                    "block {key}: attachment {} is not available in this client",
+                    o.attach
+                ))
+            })?;
+        src.read(&o.key, &o.etag, o.off + off, len, sink)
+            .map_err(|e| match e {
+                ObjectError::NotFound(_) => {
+                    FetchError::Missing(format!("{} (object {} of {})", key, o.key, src.describe()))
+                }
+                ObjectError::Changed(m) => FetchError::Changed(m),
+                e => FetchError::Store(format!("{} of {}: {e}", o.key, src.describe())),
+            })
     }
 
     /// Join a cache group (once, at mount).
@@ -178,7 +319,7 @@ impl BlockReader {
 
     /// Bytes `[from, to)` of block `key` mapped from the store's file, if [`Self::direct`].
     fn mapped(&self, key: &str, from: usize, to: usize) -> Option<Result<Bytes, FetchError>> {
-        if !self.direct() {
+        if !self.direct() || is_ext_key(key) {
             return None;
         }
         let Some(res) = self.store.map(key, from as u64, (to - from) as u64) else {
@@ -288,6 +429,19 @@ impl BlockReader {
             return self.read_into(key, len, from, to, out);
         }
         self.metrics.cache_miss();
+        if let Some(o) = self.origin(key) {
+            let got = self.read_origin(key, &o, from as u64, (to - from) as u64, &mut |c| {
+                out.extend_from_slice(c)
+            })?;
+            if got != (to - from) as u64 {
+                return Err(FetchError::Corrupt {
+                    key: key.to_string(),
+                    got: got as usize,
+                    want: to - from,
+                });
+            }
+            return Ok(());
+        }
         let res = self.store.get(key, from as u64, Some((to - from) as u64));
         out.extend_from_slice(&exact_range(key, from, to, res)?);
         Ok(())
@@ -322,7 +476,7 @@ impl BlockReader {
         if blocks.is_empty() {
             return;
         }
-        if self.direct() {
+        if self.direct() && !blocks.first().is_some_and(|(k, _)| is_ext_key(k)) {
             // The kernel reads the files ahead into its page cache; asking it to takes a
             // while (it allocates and queues the pages), so not in the reader's thread.
             let store = self.store.clone();
@@ -455,8 +609,9 @@ impl BlockReader {
             } else {
                 None
             };
+            let origin = self.origin(key).map(|o| o.query()).unwrap_or_default();
             if let Some(peer) = &asked {
-                match g.fetch(peer, key, len, &mut sink) {
+                match g.fetch(peer, key, len, &origin, &mut sink) {
                     Ok(true) => self.metrics.cache_peer_hit(),
                     Ok(false) => {}
                     Err(e) => {
@@ -497,6 +652,10 @@ impl BlockReader {
             let have = flight.fill.lock().buf.len();
             if have >= len {
                 break;
+            }
+            if let Some(o) = self.origin(key) {
+                self.read_origin(key, &o, have as u64, (len - have) as u64, &mut sink)?;
+                continue;
             }
             match self.store.get_stream(key, have as u64, &mut sink) {
                 Ok(_) => {}

@@ -31,6 +31,15 @@ impl Vfs {
         if fh == 0 {
             return;
         }
+        if self.files.lock().contains_key(&fh) {
+            return;
+        }
+        // A file of an attached source is known by its node: without it the handle's reads
+        // would plan the file as one of the volume's own (no slices: zeros).
+        if let Ok(n) = self.meta.getattr(ino) {
+            self.note_node(&n);
+        }
+        let ext = self.ext_file_of(ino).ok().flatten();
         {
             let mut files = self.files.lock();
             if files.contains_key(&fh) {
@@ -46,6 +55,7 @@ impl Vfs {
                         prefetched: 0,
                     }),
                     lock_owners: Mutex::new(Default::default()),
+                    ext,
                 }),
             );
         }
