@@ -5,6 +5,7 @@ Cleanup stack that runs on normal exit, on exceptions and on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import hmac
@@ -55,7 +56,9 @@ class Cleanup:
         self.stack.append((what, fn))
 
     def remove(self, fn) -> None:
-        self.stack = [(w, f) for (w, f) in self.stack if f is not fn]
+        # `==`, not `is`: `obj.method` makes a new bound-method object at every access, and
+        # equal ones (same object, same function) must match.
+        self.stack = [(w, f) for (w, f) in self.stack if f != fn]
 
     def run_all(self) -> None:
         if self.done:
@@ -365,9 +368,8 @@ class S3:
             k = hmac.new(k, part.encode(), hashlib.sha256).digest()
         return k
 
-    def request(self, method: str, path: str, body=b"", query: str = "") -> bytes:
-        """Send one request (path: "/bucket" or "/bucket/key"); the response body. Raises on
-        a status >= 300."""
+    def _signed(self, method: str, path: str, query: str = "") -> tuple[str, dict[str, str]]:
+        """(quoted path, headers with the SigV4 authorization) of one request."""
         now = datetime.datetime.now(datetime.timezone.utc)
         stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
         host = f"{self.host}:{self.port}"
@@ -383,6 +385,12 @@ class S3:
         sig = hmac.new(self._key(day), to_sign.encode(), hashlib.sha256).hexdigest()
         headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
                                     f"SignedHeaders={signed}, Signature={sig}")
+        return uri, headers
+
+    def request(self, method: str, path: str, body=b"", query: str = "") -> bytes:
+        """Send one request (path: "/bucket" or "/bucket/key"); the response body. Raises on
+        a status >= 300."""
+        uri, headers = self._signed(method, path, query)
         headers["content-length"] = str(len(body))
         for attempt in range(2):  # a kept-alive connection the server closed: reconnect once
             if self.conn is None:
@@ -400,6 +408,35 @@ class S3:
         if r.status >= 300:
             raise RuntimeError(f"S3 {method} {path}: HTTP {r.status} {data[:300]!r}")
         return data
+
+    def get_count(self, path: str, bufsize: int = 1 << 20) -> int:
+        """GET one object, streaming its body through a `bufsize` buffer that is thrown away
+        (a 1 GiB object is never held in memory); the number of body bytes. Raises on a status
+        >= 300."""
+        uri, headers = self._signed("GET", path)
+        headers["content-length"] = "0"
+        buf = bytearray(bufsize)
+        mv = memoryview(buf)
+        for attempt in range(2):  # a kept-alive connection the server closed: reconnect once
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=300)
+            try:
+                self.conn.request("GET", uri, headers=headers)
+                r = self.conn.getresponse()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if attempt:
+                    raise
+        if r.status >= 300:
+            raise RuntimeError(f"S3 GET {path}: HTTP {r.status} {r.read()[:300]!r}")
+        n = 0
+        while True:
+            k = r.readinto(mv)
+            if not k:
+                break
+            n += k
+        return n
 
     def close(self) -> None:
         if self.conn is not None:
@@ -644,6 +681,7 @@ class System:
         self.name = f"bench-{self.kind}"
         self.format_cmd: list[str] = []
         self.mount_cmd: list[str] = []
+        self.extra_args: list[str] = []  # more mount flags (cache group members of workload 11)
 
     # -- subclasses
     def meta_url(self) -> str:
@@ -661,8 +699,56 @@ class System:
     def slices(self, path: Path) -> int:
         raise NotImplementedError
 
+    def gateway_args(self, addr: str, metrics_port: int, cache: Path, cache_mib: int) -> list[str]:
+        """Arguments after the binary of an S3 gateway of this volume at `addr`."""
+        raise NotImplementedError
+
+    def gateway_env(self, access_key: str, secret_key: str) -> dict[str, str]:
+        """Environment variables with the key pair the gateway's clients sign with."""
+        raise NotImplementedError
+
     def version(self) -> str:
         return run([str(self.binary), "--version"], check=False).stdout.strip().splitlines()[0]
+
+    # --free-space-ratio of the disk caches of workloads 11-12 (keep caching however full the
+    # scratch disk is; the workloads check the free space first). JuiceFS reads 0 as "unset"
+    # and uses 0.1 then (its log: "free ratio should be >= 10%"): it gets 0.01.
+    free_ratio = "0"
+
+    def sibling(self, name: str, cache_mib: int, extra: list[str] | None = None) -> System:
+        """Another client of the same volume (same metadata URL), not mounted yet: its own
+        directory `<kind>-<name>` beside this system's (mount point, log, an empty disk cache
+        directory of `cache_mib` MiB) and its own metrics port; `extra` mount flags are added.
+        Beside, not inside: daemon_pids() finds a JuiceFS daemon by the files it holds open
+        under the system's directory."""
+        m = copy.copy(self)
+        m.dir = self.dir.parent / f"{self.kind}-{name}"
+        m.mnt = m.dir / "mnt"
+        if fuse_mounted(m.mnt):  # left from an earlier run: rmtree would empty the volume
+            raise RuntimeError(f"{m.mnt} is still mounted")
+        shutil.rmtree(m.dir, ignore_errors=True)
+        m.mnt.mkdir(parents=True)
+        (m.dir / "cache").mkdir()
+        m.logfile = m.dir / "mount.log"
+        m.disk_cache = (m.dir / "cache", cache_mib)
+        m.extra_args = list(extra or [])
+        m.port, m.pids, m.used, m.mount_cmd = 0, [], False, []
+        return m
+
+    # Warnings every run has, not about the workload: JuiceFS without CAP_SYS_RESOURCE, on a
+    # store without tiers, with --backup-meta 0; fuser's own unmount after umount(8) did it.
+    BENIGN = re.compile(r"CAP_SYS_RESOURCE is needed|Set storage tier: not supported|"
+                        r"Metadata backup is disabled|Failed to umount filesystem: Invalid argument")
+
+    def log_problems(self, path: Path | None = None, limit: int = 8) -> list[str]:
+        """Warning and error lines of a client's log (default: the mount log), at most
+        `limit`, for the bench log: a benchmark that is fast because it failed is no good."""
+        try:
+            lines = (path or self.logfile).read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        pat = re.compile(r"\b(WARN|WARNING|ERROR|FATAL|panicked)\b|<(WARNING|ERROR|FATAL)>")
+        return [l[:400] for l in lines if pat.search(l) and not self.BENIGN.search(l)][:limit]
 
     # -- common
     def storage_args(self) -> list[str]:
@@ -780,6 +866,25 @@ class System:
         return total
 
 
+def strata_cache_group_missing(binary: Path) -> str | None:
+    """None if `strata mount` can join a cache group (and has a disk cache), else why not."""
+    why = strata_disk_cache_missing(binary)
+    if why:
+        return why
+    text = run([str(binary), "mount", "--help"], check=False).stdout
+    if "--cache-group" not in text or "--cache-group-addr" not in text:
+        return "no cache group in this build"
+    return None
+
+
+def strata_gateway_missing(binary: Path) -> str | None:
+    """None if the build has `strata gateway`, else why not."""
+    p = run([str(binary), "gateway", "--help"], check=False)
+    if p.returncode != 0 or "ADDRESS" not in p.stdout:
+        return "no gateway in this build"
+    return None
+
+
 def strata_disk_cache_missing(binary: Path) -> str | None:
     """None if `strata mount` has a local disk block cache (--cache-dir and --cache-size),
     else why not."""
@@ -819,7 +924,17 @@ class Strata(System):
             cache = ["--cache-size", "0", "--cache-dir", str(self.dir / "cache")]
         return ["-d", "--log", str(self.logfile), "--metrics", f"127.0.0.1:{self.port}",
                 "--buffer-size", str(f["buffer_mib"]),
-                *cache, "--max-uploads", str(f["uploads"]), self.meta_url(), str(self.mnt)]
+                *cache, "--max-uploads", str(f["uploads"]), *self.extra_args, self.meta_url(),
+                str(self.mnt)]
+
+    def gateway_args(self, addr: str, metrics_port: int, cache: Path, cache_mib: int) -> list[str]:
+        f = self.flags
+        return ["gateway", "--metrics", f"127.0.0.1:{metrics_port}", "--buffer-size", str(f["buffer_mib"]),
+                "--max-uploads", str(f["uploads"]), "--cache-dir", str(cache), "--cache-size",
+                str(cache_mib), "--free-space-ratio", self.free_ratio, self.meta_url(), addr]
+
+    def gateway_env(self, access_key: str, secret_key: str) -> dict[str, str]:
+        return {"STRATA_GATEWAY_ACCESS_KEY": access_key, "STRATA_GATEWAY_SECRET_KEY": secret_key}
 
     def object_gets(self) -> tuple[float, float]:
         """(GET requests, bytes downloaded) so far."""
@@ -835,6 +950,7 @@ class Strata(System):
 class JuiceFS(System):
     label = "JuiceFS"
     kind = "juicefs"
+    free_ratio = "0.01"  # 0 would mean its default, 0.1
 
     def meta_url(self) -> str:
         if self.pg:
@@ -855,7 +971,17 @@ class JuiceFS(System):
         return ["-d", "--log", str(self.logfile), "--metrics", f"127.0.0.1:{self.port}",
                 "--buffer-size", str(f["buffer_mib"]), *cache,
                 "--max-uploads", str(f["uploads"]), "--no-usage-report", "--backup-meta", "0",
-                self.meta_url(), str(self.mnt)]
+                *self.extra_args, self.meta_url(), str(self.mnt)]
+
+    def gateway_args(self, addr: str, metrics_port: int, cache: Path, cache_mib: int) -> list[str]:
+        f = self.flags
+        return ["gateway", "--no-banner", "--metrics", f"127.0.0.1:{metrics_port}", "--buffer-size",
+                str(f["buffer_mib"]), "--max-uploads", str(f["uploads"]), "--cache-dir", str(cache),
+                "--cache-size", str(cache_mib), "--free-space-ratio", self.free_ratio, "--no-usage-report",
+                "--backup-meta", "0", self.meta_url(), addr]
+
+    def gateway_env(self, access_key: str, secret_key: str) -> dict[str, str]:
+        return {"MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key}
 
     def object_gets(self) -> tuple[float, float]:
         """(GET requests, bytes downloaded) so far."""
@@ -872,3 +998,90 @@ class JuiceFS(System):
 
     def version(self) -> str:
         return run([str(self.binary), "version"], check=False).stdout.strip()
+
+
+# --------------------------------------------------------------------------- S3 gateways
+
+class Gateway:
+    """An S3 gateway of one system's volume (`strata gateway` / `juicefs gateway`) on a free
+    port of 127.0.0.1, in the foreground as our child: its own directory `<kind>-<name>`
+    beside the system's (log, an empty disk cache of `cache_mib` MiB), a fresh random key
+    pair, bucket = the volume's name, path-style requests. Stopped by stop() or the Cleanup
+    stack."""
+
+    def __init__(self, system: System, name: str, cache_mib: int) -> None:
+        self.sys = system
+        self.dir = system.dir.parent / f"{system.kind}-{name}"
+        self.cache = self.dir / "cache"
+        self.cache_mib = cache_mib
+        self.logfile = self.dir / "gateway.log"
+        self.access_key = "gw" + secrets.token_hex(4)
+        self.secret_key = secrets.token_hex(16)
+        self.bucket = system.name
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = ""
+        self.cmd: list[str] = []
+
+    def start(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.cache.mkdir(parents=True)
+        port, mport = free_ports(2)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.cmd = [str(self.sys.binary),
+                    *self.sys.gateway_args(f"127.0.0.1:{port}", mport, self.cache, self.cache_mib)]
+        # HOME: MinIO (inside juicefs gateway) creates ~/.minio/certs; keep it in the scratch dir.
+        env = {**os.environ, **self.sys.gateway_env(self.access_key, self.secret_key),
+               "HOME": str(self.dir)}
+        out = open(self.logfile, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, env=env, cwd=self.dir,
+                                     start_new_session=True)
+        out.close()
+        self.sys.cleanup.push(f"gateway {self.sys.label}", self.stop)
+        ready = f"at {self.endpoint}"
+        deadline = time.time() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.sys.label} gateway exited with {self.proc.returncode}: "
+                                   f"{self.tail()}")
+            # Strata prints "serving s3://BUCKET at http://ADDR" when ready; JuiceFS (MinIO)
+            # answers HTTP once it serves.
+            if (self.sys.kind == "strata" and ready in self.tail(50)) or \
+                    (self.sys.kind != "strata" and answers_http(port)):
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"{self.sys.label} gateway: no answer on {self.endpoint} after "
+                                   f"60 s: {self.tail()}")
+            time.sleep(0.1)
+
+    def client(self) -> S3:
+        return S3(self.endpoint, self.access_key, self.secret_key)
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def redacted(self) -> str:
+        keys = " ".join(f"{k}=SECRET" for k in self.sys.gateway_env("", ""))
+        return f"{keys} {' '.join(self.cmd)}"
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL to its process group after 30 s; the cache directory is removed."""
+        self.sys.cleanup.remove(self.stop)
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log(f"{self.sys.label} gateway did not stop within 30 s: killing it")
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+        self.proc = None
+        shutil.rmtree(self.cache, ignore_errors=True)

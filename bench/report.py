@@ -209,6 +209,14 @@ def goals_table(res, meta: dict) -> str:
             return f"{100 * v / put:.0f}% of {fmt(put)} MiB/s", v >= share * put
         return f
 
+    def value_goal(rid, most, unit):
+        def f(k):
+            v = med(res.rows.get((k, rid)), "Strata")
+            if v is None:
+                return None
+            return f"{v:.2f} {unit}", v <= most
+        return f
+
     def local_goal(rid, most):
         def f(k):
             v, loc = med(res.rows.get((k, rid)), "Strata"), res.localdisk.get(rid)
@@ -257,8 +265,14 @@ def goals_table(res, meta: dict) -> str:
     for rid, what in (("fiorssw", "write"), ("fiorssr", "read")):
         if any(i == rid for (_, i) in res.rows):
             goals.append((f"fio peak RSS, {what} phase", "≤ JuiceFS (ratio ≥ 1)", only(is_fio, ratio_goal(rid, 1.0))))
+    grp = next((r for (_, rid), r in res.rows.items() if rid == "grpgets"), None)
+    if grp:
+        n, k = cfg_of(meta, "group_members", 4), cfg_of(meta, "group_readers", 8)
+        goals.append((f"Cache group fan-out (issue #15, workload 11): object GETs per object of one cold "
+                      f"file read by {n} mounts × {k} readers", "1.0 (met when ≤ 1.05)",
+                      value_goal("grpgets", 1.05, "GETs/object")))
     met = total = 0
-    out = ["## Goals (issue #14)\n",
+    out = [f"## Goals ({'issues #14 and #15' if grp else 'issue #14'})\n",
            f"Checked against this run's medians on the {METAS[m0]} setups (ratios as in the tables: "
            "> 1 means Strata is better; RSS ratio = JuiceFS/Strata). \"—\": the goal does not apply "
            "to that object store or was not measured there.\n",
@@ -281,6 +295,10 @@ def goals_table(res, meta: dict) -> str:
             out.append(f"| {name} | {target} | " + " | ".join(cells) + " |")
     out.append(f"\n{met} of {total} checks met.\n")
     return "\n".join(out)
+
+
+def cfg_of(meta: dict, name: str, default):
+    return meta.get("config", {}).get(name, default)
 
 
 def engines_table(res) -> str:
@@ -384,6 +402,9 @@ def render(res, meta: dict, chart: Path) -> str:
             if sysname in cache_mounts.get(key, {}):
                 L.append(f"# {sysname}, workload 8 (local disk cache)")
                 L.append(cache_mounts[key][sysname])
+            for what, cmd in meta.get("cmds", {}).get(key, {}).get(sysname, {}).items():
+                L.append(f"# {sysname}, {what}")
+                L.append(cmd)
         L.append("```\n")
     L.append(
         "Matching settings: block size 4 MiB, buffer 300 MiB, 16 parallel uploads on both; "
@@ -481,6 +502,47 @@ def render(res, meta: dict, chart: Path) -> str:
                  "(`UNSIGNED-PAYLOAD`, one keep-alive connection per worker) to the same "
                  "SeaweedFS on 127.0.0.1, the local directory as files on the scratch file system. "
                  "The store's limit is the best median over the worker counts.")
+    if cfg.get("group_mib"):
+        n, k, mib = cfg.get("group_members", 4), cfg.get("group_readers", 8), cfg["group_mib"]
+        L.append(f"- 11. Cache group fan-out (SQLite setups only, every object store; issue #15): a "
+                 f"{mib} MiB file written through the regular mount (untimed), then {n} more mounts "
+                 "of the same volume (same metadata URL), each with its own empty disk cache "
+                 f"directory of {2 * mib} MiB (`--cache-dir DIR --cache-size {2 * mib} "
+                 "--free-space-ratio 0`; JuiceFS 0.01, as it reads 0 as its default 0.1) and "
+                 "metrics port. Strata's join one cache group (`--cache-group benchfan "
+                 "--cache-group-addr 127.0.0.1:0`): each block is fetched from the object store by "
+                 "one member and served to the others over the group; "
+                 "JuiceFS CE has no shared cache, so each of its mounts fetches on its own. "
+                 f"{cfg.get('group_settle_s', 4):g} s after the last mount (members re-read the "
+                 f"membership every 2 s) and after `drop_caches`, {k} threads per mount ({n * k} in "
+                 "all) read the whole file at once (1 MiB read() calls, sizes checked). Rows: wall "
+                 f"time until the last reader is done, aggregate rate = {n * k} × file size / wall "
+                 "time, and object GETs summed over the members' metrics "
+                 "(`strata_object_requests_total{op=\"get\"}`, "
+                 "`juicefs_object_request_durations_histogram_seconds_count{method=\"GET\"}`) divided "
+                 f"by the objects of the file ({mib} MiB / 4 MiB, rounded up): 1.00 = the group "
+                 f"fetched every object once, {n}.00 = every mount fetched it.")
+    if cfg.get("gw_mib"):
+        mib = cfg["gw_mib"]
+        lo, hi = min(cfg.get("gw_clients", [1, 8])), max(cfg.get("gw_clients", [1, 8]))
+        why = meta.get("strata_gateway")
+        L.append(f"- 12. S3 gateway (SQLite setups only, every object store): a {mib} MiB file written "
+                 "through the regular mount (untimed) is read as an S3 object through each "
+                 "system's gateway on 127.0.0.1: `strata gateway` and `juicefs gateway --no-banner` "
+                 "(MinIO-based), both with `--buffer-size 300 --max-uploads 16`, an empty disk "
+                 f"cache of {max(256, 2 * mib)} MiB (`--cache-dir DIR --cache-size N "
+                 "--free-space-ratio 0`; JuiceFS 0.01) and a fresh random key pair; bucket = "
+                 "volume name, path-style. Clients: the SigV4 client of `harness.py` (Python, one keep-alive "
+                 "connection per client, `UNSIGNED-PAYLOAD`), each GETting the whole object (no "
+                 "ranges) and streaming the body through a 1 MiB buffer, sizes checked. Per client "
+                 f"count ({lo}, then {hi}) a fresh gateway process after `drop_caches`: all "
+                 "clients GET at once (cold), then again from the same gateway (warm: its memory "
+                 f"and disk cache). MiB/s = clients × object size / wall time. For reference the "
+                 f"same through a fresh mount with the same disk cache settings: {lo} then {hi} "
+                 "threads read the whole file at once (1 MiB read() calls) cold after "
+                 "`drop_caches`, then again (warm: the kernel page cache)."
+                 + (f" This Strata build has no `strata gateway` ({why}): its gateway cells say n/a."
+                    if why else ""))
     if len(cfg.get("metas", ["sqlite"])) > 1:
         L.append("- Metadata engines: workloads 1-7 run on each engine and object store "
                  f"({', '.join(setup_title(k) for k in setups_of(res))}); each combination is a "

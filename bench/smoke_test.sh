@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Smoke test of the benchmark harness: a tiny run (`bench/run --smoke`, SQLite + local
 # directory only, one run of every workload) into a temporary report, then checks that the
-# table has a row with numbers for both systems for every workload (1-9), that the store-limit
-# rows (10), the share-of-store and goals tables are there, and that both charts were drawn.
+# table has a row with numbers for both systems for every workload (1-9, 11, 12), that the
+# store-limit rows (10), the share-of-store and goals tables are there, and that both charts
+# were drawn. Workload 12 (S3 gateway) accepts "n/a (no gateway in this build)" for Strata's
+# gateway rows (not for its mount rows) while its build has no `strata gateway`.
 # fio (workload 9) is installed by the harness if missing (apt-get install fio). Workload 8 (disk cache) accepts "n/a (…)" for Strata while its build has no disk
 # cache, but JuiceFS must have numbers, so the warm-read code path always runs.
 # Needs root (FUSE mounts, drop_caches) and /dev/fuse, like the real benchmark.
@@ -78,6 +80,29 @@ check '9\. fio seq read cold, 1 job '         '9. fio cold read, 1 job'
 check '9\. fio seq read cold, 4 jobs'         '9. fio cold read, 4 jobs'
 check '9\. fio peak RSS.*write'               '9. fio peak RSS, write phase'
 check '9\. fio peak RSS.*read'                '9. fio peak RSS, read phase'
+check '11\. cache group fan-out:.*wall time'  '11. cache group fan-out wall time'
+check '11\. cache group fan-out: aggregate'   '11. cache group fan-out aggregate MiB/s'
+check '11\. cache group fan-out: object GETs' '11. cache group fan-out GETs per object'
+check_gateway() { # like check, but Strata may say "n/a (no gateway in this build)"
+  local rows
+  rows="$(grep -E "^\| $1" "$md" || true)"
+  if [ -z "$rows" ]; then
+    echo "MISSING row: $2"; fail=1; return
+  fi
+  if echo "$rows" | awk -F'|' '{ if (($3 !~ /[0-9]/ && $3 !~ /n\/a \(no gateway in this build\)/) || $4 !~ /[0-9]/) bad=1 } END { exit !bad }'; then
+    echo "NO NUMBERS in row: $2"; echo "$rows"; fail=1; return
+  fi
+  if echo "$rows" | grep -q 'n/a ('; then echo "ok: $2 (JuiceFS only: no gateway in this Strata build)"
+  else echo "ok: $2"; fi
+}
+check_gateway '12\. S3 gateway GET, 1 client, cold'  '12. S3 gateway GET, 1 client, cold'
+check_gateway '12\. S3 gateway GET, [0-9]+ clients, cold' '12. S3 gateway GET, 8 clients, cold'
+check_gateway '12\. S3 gateway GET, 1 client, warm'  '12. S3 gateway GET, 1 client, warm'
+check_gateway '12\. S3 gateway GET, [0-9]+ clients, warm' '12. S3 gateway GET, 8 clients, warm'
+check '12\. through the mount.*1 reader, cold'       '12. through the mount, 1 reader, cold'
+check '12\. through the mount.*[0-9]+ readers, cold' '12. through the mount, 8 readers, cold'
+check '12\. through the mount.*1 reader, warm'       '12. through the mount, 1 reader, warm'
+check '12\. through the mount.*[0-9]+ readers, warm' '12. through the mount, 8 readers, warm'
 # Workload 10 (store limit, one number per store and direction, not per system) and the
 # tables built from it; the goals table at the top.
 for n in 1 2 4 16; do
@@ -87,14 +112,17 @@ for n in 1 2 4 16; do
 done
 if grep -q '^### Share of the object store' "$md" && grep -qE '^\| big file write, 1 thread.*[0-9]+% / [0-9]+%' "$md"
 then echo "ok: share of the store limit"; else echo "MISSING: share of the store limit table"; fail=1; fi
-if grep -q '^## Goals (issue #14)' "$md" && grep -qE '^[0-9]+ of [0-9]+ checks met' "$md"
+if grep -qE '^## Goals \(issues? #14' "$md" && grep -qE '^[0-9]+ of [0-9]+ checks met' "$md"
 then echo "ok: goals table ($(grep -E '^[0-9]+ of [0-9]+ checks met' "$md"))"; else echo "MISSING: goals table"; fail=1; fi
+if grep -qE '^\| Cache group fan-out \(issue #15.*\| [0-9.]+ GETs/object (met|\*\*not met)' "$md"
+then echo "ok: goal fan-out GETs/object (issue #15)"; else echo "MISSING: goal fan-out GETs/object (issue #15)"; fail=1; fi
 if ! grep -q 'local disk' "$md"; then echo "MISSING: checkpoint local-disk table"; fail=1; fi
 if ! grep -qE '^\| new file: time / local-disk time \| [0-9]' "$md"; then echo "MISSING: checkpoint time / local-disk time"; fail=1; fi
 if [ ! -s "$out/benchmarks.png" ]; then echo "MISSING: chart $out/benchmarks.png"; fail=1; fi
 if [ ! -s "$out/benchmarks-along.png" ]; then echo "MISSING: chart $out/benchmarks-along.png"; fail=1; fi
 if grep -q '^## Failures' "$md"; then echo "the run reported failures:"; sed -n '/^## Failures/,$p' "$md"; fail=1; fi
 # Nothing left mounted or running from the run.
+# (the 4 cache group members of workload 11 and the reference mount of workload 12 included)
 if grep -q "strata-bench-" /proc/self/mountinfo; then echo "LEFT MOUNTED:"; grep "strata-bench-" /proc/self/mountinfo; fail=1; fi
 
 if [ "$fail" -ne 0 ]; then

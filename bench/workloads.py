@@ -49,18 +49,25 @@ class Config:
     fanout_readers: int = 8
     metas: list[str] = field(default_factory=lambda: ["sqlite", "postgres"])  # metadata engines
     cache_mib: int = 0           # disk cache of workload 8 (default: twice the big file, >= 256)
+    group_mib: int = 4096        # workload 11: the file all members read (SQLite setups only)
+    group_members: int = 4       # ... mounts of the volume (Strata: one cache group)
+    group_readers: int = 8       # ... reader threads per mount
+    group_settle_s: float = 4.0  # ... wait after the last mount (Strata re-reads membership every 2 s)
+    gw_mib: int = 1024           # workload 12: the object GET through the S3 gateways
+    gw_clients: list[int] = field(default_factory=lambda: [1, 8])  # ... concurrent clients
 
 
 def make_config(mode: str, ckpt_mib: int | None) -> Config:
     if mode == "smoke":
         c = Config(mode, runs=1, backends=["local"], big_mib=16, small_count=20, meta_files=50,
                    trunc_frags=64, trunc_samples=3, ckpt_mib=16, ckpt_entry_mib=4, fanout_mib=16,
-                   metas=["sqlite"], along_mib=64, along_seg_mib=8, store_mib=32, fio_mib=32)
+                   metas=["sqlite"], along_mib=64, along_seg_mib=8, store_mib=32, fio_mib=32,
+                   group_mib=32, gw_mib=16)
     elif mode == "quick":
         c = Config(mode, runs=3, backends=["local", "s3"], big_mib=128, small_count=100,
                    meta_files=250, trunc_frags=512, trunc_samples=6, ckpt_mib=128,
                    ckpt_entry_mib=16, fanout_mib=128, along_mib=512, along_seg_mib=32,
-                   store_mib=128, fio_mib=512)
+                   store_mib=128, fio_mib=512, group_mib=512, gw_mib=256)
     else:
         c = Config(mode, runs=3, backends=["local", "s3"], big_mib=1024)
     if ckpt_mib:
@@ -349,6 +356,36 @@ def fanout(path: Path, readers: int, size: int) -> float:
     wall = run_threads([lambda i=i: rd(i) for i in range(readers)])
     if any(g != size for g in got):
         raise RuntimeError(f"fan-out readers got {got}, expected {size} each")
+    return wall
+
+
+# --------------------------------------------------------------------------- 11. cache group fan-out
+
+def fanout_mounts(paths: list[Path], readers: int, size: int) -> float:
+    """Wall seconds for `readers` concurrent sequential readers (1 MiB reads) of each path
+    (the same file seen through several mounts), all started together."""
+    got = [0] * (len(paths) * readers)
+
+    def rd(i):
+        got[i] = read_file(paths[i // readers])
+    wall = run_threads([lambda i=i: rd(i) for i in range(len(got))])
+    if any(g != size for g in got):
+        raise RuntimeError(f"fan-out readers got {sorted(set(got))} bytes, expected {size} each")
+    return wall
+
+
+# --------------------------------------------------------------------------- 12. S3 gateway
+
+def gateway_get(clients: list, path: str, size: int) -> float:
+    """Wall seconds for every client (an harness.S3, one connection each) to GET the whole
+    object `path` ("/bucket/key") at once, the body streamed through a 1 MiB buffer."""
+    got = [0] * len(clients)
+
+    def get(i):
+        got[i] = clients[i].get_count(path, IO)
+    wall = run_threads([lambda i=i: get(i) for i in range(len(clients))])
+    if any(g != size for g in got):
+        raise RuntimeError(f"gateway GETs of {path} got {got} bytes, expected {size} each")
     return wall
 
 
