@@ -490,10 +490,61 @@ EOF
   [ "${cb:-0}" -ge $((64 << 20)) ] || fail "CacheGroup status cachedBytes=${cb:-none}, expected at least the warmed 64 MiB" || return 1
 }
 
+step_gateway_dataset() {
+  [ -n "${E2E_PG_URL:-}" ] && [ -n "${E2E_S3_ENDPOINT:-}" ] || { note "skipped (no S3 volume)"; return 0; }
+  command -v aws >/dev/null || fail "aws CLI missing: run .ci/deps.d/gateway.sh" || return 1
+  # The chart's gateway on the S3 volume, signed with its own key pair.
+  local gwport; gwport=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  k -n "$NS" create secret generic e2e-gw-keys --from-literal=access-key=e2egwaccess \
+    --from-literal=secret-key=e2egwsecret123 --dry-run=client -o yaml | apply >/dev/null || return 1
+  local t0; t0=$(now)
+  helm upgrade strata charts/strata -n "$NS" --reuse-values --set gateway.enabled=true \
+    --set gateway.volumeSecret=e2e-s3 --set gateway.credentialsSecret=e2e-gw-keys \
+    --set gateway.port="$gwport" --set gateway.service.port="$gwport" \
+    --set gateway.metricsPort="$((gwport + 1))" >"$WORK/helm-gw.out" 2>&1 || { cat "$WORK/helm-gw.out"; return 1; }
+  k -n "$NS" rollout status deploy/strata-gateway --timeout=180s \
+    || { k -n "$NS" logs deploy/strata-gateway --all-containers --tail=30; return 1; }
+  local gw=(env AWS_ACCESS_KEY_ID=e2egwaccess AWS_SECRET_ACCESS_KEY=e2egwsecret123 AWS_DEFAULT_REGION=us-east-1
+    aws --endpoint-url "http://127.0.0.1:$gwport")
+  until_ok 60 "${gw[@]}" s3 ls s3://e2e-s3/ || return 1
+  note "gateway Deployment (helm upgrade --set gateway.enabled=true) answering in $(since "$t0") s"
+  local key; key=$("${gw[@]}" s3 ls --recursive s3://e2e-s3/ | awk '/llm\/weights$/ {print $4}' | head -1)
+  [ -n "$key" ] || fail "the gateway does not list the model written in step 6" || return 1
+  "${gw[@]}" s3 cp "s3://e2e-s3/$key" "$WORK/weights.gw" --only-show-errors || return 1
+  [ "$(md5sum <"$WORK/weights.gw" | awk '{print $1}')" = "$(awk '{print $1}' "$WORK/md5")" ] \
+    || fail "the model read through the gateway differs from what was written" || return 1
+  local out
+  out=$(env AWS_ACCESS_KEY_ID=e2egwaccess AWS_SECRET_ACCESS_KEY=wrong AWS_DEFAULT_REGION=us-east-1 \
+    aws --endpoint-url "http://127.0.0.1:$gwport" s3 ls s3://e2e-s3/ 2>&1)
+  echo "$out" | grep -q AccessDenied || { echo "$out"; fail "a wrong secret was not refused with AccessDenied"; return 1; }
+  note "aws s3 cp s3://e2e-s3/$key (64 MiB) through the gateway: md5 equal to what the pod wrote; a wrong secret: AccessDenied"
+  # A dataset: objects written straight into another bucket with the aws CLI, attached to the
+  # S3 volume by spec.datasets, read by a pod through a static PV.
+  local s3=(env AWS_ACCESS_KEY_ID="$E2E_S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$E2E_S3_SECRET_KEY"
+    AWS_DEFAULT_REGION=us-east-1 aws --endpoint-url "$E2E_S3_ENDPOINT")
+  "${s3[@]}" s3 mb s3://e2e-dataset >/dev/null 2>&1
+  head -c 20000000 /dev/urandom >"$WORK/shard-0.bin"
+  "${s3[@]}" s3 cp "$WORK/shard-0.bin" s3://e2e-dataset/web/train/shard-0.bin --only-show-errors || return 1
+  echo '{"rows": 1}' >"$WORK/meta.json"
+  "${s3[@]}" s3 cp "$WORK/meta.json" s3://e2e-dataset/web/meta.json --only-show-errors || return 1
+  t0=$(now)
+  k patch volume e2e-s3 --type merge -p "{\"spec\":{\"datasets\":[{\"path\":\"/datasets/web\",\"source\":\"s3://e2e-dataset/web\",\"endpoint\":\"$E2E_S3_ENDPOINT\",\"refreshSeconds\":60}]}}" >/dev/null || return 1
+  until_ok 120 sh -c "kubectl get volume e2e-s3 -o jsonpath='{.status.datasets[0].attachment}' | grep -q ." \
+    || { k describe volume e2e-s3 | tail -20; return 1; }
+  note "spec.datasets attached s3://e2e-dataset/web at /datasets/web in $(since "$t0") s (status.datasets: $(k get volume e2e-s3 -o jsonpath='{.status.datasets[0]}'))"
+  static_pv e2e-dataset dataset-ro 1Gi e2e-s3 'subdir: "datasets/web"' | apply || return 1
+  pod_yaml dataset-reader dataset-ro | apply || return 1
+  wait_ready "$APPS" dataset-reader || return 1
+  local sum; sum=$(k -n "$APPS" exec dataset-reader -- md5sum /data/train/shard-0.bin | awk '{print $1}')
+  [ "$sum" = "$(md5sum <"$WORK/shard-0.bin" | awk '{print $1}')" ] || fail "the dataset file read in the pod differs" || return 1
+  k -n "$APPS" exec dataset-reader -- ls -l /data /data/train
+  note "a pod read s3://e2e-dataset/web/train/shard-0.bin (20 MB, written with the aws CLI) as /data/train/shard-0.bin through a static PV: md5 equal"
+}
+
 step_cleanup() {
   local ok=0
   k delete namespace "$APPS" "$TENANT" --wait=true --timeout=180s >/dev/null 2>&1
-  k delete pv e2e-static e2e-models --ignore-not-found --wait=true --timeout=60s >/dev/null
+  k delete pv e2e-static e2e-models e2e-dataset --ignore-not-found --wait=true --timeout=60s >/dev/null
   k delete cachegroup --all --wait=true --timeout=120s >/dev/null 2>&1
   # PVs of the Retain class stay (as Kubernetes promises); the user deletes them.
   for pv in $(k get pv -o jsonpath='{range .items[?(@.spec.csi.driver=="csi.strata.io")]}{.metadata.name}{"\n"}{end}'); do
@@ -512,7 +563,7 @@ step_cleanup() {
       fi
     fi
   fi
-  k -n "$NS" delete secret e2e-local e2e-s3 --ignore-not-found >/dev/null
+  k -n "$NS" delete secret e2e-local e2e-s3 e2e-gw-keys --ignore-not-found >/dev/null
   until_ok 60 sh -c "! kubectl -n $NS get pods -l app.kubernetes.io/name=strata-mount -o name | grep -q ." \
     || { fail "mount Pods left: $(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name)"; ok=1; }
   if helm status strata -n "$NS" >/dev/null 2>&1; then
@@ -607,13 +658,14 @@ run_step "3. RWX PVCs, two writers, notebook as uid 1000, df, pod mount mode" st
 run_step "4. mount client killed, mount Pod deleted, node plugin restarted" step_resilience
 run_step "5. PVC expansion in a running pod; static PV" step_expand
 run_step "6. Quota EDQUOT; CacheGroup warm-up and reads without GETs" step_quota_cache
+run_step "7. S3 gateway Deployment; a dataset bucket attached by spec.datasets read in a pod" step_gateway_dataset
 if [ "$failed" != 0 ] && [ "${E2E_KEEP:-0}" = 1 ]; then
   echo "e2e: E2E_KEEP=1: everything left in place (services: pids ${SVC_PIDS[*]}, files in $WORK)"
   trap - EXIT
   SVC_PIDS=()
 else
   skip_rest=0
-  run_step "7. delete everything; helm uninstall; nothing left" step_cleanup
+  run_step "8. delete everything; helm uninstall; nothing left" step_cleanup
 fi
 write_report
 echo "e2e: ${pass} passed, ${failed} failed"
