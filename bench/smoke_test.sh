@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Smoke test of the benchmark harness: a tiny run (`bench/run --smoke`, SQLite + local
-# directory only, one run of every workload) into a temporary report, then checks that the
+# Smoke test of the benchmark harness: a tiny run (`bench/run --smoke --backends local,s3`:
+# SQLite with the local directory and with a throwaway SeaweedFS S3, one run of every workload;
+# the S3 setup adds about a minute and is needed for workload 13; `--backends local` leaves it
+# out) into a temporary report, then checks that the
 # table has a row with numbers for both systems for every workload (1-9, 11, 12), that the
 # store-limit rows (10), the share-of-store and goals tables are there, and that both charts
 # were drawn. Workload 12 (S3 gateway) accepts "n/a (no gateway in this build)" for Strata's
@@ -13,7 +15,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="$(mktemp -d "${TMPDIR:-/tmp}/strata-bench-smoke.XXXXXX")"
 trap 'rm -rf "$out"' EXIT
 
-python3 "$here/run" --smoke --out "$out/BENCHMARKS.md" "$@"
+python3 "$here/run" --smoke --backends local,s3 --out "$out/BENCHMARKS.md" "$@"
 
 md="$out/BENCHMARKS.md"
 fail=0
@@ -103,6 +105,36 @@ check '12\. through the mount.*1 reader, cold'       '12. through the mount, 1 r
 check '12\. through the mount.*[0-9]+ readers, cold' '12. through the mount, 8 readers, cold'
 check '12\. through the mount.*1 reader, warm'       '12. through the mount, 1 reader, warm'
 check '12\. through the mount.*[0-9]+ readers, warm' '12. through the mount, 8 readers, warm'
+# Workload 13 (datasets in an existing bucket) runs on the SQLite + S3 setup only: Strata
+# needs numbers (or "n/a (no strata attach in this build)"), JuiceFS its "cannot read" note;
+# in the side table the plain S3 GET needs numbers, rclone and s3fs may say n/a.
+if grep -q '^### SQLite + SeaweedFS S3' "$md"; then
+  check_dataset() {
+    local rows
+    rows="$(grep -E "^\| 13\. $1" "$md" || true)"
+    if [ -z "$rows" ]; then echo "MISSING row: $2"; fail=1; return; fi
+    if echo "$rows" | awk -F'|' '{ if (($3 !~ /[0-9]/ && $3 !~ /n\/a \(no strata attach in this build\)/) || $4 !~ /n\/a \(JuiceFS CE cannot read/) bad=1 } END { exit !bad }'; then
+      echo "NO NUMBERS in row: $2"; echo "$rows"; fail=1; return
+    fi
+    if echo "$rows" | grep -q 'no strata attach'; then echo "ok: $2 (no strata attach in this build)"
+    else echo "ok: $2 (Strata: $(echo "$rows" | awk -F'|' '{ gsub(/^ +| +$/, "", $3); print $3 }'))"; fi
+  }
+  check_dataset 'dataset in an existing bucket:.*read cold' '13. dataset: object read cold'
+  check_dataset 'dataset: the object read after a remount'  '13. dataset: warm read (disk cache)'
+  check_dataset 'dataset: the object read a third time'      '13. dataset: page cache read'
+  check_dataset 'dataset: source GETs per 4 MiB block'       '13. dataset: source GETs per block, cold'
+  check_dataset 'dataset: source GETs during the warm read'  '13. dataset: source GETs, warm'
+  check_dataset 'dataset: `ls -R` of'                        '13. dataset: ls -R cold'
+  check_dataset 'dataset: source LISTs during the cold'      '13. dataset: LISTs, cold ls -R'
+  check_dataset 'dataset: `ls -R` again'                     '13. dataset: ls -R after a remount'
+  check_dataset 'dataset: source LISTs during the second'    '13. dataset: LISTs, second ls -R'
+  row="$(grep -E '^\| dataset in an existing bucket:.*read cold' "$md" || true)"
+  if grep -q '^### 13\. Datasets in an existing bucket' "$md" && [ -n "$row" ] && echo "$row" | awk -F'|' '{ ok = ($4 ~ /[0-9]/) && ($5 ~ /[0-9]/ || $5 ~ /n\/a/) && ($6 ~ /[0-9]/ || $6 ~ /n\/a/) } END { exit !ok }'
+  then echo "ok: 13. side table (plain GET / rclone / s3fs: $(echo "$row" | awk -F'|' '{ for (i = 4; i <= 6; i++) { gsub(/^ +| +$/, "", $i); printf "%s%s", $i, (i < 6 ? " / " : "") } }'))"
+  else echo "MISSING or empty: 13. side table (plain S3 GET, rclone, s3fs)"; echo "$row"; fail=1; fi
+else
+  echo "skipped: 13. dataset in an existing bucket (no SQLite + S3 setup in this run)"
+fi
 # Workload 10 (store limit, one number per store and direction, not per system) and the
 # tables built from it; the goals table at the top.
 for n in 1 2 4 16; do

@@ -55,6 +55,10 @@ class Config:
     group_settle_s: float = 4.0  # ... wait after the last mount (Strata re-reads membership every 2 s)
     gw_mib: int = 1024           # workload 12: the object GET through the S3 gateways
     gw_clients: list[int] = field(default_factory=lambda: [1, 8])  # ... concurrent clients
+    ds_mib: int = 1024           # workload 13: the object in a bucket written by "another system"
+    ds_files: int = 2000         # ... small objects beside it for the `ls -R` rows
+    ds_prefixes: int = 20        # ... spread over this many prefixes
+    ds_small_bytes: int = 1024   # ... each this big
 
 
 def make_config(mode: str, ckpt_mib: int | None) -> Config:
@@ -62,12 +66,13 @@ def make_config(mode: str, ckpt_mib: int | None) -> Config:
         c = Config(mode, runs=1, backends=["local"], big_mib=16, small_count=20, meta_files=50,
                    trunc_frags=64, trunc_samples=3, ckpt_mib=16, ckpt_entry_mib=4, fanout_mib=16,
                    metas=["sqlite"], along_mib=64, along_seg_mib=8, store_mib=32, fio_mib=32,
-                   group_mib=32, gw_mib=16)
+                   group_mib=32, gw_mib=16, ds_mib=32, ds_files=40, ds_prefixes=4)
     elif mode == "quick":
         c = Config(mode, runs=3, backends=["local", "s3"], big_mib=128, small_count=100,
                    meta_files=250, trunc_frags=512, trunc_samples=6, ckpt_mib=128,
                    ckpt_entry_mib=16, fanout_mib=128, along_mib=512, along_seg_mib=32,
-                   store_mib=128, fio_mib=512, group_mib=512, gw_mib=256)
+                   store_mib=128, fio_mib=512, group_mib=512, gw_mib=256, ds_mib=256, ds_files=500,
+                   ds_prefixes=10)
     else:
         c = Config(mode, runs=3, backends=["local", "s3"], big_mib=1024)
     if ckpt_mib:
@@ -387,6 +392,65 @@ def gateway_get(clients: list, path: str, size: int) -> float:
     if any(g != size for g in got):
         raise RuntimeError(f"gateway GETs of {path} got {got} bytes, expected {size} each")
     return wall
+
+
+# --------------------------------------------------------------------------- 13. datasets in a bucket
+
+def dataset_keys(prefix: str, files: int, prefixes: int) -> list[str]:
+    """Keys of the small objects of workload 13: PREFIX/small/pNN/fNNNNN.json, `files` of
+    them round-robin over `prefixes` prefixes."""
+    return [f"{prefix}/small/p{i % prefixes:02d}/f{i:05d}.json" for i in range(files)]
+
+
+def write_bucket(put_big, put_small, size: int, keys: list[str], small: int, workers: int = 4) -> None:
+    """Fill the bucket as another system would: put_big(chunks, size) streams one object of
+    `size` bytes (the 1 MiB pieces of the pattern, as chunk_of gives them); then
+    put_small(worker, key, data) PUTs each small object, `workers` threads in parallel."""
+    put_big((chunk_of(i) for i in range(size // IO)), size)
+    run_threads([lambda wk=wk: [put_small(wk, k, bytes(chunk_of(j + 17, small)))
+                                for j, k in enumerate(keys) if j % workers == wk]
+                 for wk in range(workers)])
+
+
+def check_pieces(path: Path, size: int) -> None:
+    """The first, a middle and the last 1 MiB of an object written by write_bucket read back
+    through a file system must be the pieces written (catches wrong offsets; untimed)."""
+    n = size // IO
+    with open(path, "rb", buffering=0) as f:
+        for i in sorted({0, n // 2, n - 1}):
+            got = os.pread(f.fileno(), IO, i * IO)
+            if got != bytes(chunk_of(i)):
+                raise RuntimeError(f"{path}: the 1 MiB at offset {i * IO} differs from what was written")
+
+
+def ls_r(path: Path, expect: int) -> float:
+    """Seconds of `ls -R PATH` (output to a pipe: names only, no stat per entry); the number of
+    .json names it printed must be `expect`."""
+    import subprocess
+    t0 = time.perf_counter()
+    p = subprocess.run(["ls", "-R", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"ls -R {path} failed ({p.returncode}): {p.stderr[-500:]}")
+    got = sum(1 for l in p.stdout.splitlines() if l.endswith(".json"))
+    if got != expect:
+        raise RuntimeError(f"ls -R {path}: {got} files, expected {expect}")
+    return wall
+
+
+def list_walk(list_dir, prefix: str) -> tuple[float, int, int]:
+    """The tree under `prefix` walked straight on the store, one directory after the other,
+    like `ls -R`: list_dir(prefix) -> (keys, prefixes, requests). (seconds, LIST requests,
+    objects)."""
+    t0 = time.perf_counter()
+    todo, requests, objects = [prefix], 0, 0
+    while todo:
+        keys, subs, n = list_dir(todo.pop(0))
+        requests += n
+        objects += len(keys)
+        todo += subs
+    return time.perf_counter() - t0, requests, objects
 
 
 # --------------------------------------------------------------------------- 9. fio

@@ -598,7 +598,7 @@ pub fn attach_at(
         source_url: a.source.clone(),
         err,
     })?;
-    src.list_dir("").map_err(|err| AttachError::Source {
+    let listing = src.list_dir("").map_err(|err| AttachError::Source {
         source_url: a.source.clone(),
         err,
     })?;
@@ -606,10 +606,14 @@ pub fn attach_at(
         path: clean.to_string(),
         ..a
     };
-    match meta.attach(parent_ino, name.as_bytes(), a) {
-        Err(crate::meta::MetaError::Exists) => Err(AttachError::Exists(path.to_string())),
-        other => Ok(other?),
-    }
+    let a = match meta.attach(parent_ino, name.as_bytes(), a) {
+        Err(crate::meta::MetaError::Exists) => return Err(AttachError::Exists(path.to_string())),
+        other => other?,
+    };
+    // The listing just taken is the attached directory's first import (no second LIST at
+    // the first access).
+    meta.import_listing(a.ino, &listing)?;
+    Ok(a)
 }
 
 /// The attachment whose directory is `path`.

@@ -114,7 +114,8 @@ impl Vfs {
             match source::refresh_dir(&self.meta, dir, &state, src.as_ref()) {
                 Ok(s) if !s.unchanged => {
                     tracing::info!(volume = %self.format.name, path = %self.path(dir), source = %src.describe(),
-                        added = s.added, updated = s.updated, removed = s.removed, "imported a source listing");
+                        prefix = %state.prefix, added = s.added, updated = s.updated, removed = s.removed,
+                        "imported a source listing");
                     self.attached.lock().files.clear();
                 }
                 Ok(_) => {}
