@@ -92,6 +92,21 @@ enum Cmd {
     /// directory of the volume: its objects become read-only files there, read through
     /// the caches without copying. Also: --sync (list it again now), --list.
     Attach(Box<AttachArgs>),
+    /// Write the whole metadata of a volume as JSON lines (a consistent snapshot, taken while
+    /// mounts keep working), to move it to another metadata engine with `strata load`.
+    Dump {
+        meta_url: String,
+        /// Write here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Load a `strata dump` into an empty metadata URL (SQLite file or PostgreSQL database);
+    /// then mount the volume from there (the objects stay where they are).
+    Load {
+        meta_url: String,
+        /// Read from this file instead of standard input.
+        input: Option<PathBuf>,
+    },
     /// Remove the directory of an attached source (the source's objects are not touched).
     Detach {
         meta_url: String,
@@ -703,6 +718,67 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Info { path } => info(&path),
         Cmd::Quota { cmd } => quota_cmd(cmd),
         Cmd::Attach(a) => attach_cmd(*a),
+        Cmd::Dump { meta_url, output } => {
+            let engine = open_engine(&meta_url)?;
+            let t0 = std::time::Instant::now();
+            let mut progress = |s: &strata::meta::dump::DumpStats| {
+                eprintln!("dump: {} records ({} inodes) so far", s.records, s.nodes)
+            };
+            let stats = match &output {
+                Some(p) => {
+                    let f = std::fs::File::create(p)
+                        .with_context(|| format!("--output {}", p.display()))?;
+                    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                    let s = strata::meta::dump::dump(engine.as_ref(), &mut w, &mut progress)?;
+                    w.into_inner()
+                        .map_err(|e| anyhow::anyhow!("--output {}: {e}", p.display()))?
+                        .sync_all()?;
+                    s
+                }
+                None => {
+                    let stdout = std::io::stdout();
+                    let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+                    strata::meta::dump::dump(engine.as_ref(), &mut w, &mut progress)?
+                }
+            };
+            eprintln!(
+                "dumped {} records: {} inodes, {} entries, {} slices in {:.1} s",
+                stats.records,
+                stats.nodes,
+                stats.edges,
+                stats.slices,
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Cmd::Load { meta_url, input } => {
+            let engine = open_engine(&meta_url)?;
+            let t0 = std::time::Instant::now();
+            let mut progress =
+                |s: &strata::meta::dump::DumpStats| eprintln!("load: {} records so far", s.records);
+            let stats = match &input {
+                Some(p) => {
+                    let f = std::fs::File::open(p).with_context(|| format!("{}", p.display()))?;
+                    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+                    strata::meta::dump::load(engine.as_ref(), &mut r, &mut progress)?
+                }
+                None => {
+                    let stdin = std::io::stdin();
+                    let mut r = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
+                    strata::meta::dump::load(engine.as_ref(), &mut r, &mut progress)?
+                }
+            };
+            eprintln!(
+                "loaded {} records: {} inodes, {} entries, {} slices in {:.1} s into {}",
+                stats.records,
+                stats.nodes,
+                stats.edges,
+                stats.slices,
+                t0.elapsed().as_secs_f64(),
+                redact_url(&meta_url)
+            );
+            Ok(())
+        }
         Cmd::Detach { meta_url, path } => {
             let meta = Meta::new(
                 open_engine(&meta_url)?,

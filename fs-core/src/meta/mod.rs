@@ -17,6 +17,7 @@ mod sqlite;
 mod tests;
 
 pub mod conformance;
+pub mod dump;
 
 pub use external::{DirState, ExtFile, ImportStats, RESERVED_XATTR_PREFIX};
 pub(crate) use fs::check_not_source;
