@@ -11,8 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
@@ -21,6 +20,7 @@ use bytes::Bytes;
 use strata::object::{ObjectStore, S3Store};
 use strata::testing::mount::{self, TestMount};
 use strata::testing::seaweedfs::{SeaweedFs, skip_s3};
+use strata::testing::{free_port, metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_strata");
 const MIB: usize = 1 << 20;
@@ -33,26 +33,6 @@ fn pattern(seed: u32, len: usize) -> Vec<u8> {
     (0..len as u32)
         .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
         .collect()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn metric(port: u16, prefix: &str) -> u64 {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 fn source_ops(ports: &[u16], op: &str) -> u64 {

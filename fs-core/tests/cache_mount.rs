@@ -4,13 +4,13 @@
 //! and `strata warmup` fills the cache.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use strata::testing::mount::{self, TestMount};
+use strata::testing::{free_port, metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_strata");
 const MIB: usize = 1 << 20;
@@ -47,27 +47,6 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| ((i / 4096) as u8).wrapping_mul(31) ^ (i as u8) ^ seed)
         .collect()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A counter of a mount's /metrics (sum over label sets matching `prefix`).
-fn metric(port: u16, prefix: &str) -> u64 {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 fn gets(port: u16) -> u64 {

@@ -178,22 +178,7 @@ impl Meta {
             a.id = id;
             a.ino = ino;
             let now = now_ns();
-            let node = Node {
-                ino,
-                kind: FileKind::Dir,
-                mode: 0o555,
-                uid: 0,
-                gid: 0,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                nlink: 2,
-                length: 4096,
-                rdev: id,
-                parent,
-                seq: 0,
-                masks: vec![],
-            };
+            let node = source_node(ino, FileKind::Dir, id, parent, 4096, now, now);
             tx.put_node(&node)?;
             tx.put_edge(
                 parent,
@@ -448,41 +433,19 @@ impl Meta {
             let (kind, node) = match w {
                 Want::File(o) => (
                     FileKind::File,
-                    Node {
+                    source_node(
                         ino,
-                        kind: FileKind::File,
-                        mode: 0o444,
-                        uid: 0,
-                        gid: 0,
-                        atime: o.mtime_ns,
-                        mtime: o.mtime_ns,
-                        ctime: now,
-                        nlink: 1,
-                        length: o.size,
-                        rdev: state.attach,
-                        parent: dir,
-                        seq: 0,
-                        masks: vec![],
-                    },
+                        FileKind::File,
+                        state.attach,
+                        dir,
+                        o.size,
+                        o.mtime_ns,
+                        now,
+                    ),
                 ),
                 Want::Dir(_) => (
                     FileKind::Dir,
-                    Node {
-                        ino,
-                        kind: FileKind::Dir,
-                        mode: 0o555,
-                        uid: 0,
-                        gid: 0,
-                        atime: now,
-                        mtime: now,
-                        ctime: now,
-                        nlink: 2,
-                        length: 4096,
-                        rdev: state.attach,
-                        parent: dir,
-                        seq: 0,
-                        masks: vec![],
-                    },
+                    source_node(ino, FileKind::Dir, state.attach, dir, 4096, now, now),
                 ),
             };
             tx.put_node(&node)?;
@@ -532,6 +495,36 @@ impl Meta {
         }
         Self::account(tx, 0, inodes)?;
         Ok(Ok(stats))
+    }
+}
+
+/// A node imported from (or the directory of) attachment `attach`: read-only, owned by root,
+/// marked by `rdev`.
+fn source_node(
+    ino: Ino,
+    kind: FileKind,
+    attach: u32,
+    parent: Ino,
+    length: u64,
+    mtime: i64,
+    now: i64,
+) -> Node {
+    let dir = kind == FileKind::Dir;
+    Node {
+        ino,
+        kind,
+        mode: if dir { 0o555 } else { 0o444 },
+        uid: 0,
+        gid: 0,
+        atime: mtime,
+        mtime,
+        ctime: now,
+        nlink: if dir { 2 } else { 1 },
+        length,
+        rdev: attach,
+        parent,
+        seq: 0,
+        masks: vec![],
     }
 }
 

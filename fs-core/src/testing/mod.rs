@@ -317,3 +317,27 @@ pub fn mem_vfs(
     m.new_session("test").expect("session");
     crate::vfs::Vfs::new(m, store, fmt, metrics, vfs)
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a server the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+}
+
+/// The sum of the samples of a Prometheus endpoint on 127.0.0.1:`port` whose line starts
+/// with `prefix` (e.g. `strata_object_requests_total{op="get"}`).
+pub fn metric(port: u16, prefix: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("metrics on 127.0.0.1:{port}: {e}"));
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap_or_else(|e| panic!("metrics on 127.0.0.1:{port}: {e}"));
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
