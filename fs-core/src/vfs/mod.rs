@@ -107,6 +107,10 @@ pub enum VfsError {
 
 pub type Result<T> = std::result::Result<T, VfsError>;
 
+/// Files whose attributes at their last open are remembered (to let the kernel keep their
+/// page cache when they did not change).
+const OPENED_ATTRS_MAX: usize = 1 << 20;
+
 /// Most bytes asked of the kernel's page cache ahead of one reader of a store's files.
 const DIRECT_READAHEAD: u64 = 16 << 20;
 
@@ -511,6 +515,11 @@ impl Vfs {
         self.invalidate(ino);
         let keep = {
             let mut opened = self.opened_attrs.lock();
+            if opened.len() >= OPENED_ATTRS_MAX && !opened.contains_key(&ino) {
+                // Bounded (a gateway or a crawler opens millions of files): forgetting
+                // only costs the kernel's page cache of files opened long ago.
+                opened.clear();
+            }
             let keep = opened.get(&ino) == Some(&(n.mtime, n.length));
             opened.insert(ino, (n.mtime, n.length));
             keep
