@@ -6,6 +6,7 @@ pub mod chunk;
 pub mod fuse;
 pub mod fusefd;
 pub mod gateway;
+pub mod gc;
 pub mod meta;
 pub mod metrics;
 pub mod mount;

@@ -107,6 +107,21 @@ enum Cmd {
         /// Read from this file instead of standard input.
         input: Option<PathBuf>,
     },
+    /// Find block objects no metadata refers to (left by clients killed before they
+    /// committed) and, with --delete, delete them. A dry run first is the default.
+    Gc {
+        meta_url: String,
+        /// Delete the orphans found (default: only count and list them).
+        #[arg(long)]
+        delete: bool,
+        /// Leave objects younger than this alone (writers commit theirs within seconds):
+        /// e.g. 30m, 1h, 2d.
+        #[arg(long, default_value = "1h")]
+        min_age: String,
+        /// Parallel deletes.
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+    },
     /// Remove the directory of an attached source (the source's objects are not touched).
     Detach {
         meta_url: String,
@@ -718,6 +733,68 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Info { path } => info(&path),
         Cmd::Quota { cmd } => quota_cmd(cmd),
         Cmd::Attach(a) => attach_cmd(*a),
+        Cmd::Gc {
+            meta_url,
+            delete,
+            min_age,
+            threads,
+        } => {
+            let min_age = std::time::Duration::from_secs(
+                parse_secs(&min_age).map_err(|e| anyhow::anyhow!("--min-age: {e}"))?,
+            );
+            let vol = strata::volume::open(
+                &meta_url,
+                Arc::new(Metrics::new()),
+                MetaSettings::default(),
+                strata::object::RetrySettings::default(),
+                true,
+            )?;
+            let settings = strata::gc::GcSettings {
+                delete,
+                min_age,
+                threads,
+            };
+            let t0 = std::time::Instant::now();
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut progress = |what: &str, n: u64| {
+                if tty {
+                    eprint!("\rgc: {what} {n} objects   ");
+                }
+            };
+            let r = strata::gc::gc(
+                &vol.meta,
+                vol.store.as_ref(),
+                &vol.format.name,
+                &settings,
+                &mut progress,
+            )?;
+            if tty {
+                eprintln!();
+            }
+            for k in &r.sample {
+                println!("orphan: {k}");
+            }
+            println!(
+                "gc of volume {}: {} block objects listed, {} referenced, {} queued for deletion, {} younger than --min-age, {} orphans ({} bytes){}; {} other objects left alone; {:.1} s",
+                vol.format.name,
+                r.listed,
+                r.referenced,
+                r.queued,
+                r.young,
+                r.orphans,
+                r.orphan_bytes,
+                if delete {
+                    format!(", {} deleted", r.deleted)
+                } else if r.orphans > 0 {
+                    " — run again with --delete to delete them".to_string()
+                } else {
+                    String::new()
+                },
+                r.foreign,
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Cmd::Dump { meta_url, output } => {
             let engine = open_engine(&meta_url)?;
             let t0 = std::time::Instant::now();

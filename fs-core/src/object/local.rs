@@ -337,7 +337,11 @@ impl LocalStore {
                 }
             } else if key.starts_with(prefix) && start_after.is_none_or(|s| key.as_str() > s) {
                 match fs::metadata(&path) {
-                    Ok(m) => out.push(ObjectInfo { key, size: m.len() }),
+                    Ok(m) => out.push(ObjectInfo {
+                        key,
+                        size: m.len(),
+                        modified: mtime_secs(&m),
+                    }),
                     Err(e) if e.kind() == ErrorKind::NotFound => {} // deleted meanwhile
                     Err(e) => return Err(e),
                 }
@@ -503,6 +507,7 @@ impl ObjectStore for LocalStore {
         Ok(ObjectInfo {
             key: key.to_string(),
             size: meta.len(),
+            modified: mtime_secs(&meta),
         })
     }
 
@@ -519,6 +524,12 @@ impl ObjectStore for LocalStore {
         }
         Ok(out)
     }
+}
+
+/// Modification time of a file, unix seconds.
+fn mtime_secs(m: &fs::Metadata) -> Option<i64> {
+    use std::os::unix::fs::MetadataExt;
+    Some(m.mtime())
 }
 
 #[cfg(test)]

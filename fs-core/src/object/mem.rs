@@ -74,6 +74,7 @@ impl ObjectStore for MemStore {
         Ok(ObjectInfo {
             key: key.to_string(),
             size: data.len() as u64,
+            modified: None,
         })
     }
 
@@ -95,6 +96,7 @@ impl ObjectStore for MemStore {
             .map(|(k, v)| ObjectInfo {
                 key: k.clone(),
                 size: v.len() as u64,
+                modified: None,
             })
             .collect())
     }

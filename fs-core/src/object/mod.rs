@@ -33,6 +33,9 @@ pub struct ObjectInfo {
     pub key: String,
     /// Size in bytes.
     pub size: u64,
+    /// Last modification, unix seconds, where the store tells (`strata gc` leaves objects
+    /// younger than its `--min-age` alone).
+    pub modified: Option<i64>,
 }
 
 /// Errors of an object store. `Transient` errors are retried by [`RetryStore`]; the others are

@@ -549,6 +549,7 @@ impl ObjectStore for S3Store {
         Ok(ObjectInfo {
             key: key.to_string(),
             size: out.content_length().unwrap_or(0).max(0) as u64,
+            modified: out.last_modified().map(|t| t.secs()),
         })
     }
 
@@ -591,6 +592,7 @@ impl ObjectStore for S3Store {
                     out.push(ObjectInfo {
                         key: key.to_string(),
                         size: obj.size().unwrap_or(0).max(0) as u64,
+                        modified: obj.last_modified().map(|t| t.secs()),
                     });
                 }
             }
