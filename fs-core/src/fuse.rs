@@ -571,6 +571,7 @@ impl Filesystem for StrataFs {
             self.vfs.path(i)
         }) {
             Ok(data) => {
+                self.vfs.metrics.fuse_bytes(false, data.len() as u64);
                 reply.data(&data);
             }
             Err(no) => reply.error(no),
@@ -597,6 +598,7 @@ impl Filesystem for StrataFs {
             self.vfs.path(i)
         }) {
             Ok(n) => {
+                self.vfs.metrics.fuse_bytes(true, n as u64);
                 reply.written(n as u32);
             }
             Err(no) => reply.error(no),

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod mount;
 pub mod object;
 pub mod source;
+pub mod stats;
 pub mod testing;
 pub mod tls;
 pub mod vfs;

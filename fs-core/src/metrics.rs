@@ -19,6 +19,7 @@ pub mod names {
     pub const FUSE_OPS: &str = "strata_fuse_ops";
     pub const FUSE_OP_SECONDS: &str = "strata_fuse_op_seconds";
     pub const FUSE_ERRORS: &str = "strata_fuse_errors";
+    pub const FUSE_BYTES: &str = "strata_fuse_bytes";
     pub const OBJECT_REQUESTS: &str = "strata_object_requests";
     pub const OBJECT_ERRORS: &str = "strata_object_errors";
     pub const OBJECT_BYTES: &str = "strata_object_bytes";
@@ -82,6 +83,7 @@ pub struct Metrics {
     source_requests: Family<Labels, Counter>,
     source_errors: Family<Labels, Counter>,
     source_bytes: Counter,
+    fuse_bytes: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -260,7 +262,14 @@ impl Metrics {
             "Bytes read from attached sources",
             source_bytes.clone(),
         );
+        let fuse_bytes = Family::<Labels, Counter>::default();
+        registry.register(
+            names::FUSE_BYTES,
+            "Bytes read and written by applications through FUSE, by direction (read/write)",
+            fuse_bytes.clone(),
+        );
         Metrics {
+            fuse_bytes,
             source_requests,
             source_errors,
             source_bytes,
@@ -314,6 +323,24 @@ impl Metrics {
         if !ok {
             self.object_errors.get_or_create(&labels).inc();
         }
+    }
+
+    /// Bytes an application read or wrote through FUSE.
+    pub fn fuse_bytes(&self, write: bool, n: u64) {
+        let dir = if write { "write" } else { "read" };
+        self.fuse_bytes
+            .get_or_create(&vec![("direction", dir.to_string())])
+            .inc_by(n);
+    }
+
+    /// The registry as Prometheus text without histogram buckets (sums and counts stay):
+    /// small enough for an extended attribute (`strata stats`).
+    pub fn encode_compact(&self) -> String {
+        self.encode()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.contains("_bucket{"))
+            .flat_map(|l| [l, "\n"])
+            .collect()
     }
 
     /// A request to an attached source (`list` or `get`), and the bytes it delivered.

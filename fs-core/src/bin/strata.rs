@@ -122,6 +122,19 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         threads: usize,
     },
+    /// What a mount is doing, one line per interval: FUSE operations and latency, bytes read
+    /// and written, object GETs/PUTs and bytes, cache hit ratio and peer hits, buffer and
+    /// cache use, metadata transactions, latency and retries.
+    Stats {
+        /// The mount point, or any path inside the mount.
+        path: PathBuf,
+        /// Seconds between lines.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many lines (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
     /// Remove the directory of an attached source (the source's objects are not touched).
     Detach {
         meta_url: String,
@@ -733,6 +746,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Info { path } => info(&path),
         Cmd::Quota { cmd } => quota_cmd(cmd),
         Cmd::Attach(a) => attach_cmd(*a),
+        Cmd::Stats {
+            path,
+            interval,
+            count,
+        } => stats_cmd(&path, interval, count),
         Cmd::Gc {
             meta_url,
             delete,
@@ -1118,10 +1136,11 @@ fn status(meta_url: &str) -> Result<()> {
     Ok(())
 }
 
-fn info(path: &std::path::Path) -> Result<()> {
+/// The value of extended attribute `name` of `path` (up to 1 MiB).
+fn get_xattr(path: &std::path::Path, name: &[u8]) -> Result<Vec<u8>> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let name = std::ffi::CString::new(strata::vfs::Vfs::INFO_XATTR)?;
+    let name = std::ffi::CString::new(name)?;
     let mut buf = vec![0u8; 1 << 20];
     // SAFETY: valid C strings and a buffer of the given length.
     let n = unsafe {
@@ -1140,6 +1159,43 @@ fn info(path: &std::path::Path) -> Result<()> {
         bail!("{} is not inside a strata mount ({e})", path.display());
     }
     buf.truncate(n as usize);
+    Ok(buf)
+}
+
+fn stats_cmd(path: &std::path::Path, interval: f64, count: u64) -> Result<()> {
+    use strata::stats::{METRICS_XATTR, Sample, header, line};
+    if !interval.is_finite() || interval <= 0.0 {
+        bail!("--interval {interval}: give a positive number of seconds");
+    }
+    let read = || -> Result<Sample> {
+        let text = String::from_utf8_lossy(&get_xattr(path, METRICS_XATTR)?).to_string();
+        Ok(Sample::parse(&text, std::time::Instant::now()))
+    };
+    let mut prev = read()?;
+    println!("{}", header());
+    let mut n = 0;
+    while count == 0 || n < count {
+        std::thread::sleep(std::time::Duration::from_secs_f64(interval));
+        let cur = read()?;
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let clock = format!(
+            "{:02}:{:02}:{:02}",
+            secs / 3600 % 24,
+            secs / 60 % 60,
+            secs % 60
+        );
+        println!("{}", line(&prev, &cur, &clock));
+        prev = cur;
+        n += 1;
+    }
+    Ok(())
+}
+
+fn info(path: &std::path::Path) -> Result<()> {
+    let buf = get_xattr(path, strata::vfs::Vfs::INFO_XATTR)?;
     println!("{}", String::from_utf8_lossy(&buf));
     Ok(())
 }

@@ -1090,6 +1090,9 @@ impl Vfs {
         if name == Self::INFO_XATTR {
             return self.info(ino);
         }
+        if name == crate::stats::METRICS_XATTR {
+            return Ok(self.metrics.encode_compact().into_bytes());
+        }
         if let Some(v) = self.cache_xattr(ino, name) {
             return v;
         }
