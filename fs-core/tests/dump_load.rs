@@ -108,6 +108,23 @@ fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
 }
 
+/// `strata load URL` fed through a pipe, as `strata dump A | strata load B` would.
+fn load_from_stdin(url: &str, dump: &[u8]) {
+    let mut child = Command::new(BIN)
+        .args(["load", url])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(dump).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn a_volume_moves_from_sqlite_to_postgresql_and_back_through_dump_and_load() {
     let dir = tempfile::tempdir().unwrap();
@@ -185,24 +202,7 @@ fn a_volume_moves_from_sqlite_to_postgresql_and_back_through_dump_and_load() {
     // Into PostgreSQL (a throwaway server), via standard input as a pipe would.
     let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
     let dst = pg.new_database();
-    let mut child = Command::new(BIN)
-        .args(["load", &dst])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&fs::read(&dump).unwrap())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    load_from_stdin(&dst, &fs::read(&dump).unwrap());
     let report = ok(&["fsck", &dst]);
     assert!(report.contains("0 problems"), "{report}");
     assert!(ok(&["quota", "get", &dst, "--path", "/team"]).contains("1073741824"));
@@ -244,24 +244,7 @@ fn a_volume_moves_from_sqlite_to_postgresql_and_back_through_dump_and_load() {
     // A dump of the copy loads into a new SQLite file just the same.
     let dump2 = ok(&["dump", &dst]);
     let back = format!("sqlite://{}/back.db", dir.path().display());
-    let mut child = Command::new(BIN)
-        .args(["load", &back])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(dump2.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    load_from_stdin(&back, dump2.as_bytes());
     let back_m = TestMount::new(BIN, &back, &dir.path().join("back"), &["--cache-size", "0"]);
     assert_eq!(
         fs::read(back_m.path.join("team/after-move.txt")).unwrap(),

@@ -836,14 +836,7 @@ fn run(cli: Cli) -> Result<()> {
                     strata::meta::dump::dump(engine.as_ref(), &mut w, &mut progress)?
                 }
             };
-            eprintln!(
-                "dumped {} records: {} inodes, {} entries, {} slices in {:.1} s",
-                stats.records,
-                stats.nodes,
-                stats.edges,
-                stats.slices,
-                t0.elapsed().as_secs_f64()
-            );
+            eprintln!("dumped {stats} in {:.1} s", t0.elapsed().as_secs_f64());
             Ok(())
         }
         Cmd::Load { meta_url, input } => {
@@ -864,11 +857,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             eprintln!(
-                "loaded {} records: {} inodes, {} entries, {} slices in {:.1} s into {}",
-                stats.records,
-                stats.nodes,
-                stats.edges,
-                stats.slices,
+                "loaded {stats} in {:.1} s into {}",
                 t0.elapsed().as_secs_f64(),
                 redact_url(&meta_url)
             );

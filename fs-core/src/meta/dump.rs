@@ -58,6 +58,16 @@ pub struct DumpStats {
     pub slices: u64,
 }
 
+impl std::fmt::Display for DumpStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} records: {} inodes, {} entries, {} slices",
+            self.records, self.nodes, self.edges, self.slices
+        )
+    }
+}
+
 fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
