@@ -70,9 +70,16 @@ fn valid_key(key: &str) -> bool {
 pub fn encode(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + TRAILER);
     out.extend_from_slice(data);
-    out.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
-    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&trailer(data));
     out
+}
+
+/// The trailer of a cache file holding `data`: CRC-32C (little endian) and the magic.
+fn trailer(data: &[u8]) -> [u8; TRAILER] {
+    let mut t = [0u8; TRAILER];
+    t[..4].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
+    t[4..].copy_from_slice(MAGIC);
+    t
 }
 
 /// Decode a cache file body of a block of `len` bytes; `None` if it does not verify.
@@ -268,7 +275,9 @@ impl DiskCache {
         let path = d.path(key);
         let res = (|| {
             let mut f = File::create(&tmp)?;
-            f.write_all(&encode(data))?;
+            // The block, then its trailer (`encode` without copying the block).
+            f.write_all(data)?;
+            f.write_all(&trailer(data))?;
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent)?;
             }
