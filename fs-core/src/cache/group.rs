@@ -643,6 +643,22 @@ fn respond(w: &mut impl Write, status: &str, body: &[u8], hot: bool) -> std::io:
     w.flush()
 }
 
+/// The answer to a failed fetch: 404 when the store has no such block, else 503 (the asker
+/// reads the store itself).
+fn respond_error(w: &mut impl Write, e: &crate::vfs::reader::FetchError) -> std::io::Result<()> {
+    match e {
+        crate::vfs::reader::FetchError::Missing(_) => {
+            respond(w, "404 Not Found", b"block missing\n", false)
+        }
+        e => respond(
+            w,
+            "503 Service Unavailable",
+            e.to_string().as_bytes(),
+            false,
+        ),
+    }
+}
+
 fn serve_conn(conn: TcpStream, group: Weak<Group>, reader: Weak<BlockReader>) {
     let _ = conn.set_nodelay(true);
     // Idle keep-alive connections are closed after a while.
@@ -725,15 +741,7 @@ fn serve_conn(conn: TcpStream, group: Weak<Group>, reader: Weak<BlockReader>) {
                     "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Strata-Warm: {state}\r\n\r\n"
                 )
                 .and_then(|_| w.flush()),
-                Err(crate::vfs::reader::FetchError::Missing(_)) => {
-                    respond(&mut w, "404 Not Found", b"block missing\n", false)
-                }
-                Err(e) => respond(
-                    &mut w,
-                    "503 Service Unavailable",
-                    e.to_string().as_bytes(),
-                    false,
-                ),
+                Err(e) => respond_error(&mut w, &e),
             };
             if sent.is_err() {
                 return;
@@ -749,15 +757,7 @@ fn serve_conn(conn: TcpStream, group: Weak<Group>, reader: Weak<BlockReader>) {
                 g.metrics.cache_peer_served();
                 respond(&mut w, "200 OK", &b, hot)
             }
-            Err(crate::vfs::reader::FetchError::Missing(_)) => {
-                respond(&mut w, "404 Not Found", b"block missing\n", false)
-            }
-            Err(e) => respond(
-                &mut w,
-                "503 Service Unavailable",
-                e.to_string().as_bytes(),
-                false,
-            ),
+            Err(e) => respond_error(&mut w, &e),
         };
         if sent.is_err() {
             return;
