@@ -230,6 +230,9 @@ impl BlockReader {
 
     /// Where block `key` of an attached file comes from, if known here.
     pub fn origin(&self, key: &str) -> Option<Origin> {
+        if !is_ext_key(key) {
+            return None;
+        }
         self.origins.lock().get(key).cloned()
     }
 
