@@ -468,6 +468,57 @@ fn boto3_reads_ranges_heads_presigns_and_gets_s3_error_codes() {
     assert!(!log.contains("Signature="), "no signatures in the log");
 }
 
+/// botocore sends `Expect: 100-continue` with every PUT body, an empty one too. It then
+/// keeps the status of an answer that came without a 100 Continue for the connection's
+/// next such request, reads that request's status line as a header, and waits for the
+/// connection to close (then fails with `'ETag'`, or times out).
+const BOTO3_EXPECT_SCRIPT: &str = r#"
+import io, os, hashlib
+import boto3
+from botocore.config import Config
+
+ep, bucket = os.environ["GW_ENDPOINT"], os.environ["GW_BUCKET"]
+# One connection, no retries, and a read timeout well below the gateway's idle timeout.
+s3 = boto3.client("s3", endpoint_url=ep, region_name="us-east-1",
+                  config=Config(max_pool_connections=1, read_timeout=5, connect_timeout=5,
+                                retries={"total_max_attempts": 1}))
+body = b"after an empty object" * 5000
+for i in range(3):
+    s3.put_object(Bucket=bucket, Key="e/empty-%d" % i, Body=io.BytesIO(b""))
+    r = s3.put_object(Bucket=bucket, Key="e/next-%d" % i, Body=io.BytesIO(body))
+    assert r["ETag"] == '"%s"' % hashlib.md5(body).hexdigest(), r
+up = s3.create_multipart_upload(Bucket=bucket, Key="e/parts")
+s3.put_object(Bucket=bucket, Key="e/empty-last", Body=io.BytesIO(b""))
+part = s3.upload_part(Bucket=bucket, Key="e/parts", UploadId=up["UploadId"], PartNumber=1,
+                      Body=io.BytesIO(body))
+s3.complete_multipart_upload(Bucket=bucket, Key="e/parts", UploadId=up["UploadId"],
+                             MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]})
+assert s3.get_object(Bucket=bucket, Key="e/parts")["Body"].read() == body
+print("expect ok")
+"#;
+
+#[test]
+fn boto3_writes_after_an_empty_put_on_the_same_connection() {
+    require_python_module("boto3");
+    let v = Vol::new("expect", &[]);
+    let home = v.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    let g = v.gateway("a", &[]);
+    let mut c = Command::new("python3");
+    aws_env(&mut c, &home);
+    c.args(["-c", BOTO3_EXPECT_SCRIPT])
+        .env("GW_ENDPOINT", g.endpoint())
+        .env("GW_BUCKET", &g.bucket);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "boto3 script failed:\n{}\n{}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        g.log_text()
+    );
+}
+
 fn client(g: &TestGateway, secret: &str) -> Client {
     let conf = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())

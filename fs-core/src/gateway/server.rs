@@ -543,6 +543,11 @@ impl Gateway {
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.trim() != "0");
+        let expect_continue = parts
+            .headers
+            .get(header::EXPECT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
         let res = match target {
             Err(e) => Err(e),
             Ok(_) => {
@@ -609,7 +614,14 @@ impl Gateway {
         }
         // An error may come before (or instead of) reading the request body: whatever is
         // left of it must not be taken for the next request of the connection.
-        if has_body && !reply.status.is_success() {
+        // A final answer to `Expect: 100-continue` that comes without a 100 Continue (hyper
+        // sends none for an empty body; an error comes before the body is read) leaves
+        // botocore's connection expecting that status line again for its next request (it
+        // then takes the next answer's status line for a header and waits for the
+        // connection to close: "'ETag'" errors after a minute). Closing the connection
+        // resets it.
+        let early_answer = expect_continue && (!has_body || !reply.status.is_success());
+        if early_answer || (has_body && !reply.status.is_success()) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
