@@ -46,6 +46,20 @@ struct Dir {
     last_low_space_warning: Mutex<Option<Instant>>,
     /// (free, total) bytes of the file system at a path: `fs_space`, replaced in tests.
     space: fn(&Path) -> Option<(u64, u64)>,
+    /// Until the startup scan is done: the keys this process stored, evicted or removed.
+    /// The scan leaves them alone (file times are too coarse to tell a block written right
+    /// after the mount from an older one; restoring one this process evicted would index a
+    /// block that is gone).
+    own: Mutex<Option<std::collections::HashSet<String>>>,
+}
+
+impl Dir {
+    /// Note keys this process changed while the startup scan may still run.
+    fn note_own<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        if let Some(own) = self.own.lock().as_mut() {
+            own.extend(keys.into_iter().map(str::to_string));
+        }
+    }
 }
 
 /// The disk tier: a set of cache directories, a block maps to one by hash.
@@ -148,6 +162,7 @@ impl DiskCache {
                 low_space: AtomicBool::new(false),
                 last_low_space_warning: Mutex::new(None),
                 space,
+                own: Mutex::new(Some(Default::default())),
             }));
         }
         let cache = Arc::new(DiskCache {
@@ -224,8 +239,12 @@ impl DiskCache {
             None => {
                 tracing::warn!(key, path = %path.display(), "cached block failed verification, dropping it");
                 self.metrics.cache_corrupt();
+                {
+                    let mut idx = d.index.lock();
+                    d.note_own([key]);
+                    idx.remove(key);
+                }
                 let _ = fs::remove_file(&path);
-                d.index.lock().remove(key);
                 self.report_bytes();
                 None
             }
@@ -287,7 +306,13 @@ impl DiskCache {
             let _ = fs::remove_file(&tmp);
             return res;
         }
-        let evicted = d.index.lock().insert(key, size);
+        let evicted = {
+            // Noted under the index lock, which the startup scan holds while it restores.
+            let mut idx = d.index.lock();
+            let ev = idx.insert(key, size);
+            d.note_own(std::iter::once(key).chain(ev.iter().map(String::as_str)));
+            ev
+        };
         for k in &evicted {
             let _ = fs::remove_file(d.path(k));
         }
@@ -302,8 +327,12 @@ impl DiskCache {
             return;
         }
         let d = self.dir(key);
+        {
+            let mut idx = d.index.lock();
+            d.note_own([key]);
+            idx.remove(key);
+        }
         let _ = fs::remove_file(d.path(key));
-        d.index.lock().remove(key);
     }
 
     /// Wait for queued writes.
@@ -325,7 +354,9 @@ impl Dir {
         let evicted = {
             let mut idx = self.index.lock();
             let target = idx.cap().saturating_sub(incoming);
-            idx.evict_to(target)
+            let ev = idx.evict_to(target);
+            self.note_own(ev.iter().map(String::as_str));
+            ev
         };
         self.delete(&evicted, metrics);
         let due = {
@@ -348,7 +379,9 @@ impl Dir {
             let evicted = {
                 let mut idx = self.index.lock();
                 let target = idx.bytes().saturating_sub(want - free);
-                idx.evict_to(target)
+                let ev = idx.evict_to(target);
+                self.note_own(ev.iter().map(String::as_str));
+                ev
             };
             if !evicted.is_empty() {
                 self.delete(&evicted, metrics);
@@ -410,8 +443,11 @@ impl Dir {
         let n = found.len();
         let evicted = {
             let mut idx = self.index.lock();
+            // Taken under the index lock: a `put` or eviction notes its keys before it
+            // changes the index, so none is missed.
+            let own = self.own.lock().take().unwrap_or_default();
             for (_, k, size) in &found {
-                if !idx.contains(k) {
+                if !idx.contains(k) && !own.contains(k) {
                     idx.restore(k, *size);
                 }
             }
