@@ -194,19 +194,24 @@ pub fn block_signals() {
     }
 }
 
+/// Wait until one of the termination signals [`block_signals`] blocked arrives; returns it.
+pub fn wait_for_stop_signal() -> i32 {
+    // SAFETY: sigwait on a set built from constants.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+        sig
+    }
+}
+
 fn spawn_signal_handler(mountpoint: PathBuf) {
     let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        // SAFETY: sigwait on a set built from constants.
-        let sig = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::sigaddset(&mut set, s);
-            }
-            let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-            sig
-        };
+        let sig = wait_for_stop_signal();
         tracing::info!(signal = sig, mountpoint = %mountpoint.display(), "signal received, unmounting");
         if let Err(e) = unmount(&mountpoint, true) {
             tracing::error!(error = %e, "unmount on signal failed");
@@ -431,17 +436,7 @@ fn run_handover(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Resul
         let _ = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                // SAFETY: sigwait on a set built from constants.
-                let sig = unsafe {
-                    let mut set: libc::sigset_t = std::mem::zeroed();
-                    libc::sigemptyset(&mut set);
-                    for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                        libc::sigaddset(&mut set, s);
-                    }
-                    let mut sig = 0;
-                    libc::sigwait(&set, &mut sig);
-                    sig
-                };
+                let sig = wait_for_stop_signal();
                 tracing::info!(
                     signal = sig,
                     "signal received: flushing and leaving the mount to the next client"

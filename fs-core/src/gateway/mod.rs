@@ -103,17 +103,7 @@ fn spawn_signal_waiter(tx: watch::Sender<bool>) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            // SAFETY: sigwait on a set built from constants.
-            let sig = unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                    libc::sigaddset(&mut set, s);
-                }
-                let mut sig = 0;
-                libc::sigwait(&set, &mut sig);
-                sig
-            };
+            let sig = mount::wait_for_stop_signal();
             tracing::info!(signal = sig, "signal received, stopping the gateway");
             let _ = tx.send(true);
         });
