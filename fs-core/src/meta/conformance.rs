@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use super::{
-    CHUNK_SIZE, Ctx, FileKind, Format, Meta, MetaEngine, MetaError, MetaSettings, ROOT_INO, Slice,
+    CHUNK_SIZE, Ctx, FileKind, Format, Meta, MetaEngine, MetaError, MetaSettings, ROOT_INO,
+    SetAttr, Slice,
 };
 use crate::metrics::Metrics;
 use crate::object::StorageConfig;
@@ -60,6 +61,7 @@ const CASES: &[(&str, Case)] = &[
     ("locks", locks),
     ("fsck_repairs", fsck_repairs),
     ("quotas", quotas),
+    ("journal", journal),
 ];
 
 /// Run every case against fresh engines from `make`; panics with the case name on failure.
@@ -480,4 +482,63 @@ fn quotas(m: &Meta) {
     }
     m.delete_quota(u).unwrap();
     assert!(m.get_quota(u).unwrap().is_none());
+}
+
+fn journal(m: &Meta) {
+    let a = dir(m, ROOT_INO, "a");
+    let b = dir(m, ROOT_INO, "b");
+    let c = dir(m, ROOT_INO, "c");
+    let fb = file(m, b, "f");
+    let fc = file(m, c, "g");
+    let t0 = m.change_token().unwrap();
+    assert_eq!(m.changes_since(&t0, 100).unwrap().dirs, Vec::<u64>::new());
+    file(m, a, "new");
+    m.setxattr(fb, b"user.k", b"v", 0).unwrap();
+    let batch = m.changes_since(&t0, 100).unwrap();
+    // a (new entry), b (a child's xattr), the root (a's mtime); not c.
+    assert!(
+        batch.dirs.contains(&a) && batch.dirs.contains(&b),
+        "{batch:?}"
+    );
+    assert!(!batch.dirs.contains(&c), "{batch:?}");
+    assert!(
+        batch.dirs.iter().all(|d| [ROOT_INO, a, b].contains(d)),
+        "{batch:?}"
+    );
+    // Nothing after the returned token; a hard link makes the file multiply linked.
+    let t1 = batch.next.clone();
+    assert_eq!(m.changes_since(&t1, 100).unwrap().dirs, Vec::<u64>::new());
+    m.link(fc, a, b"g2").unwrap();
+    m.setattr(
+        fc,
+        &SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let batch = m.changes_since(&t1, 100).unwrap();
+    assert!(batch.dirs.contains(&a), "{batch:?}");
+    assert_eq!(batch.linked_files, vec![fc]);
+    // Limits, foreign and malformed tokens, trimming.
+    assert!(matches!(
+        m.changes_since(&t0, 1),
+        Err(MetaError::JournalTrimmed(_))
+    ));
+    assert!(matches!(
+        m.changes_since("0000000000000000.1", 100),
+        Err(MetaError::JournalTrimmed(_))
+    ));
+    assert!(matches!(
+        m.changes_since("nonsense", 100),
+        Err(MetaError::JournalTrimmed(_))
+    ));
+    assert!(m.trim_journal_before(i64::MAX).unwrap());
+    assert!(matches!(
+        m.changes_since(&t1, 100),
+        Err(MetaError::JournalTrimmed(_))
+    ));
+    let t2 = m.change_token().unwrap();
+    file(m, c, "after-trim");
+    assert!(m.changes_since(&t2, 100).unwrap().dirs.contains(&c));
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::journal::JournalTxn;
 use super::{
     CHUNK_SIZE, Entry, EntryNode, FileKind, Ino, LockRange, LockSet, MAX_NAME, MAX_SYMLINK,
     MAX_XATTR_VALUE, Mask, MetaEngine, MetaError, Node, RESERVED_XATTR_PREFIX, ROOT_INO, Result,
@@ -58,6 +59,8 @@ pub struct MetaSettings {
     /// and cleaned by the others (its locks released, its unlinked-but-open files deleted).
     /// Heartbeats are sent every fifth of it.
     pub session_timeout_secs: i64,
+    /// Days the change journal keeps its rows (0: forever), docs/FORMAT.md §15.
+    pub journal_days: f64,
 }
 
 impl Default for MetaSettings {
@@ -66,6 +69,7 @@ impl Default for MetaSettings {
             gc_grace_secs: 60,
             max_retries: 50,
             session_timeout_secs: 60,
+            journal_days: 7.0,
         }
     }
 }
@@ -124,7 +128,7 @@ struct IdRange {
 pub struct Meta {
     engine: Box<dyn MetaEngine>,
     metrics: Arc<Metrics>,
-    settings: MetaSettings,
+    pub(crate) settings: MetaSettings,
     sid: AtomicU64,
     inodes: Mutex<IdRange>,
     slices: Mutex<IdRange>,
@@ -251,7 +255,10 @@ impl Meta {
         loop {
             let res = (|| {
                 let mut tx = match write {
-                    Some(w) => self.engine.begin(w)?,
+                    Some(true) => {
+                        Box::new(JournalTxn::new(self.engine.begin(true)?)) as Box<dyn Txn + '_>
+                    }
+                    Some(false) => self.engine.begin(false)?,
                     None => self.engine.begin_single_read()?,
                 };
                 let v = f(&mut *tx)?;

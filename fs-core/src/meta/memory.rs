@@ -23,6 +23,9 @@ struct State {
     sustained: BTreeSet<(u64, Ino)>,
     locks: BTreeMap<(Ino, u64, u64), Vec<LockRange>>,
     quotas: BTreeMap<Ino, Quota>,
+    /// Change journal: (position, ino, kind, at).
+    journal: Vec<(u64, Ino, u8, i64)>,
+    journal_next: u64,
 }
 
 #[derive(Default)]
@@ -354,5 +357,38 @@ impl Txn for MemTxn<'_> {
     }
     fn list_quotas(&mut self) -> Result<Vec<Quota>> {
         Ok(self.s.quotas.values().copied().collect())
+    }
+    fn journal_append(&mut self, rows: &[(Ino, u8)], at: i64) -> Result<()> {
+        for (ino, kind) in rows {
+            self.s.journal_next += 1;
+            let pos = self.s.journal_next;
+            self.s.journal.push((pos, *ino, *kind, at));
+        }
+        Ok(())
+    }
+    fn journal_position(&mut self) -> Result<u64> {
+        Ok(self.s.journal_next + 1)
+    }
+    fn journal_since(&mut self, pos: u64, limit: usize) -> Result<Vec<(Ino, u8)>> {
+        let set: BTreeSet<(Ino, u8)> = self
+            .s
+            .journal
+            .iter()
+            .filter(|r| r.0 >= pos)
+            .map(|r| (r.1, r.2))
+            .collect();
+        Ok(set.into_iter().take(limit).collect())
+    }
+    fn journal_trim(&mut self, before: i64) -> Result<u64> {
+        let end = self
+            .s
+            .journal
+            .iter()
+            .filter(|r| r.3 < before)
+            .map(|r| r.0 + 1)
+            .max()
+            .unwrap_or(0);
+        self.s.journal.retain(|r| r.0 >= end);
+        Ok(end)
     }
 }

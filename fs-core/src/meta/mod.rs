@@ -8,6 +8,7 @@
 mod external;
 mod fs;
 mod fsck;
+mod journal;
 mod memory;
 mod postgres;
 mod postgres_tls;
@@ -23,6 +24,7 @@ pub use external::{DirState, ExtFile, ImportStats, RESERVED_XATTR_PREFIX};
 pub(crate) use fs::check_not_source;
 pub use fs::{Ctx, FORMAT_VERSION, Format, Meta, MetaSettings, SetAttr, StatFs, TimeSet, space_of};
 pub use fsck::FsckReport;
+pub use journal::ChangeBatch;
 pub use memory::MemEngine;
 pub use postgres::PostgresEngine;
 pub use sqlite::SqliteEngine;
@@ -295,6 +297,9 @@ pub enum MetaError {
     Format(String),
     #[error("metadata engine error: {0}")]
     Engine(String),
+    /// A change token the journal cannot answer (trimmed, another database, malformed).
+    #[error("change journal: {0}")]
+    JournalTrimmed(String),
 }
 
 pub type Result<T> = std::result::Result<T, MetaError>;
@@ -428,6 +433,16 @@ pub trait Txn {
     fn put_quota(&mut self, q: &Quota) -> Result<()>;
     fn delete_quota(&mut self, ino: Ino) -> Result<()>;
     fn list_quotas(&mut self) -> Result<Vec<Quota>>;
+
+    /// Change journal (docs/FORMAT.md §15): append rows `(ino, kind)` committed at `at` (ns).
+    fn journal_append(&mut self, rows: &[(Ino, u8)], at: i64) -> Result<()>;
+    /// The position the next committed row will have or exceed, as seen by this transaction.
+    fn journal_position(&mut self) -> Result<u64>;
+    /// Distinct `(ino, kind)` of rows at positions `>= pos`, at most `limit`.
+    fn journal_since(&mut self, pos: u64, limit: usize) -> Result<Vec<(Ino, u8)>>;
+    /// Delete rows committed before `before` (ns); returns the highest position deleted + 1
+    /// (0: none deleted).
+    fn journal_trim(&mut self, before: i64) -> Result<u64>;
 }
 
 /// Open the engine named by a metadata URL.

@@ -59,6 +59,11 @@ CREATE TABLE IF NOT EXISTS plock (ino BIGINT NOT NULL, sid BIGINT NOT NULL,
 CREATE INDEX IF NOT EXISTS plock_sid ON plock (sid);
 CREATE TABLE IF NOT EXISTS dirquota (ino BIGINT PRIMARY KEY, max_space BIGINT NOT NULL,
   max_inodes BIGINT NOT NULL, used_space BIGINT NOT NULL, used_inodes BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+  xid BIGINT NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
+  ino BIGINT NOT NULL, kind SMALLINT NOT NULL, at BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS journal_xid ON journal (xid);
+CREATE INDEX IF NOT EXISTS journal_at ON journal (at);
 ";
 
 /// One connection of the pool: a `tokio-postgres` client driven by a runtime of its own
@@ -975,6 +980,43 @@ impl Txn for PgTxn<'_> {
             .iter()
             .map(row_quota)
             .collect())
+    }
+    fn journal_append(&mut self, rows: &[(Ino, u8)], at: i64) -> Result<()> {
+        for (ino, kind) in rows {
+            self.exec(
+                "INSERT INTO journal (ino, kind, at) VALUES ($1, $2, $3)",
+                vec![Box::new(i(*ino)), Box::new(*kind as i16), Box::new(at)],
+            )?;
+        }
+        Ok(())
+    }
+    fn journal_position(&mut self) -> Result<u64> {
+        // Every transaction with a smaller id has ended (committed or aborted) in this
+        // snapshot: rows of the ones still running will have positions >= this.
+        let r = self.query(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            &[],
+        )?;
+        Ok(r.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
+    }
+    fn journal_since(&mut self, pos: u64, limit: usize) -> Result<Vec<(Ino, u8)>> {
+        let (p, l) = (i(pos), limit as i64);
+        Ok(self
+            .query(
+                "SELECT DISTINCT ino, kind FROM journal WHERE xid >= $1 ORDER BY ino, kind LIMIT $2",
+                &[&p, &l],
+            )?
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as Ino, r.get::<_, i16>(1) as u8))
+            .collect())
+    }
+    fn journal_trim(&mut self, before: i64) -> Result<u64> {
+        let r = self.query(
+            "WITH d AS (DELETE FROM journal WHERE at < $1 RETURNING xid)
+             SELECT COALESCE(MAX(xid) + 1, 0) FROM d",
+            &[&before],
+        )?;
+        Ok(r.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
     }
 }
 

@@ -63,6 +63,9 @@ CREATE TABLE IF NOT EXISTS plock (ino INTEGER NOT NULL, sid INTEGER NOT NULL,
 CREATE INDEX IF NOT EXISTS plock_sid ON plock (sid);
 CREATE TABLE IF NOT EXISTS dirquota (ino INTEGER PRIMARY KEY, max_space INTEGER NOT NULL,
   max_inodes INTEGER NOT NULL, used_space INTEGER NOT NULL, used_inodes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (pos INTEGER PRIMARY KEY AUTOINCREMENT, ino INTEGER NOT NULL,
+  kind INTEGER NOT NULL, at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS journal_at ON journal (at);
 ";
 
 fn open_conn(path: &str) -> Result<Connection> {
@@ -641,6 +644,49 @@ impl Txn for SqliteTxn<'_> {
             )
             .and_then(|mut s| s.query_map([], row_quota)?.collect())
             .map_err(sql_err)
+    }
+    fn journal_append(&mut self, rows: &[(Ino, u8)], at: i64) -> Result<()> {
+        for (ino, kind) in rows {
+            self.exec(
+                "INSERT INTO journal (ino, kind, at) VALUES (?1, ?2, ?3)",
+                params![*ino as i64, *kind as i64, at],
+            )?;
+        }
+        Ok(())
+    }
+    fn journal_position(&mut self) -> Result<u64> {
+        // AUTOINCREMENT keeps the highest position ever given in sqlite_sequence (the row
+        // appears with the first insert).
+        self.conn
+            .prepare_cached(
+                "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0) + 1",
+            )
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+            .map(|v| v as u64)
+            .map_err(sql_err)
+    }
+    fn journal_since(&mut self, pos: u64, limit: usize) -> Result<Vec<(Ino, u8)>> {
+        self.conn
+            .prepare_cached(
+                "SELECT DISTINCT ino, kind FROM journal WHERE pos >= ?1 ORDER BY ino, kind LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![pos as i64, limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)? as Ino, r.get::<_, i64>(1)? as u8))
+                })?
+                .collect()
+            })
+            .map_err(sql_err)
+    }
+    fn journal_trim(&mut self, before: i64) -> Result<u64> {
+        let max: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT MAX(pos) FROM journal WHERE at < ?1")
+            .and_then(|mut s| s.query_row(params![before], |r| r.get(0)))
+            .map_err(sql_err)?;
+        let Some(max) = max else { return Ok(0) };
+        self.exec("DELETE FROM journal WHERE pos <= ?1", params![max])?;
+        Ok(max as u64 + 1)
     }
 }
 

@@ -120,6 +120,10 @@ mod cost {
             fn put_quota(&mut self, q: &Quota) -> Result<()>;
             fn delete_quota(&mut self, ino: Ino) -> Result<()>;
             fn list_quotas(&mut self) -> Result<Vec<Quota>>;
+            fn journal_append(&mut self, rows: &[(Ino, u8)], at: i64) -> Result<()>;
+            fn journal_position(&mut self) -> Result<u64>;
+            fn journal_since(&mut self, pos: u64, limit: usize) -> Result<Vec<(Ino, u8)>>;
+            fn journal_trim(&mut self, before: i64) -> Result<u64>;
         }
     }
 

@@ -117,7 +117,15 @@ impl Vfs {
 
     fn cleaner_loop(self: Arc<Self>) {
         let mut sessions_checked = Instant::now();
+        // The change journal is trimmed at start and then every 10 minutes.
+        let mut journal_trimmed: Option<Instant> = None;
         while self.sleep(Duration::from_secs(1)) {
+            if journal_trimmed.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
+                journal_trimmed = Some(Instant::now());
+                if let Err(e) = self.meta.trim_journal() {
+                    tracing::warn!(volume = %self.volume(), error = %e, "trimming the change journal failed");
+                }
+            }
             if sessions_checked.elapsed() >= self.meta.heartbeat_interval() {
                 sessions_checked = Instant::now();
                 if let Err(e) = self.meta.cleanup_stale_sessions() {
