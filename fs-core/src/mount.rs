@@ -38,6 +38,8 @@ pub struct MountOptions {
     pub access_key: Option<String>,
     #[serde(skip)]
     pub secret_key: Option<String>,
+    /// Which store reads try first when the volume is mirrored.
+    pub prefer_store: crate::object::PreferStore,
 }
 
 impl Default for MountOptions {
@@ -51,8 +53,10 @@ impl Default for MountOptions {
             vfs: VfsSettings::default(),
             meta: MetaSettings::default(),
             fuse_fd_socket: None,
+            metrics_labels: Vec::new(),
             access_key: None,
             secret_key: None,
+            prefer_store: Default::default(),
         }
     }
 }
@@ -312,6 +316,7 @@ pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(),
         .new_session(&vfs.session_info())
         .map_err(|e| MountError::Volume(e.into()))?;
     vfs.start_background();
+    start_mirror_copier(&vol, opts);
     spawn_signal_handler(mp.clone());
     let settings = MountSettings {
         fsname: format!("strata:{}", vol.format.name),
@@ -350,6 +355,37 @@ pub fn wait_mounted(
     ))
 }
 
+/// Label every metric of this client with its volume and `opts.metrics_labels` (also used
+/// by `strata gateway`).
+pub fn label_metrics(
+    metrics: &Metrics,
+    volume: &str,
+    opts: &MountOptions,
+) -> Result<(), MountError> {
+    let mut labels = vec![("volume".to_string(), volume.to_string())];
+    labels.extend(opts.metrics_labels.iter().cloned());
+    metrics
+        .set_labels(&labels)
+        .map_err(|e| MountError::Setup(format!("--metrics-labels: {e}")))
+}
+
+/// The mirror copier of a client that writes (it runs only while it holds the lease, so one
+/// client of a volume copies at a time).
+pub fn start_mirror_copier(vol: &volume::Volume, opts: &MountOptions) {
+    if opts.vfs.read_only || !opts.vfs.background_gc {
+        return;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    crate::object::mirror::Copier {
+        meta: vol.meta.clone(),
+        store: vol.mirror.clone(),
+        owner: format!("{}:{}", host.trim(), std::process::id()),
+        threads: 8,
+        stop: crate::object::mirror::stop_flag(),
+    }
+    .spawn(std::time::Duration::from_secs(5));
+}
+
 /// Open the volume, with the object-store keys of `opts` when given (also used by
 /// `strata gateway`).
 pub fn open_volume(
@@ -357,42 +393,18 @@ pub fn open_volume(
     metrics: Arc<Metrics>,
     opts: &MountOptions,
 ) -> Result<volume::Volume, MountError> {
-    if opts.access_key.is_none() && opts.secret_key.is_none() {
-        return Ok(volume::open(
-            meta_url,
-            metrics,
-            opts.meta.clone(),
-            RetrySettings::default(),
-            opts.vfs.read_only,
-        )?);
-    }
-    let engine = crate::meta::open_engine(meta_url).map_err(VolumeError::from)?;
-    let meta = Arc::new(crate::meta::Meta::new(
-        engine,
-        metrics.clone(),
+    Ok(volume::open_with(
+        meta_url,
+        metrics,
         opts.meta.clone(),
-    ));
-    let mut format = meta.load().map_err(VolumeError::from)?;
-    if !opts.vfs.read_only {
-        meta.engine().init_schema().map_err(VolumeError::from)?;
-    }
-    if let Some(k) = &opts.access_key {
-        format.storage.access_key = Some(k.clone());
-    }
-    if let Some(k) = &opts.secret_key {
-        format.storage.secret_key = Some(k.clone());
-    }
-    let raw = crate::object::open_store(&format.storage).map_err(|source| VolumeError::Object {
-        store: format!("{} {}", format.storage.storage, format.storage.bucket),
-        source,
-    })?;
-    let store = crate::object::layered(raw, metrics, RetrySettings::default());
-    volume::probe_store(&*store, &format.name, opts.vfs.read_only)?;
-    Ok(volume::Volume {
-        meta,
-        format,
-        store,
-    })
+        RetrySettings::default(),
+        opts.vfs.read_only,
+        &volume::StoreOptions {
+            access_key: opts.access_key.clone(),
+            secret_key: opts.secret_key.clone(),
+            prefer: opts.prefer_store,
+        },
+    )?)
 }
 
 /// `strata mount --fuse-fd-socket PATH`: serve a connection mounted by a keeper (the CSI
@@ -424,6 +436,7 @@ fn run_handover(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Resul
         .new_session(&vfs.session_info())
         .map_err(|e| MountError::Volume(e.into()))?;
     vfs.start_background();
+    start_mirror_copier(&vol, opts);
     let handover = crate::fusefd::take(&socket, Duration::from_secs(30)).map_err(|e| {
         MountError::Setup(format!(
             "cannot take the FUSE descriptor from {}: {e}",

@@ -9,7 +9,10 @@ use crate::meta::{
     FORMAT_VERSION, FileKind, Format, Ino, Meta, MetaError, MetaSettings, ROOT_INO, open_engine,
 };
 use crate::metrics::Metrics;
-use crate::object::{ObjectError, ObjectStore, RetrySettings, StorageConfig, layered, open_store};
+use crate::object::{
+    MirrorStore, ObjectError, ObjectStore, PreferStore, RetrySettings, StorageConfig, layered,
+    open_store,
+};
 
 /// Errors of opening or formatting a volume; each names the problem and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +45,20 @@ pub struct FormatOptions {
 pub struct Volume {
     pub meta: Arc<Meta>,
     pub format: Format,
+    /// `mirror` as a plain store: what the file system reads and writes through.
     pub store: Arc<dyn ObjectStore>,
+    /// The primary store and, when the volume has one, its mirror; follows the settings.
+    pub mirror: Arc<MirrorStore>,
+}
+
+/// Per-client choices about the object store (`strata mount` flags).
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// Keys replacing those stored in the volume for the primary store.
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+    /// Which store reads try first when the volume is mirrored.
+    pub prefer: PreferStore,
 }
 
 fn check_name(name: &str) -> Result<(), VolumeError> {
@@ -136,6 +152,7 @@ pub fn format(
         capacity: opts.capacity_gib << 30,
         inodes: opts.inodes,
         storage: opts.storage.clone(),
+        mirror: None,
     };
     let stored = meta.format(&fmt)?;
     let created = stored.uuid == fmt.uuid;
@@ -151,22 +168,50 @@ pub fn open(
     retry: RetrySettings,
     read_only: bool,
 ) -> Result<Volume, VolumeError> {
+    open_with(
+        meta_url,
+        metrics,
+        settings,
+        retry,
+        read_only,
+        &StoreOptions::default(),
+    )
+}
+
+/// [`open`] with this client's store options.
+pub fn open_with(
+    meta_url: &str,
+    metrics: Arc<Metrics>,
+    settings: MetaSettings,
+    retry: RetrySettings,
+    read_only: bool,
+    opts: &StoreOptions,
+) -> Result<Volume, VolumeError> {
     let meta = Arc::new(Meta::new(open_engine(meta_url)?, metrics.clone(), settings));
     let format = meta.load()?;
     if !read_only {
         // Tables added since the volume was formatted (same format version) are created here.
         meta.engine().init_schema()?;
     }
-    let raw = open_store(&format.storage).map_err(|source| VolumeError::Object {
-        store: format!("{} {}", format.storage.storage, format.storage.bucket),
+    let mut cfg = format.storage.clone();
+    if let Some(k) = &opts.access_key {
+        cfg.access_key = Some(k.clone());
+    }
+    if let Some(k) = &opts.secret_key {
+        cfg.secret_key = Some(k.clone());
+    }
+    let raw = open_store(&cfg).map_err(|source| VolumeError::Object {
+        store: format!("{} {}", cfg.storage, cfg.bucket),
         source,
     })?;
-    let store = layered(raw, metrics, retry);
-    probe_store(&*store, &format.name, read_only)?;
+    let primary = layered(raw, metrics.clone(), retry);
+    probe_store(&*primary, &format.name, read_only)?;
+    let mirror = MirrorStore::new(&meta, &format, primary, &cfg, metrics, retry, opts.prefer);
     Ok(Volume {
         meta,
         format,
-        store,
+        store: mirror.clone(),
+        mirror,
     })
 }
 

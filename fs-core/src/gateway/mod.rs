@@ -153,6 +153,7 @@ pub fn run(meta_url: &str, opts: &GatewayOptions) -> Result<(), GatewayError> {
         .new_session(&vfs.session_info())
         .map_err(|e| GatewayError::Volume(e.into()))?;
     vfs.start_background();
+    mount::start_mirror_copier(&vol, &opts.mount);
     // SAFETY: geteuid and getegid have no preconditions.
     let ctx = unsafe {
         Ctx {

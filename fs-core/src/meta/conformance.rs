@@ -44,6 +44,7 @@ pub fn mem_format(name: &str, block_size: u32, capacity: u64) -> Format {
             secret_key: None,
             region: None,
         },
+        mirror: None,
     }
 }
 

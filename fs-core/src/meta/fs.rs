@@ -44,6 +44,9 @@ pub struct Format {
     /// Inode limit, 0 = unlimited.
     pub inodes: u64,
     pub storage: StorageConfig,
+    /// A second object store every new object also goes to (docs/FORMAT.md §16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<StorageConfig>,
 }
 
 /// Settings of the metadata client.
@@ -138,7 +141,15 @@ pub struct Meta {
     format: Mutex<Option<Format>>,
     /// Directories with a quota, and when the set was read (see meta/quota.rs).
     pub(crate) quota_cache: Mutex<Option<(Instant, Arc<std::collections::HashSet<Ino>>)>>,
+    /// Called with the format each time it is read or changed (a store that follows the
+    /// volume's object-store settings registers here).
+    format_listeners: Mutex<Vec<FormatListener>>,
+    /// The object-store set this client writes to, as told by its store (sent with the
+    /// session so that a mirror copier knows every client writes to the mirror).
+    stores_applied: Mutex<String>,
 }
+
+type FormatListener = Box<dyn Fn(&Format) + Send + Sync>;
 
 impl std::fmt::Debug for Meta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,6 +235,8 @@ impl Meta {
             open: Mutex::new(HashMap::new()),
             format: Mutex::new(None),
             quota_cache: Mutex::new(None),
+            format_listeners: Mutex::new(Vec::new()),
+            stores_applied: Mutex::new(String::new()),
         }
     }
 
@@ -349,7 +362,34 @@ impl Meta {
             )));
         }
         *self.format.lock() = Some(fmt.clone());
+        self.notify_format(&fmt);
         Ok(fmt)
+    }
+
+    /// Call `f` with the format each time this client reads or changes it (every few
+    /// seconds while mounted).
+    pub fn on_format(&self, f: impl Fn(&Format) + Send + Sync + 'static) {
+        self.format_listeners.lock().push(Box::new(f));
+    }
+
+    fn notify_format(&self, fmt: &Format) {
+        for l in self.format_listeners.lock().iter() {
+            l(fmt);
+        }
+    }
+
+    /// What the object store of this client writes to (see [`crate::object::MirrorStore`]).
+    pub fn set_stores_applied(&self, s: String) {
+        *self.stores_applied.lock() = s;
+    }
+
+    /// This client's session id (0 before [`Meta::new_session`]).
+    pub fn session_id(&self) -> u64 {
+        self.sid.load(Ordering::SeqCst)
+    }
+
+    pub fn stores_applied(&self) -> String {
+        self.stores_applied.lock().clone()
     }
 
     /// Change the stored format (capacity, inode limit, credentials).
@@ -366,6 +406,7 @@ impl Meta {
             Ok(fmt)
         })?;
         *self.format.lock() = Some(fmt.clone());
+        self.notify_format(&fmt);
         Ok(fmt)
     }
 

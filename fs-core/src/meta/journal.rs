@@ -259,6 +259,18 @@ impl Txn for JournalTxn<'_> {
     fn journal_trim(&mut self, before: i64) -> Result<u64> {
         self.inner.journal_trim(before)
     }
+    fn backlog_add(&mut self, key: &str, at: i64) -> Result<()> {
+        self.inner.backlog_add(key, at)
+    }
+    fn backlog_list(&mut self, after: &str, limit: usize) -> Result<Vec<String>> {
+        self.inner.backlog_list(after, limit)
+    }
+    fn backlog_delete(&mut self, key: &str) -> Result<()> {
+        self.inner.backlog_delete(key)
+    }
+    fn backlog_count(&mut self) -> Result<u64> {
+        self.inner.backlog_count()
+    }
 }
 
 fn parse_token(token: &str) -> Option<(&str, u64)> {

@@ -26,6 +26,7 @@ struct State {
     /// Change journal: (position, ino, kind, at).
     journal: Vec<(u64, Ino, u8, i64)>,
     journal_next: u64,
+    backlog: BTreeMap<String, i64>,
 }
 
 #[derive(Default)]
@@ -390,5 +391,26 @@ impl Txn for MemTxn<'_> {
             .unwrap_or(0);
         self.s.journal.retain(|r| r.0 >= end);
         Ok(end)
+    }
+    fn backlog_add(&mut self, key: &str, at: i64) -> Result<()> {
+        self.s.backlog.insert(key.to_string(), at);
+        Ok(())
+    }
+    fn backlog_list(&mut self, after: &str, limit: usize) -> Result<Vec<String>> {
+        use std::ops::Bound;
+        Ok(self
+            .s
+            .backlog
+            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+            .take(limit)
+            .map(|(k, _)| k.clone())
+            .collect())
+    }
+    fn backlog_delete(&mut self, key: &str) -> Result<()> {
+        self.s.backlog.remove(key);
+        Ok(())
+    }
+    fn backlog_count(&mut self) -> Result<u64> {
+        Ok(self.s.backlog.len() as u64)
     }
 }

@@ -443,6 +443,14 @@ pub trait Txn {
     /// Delete rows committed before `before` (ns); returns the highest position deleted + 1
     /// (0: none deleted).
     fn journal_trim(&mut self, before: i64) -> Result<u64>;
+
+    /// Mirror backlog (docs/FORMAT.md §16): object keys that may be missing from one of the
+    /// two stores of a mirrored volume.
+    fn backlog_add(&mut self, key: &str, at: i64) -> Result<()>;
+    /// Keys in key order after `after`, at most `limit`.
+    fn backlog_list(&mut self, after: &str, limit: usize) -> Result<Vec<String>>;
+    fn backlog_delete(&mut self, key: &str) -> Result<()>;
+    fn backlog_count(&mut self) -> Result<u64>;
 }
 
 /// Open the engine named by a metadata URL.

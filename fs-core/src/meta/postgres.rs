@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS journal (
   ino BIGINT NOT NULL, kind SMALLINT NOT NULL, at BIGINT NOT NULL);
 CREATE INDEX IF NOT EXISTS journal_xid ON journal (xid);
 CREATE INDEX IF NOT EXISTS journal_at ON journal (at);
+CREATE TABLE IF NOT EXISTS backlog (key TEXT COLLATE \"C\" PRIMARY KEY, at BIGINT NOT NULL);
 ";
 
 /// One connection of the pool: a `tokio-postgres` client driven by a runtime of its own
@@ -1016,6 +1017,33 @@ impl Txn for PgTxn<'_> {
              SELECT COALESCE(MAX(xid) + 1, 0) FROM d",
             &[&before],
         )?;
+        Ok(r.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
+    }
+    fn backlog_add(&mut self, key: &str, at: i64) -> Result<()> {
+        self.exec(
+            "INSERT INTO backlog (key, at) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET at = EXCLUDED.at",
+            vec![Box::new(key.to_owned()), Box::new(at)],
+        )
+    }
+    fn backlog_list(&mut self, after: &str, limit: usize) -> Result<Vec<String>> {
+        let l = limit as i64;
+        Ok(self
+            .query(
+                "SELECT key FROM backlog WHERE key > $1 ORDER BY key LIMIT $2",
+                &[&after, &l],
+            )?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect())
+    }
+    fn backlog_delete(&mut self, key: &str) -> Result<()> {
+        self.exec(
+            "DELETE FROM backlog WHERE key = $1",
+            vec![Box::new(key.to_owned())],
+        )
+    }
+    fn backlog_count(&mut self) -> Result<u64> {
+        let r = self.query("SELECT COUNT(*) FROM backlog", &[])?;
         Ok(r.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
     }
 }

@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS dirquota (ino INTEGER PRIMARY KEY, max_space INTEGER 
 CREATE TABLE IF NOT EXISTS journal (pos INTEGER PRIMARY KEY AUTOINCREMENT, ino INTEGER NOT NULL,
   kind INTEGER NOT NULL, at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS journal_at ON journal (at);
+CREATE TABLE IF NOT EXISTS backlog (key TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
 fn open_conn(path: &str) -> Result<Connection> {
@@ -687,6 +688,31 @@ impl Txn for SqliteTxn<'_> {
         let Some(max) = max else { return Ok(0) };
         self.exec("DELETE FROM journal WHERE pos <= ?1", params![max])?;
         Ok(max as u64 + 1)
+    }
+    fn backlog_add(&mut self, key: &str, at: i64) -> Result<()> {
+        self.exec(
+            "INSERT OR REPLACE INTO backlog (key, at) VALUES (?1, ?2)",
+            params![key, at],
+        )
+    }
+    fn backlog_list(&mut self, after: &str, limit: usize) -> Result<Vec<String>> {
+        self.conn
+            .prepare_cached("SELECT key FROM backlog WHERE key > ?1 ORDER BY key LIMIT ?2")
+            .and_then(|mut s| {
+                s.query_map(params![after, limit as i64], |r| r.get::<_, String>(0))?
+                    .collect()
+            })
+            .map_err(sql_err)
+    }
+    fn backlog_delete(&mut self, key: &str) -> Result<()> {
+        self.exec("DELETE FROM backlog WHERE key = ?1", params![key])
+    }
+    fn backlog_count(&mut self) -> Result<u64> {
+        self.conn
+            .prepare_cached("SELECT COUNT(*) FROM backlog")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+            .map(|v| v as u64)
+            .map_err(sql_err)
     }
 }
 

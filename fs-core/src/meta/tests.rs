@@ -124,6 +124,10 @@ mod cost {
             fn journal_position(&mut self) -> Result<u64>;
             fn journal_since(&mut self, pos: u64, limit: usize) -> Result<Vec<(Ino, u8)>>;
             fn journal_trim(&mut self, before: i64) -> Result<u64>;
+            fn backlog_add(&mut self, key: &str, at: i64) -> Result<()>;
+            fn backlog_list(&mut self, after: &str, limit: usize) -> Result<Vec<String>>;
+            fn backlog_delete(&mut self, key: &str) -> Result<()>;
+            fn backlog_count(&mut self) -> Result<u64>;
         }
     }
 

@@ -15,6 +15,7 @@ mod fault;
 mod instrumented;
 mod local;
 mod mem;
+pub mod mirror;
 mod retry;
 mod s3;
 
@@ -23,6 +24,7 @@ pub use fault::{FaultSettings, FaultStore};
 pub use instrumented::InstrumentedStore;
 pub use local::LocalStore;
 pub use mem::MemStore;
+pub use mirror::{MirrorStore, PreferStore};
 pub use retry::{RetrySettings, RetryStore};
 pub use s3::{ListedObject, MULTIPART_THRESHOLD, S3Settings, S3Store};
 

@@ -112,7 +112,17 @@ impl Vfs {
             .group()
             .map(|g| g.session_info())
             .unwrap_or_default();
-        format!("host={} pid={}{group}", host.trim(), std::process::id())
+        let stores = self.meta.stores_applied();
+        let stores = if stores.is_empty() {
+            String::new()
+        } else {
+            format!(" {stores}")
+        };
+        format!(
+            "host={} pid={}{group}{stores}",
+            host.trim(),
+            std::process::id()
+        )
     }
 
     fn cleaner_loop(self: Arc<Self>) {
