@@ -29,6 +29,11 @@ pub const SPEC_HASH_ANNOTATION: &str = "strata.io/spec-hash";
 pub const MOUNT_UID: u32 = 65532;
 /// How long [`PodMounter::start`] waits for a terminating Pod of the same name to go.
 pub const REPLACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Port of a mount Pod's Prometheus metrics (container port `metrics`), unless the mount
+/// options give `metrics=ADDR`.
+pub const METRICS_PORT: u16 = 9567;
+/// `app.kubernetes.io/component` of mount Pods (what the chart's PodMonitor selects).
+pub const COMPONENT: &str = "mount";
 
 /// Host directories a mount client of `metaurl` must reach at the same path: the directory
 /// of a `sqlite://` database and, when the volume keeps its objects in a local directory,
@@ -125,7 +130,8 @@ pub fn objects(
     consumers: &[Consumer],
 ) -> Result<(Secret, Pod)> {
     let name = name_for(&s.node_name, &spec.key);
-    let labels = json!({"app.kubernetes.io/name": "strata-mount", KEY_LABEL: spec.key});
+    let labels = json!({"app.kubernetes.io/name": "strata-mount",
+        "app.kubernetes.io/component": COMPONENT, KEY_LABEL: spec.key});
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "namespace": s.namespace, "labels": labels},
@@ -151,6 +157,28 @@ pub fn objects(
     if !spec.options.iter().any(|(k, _)| k == "cache-dir") {
         args.push(format!("--cache-dir={CACHE_DIR}"));
     }
+    // Metrics on the Pod's network for a PodMonitor, every sample labelled with this Pod.
+    // One mount Pod serves every PV of its volume on this node (listed in the consumers
+    // annotation, which changes), so the PVs are not a constant label: the volume key is.
+    let metrics_port = match spec.options.iter().find(|(k, _)| k == "metrics") {
+        Some((_, v)) => v
+            .as_deref()
+            .and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok()),
+        None => {
+            args.push(format!("--metrics=0.0.0.0:{METRICS_PORT}"));
+            Some(METRICS_PORT)
+        }
+    };
+    if !spec.options.iter().any(|(k, _)| k == "metrics-labels") {
+        args.push(format!(
+            "--metrics-labels=pod={name},namespace={},node={},volume_key={}",
+            s.namespace, s.node_name, spec.key
+        ));
+    }
+    let ports: Vec<Value> = metrics_port
+        .map(|p| json!({"name": "metrics", "containerPort": p, "protocol": "TCP"}))
+        .into_iter()
+        .collect();
     args.push("-".into());
     args.push("/strata/mnt".into());
     let mut limits = serde_json::Map::new();
@@ -201,6 +229,7 @@ pub fn objects(
                 "command": ["strata"],
                 "args": args,
                 "envFrom": [{"secretRef": {"name": name}}],
+                "ports": ports,
                 "resources": {"requests": limits.clone(), "limits": limits},
                 // The client's error (its log tail) shows in the Pod's status when it fails.
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -654,6 +683,17 @@ pub(crate) mod tests {
         assert!(args.contains(&"--cache-size=1024".to_string()));
         assert!(args.contains(&"--cache-dir=/var/cache/strata".to_string()));
         assert_eq!(args[args.len() - 2], "-");
+        assert!(args.contains(&"--metrics=0.0.0.0:9567".to_string()));
+        assert!(args.contains(
+            &"--metrics-labels=pod=strata-mount-v0123-node-1,namespace=strata,node=node-1,volume_key=v0123"
+                .to_string()
+        ));
+        assert_eq!(c["ports"][0]["name"], "metrics");
+        assert_eq!(c["ports"][0]["containerPort"], 9567);
+        assert_eq!(
+            p["metadata"]["labels"]["app.kubernetes.io/component"],
+            "mount"
+        );
         assert_eq!(
             p["spec"]["volumes"][0]["hostPath"]["path"],
             "/var/lib/strata-csi/volumes/v0123"
@@ -692,6 +732,19 @@ pub(crate) mod tests {
         let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
         assert!(!args.contains(&"--cache-dir=/var/cache/strata".to_string()));
         assert!(p["spec"]["volumes"][1]["emptyDir"].is_object());
+        // The Volume's own metrics address names the container port.
+        let mut sp = spec();
+        sp.options
+            .push(("metrics".into(), Some("0.0.0.0:9100".into())));
+        let (_, pod) = objects(&settings(), &sp, &[]).unwrap();
+        let p = serde_json::to_value(&pod).unwrap();
+        let c = &p["spec"]["containers"][0];
+        let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
+        assert_eq!(
+            args.iter().filter(|a| a.starts_with("--metrics=")).count(),
+            1
+        );
+        assert_eq!(c["ports"][0]["containerPort"], 9100);
         assert_eq!(p["metadata"]["annotations"][CONSUMERS_ANNOTATION], "[]");
     }
 

@@ -2,11 +2,13 @@
 //! an `Arc<Metrics>` (no globals) and record through the typed helpers below. The registry is
 //! encoded as Prometheus text by [`Metrics::encode`] and served by [`serve`].
 
+use std::borrow::Cow;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::RwLock;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -44,9 +46,86 @@ pub mod names {
     pub const SOURCE_REQUESTS: &str = "strata_source_requests";
     pub const SOURCE_ERRORS: &str = "strata_source_errors";
     pub const SOURCE_BYTES: &str = "strata_source_bytes";
+    pub const CACHE_CAPACITY: &str = "strata_cache_capacity_bytes";
 }
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Label names the families use themselves (and Prometheus' own): not usable as constant
+/// labels.
+const RESERVED_LABELS: &[&str] = &[
+    "op",
+    "errno",
+    "direction",
+    "tier",
+    "reason",
+    "status",
+    "le",
+    "quantile",
+    "job",
+    "instance",
+];
+
+/// A constant label refused by [`Metrics::set_labels`] or [`parse_labels`].
+#[derive(Debug, thiserror::Error)]
+pub enum LabelError {
+    #[error(
+        "metric label name {0:?} is not valid: use letters, digits and '_', not starting with a digit or '__'"
+    )]
+    Name(String),
+    #[error(
+        "metric label {0:?} is used by Strata's own metrics (or by Prometheus): choose another name"
+    )]
+    Reserved(String),
+    #[error("metric label {0:?} is given twice")]
+    Duplicate(String),
+    #[error(
+        "value of metric label {name:?} must not contain '\"', '\\' or a line break: {value:?}"
+    )]
+    Value { name: String, value: String },
+    #[error(
+        "metric labels must be NAME=VALUE pairs separated by commas (e.g. pod=p,namespace=n), not {0:?}"
+    )]
+    Syntax(String),
+}
+
+fn check_label(name: &str, value: &str) -> Result<(), LabelError> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !first_ok
+        || name.starts_with("__")
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(LabelError::Name(name.to_string()));
+    }
+    if RESERVED_LABELS.contains(&name) {
+        return Err(LabelError::Reserved(name.to_string()));
+    }
+    if value.contains(['"', '\\', '\n', '\r']) {
+        return Err(LabelError::Value {
+            name: name.to_string(),
+            value: value.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Parse `NAME=VALUE,NAME=VALUE` (`--metrics-labels`); empty values are kept, an empty
+/// string is no labels.
+pub fn parse_labels(text: &str) -> Result<Vec<(String, String)>, LabelError> {
+    let mut out = Vec::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| LabelError::Syntax(pair.to_string()))?;
+        let (k, v) = (k.trim(), v.trim());
+        check_label(k, v)?;
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
 
 fn seconds_histogram() -> Histogram {
     // 10 µs .. ~80 s
@@ -55,7 +134,9 @@ fn seconds_histogram() -> Histogram {
 
 /// Counters, gauges and histograms of one process.
 pub struct Metrics {
-    registry: Registry,
+    /// The families below registered with the constant labels of the process (the volume,
+    /// and pod/namespace/PV in Kubernetes); rebuilt by [`Metrics::set_labels`].
+    registry: RwLock<Registry>,
     fuse_ops: Family<Labels, Counter>,
     fuse_errors: Family<Labels, Counter>,
     fuse_op_seconds: Family<Labels, Histogram, fn() -> Histogram>,
@@ -84,6 +165,7 @@ pub struct Metrics {
     source_errors: Family<Labels, Counter>,
     source_bytes: Counter,
     fuse_bytes: Family<Labels, Counter>,
+    cache_capacity: Family<Labels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -99,206 +181,228 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Metrics without constant labels; a process that serves them calls
+    /// [`Metrics::set_labels`] once it knows its volume.
     pub fn new() -> Self {
-        let mut registry = Registry::default();
-        let fuse_ops = Family::<Labels, Counter>::default();
+        let m = Metrics {
+            registry: RwLock::new(Registry::default()),
+            fuse_ops: Default::default(),
+            fuse_errors: Default::default(),
+            fuse_op_seconds: Family::new_with_constructor(seconds_histogram),
+            object_requests: Default::default(),
+            object_errors: Default::default(),
+            object_bytes: Default::default(),
+            object_request_seconds: Family::new_with_constructor(seconds_histogram),
+            meta_txn_seconds: seconds_histogram(),
+            meta_txn_retries: Default::default(),
+            buffer_bytes: Default::default(),
+            compactions: Default::default(),
+            objects_reclaimed: Default::default(),
+            cache_hits: Default::default(),
+            cache_misses: Default::default(),
+            cache_peer_hits: Default::default(),
+            cache_peer_errors: Default::default(),
+            cache_bytes: Default::default(),
+            cache_evictions: Default::default(),
+            cache_corrupt: Default::default(),
+            cache_peer_served: Default::default(),
+            cache_skipped: Default::default(),
+            gateway_requests: Default::default(),
+            gateway_request_seconds: Family::new_with_constructor(seconds_histogram),
+            gateway_bytes: Default::default(),
+            source_requests: Default::default(),
+            source_errors: Default::default(),
+            source_bytes: Default::default(),
+            fuse_bytes: Default::default(),
+            cache_capacity: Default::default(),
+        };
+        // Error series exist from the start at 0, so that error rates and ratios are 0
+        // rather than missing while nothing fails.
+        for op in ["get", "put", "delete", "head", "list"] {
+            drop(m.object_errors.get_or_create(&vec![("op", op.to_string())]));
+        }
+        drop(
+            m.cache_skipped
+                .get_or_create(&vec![("reason", "low_space".to_string())]),
+        );
+        *m.registry.write() = m.registry_with(Vec::new());
+        m
+    }
+
+    /// Metrics whose every sample carries `labels` (e.g. `volume="data"`).
+    pub fn with_labels(labels: &[(String, String)]) -> Result<Self, LabelError> {
+        let m = Self::new();
+        m.set_labels(labels)?;
+        Ok(m)
+    }
+
+    /// Give every sample of this process the constant `labels` (the volume name, and the
+    /// pod/namespace/PV of a mount Pod), from now on. Values recorded before are kept.
+    pub fn set_labels(&self, labels: &[(String, String)]) -> Result<(), LabelError> {
+        let mut seen = std::collections::HashSet::new();
+        for (k, v) in labels {
+            check_label(k, v)?;
+            if !seen.insert(k.as_str()) {
+                return Err(LabelError::Duplicate(k.clone()));
+            }
+        }
+        let owned = labels
+            .iter()
+            .map(|(k, v)| (Cow::Owned(k.clone()), Cow::Owned(v.clone())))
+            .collect();
+        *self.registry.write() = self.registry_with(owned);
+        Ok(())
+    }
+
+    /// A registry with every family of this process, under the constant `labels`.
+    fn registry_with(&self, labels: Vec<(Cow<'static, str>, Cow<'static, str>)>) -> Registry {
+        let mut registry = Registry::with_labels(labels.into_iter());
         registry.register(
             names::FUSE_OPS,
             "FUSE operations served, by op",
-            fuse_ops.clone(),
+            self.fuse_ops.clone(),
         );
-        let fuse_errors = Family::<Labels, Counter>::default();
         registry.register(
             names::FUSE_ERRORS,
             "FUSE operations answered with an error, by op and errno",
-            fuse_errors.clone(),
+            self.fuse_errors.clone(),
         );
-        let fuse_op_seconds: Family<Labels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(seconds_histogram);
         registry.register(
             names::FUSE_OP_SECONDS,
             "Latency of FUSE operations, by op",
-            fuse_op_seconds.clone(),
+            self.fuse_op_seconds.clone(),
         );
-        let object_requests = Family::<Labels, Counter>::default();
         registry.register(
             names::OBJECT_REQUESTS,
             "Object store requests, by op (get/put/delete/head/list; map: a read of a local store's file through its mapping; sync)",
-            object_requests.clone(),
+            self.object_requests.clone(),
         );
-        let object_errors = Family::<Labels, Counter>::default();
         registry.register(
             names::OBJECT_ERRORS,
             "Object store requests that failed, by op",
-            object_errors.clone(),
+            self.object_errors.clone(),
         );
-        let object_bytes = Family::<Labels, Counter>::default();
         registry.register(
             names::OBJECT_BYTES,
             "Bytes moved to/from the object store, by direction (upload/download)",
-            object_bytes.clone(),
+            self.object_bytes.clone(),
         );
-        let object_request_seconds: Family<Labels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(seconds_histogram);
         registry.register(
             names::OBJECT_REQUEST_SECONDS,
             "Latency of object store requests, by op",
-            object_request_seconds.clone(),
+            self.object_request_seconds.clone(),
         );
-        let meta_txn_seconds = seconds_histogram();
         registry.register(
             names::META_TXN_SECONDS,
             "Latency of metadata transactions",
-            meta_txn_seconds.clone(),
+            self.meta_txn_seconds.clone(),
         );
-        let meta_txn_retries = Counter::default();
         registry.register(
             names::META_TXN_RETRIES,
             "Metadata transactions retried after a conflict",
-            meta_txn_retries.clone(),
+            self.meta_txn_retries.clone(),
         );
-        let buffer_bytes = Gauge::default();
         registry.register(
             names::BUFFER_BYTES,
             "Bytes of written data buffered in memory, not yet uploaded",
-            buffer_bytes.clone(),
+            self.buffer_bytes.clone(),
         );
-        let compactions = Counter::default();
-        registry.register(names::COMPACTIONS, "Chunks compacted", compactions.clone());
-        let objects_reclaimed = Counter::default();
+        registry.register(
+            names::COMPACTIONS,
+            "Chunks compacted",
+            self.compactions.clone(),
+        );
         registry.register(
             names::OBJECTS_RECLAIMED,
             "Objects deleted by background reclamation",
-            objects_reclaimed.clone(),
+            self.objects_reclaimed.clone(),
         );
-        let cache_hits = Family::<Labels, Counter>::default();
         registry.register(
             names::CACHE_HITS,
             "Block reads served from this client's cache, by tier (memory/disk)",
-            cache_hits.clone(),
+            self.cache_hits.clone(),
         );
-        let cache_misses = Counter::default();
         registry.register(
             names::CACHE_MISSES,
             "Block reads not in this client's cache (fetched from a peer or the object store)",
-            cache_misses.clone(),
+            self.cache_misses.clone(),
         );
-        let cache_peer_hits = Counter::default();
         registry.register(
             names::CACHE_PEER_HITS,
             "Block misses served by a peer of the cache group",
-            cache_peer_hits.clone(),
+            self.cache_peer_hits.clone(),
         );
-        let cache_peer_errors = Counter::default();
         registry.register(
             names::CACHE_PEER_ERRORS,
             "Peer requests that failed or timed out (the read fell back to the object store)",
-            cache_peer_errors.clone(),
+            self.cache_peer_errors.clone(),
         );
-        let cache_bytes = Family::<Labels, Gauge>::default();
         registry.register(
             names::CACHE_BYTES,
             "Bytes held in the block cache, by tier (memory/disk)",
-            cache_bytes.clone(),
+            self.cache_bytes.clone(),
         );
-        let cache_evictions = Family::<Labels, Counter>::default();
         registry.register(
             names::CACHE_EVICTIONS,
             "Blocks evicted from the cache, by tier (memory/disk)",
-            cache_evictions.clone(),
+            self.cache_evictions.clone(),
         );
-        let cache_corrupt = Counter::default();
         registry.register(
             names::CACHE_CORRUPT,
             "Cached blocks dropped because their checksum or size did not match",
-            cache_corrupt.clone(),
+            self.cache_corrupt.clone(),
         );
-        let cache_peer_served = Counter::default();
         registry.register(
             names::CACHE_PEER_SERVED,
             "Blocks this member served to peers of its cache group",
-            cache_peer_served.clone(),
+            self.cache_peer_served.clone(),
         );
-        let cache_skipped = Family::<Labels, Counter>::default();
         registry.register(
             names::CACHE_SKIPPED,
             "Blocks not written to the disk cache, by reason (low_space: the cache file system is below --free-space-ratio free)",
-            cache_skipped.clone(),
+            self.cache_skipped.clone(),
         );
-        let gateway_requests = Family::<Labels, Counter>::default();
         registry.register(
             names::GATEWAY_REQUESTS,
             "S3 gateway requests answered, by S3 operation and HTTP status",
-            gateway_requests.clone(),
+            self.gateway_requests.clone(),
         );
-        let gateway_request_seconds: Family<Labels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(seconds_histogram);
         registry.register(
             names::GATEWAY_REQUEST_SECONDS,
             "Latency of S3 gateway requests (until the last byte of the answer), by S3 operation",
-            gateway_request_seconds.clone(),
+            self.gateway_request_seconds.clone(),
         );
-        let gateway_bytes = Family::<Labels, Counter>::default();
         registry.register(
             names::GATEWAY_BYTES,
             "Object bytes received (in) and sent (out) by the S3 gateway",
-            gateway_bytes.clone(),
+            self.gateway_bytes.clone(),
         );
-        let source_requests = Family::<Labels, Counter>::default();
         registry.register(
             names::SOURCE_REQUESTS,
             "Requests to attached sources (buckets written by others), by op (list/get)",
-            source_requests.clone(),
+            self.source_requests.clone(),
         );
-        let source_errors = Family::<Labels, Counter>::default();
         registry.register(
             names::SOURCE_ERRORS,
             "Requests to attached sources that failed (after retries), by op",
-            source_errors.clone(),
+            self.source_errors.clone(),
         );
-        let source_bytes = Counter::default();
         registry.register(
             names::SOURCE_BYTES,
             "Bytes read from attached sources",
-            source_bytes.clone(),
+            self.source_bytes.clone(),
         );
-        let fuse_bytes = Family::<Labels, Counter>::default();
         registry.register(
             names::FUSE_BYTES,
             "Bytes read and written by applications through FUSE, by direction (read/write)",
-            fuse_bytes.clone(),
+            self.fuse_bytes.clone(),
         );
-        Metrics {
-            fuse_bytes,
-            source_requests,
-            source_errors,
-            source_bytes,
-            registry,
-            gateway_requests,
-            gateway_request_seconds,
-            gateway_bytes,
-            cache_hits,
-            cache_misses,
-            cache_peer_hits,
-            cache_peer_errors,
-            cache_bytes,
-            cache_evictions,
-            cache_corrupt,
-            cache_peer_served,
-            cache_skipped,
-            fuse_ops,
-            fuse_errors,
-            fuse_op_seconds,
-            object_requests,
-            object_errors,
-            object_bytes,
-            object_request_seconds,
-            meta_txn_seconds,
-            meta_txn_retries,
-            buffer_bytes,
-            compactions,
-            objects_reclaimed,
-        }
+        registry.register(
+            names::CACHE_CAPACITY,
+            "Capacity of the block cache in bytes, by tier (disk: the --cache-size of the disk tier)",
+            self.cache_capacity.clone(),
+        );
+        registry
     }
 
     pub fn fuse_op(&self, op: &'static str, elapsed: Duration, errno: Option<i32>) {
@@ -420,6 +524,13 @@ impl Metrics {
             .set(bytes as i64);
     }
 
+    /// The capacity of a cache tier in bytes (for "cache full" alerts).
+    pub fn cache_capacity(&self, tier: &'static str, bytes: u64) {
+        self.cache_capacity
+            .get_or_create(&vec![("tier", tier.to_string())])
+            .set(bytes.min(i64::MAX as u64) as i64);
+    }
+
     pub fn cache_evictions(&self, tier: &'static str, n: u64) {
         if n > 0 {
             self.cache_evictions
@@ -488,7 +599,7 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Encoding into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode(&mut out, &self.registry.read());
         out
     }
 }
@@ -570,6 +681,62 @@ mod tests {
             "{text}"
         );
         assert_eq!(m.gateway_request_count("PutObject", 200), 1);
+    }
+
+    #[test]
+    fn constant_labels_reach_every_sample_once_set() {
+        let m = Metrics::new();
+        m.fuse_op("read", Duration::from_millis(1), None);
+        m.meta_txn(Duration::from_micros(50), 1);
+        let labels = parse_labels("volume=data, pod=strata-mount-1,namespace=team-a,pv=").unwrap();
+        m.set_labels(&labels).unwrap();
+        m.cache_capacity("disk", 1 << 30);
+        let text = m.encode();
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(samples.len() > 10, "{text}");
+        for l in &samples {
+            assert!(
+                l.contains("{volume=\"data\",pod=\"strata-mount-1\",namespace=\"team-a\",pv=\"\""),
+                "{l}"
+            );
+        }
+        // Values recorded before the labels were set are kept.
+        assert!(text.contains(",op=\"read\"} 1"), "{text}");
+        assert!(
+            text.contains("strata_meta_txn_retries_total{volume=\"data\","),
+            "{text}"
+        );
+        assert!(
+            text.contains("strata_cache_capacity_bytes{volume=\"data\",pod=\"strata-mount-1\",namespace=\"team-a\",pv=\"\",tier=\"disk\"} 1073741824"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_constant_labels_are_refused_with_the_fix() {
+        let m = Metrics::new();
+        for (text, want) in [
+            ("pod", "NAME=VALUE"),
+            ("op=x", "used by Strata"),
+            ("1pod=x", "not valid"),
+            ("__x=y", "not valid"),
+            ("pod-name=x", "not valid"),
+            ("pod=a\"b", "must not contain"),
+        ] {
+            let err = parse_labels(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        let dup = vec![
+            ("volume".to_string(), "a".to_string()),
+            ("volume".to_string(), "b".to_string()),
+        ];
+        assert!(
+            m.set_labels(&dup)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+        assert!(parse_labels("").unwrap().is_empty());
     }
 
     #[test]

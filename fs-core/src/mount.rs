@@ -32,6 +32,9 @@ pub struct MountOptions {
     /// Take an already mounted FUSE connection from the keeper listening on this unix socket
     /// (the CSI node plugin) instead of mounting (see [`crate::fusefd`]).
     pub fuse_fd_socket: Option<PathBuf>,
+    /// Constant labels of every metric besides `volume` (a mount Pod's pod/namespace/pv).
+    #[serde(default)]
+    pub metrics_labels: Vec<(String, String)>,
     /// Object-store keys replacing those stored in the volume for this client (never
     /// serialized, never logged).
     #[serde(skip)]
@@ -292,6 +295,7 @@ pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(),
     let mp = check_mountpoint(mountpoint, opts.nonempty)?;
     let metrics = Arc::new(Metrics::new());
     let vol = open_volume(meta_url, metrics.clone(), opts)?;
+    label_metrics(&metrics, &vol.format.name, opts)?;
     let root = match &opts.subdir {
         Some(s) => volume::resolve_dir(&vol.meta, s)?,
         None => ROOT_INO,
@@ -414,6 +418,7 @@ fn run_handover(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Resul
     let socket = opts.fuse_fd_socket.clone().unwrap_or_default();
     let metrics = Arc::new(Metrics::new());
     let vol = open_volume(meta_url, metrics.clone(), opts)?;
+    label_metrics(&metrics, &vol.format.name, opts)?;
     let root = match &opts.subdir {
         Some(s) => volume::resolve_dir(&vol.meta, s)?,
         None => ROOT_INO,

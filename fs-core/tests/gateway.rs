@@ -857,7 +857,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A counter of a /metrics endpoint (sum over label sets matching `prefix`).
+/// A counter of a /metrics endpoint (sum over the samples of the series `prefix`, whatever
+/// their other labels).
 fn metric(port: u16, prefix: &str) -> u64 {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -865,7 +866,7 @@ fn metric(port: u16, prefix: &str) -> u64 {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out.lines()
-        .filter(|l| l.starts_with(prefix))
+        .filter(|l| strata::testing::sample_matches(l, prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }

@@ -81,6 +81,7 @@ pub const MEMBER_OWN_OPTIONS: &[&str] = &[
     "cache-size",
     "hot-replicas",
     "metrics",
+    "metrics-labels",
 ];
 
 /// Host directories a member needs for a volume kept on the node: the directory of a SQLite
@@ -137,6 +138,11 @@ pub fn daemonset(
             "strata-cache".to_string(),
         ),
         ("app.kubernetes.io/instance".to_string(), name.clone()),
+        // What the chart's PodMonitor selects.
+        (
+            "app.kubernetes.io/component".to_string(),
+            "cache".to_string(),
+        ),
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
         (CACHE_GROUP_LABEL.to_string(), name.clone()),
         (VOLUME_LABEL.to_string(), vol.name_any()),
@@ -160,6 +166,9 @@ pub fn daemonset(
         cg.spec.replicas.to_string(),
         "--metrics".into(),
         format!("0.0.0.0:{}", s.member_metrics_port),
+        // Every sample names the member (the downward API variables below).
+        "--metrics-labels".into(),
+        format!("pod=$(POD_NAME),namespace=$(POD_NAMESPACE),node=$(NODE_NAME),cache_group={name}"),
     ];
     // The Volume's client options apply to members too, but not those a member sets itself
     // (given twice, `strata mount` refuses to start: a Volume with `metrics=…` for its
@@ -174,6 +183,9 @@ pub fn daemonset(
         {"name": "STRATA_META_URL", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": "metaurl"}}},
         {"name": "NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
         {"name": "STRATA_NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
     ]);
     let host_mnt = format!("{}/{}", s.cache_group_host_dir.trim_end_matches('/'), name);
     let resources = match &cg.spec.resources {

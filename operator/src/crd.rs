@@ -45,6 +45,7 @@ pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|
     printcolumn = r#"{"name":"Storage","type":"string","jsonPath":".spec.storage.type"}"#,
     printcolumn = r#"{"name":"Used","type":"string","jsonPath":".status.usage"}"#,
     printcolumn = r#"{"name":"Inodes","type":"integer","jsonPath":".status.usedInodes"}"#,
+    printcolumn = r#"{"name":"Clients","type":"integer","jsonPath":".status.clients"}"#,
     printcolumn = r#"{"name":"UUID","type":"string","priority":1,"jsonPath":".status.uuid"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("has(self.spec.name) || self.metadata.name.matches('^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$')").message("a Volume name is the file-system name: use 3-63 characters of a-z, 0-9 and '-', not starting or ending with '-' (or set spec.name)").field_path(".metadata.name")
@@ -322,6 +323,9 @@ pub struct VolumeStatus {
     /// Capacity in bytes (absent: unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_bytes: Option<u64>,
+    /// Clients (mounts, gateways, cache members) with a live session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<u64>,
     /// Human-readable usage, e.g. `1.5Gi / 10Ti`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<String>,

@@ -102,6 +102,8 @@ pub struct Usage {
     pub capacity_bytes: u64,
     /// 0 = unlimited.
     pub inodes: u64,
+    /// Clients (mounts, gateways) with a live session.
+    pub clients: u64,
 }
 
 /// A directory quota and its usage.
@@ -218,6 +220,14 @@ impl StrataFs {
 /// A Volume with SQLite metadata names where the database lives; create its directory (the
 /// operator runs as 65532, the owner of a volume's local files, so mount Pods running as
 /// 65532 can write there too). Other URLs are left alone.
+/// Sessions whose heartbeat deadline (seconds since the epoch) has not passed.
+fn live_sessions(sessions: &[(u64, i64, String)]) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    sessions.iter().filter(|(_, hb, _)| *hb >= now).count() as u64
+}
+
 fn create_sqlite_dir(meta_url: &str) -> Result<(), FsError> {
     let Some(path) = meta_url.strip_prefix("sqlite://") else {
         return Ok(());
@@ -366,6 +376,7 @@ impl FsOps for StrataFs {
             used_inodes: vol.meta.counter("used_inodes")?.max(0) as u64,
             capacity_bytes: vol.format.capacity,
             inodes: vol.format.inodes,
+            clients: live_sessions(&vol.meta.sessions()?),
         })
     }
 
@@ -590,6 +601,7 @@ impl FsOps for MemFs {
                 used_inodes: 1,
                 capacity_bytes: req.capacity_gib << 30,
                 inodes: req.inodes,
+                clients: 0,
             },
             quotas: BTreeMap::new(),
             emptied: false,

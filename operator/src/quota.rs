@@ -129,6 +129,8 @@ async fn apply(api: &Api<Quota>, q: &Quota, ctx: &Context) -> Result<Action> {
         }
         Err(e) => return Err(e),
     };
+    ctx.metrics
+        .set_quota_usage(&ns, &q.name_any(), &q.spec.volume, &dq);
     let old = q.status.clone().unwrap_or_default();
     let limit = |v: u64| (v > 0).then_some(v);
     let status = QuotaStatus {
@@ -184,6 +186,7 @@ async fn apply(api: &Api<Quota>, q: &Quota, ctx: &Context) -> Result<Action> {
 
 async fn cleanup(q: &Quota, ctx: &Context) -> Result<Action> {
     let ns = q.namespace().unwrap_or_default();
+    ctx.metrics.forget_quota(&ns, &q.name_any(), &q.spec.volume);
     let vols: Api<Volume> = Api::all(ctx.client.clone());
     let Some(vol) = vols.get_opt(&q.spec.volume).await? else {
         info!("Volume {} is gone: nothing to remove", q.spec.volume);

@@ -354,6 +354,7 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
     };
 
     let capacity = (usage.capacity_bytes > 0).then_some(usage.capacity_bytes);
+    ctx.metrics.set_volume_usage(&vol.name_any(), &usage);
     let status = VolumeStatus {
         uuid: Some(info.uuid.clone()),
         origin: Some(if old.origin.is_some() {
@@ -366,6 +367,7 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
         used_bytes: Some(usage.used_bytes),
         used_inodes: Some(usage.used_inodes),
         capacity_bytes: capacity,
+        clients: Some(usage.clients),
         usage: Some(format!(
             "{} / {}",
             human_bytes(usage.used_bytes),
@@ -410,6 +412,7 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
 }
 
 async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action> {
+    ctx.metrics.forget_volume(&vol.name_any());
     let sc_api: Api<StorageClass> = Api::all(ctx.client.clone());
     let ours = sc_api
         .list(&ListParams::default().labels(&format!("{VOLUME_LABEL}={}", vol.name_any())))

@@ -102,6 +102,7 @@ fn check_objects(yaml: &str) -> (Vec<String>, Vec<String>) {
             "DaemonSet" => strict::<apps::DaemonSet>(&d),
             "Deployment" => strict::<apps::Deployment>(&d),
             "ServiceAccount" => strict::<core::ServiceAccount>(&d),
+            "Service" => strict::<core::Service>(&d),
             "Namespace" => strict::<core::Namespace>(&d),
             "ConfigMap" => strict::<core::ConfigMap>(&d),
             "ClusterRole" => strict::<rbac::ClusterRole>(&d),
@@ -513,4 +514,100 @@ fn post_delete_hook_deletes_the_release_leases() {
     assert_eq!(problems, Vec::<String>::new());
     let d = docs(&render(&["--set", "cleanupHook.enabled=false"]));
     assert!(!d.iter().any(|x| x["kind"] == "Job"));
+}
+
+/// monitoring.*: four PodMonitors (off by default) whose selectors match the Pods that serve
+/// a `metrics` port (the gateway and the controller as rendered; mount Pods and cache members
+/// as the CSI driver and the operator label them), the PrometheusRule is the rules file, and
+/// the dashboard ConfigMap is the dashboard file.
+#[test]
+fn monitoring_objects_select_the_pods_that_serve_metrics() {
+    let default = docs(&render(&[]));
+    assert!(
+        !default
+            .iter()
+            .any(|d| d["kind"] == "PodMonitor" || d["kind"] == "PrometheusRule")
+    );
+    let yaml = render(&[
+        "--set",
+        "monitoring.podMonitor.enabled=true",
+        "--set",
+        "monitoring.podMonitor.labels.release=kps",
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "gateway.enabled=true",
+        "--set",
+        "gateway.volumeSecret=v",
+        "--set",
+        "gateway.credentialsSecret=c",
+    ]);
+    let (_, problems) = check_objects(&yaml);
+    let problems: Vec<&String> = problems
+        .iter()
+        .filter(|p| !p.starts_with("PodMonitor/") && !p.starts_with("PrometheusRule/"))
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+    let d = docs(&yaml);
+    let selects = |pm: &Value, pod_labels: &Value| {
+        let sel = pm["spec"]["selector"]["matchLabels"].as_object().unwrap();
+        assert!(!sel.is_empty());
+        for (k, v) in sel {
+            assert_eq!(&pod_labels[k], v, "{k} of {}", pm["metadata"]["name"]);
+        }
+    };
+    for name in [
+        "strata-mount",
+        "strata-cache",
+        "strata-gateway",
+        "strata-operator",
+    ] {
+        let pm = find(&d, "PodMonitor", name);
+        assert_eq!(pm["apiVersion"], "monitoring.coreos.com/v1");
+        assert_eq!(pm["metadata"]["labels"]["release"], "kps");
+        let ep = &pm["spec"]["podMetricsEndpoints"][0];
+        assert_eq!(ep["port"], "metrics");
+        assert_eq!(ep["honorLabels"], true);
+        assert_eq!(pm["spec"]["namespaceSelector"]["any"], true);
+    }
+    for (pm, owner, c) in [
+        ("strata-gateway", "strata-gateway", "gateway"),
+        ("strata-operator", "strata-csi-controller", "operator"),
+    ] {
+        let dep = find(&d, "Deployment", owner);
+        selects(
+            find(&d, "PodMonitor", pm),
+            &dep["spec"]["template"]["metadata"]["labels"],
+        );
+        let ports = container(dep, c)["ports"].as_array().unwrap().clone();
+        assert!(ports.iter().any(|p| p["name"] == "metrics"), "{ports:?}");
+    }
+    // The labels csi-driver/src/pod.rs and operator/src/cachegroup.rs give their Pods
+    // (their unit tests check them there).
+    selects(
+        find(&d, "PodMonitor", "strata-mount"),
+        &serde_json::json!({"app.kubernetes.io/name": "strata-mount", "app.kubernetes.io/component": "mount"}),
+    );
+    selects(
+        find(&d, "PodMonitor", "strata-cache"),
+        &serde_json::json!({"app.kubernetes.io/name": "strata-cache", "app.kubernetes.io/component": "cache"}),
+    );
+    let files = PathBuf::from(chart()).join("files");
+    let rules: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(files.join("prometheus-rules.yaml")).unwrap(),
+    )
+    .unwrap();
+    let pr = find(&d, "PrometheusRule", "strata");
+    assert_eq!(pr["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(pr["spec"], rules);
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(files.join("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let cm = find(&d, "ConfigMap", "strata-grafana-dashboard");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: Value = serde_json::from_str(cm["data"]["strata.json"].as_str().unwrap()).unwrap();
+    assert_eq!(shipped, dashboard);
 }

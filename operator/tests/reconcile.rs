@@ -211,6 +211,7 @@ async fn ready_volume_is_adopted_without_events_and_changed_class_is_recreated()
                 used_inodes: 7,
                 capacity_bytes: 10 << 40,
                 inodes: 0,
+                clients: 2,
             },
             quotas: Default::default(),
             datasets: Default::default(),
@@ -244,6 +245,7 @@ async fn ready_volume_is_adopted_without_events_and_changed_class_is_recreated()
                 let s = &b["status"];
                 assert_eq!(s["usage"], "1.5Gi / 10Ti");
                 assert_eq!(s["usedInodes"], 7);
+                assert_eq!(s["clients"], 2);
                 assert_eq!(s["uuid"], "00000000-0000-0000-0000-000000000001");
                 assert_eq!(
                     s["conditions"][0]["lastTransitionTime"],
@@ -253,9 +255,18 @@ async fn ready_volume_is_adopted_without_events_and_changed_class_is_recreated()
         ],
     );
     let vol = volume_obj(true, ready_status(), json!({}));
-    volume::reconcile(Arc::new(vol), ctx).await.unwrap();
+    volume::reconcile(Arc::new(vol), ctx.clone()).await.unwrap();
     done(task).await;
     assert_eq!(fs.volumes.lock().len(), 1);
+    // The usage in status is also the Volume's gauges.
+    let text = ctx.metrics.encode();
+    for want in [
+        "strata_operator_volume_used_bytes{volume=\"vol1\"} 1610612736",
+        "strata_operator_volume_used_inodes{volume=\"vol1\"} 7",
+        "strata_operator_volume_clients{volume=\"vol1\"} 2",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
 }
 
 #[tokio::test]
@@ -503,8 +514,16 @@ async fn quota_sets_tenant_directory_quota_and_reports_usage() {
             }),
         ],
     );
-    quota::reconcile(Arc::new(q), ctx).await.unwrap();
+    quota::reconcile(Arc::new(q), ctx.clone()).await.unwrap();
     done(task).await;
+    // Used/limit per limited resource as a gauge (nothing used yet).
+    let text = ctx.metrics.encode();
+    for resource in ["bytes", "inodes"] {
+        let want = format!(
+            "strata_operator_quota_used_ratio{{namespace=\"team-a\",quota=\"team-quota\",volume=\"vol1\",resource=\"{resource}\"}} 0.0"
+        );
+        assert!(text.contains(&want), "{want}: {text}");
+    }
     assert_eq!(
         *fs.calls.lock(),
         vec![format!(
@@ -622,7 +641,9 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
                     );
                     assert!(joined.contains("--buffer-size=600"), "{joined}");
                     assert_eq!(
-                        args.iter().filter(|a| a.starts_with("--metrics")).count(),
+                        args.iter()
+                            .filter(|a| *a == "--metrics" || a.starts_with("--metrics="))
+                            .count(),
                         1,
                         "{joined}"
                     );
@@ -652,6 +673,13 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
                     assert!(!script.contains("sleep infinity"), "{script}");
                     assert!(joined.contains("--cache-size 204800"), "{joined}");
                     assert!(joined.contains("--hot-replicas 3"));
+                    assert!(joined.contains(
+                        "--metrics-labels pod=$(POD_NAME),namespace=$(POD_NAMESPACE),node=$(NODE_NAME),cache_group=gpu"
+                    ));
+                    assert_eq!(
+                        b["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
+                        "cache"
+                    );
                     assert!(joined.contains("--cache-group-addr $(NODE_IP):9568"));
                     assert!(joined.contains("--buffer-size=600"));
                     assert_eq!(pod["nodeSelector"]["gpu"], "true");

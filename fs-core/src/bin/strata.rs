@@ -551,6 +551,10 @@ struct ClientArgs {
     /// (its locks are then released and its open-but-deleted files reclaimed).
     #[arg(long, default_value_t = 60)]
     session_timeout: i64,
+    /// Constant labels on every metric besides `volume`, NAME=VALUE separated by commas
+    /// (e.g. pod=…,namespace=…,node=…: the CSI driver and the operator set these).
+    #[arg(long, env = "STRATA_METRICS_LABELS", default_value = "")]
+    metrics_labels: String,
     #[command(flatten)]
     cache: CacheArgs,
 }
@@ -570,6 +574,8 @@ impl ClientArgs {
         opts.meta.gc_grace_secs = self.gc_grace;
         opts.meta.session_timeout_secs = self.session_timeout;
         opts.vfs.cache = self.cache.settings()?;
+        opts.metrics_labels = strata::metrics::parse_labels(&self.metrics_labels)
+            .map_err(|e| anyhow::anyhow!("--metrics-labels: {e}"))?;
         Ok(())
     }
 }

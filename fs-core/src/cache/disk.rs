@@ -132,6 +132,7 @@ impl DiskCache {
         space: fn(&Path) -> Option<(u64, u64)>,
     ) -> Result<Arc<Self>, DiskCacheError> {
         let per_dir = total / dirs.len().max(1) as u64;
+        metrics.cache_capacity("disk", total);
         let mut out = Vec::new();
         for d in dirs {
             let root = d.join(uuid);

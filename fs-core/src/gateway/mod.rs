@@ -129,6 +129,7 @@ pub fn run(meta_url: &str, opts: &GatewayOptions) -> Result<(), GatewayError> {
     };
     let metrics = Arc::new(Metrics::new());
     let vol = mount::open_volume(meta_url, metrics.clone(), &opts.mount)?;
+    mount::label_metrics(&metrics, &vol.format.name, &opts.mount)?;
     let root = match &opts.mount.subdir {
         Some(s) => volume::resolve_dir(&vol.meta, s)?,
         None => ROOT_INO,

@@ -326,8 +326,10 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
 }
 
-/// The sum of the samples of a Prometheus endpoint on 127.0.0.1:`port` whose line starts
-/// with `prefix` (e.g. `strata_object_requests_total{op="get"}`).
+/// The sum of the samples of a Prometheus endpoint on 127.0.0.1:`port` of the series
+/// `prefix` names (e.g. `strata_object_requests_total{op="get"}`): the metric name, and
+/// labels that the sample has among others (the process's constant labels such as
+/// `volume`).
 pub fn metric(port: u16, prefix: &str) -> u64 {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
@@ -337,7 +339,32 @@ pub fn metric(port: u16, prefix: &str) -> u64 {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out.lines()
-        .filter(|l| l.starts_with(prefix))
+        .filter(|l| sample_matches(l, prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// Whether the Prometheus text sample `line` is of the series `want` (`name` or
+/// `name{k="v",...}`): same metric name, and every label of `want` among its labels.
+pub fn sample_matches(line: &str, want: &str) -> bool {
+    fn split(s: &str) -> (&str, Vec<&str>) {
+        match s.split_once('{') {
+            Some((name, rest)) => {
+                let labels = rest.rsplit_once('}').map_or(rest, |(l, _)| l);
+                let pairs = labels
+                    .split("\",")
+                    .map(|p| p.trim_end_matches('"'))
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                (name, pairs)
+            }
+            None => (s.split(' ').next().unwrap_or(s), Vec::new()),
+        }
+    }
+    if line.starts_with('#') {
+        return false;
+    }
+    let (name, have) = split(line);
+    let (want_name, want_labels) = split(want);
+    name == want_name && want_labels.iter().all(|w| have.contains(w))
 }
