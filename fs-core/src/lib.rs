@@ -13,6 +13,7 @@ pub mod mount;
 pub mod object;
 pub mod source;
 pub mod stats;
+pub mod sync;
 pub mod testing;
 pub mod tls;
 pub mod vfs;

@@ -122,6 +122,9 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         threads: usize,
     },
+    /// Copy a tree between local directories, S3 buckets/prefixes and directories of
+    /// Strata volumes: full or incremental, resumable after a kill (docs/SYNC.md).
+    Sync(Box<SyncArgs>),
     /// What a mount is doing, one line per interval: FUSE operations and latency, bytes read
     /// and written, object GETs/PUTs and bytes, cache hit ratio and peer hits, buffer and
     /// cache use, metadata transactions, latency and retries.
@@ -757,6 +760,7 @@ fn run(cli: Cli) -> Result<()> {
             interval,
             count,
         } => stats_cmd(&path, interval, count),
+        Cmd::Sync(a) => sync_cmd(*a),
         Cmd::Gc {
             meta_url,
             delete,
@@ -1193,4 +1197,203 @@ fn info(path: &std::path::Path) -> Result<()> {
     let buf = get_xattr(path, strata::vfs::Vfs::INFO_XATTR)?;
     println!("{}", String::from_utf8_lossy(&buf));
     Ok(())
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    /// Source: a directory (/path or file:///path, also inside a mount), s3://bucket[/prefix],
+    /// or a volume's META_URL (sqlite://… or postgres://…) with --src-path.
+    src: String,
+    /// Destination, the same kinds as SRC.
+    dst: String,
+    /// Directory inside the source volume (default: its root).
+    #[arg(long)]
+    src_path: Option<String>,
+    /// Directory inside the destination volume (created if missing; default: its root).
+    #[arg(long)]
+    dst_path: Option<String>,
+    /// S3 endpoint of SRC, e.g. http://127.0.0.1:8333 (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long)]
+    src_endpoint: Option<String>,
+    /// S3 endpoint of DST.
+    #[arg(long)]
+    dst_endpoint: Option<String>,
+    /// S3 keys of SRC (default: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "STRATA_SYNC_SRC_ACCESS_KEY", hide_env_values = true)]
+    src_access_key: Option<String>,
+    #[arg(long, env = "STRATA_SYNC_SRC_SECRET_KEY", hide_env_values = true)]
+    src_secret_key: Option<String>,
+    /// S3 keys of DST (default: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "STRATA_SYNC_DST_ACCESS_KEY", hide_env_values = true)]
+    dst_access_key: Option<String>,
+    #[arg(long, env = "STRATA_SYNC_DST_SECRET_KEY", hide_env_values = true)]
+    dst_secret_key: Option<String>,
+    /// S3 signing regions (default: AWS_REGION, else us-east-1).
+    #[arg(long)]
+    src_region: Option<String>,
+    #[arg(long)]
+    dst_region: Option<String>,
+    /// Remove at DST what SRC does not have (entries the filters exclude are kept).
+    #[arg(long)]
+    delete: bool,
+    /// Compare the bytes of files of equal size instead of trusting size and mtime.
+    #[arg(long)]
+    check: bool,
+    /// Copy what matches (rsync-like: rules apply in the order given, the first match wins;
+    /// `*`, `**`, `?`, `[..]`; a pattern with `/` matches the path, a trailing `/` only
+    /// directories).
+    #[arg(long, value_name = "PATTERN")]
+    include: Vec<String>,
+    /// Skip what matches (see --include).
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
+    /// Files copied at once.
+    #[arg(short, long, default_value_t = 10)]
+    threads: usize,
+    /// Bytes per second read from SRC, all threads together, e.g. 100M.
+    #[arg(long)]
+    bwlimit: Option<String>,
+    /// Visit only the directories changed since this change token (printed by an earlier
+    /// sync from a Strata volume), or `auto`: the token of the last finished pass.
+    #[arg(long)]
+    since: Option<String>,
+    /// Where the resume state and last change token of each SRC/DST pair are kept
+    /// (default: ~/.strata/sync).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Print the summary as JSON on standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+fn sync_cmd(a: SyncArgs) -> Result<()> {
+    use strata::sync::{self, Filter, Spec, SyncOptions, s3::S3Access};
+    let src = Spec::parse(&a.src, a.src_path.as_deref(), "src")?;
+    let dst = Spec::parse(&a.dst, a.dst_path.as_deref(), "dst")?;
+    // clap keeps --include and --exclude apart; their order on the command line decides.
+    let filter = Filter::from_args(std::env::args())?;
+    let opts = SyncOptions {
+        threads: a.threads,
+        delete: a.delete,
+        check: a.check,
+        bwlimit: a
+            .bwlimit
+            .as_deref()
+            .map(sync::parse_rate)
+            .transpose()?
+            .unwrap_or(0),
+        since: a
+            .since
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        state_dir: a.state_dir,
+        quiet: a.quiet,
+        ..SyncOptions::default()
+    };
+    let access = |endpoint: Option<String>, ak, sk, region| S3Access {
+        endpoint: endpoint.unwrap_or_default(),
+        access_key: ak,
+        secret_key: sk,
+        region,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let s = src
+        .open(
+            &access(
+                a.src_endpoint,
+                a.src_access_key,
+                a.src_secret_key,
+                a.src_region,
+            ),
+            false,
+            metrics.clone(),
+        )
+        .context("opening SRC")?;
+    let d = dst
+        .open(
+            &access(
+                a.dst_endpoint,
+                a.dst_access_key,
+                a.dst_secret_key,
+                a.dst_region,
+            ),
+            true,
+            metrics,
+        )
+        .context("opening DST")?;
+    let summary = sync::run(s.as_ref(), d.as_ref(), &filter, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{summary}");
+    }
+    if summary.failed > 0 {
+        bail!(
+            "{} entries could not be synced (see above and the log); run the same command again to retry them",
+            summary.failed
+        );
+    }
+    Ok(())
+}
+
+/// `strata mirror`: run the mirror copier in the foreground until the copy is done and the
+/// backlog empty.
+fn mirror_cmd(meta_url: &str, threads: usize) -> Result<()> {
+    use strata::object::mirror::Copier;
+    let metrics = Arc::new(Metrics::new());
+    let vol = strata::volume::open(
+        meta_url,
+        metrics,
+        MetaSettings::default(),
+        strata::object::RetrySettings::default(),
+        false,
+    )?;
+    if vol.format.mirror.is_none() {
+        bail!(
+            "volume {} has no mirror: add one with `strata config {} --mirror URL`",
+            vol.format.name,
+            strata::meta::redact_url(meta_url)
+        );
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let copier = Copier {
+        meta: vol.meta.clone(),
+        store: vol.mirror.clone(),
+        owner: format!("strata mirror {}:{}", host.trim(), std::process::id()),
+        threads,
+        stop: strata::object::mirror::stop_flag(),
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let r = copier.run_once(&mut |st, _| {
+            eprint!(
+                "\rcompared {} objects, copied {} ({} MiB), {:.0} s",
+                st.listed,
+                st.copied,
+                st.bytes >> 20,
+                start.elapsed().as_secs_f64()
+            );
+        })?;
+        match r.waiting {
+            None if r.state.done && r.backlog == 0 => {
+                eprintln!();
+                println!(
+                    "mirror up to date: {} objects compared, {} copied ({} bytes), backlog 0, {:.1} s",
+                    r.state.listed,
+                    r.state.copied,
+                    r.state.bytes,
+                    start.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            Some(w) => eprint!("\r{w}                    "),
+            None => eprint!("\rbacklog {}                    ", r.backlog),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
 }
