@@ -17,6 +17,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
+use crate::accesslog::{self, AccessLog, Record};
 use crate::meta::{Ctx, FileKind, Ino, MetaError, Node, ROOT_INO, SetAttr, TimeSet};
 use crate::vfs::reader::FetchError;
 use crate::vfs::writer::FlushError;
@@ -47,7 +48,8 @@ pub fn errno_of(e: &VfsError) -> i32 {
             MetaError::Conflict
             | MetaError::NotFormatted(_)
             | MetaError::Format(_)
-            | MetaError::Engine(_) => libc::EIO,
+            | MetaError::Engine(_)
+            | MetaError::JournalTrimmed(_) => libc::EIO,
         },
         VfsError::Fetch(
             FetchError::Missing(_)
@@ -94,6 +96,84 @@ pub struct StrataFs {
     attr_ttl: Duration,
     entry_ttl: Duration,
     dir_entry_ttl: Duration,
+    /// The readers of `.accesslog`.
+    log: Arc<AccessLog>,
+    /// Owner of `.accesslog` (the user the mount runs as) and when the mount started.
+    owner: (u32, u32),
+    started: SystemTime,
+}
+
+/// One request being served: when it started, who sent it, and what the access log shows of
+/// its arguments (formatted only while somebody reads the log).
+struct Call {
+    start: Instant,
+    uid: u32,
+    gid: u32,
+    pid: u32,
+    /// Whether the access log had readers when the request came.
+    log: bool,
+    /// ` key=value` pairs for the access log.
+    args: String,
+    /// Bytes read or written.
+    bytes: u64,
+}
+
+impl Call {
+    fn args(mut self, f: impl FnOnce() -> String) -> Call {
+        if self.log {
+            self.args = f();
+        }
+        self
+    }
+}
+
+/// The path(s) an operation names, computed only for logs: a closure giving one path, or
+/// [`Two`] for a rename or link (source, target).
+trait Paths {
+    fn paths(&self) -> (String, Option<String>);
+}
+
+impl<F: Fn() -> String> Paths for F {
+    fn paths(&self) -> (String, Option<String>) {
+        (self(), None)
+    }
+}
+
+struct Two<A, B>(A, B);
+
+impl<A: Fn() -> String, B: Fn() -> String> Paths for Two<A, B> {
+    fn paths(&self) -> (String, Option<String>) {
+        (self.0(), Some(self.1()))
+    }
+}
+
+/// Add a finished request to the access log.
+fn log_call(
+    log: &AccessLog,
+    op: &str,
+    c: &Call,
+    elapsed: Duration,
+    errno: Option<i32>,
+    paths: (String, Option<String>),
+) {
+    let mut args = String::new();
+    if let Some(to) = &paths.1 {
+        args.push_str(" to=");
+        accesslog::escape_into(&mut args, to);
+    }
+    args.push_str(&c.args);
+    log.record(&Record {
+        at: SystemTime::now() - elapsed,
+        uid: c.uid,
+        gid: c.gid,
+        pid: c.pid,
+        op,
+        path: &paths.0,
+        args: &args,
+        errno,
+        bytes: c.bytes,
+        secs: elapsed.as_secs_f64(),
+    });
 }
 
 fn to_time(ns: i64) -> SystemTime {
@@ -135,12 +215,56 @@ impl StrataFs {
         let attr_ttl = Duration::from_secs_f64(vfs.settings.attr_timeout.max(0.0));
         let entry_ttl = Duration::from_secs_f64(vfs.settings.entry_timeout.max(0.0));
         let dir_entry_ttl = Duration::from_secs_f64(vfs.settings.dir_entry_timeout.max(0.0));
+        // SAFETY: geteuid and getegid only read the process' credentials.
+        let owner = unsafe { (libc::geteuid(), libc::getegid()) };
         StrataFs {
             vfs,
             root,
             attr_ttl,
             entry_ttl,
             dir_entry_ttl,
+            log: Arc::new(AccessLog::default()),
+            owner,
+            started: SystemTime::now(),
+        }
+    }
+
+    fn call(&self, req: &Request) -> Call {
+        Call {
+            start: Instant::now(),
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+            log: self.log.active(),
+            args: String::new(),
+            bytes: 0,
+        }
+    }
+
+    /// `name` in `parent` is the access log's: no operation creates, removes or renames it.
+    fn log_name(parent: INodeNo, name: &OsStr) -> bool {
+        parent.0 == ROOT_INO && name.as_bytes() == accesslog::NAME
+    }
+
+    /// Attributes of `.accesslog`: a read-only file of its own, empty (reads bypass the page
+    /// cache), readable by the user the mount runs as.
+    fn log_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(accesslog::INO),
+            size: 0,
+            blocks: 0,
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: FileType::RegularFile,
+            perm: 0o400,
+            nlink: 1,
+            uid: self.owner.0,
+            gid: self.owner.1,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
         }
     }
 
@@ -192,17 +316,25 @@ impl StrataFs {
         }
     }
 
-    /// Record an operation; log it with its path when it failed unexpectedly or was slow.
+    /// Record an operation (metrics, the access log); log it with its path when it failed
+    /// unexpectedly or was slow.
     fn finish(
         &self,
         op: &'static str,
-        start: Instant,
+        c: &Call,
         err: Option<&VfsError>,
-        path: impl Fn() -> String,
+        path: impl Paths,
     ) -> Option<Errno> {
-        let elapsed = start.elapsed();
+        let elapsed = c.start.elapsed();
         let errno = err.map(errno_of);
         self.vfs.metrics.fuse_op(op, elapsed, errno);
+        if c.log {
+            log_call(&self.log, op, c, elapsed, errno, path.paths());
+        }
+        let path = || match path.paths() {
+            (p, Some(to)) => format!("{p} -> {to}"),
+            (p, None) => p,
+        };
         if let (Some(e), Some(no)) = (err, errno) {
             if !expected(no) {
                 tracing::warn!(volume = %self.vfs.volume(), op, path = %path(), errno = no, error = %e, "operation failed");
@@ -217,28 +349,28 @@ impl StrataFs {
     fn outcome<T>(
         &self,
         op: &'static str,
-        start: Instant,
+        c: &Call,
         r: Result<T, VfsError>,
-        path: impl Fn() -> String,
+        path: impl Paths,
     ) -> Result<T, Errno> {
         match r {
             Ok(v) => {
-                self.finish(op, start, None, path);
+                self.finish(op, c, None, path);
                 Ok(v)
             }
-            Err(e) => Err(self.finish(op, start, Some(&e), path).unwrap_or(Errno::EIO)),
+            Err(e) => Err(self.finish(op, c, Some(&e), path).unwrap_or(Errno::EIO)),
         }
     }
 
     fn reply_entry(
         &self,
         op: &'static str,
-        start: Instant,
+        c: &Call,
         r: Result<Node, VfsError>,
-        path: impl Fn() -> String,
+        path: impl Paths,
         reply: ReplyEntry,
     ) {
-        match self.outcome(op, start, r, path) {
+        match self.outcome(op, c, r, path) {
             Ok(n) => {
                 let ttl = if n.kind == crate::meta::FileKind::Dir {
                     &self.dir_entry_ttl
@@ -254,12 +386,12 @@ impl StrataFs {
     fn reply_empty(
         &self,
         op: &'static str,
-        start: Instant,
+        c: &Call,
         r: Result<(), VfsError>,
-        path: impl Fn() -> String,
+        path: impl Paths,
         reply: ReplyEmpty,
     ) {
-        match self.outcome(op, start, r, path) {
+        match self.outcome(op, c, r, path) {
             Ok(()) => reply.ok(),
             Err(no) => reply.error(no),
         }
@@ -268,12 +400,12 @@ impl StrataFs {
     fn reply_attr(
         &self,
         op: &'static str,
-        start: Instant,
+        c: &Call,
         r: Result<Node, VfsError>,
-        path: impl Fn() -> String,
+        path: impl Paths,
         reply: ReplyAttr,
     ) {
-        match self.outcome(op, start, r, path) {
+        match self.outcome(op, c, r, path) {
             Ok(n) => reply.attr(&self.attr_ttl, &self.attr(&n)),
             Err(no) => reply.error(no),
         }
@@ -301,31 +433,42 @@ impl Filesystem for StrataFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let start = Instant::now();
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if Self::log_name(parent, name) {
+            return reply.entry_with_ttls(
+                &self.attr_ttl,
+                &self.attr_ttl,
+                &self.log_attr(),
+                GENERATION,
+            );
+        }
+        let c = self.call(req);
         let p = self.real(parent);
         let _s = tracing::debug_span!("lookup", parent = p).entered();
         let r = self.vfs.lookup(p, name.as_bytes());
         self.reply_entry(
             "lookup",
-            start,
+            &c,
             r,
             || self.vfs.path_of(p, name.as_bytes()),
             reply,
         );
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let start = Instant::now();
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino.0 == accesslog::INO {
+            return reply.attr(&self.attr_ttl, &self.log_attr());
+        }
+        let c = self.call(req);
         let i = self.real(ino);
         let _s = tracing::debug_span!("getattr", ino = i).entered();
         let r = self.vfs.getattr(i);
-        self.reply_attr("getattr", start, r, || self.vfs.path(i), reply);
+        self.reply_attr("getattr", &c, r, || self.vfs.path(i), reply);
     }
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -341,7 +484,31 @@ impl Filesystem for StrataFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let start = Instant::now();
+        if ino.0 == accesslog::INO {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let c = self.call(req).args(|| {
+            let mut a = String::new();
+            if let Some(m) = mode {
+                a += &format!(" mode={m:o}");
+            }
+            if let Some(u) = uid {
+                a += &format!(" uid={u}");
+            }
+            if let Some(g) = gid {
+                a += &format!(" gid={g}");
+            }
+            if let Some(s) = size {
+                a += &format!(" size={s}");
+            }
+            if atime.is_some() {
+                a += " atime";
+            }
+            if mtime.is_some() {
+                a += " mtime";
+            }
+            a
+        });
         let i = self.real(ino);
         let _s = tracing::debug_span!("setattr", ino = i, size).entered();
         let set = SetAttr {
@@ -352,13 +519,13 @@ impl Filesystem for StrataFs {
             mtime: mtime.map(time_set),
         };
         let r = self.vfs.setattr(i, &set, size);
-        self.reply_attr("setattr", start, r, || self.vfs.path(i), reply);
+        self.reply_attr("setattr", &c, r, || self.vfs.path(i), reply);
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let start = Instant::now();
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let c = self.call(req);
         let i = self.real(ino);
-        match self.outcome("readlink", start, self.vfs.readlink(i), || self.vfs.path(i)) {
+        match self.outcome("readlink", &c, self.vfs.readlink(i), || self.vfs.path(i)) {
             Ok(t) => {
                 reply.data(&t);
             }
@@ -376,7 +543,12 @@ impl Filesystem for StrataFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let start = Instant::now();
+        if Self::log_name(parent, name) {
+            return reply.error(Errno::from_i32(libc::EEXIST));
+        }
+        let c = self
+            .call(req)
+            .args(|| format!(" mode={:o} rdev={rdev}", mode & !umask));
         let p = self.real(parent);
         let _s = tracing::debug_span!("mknod", parent = p).entered();
         let r = match FileKind::from_mode(mode) {
@@ -392,7 +564,7 @@ impl Filesystem for StrataFs {
         };
         self.reply_entry(
             "mknod",
-            start,
+            &c,
             r,
             || self.vfs.path_of(p, name.as_bytes()),
             reply,
@@ -408,7 +580,12 @@ impl Filesystem for StrataFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let start = Instant::now();
+        if Self::log_name(parent, name) {
+            return reply.error(Errno::from_i32(libc::EEXIST));
+        }
+        let c = self
+            .call(req)
+            .args(|| format!(" mode={:o}", mode & !umask & 0o7777));
         let p = self.real(parent);
         let _s = tracing::debug_span!("mkdir", parent = p).entered();
         let r = self.vfs.mknod(
@@ -421,35 +598,41 @@ impl Filesystem for StrataFs {
         );
         self.reply_entry(
             "mkdir",
-            start,
+            &c,
             r,
             || self.vfs.path_of(p, name.as_bytes()),
             reply,
         );
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let start = Instant::now();
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if Self::log_name(parent, name) {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let c = self.call(req);
         let p = self.real(parent);
         let _s = tracing::debug_span!("unlink", parent = p).entered();
         let r = self.vfs.unlink(p, name.as_bytes());
         self.reply_empty(
             "unlink",
-            start,
+            &c,
             r,
             || self.vfs.path_of(p, name.as_bytes()),
             reply,
         );
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let start = Instant::now();
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if Self::log_name(parent, name) {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let c = self.call(req);
         let p = self.real(parent);
         let _s = tracing::debug_span!("rmdir", parent = p).entered();
         let r = self.vfs.rmdir(p, name.as_bytes());
         self.reply_empty(
             "rmdir",
-            start,
+            &c,
             r,
             || self.vfs.path_of(p, name.as_bytes()),
             reply,
@@ -464,7 +647,15 @@ impl Filesystem for StrataFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let start = Instant::now();
+        if Self::log_name(parent, link_name) {
+            return reply.error(Errno::from_i32(libc::EEXIST));
+        }
+        let c = self.call(req).args(|| {
+            format!(
+                " target={}",
+                accesslog::escape(&target.as_os_str().to_string_lossy())
+            )
+        });
         let p = self.real(parent);
         let _s = tracing::debug_span!("symlink", parent = p).entered();
         let r = self.vfs.symlink(
@@ -475,7 +666,7 @@ impl Filesystem for StrataFs {
         );
         self.reply_entry(
             "symlink",
-            start,
+            &c,
             r,
             || self.vfs.path_of(p, link_name.as_bytes()),
             reply,
@@ -484,7 +675,7 @@ impl Filesystem for StrataFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -492,7 +683,10 @@ impl Filesystem for StrataFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let start = Instant::now();
+        if Self::log_name(parent, name) || Self::log_name(newparent, newname) {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let c = self.call(req).args(|| format!(" flags={}", flags.bits()));
         let (p, np) = (self.real(parent), self.real(newparent));
         let _s = tracing::debug_span!("rename", parent = p, newparent = np).entered();
         let r = self
@@ -500,46 +694,62 @@ impl Filesystem for StrataFs {
             .rename(p, name.as_bytes(), np, newname.as_bytes(), flags.bits());
         self.reply_empty(
             "rename",
-            start,
+            &c,
             r,
-            || {
-                format!(
-                    "{} -> {}",
-                    self.vfs.path_of(p, name.as_bytes()),
-                    self.vfs.path_of(np, newname.as_bytes())
-                )
-            },
+            Two(
+                || self.vfs.path_of(p, name.as_bytes()),
+                || self.vfs.path_of(np, newname.as_bytes()),
+            ),
             reply,
         );
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let start = Instant::now();
+        if ino.0 == accesslog::INO || Self::log_name(newparent, newname) {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let c = self.call(req);
         let (i, np) = (self.real(ino), self.real(newparent));
         let _s = tracing::debug_span!("link", ino = i, newparent = np).entered();
         let r = self.vfs.link(i, np, newname.as_bytes());
         self.reply_entry(
             "link",
-            start,
+            &c,
             r,
-            || self.vfs.path_of(np, newname.as_bytes()),
+            Two(
+                || self.vfs.path(i),
+                || self.vfs.path_of(np, newname.as_bytes()),
+            ),
             reply,
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let start = Instant::now();
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        if ino.0 == accesslog::INO {
+            if write {
+                return reply.error(Errno::from_i32(libc::EACCES));
+            }
+            return match self.log.open() {
+                // Reads bypass the page cache: the file's size says nothing of its stream.
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+                Err(e) => {
+                    tracing::warn!(volume = %self.vfs.volume(), error = %e, "opening the access log failed");
+                    reply.error(Errno::from_i32(libc::EIO))
+                }
+            };
+        }
+        let c = self.call(req).args(|| format!(" flags={:#x}", flags.0));
         let i = self.real(ino);
         let _s = tracing::debug_span!("open", ino = i).entered();
-        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        match self.outcome("open", start, self.vfs.open(i, write), || self.vfs.path(i)) {
+        match self.outcome("open", &c, self.vfs.open(i, write), || self.vfs.path(i)) {
             Ok((fh, keep)) => {
                 let f = if keep {
                     FopenFlags::FOPEN_KEEP_CACHE
@@ -554,7 +764,7 @@ impl Filesystem for StrataFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -563,13 +773,23 @@ impl Filesystem for StrataFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let start = Instant::now();
+        if ino.0 == accesslog::INO {
+            // Answered when lines arrive, on the log reader's own thread.
+            if let Err(e) = self
+                .log
+                .read(fh.0, size as usize, move |data| reply.data(&data))
+            {
+                tracing::warn!(volume = %self.vfs.volume(), error = %e, "reading the access log failed");
+            }
+            return;
+        }
+        let mut c = self.call(req).args(|| format!(" off={offset} size={size}"));
         let i = self.real(ino);
         let _s = tracing::debug_span!("read", ino = i, offset, size).entered();
         self.vfs.adopt_file_handle(i, fh.0);
-        match self.outcome("read", start, self.vfs.read(i, fh.0, offset, size), || {
-            self.vfs.path(i)
-        }) {
+        let r = self.vfs.read(i, fh.0, offset, size);
+        c.bytes = r.as_ref().map_or(0, |d| d.len() as u64);
+        match self.outcome("read", &c, r, || self.vfs.path(i)) {
             Ok(data) => {
                 self.vfs.metrics.fuse_bytes(false, data.len() as u64);
                 reply.data(&data);
@@ -580,7 +800,7 @@ impl Filesystem for StrataFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -590,13 +810,18 @@ impl Filesystem for StrataFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let start = Instant::now();
+        if ino.0 == accesslog::INO {
+            return reply.error(Errno::from_i32(libc::EBADF));
+        }
+        let mut c = self
+            .call(req)
+            .args(|| format!(" off={offset} size={}", data.len()));
         let i = self.real(ino);
         let _s = tracing::debug_span!("write", ino = i, offset, size = data.len()).entered();
         self.vfs.adopt_file_handle(i, fh.0);
-        match self.outcome("write", start, self.vfs.write(i, offset, data), || {
-            self.vfs.path(i)
-        }) {
+        let r = self.vfs.write(i, offset, data);
+        c.bytes = r.as_ref().map_or(0, |n| *n as u64);
+        match self.outcome("write", &c, r, || self.vfs.path(i)) {
             Ok(n) => {
                 self.vfs.metrics.fuse_bytes(true, n as u64);
                 reply.written(n as u32);
@@ -607,13 +832,16 @@ impl Filesystem for StrataFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         lock: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let start = Instant::now();
+        if ino.0 == accesslog::INO {
+            return reply.ok();
+        }
+        let c = self.call(req);
         let i = self.real(ino);
         let _s = tracing::debug_span!("flush", ino = i).entered();
         self.vfs.adopt_file_handle(i, fh.0);
@@ -622,12 +850,12 @@ impl Filesystem for StrataFs {
         if let Err(e) = self.vfs.unlock_owner(i, lock.0) {
             tracing::warn!(volume = %self.vfs.volume(), path = %self.vfs.path(i), error = %e, "releasing POSIX locks failed");
         }
-        self.reply_empty("flush", start, r, || self.vfs.path(i), reply);
+        self.reply_empty("flush", &c, r, || self.vfs.path(i), reply);
     }
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -635,35 +863,42 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let start = Instant::now();
+        if ino.0 == accesslog::INO {
+            self.log.close(fh.0);
+            return reply.ok();
+        }
+        let c = self.call(req);
         let i = self.real(ino);
         let _s = tracing::debug_span!("release", ino = i).entered();
         self.vfs.adopt_file_handle(i, fh.0);
         // The last close of an open file drops its flock (FUSE_RELEASE_FLOCK_UNLOCK).
         let r = self.vfs.release(i, fh.0, lock.map(|o| o.0));
-        self.reply_empty("release", start, r, || self.vfs.path(i), reply);
+        self.reply_empty("release", &c, r, || self.vfs.path(i), reply);
     }
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _datasync: bool,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let start = Instant::now();
+        if ino.0 == accesslog::INO {
+            return reply.ok();
+        }
+        let c = self.call(req).args(|| format!(" datasync={datasync}"));
         let i = self.real(ino);
         let _s = tracing::debug_span!("fsync", ino = i).entered();
         let r = self.vfs.fsync(i);
-        self.reply_empty("fsync", start, r, || self.vfs.path(i), reply);
+        self.reply_empty("fsync", &c, r, || self.vfs.path(i), reply);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let start = Instant::now();
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let c = self.call(req);
         let i = self.real(ino);
         let _s = tracing::debug_span!("opendir", ino = i).entered();
-        match self.outcome("opendir", start, self.vfs.opendir(i), || self.vfs.path(i)) {
+        match self.outcome("opendir", &c, self.vfs.opendir(i), || self.vfs.path(i)) {
             Ok(fh) => {
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
@@ -673,13 +908,13 @@ impl Filesystem for StrataFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let start = Instant::now();
+        let c = self.call(req).args(|| format!(" off={offset}"));
         let i = self.real(ino);
         let _s = tracing::debug_span!("readdir", ino = i, offset).entered();
         match self.vfs.readdir(i, fh.0, offset) {
@@ -695,11 +930,11 @@ impl Filesystem for StrataFs {
                         break;
                     }
                 }
-                self.finish("readdir", start, None, || self.vfs.path(i));
+                self.finish("readdir", &c, None, || self.vfs.path(i));
                 reply.ok();
             }
             Err(e) => {
-                let no = self.finish("readdir", start, Some(&e), || self.vfs.path(i));
+                let no = self.finish("readdir", &c, Some(&e), || self.vfs.path(i));
                 reply.error(no.unwrap_or(Errno::EIO));
             }
         }
@@ -729,12 +964,16 @@ impl Filesystem for StrataFs {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let start = Instant::now();
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let c = self.call(req);
         match self.outcome(
             "statfs",
-            start,
-            self.vfs.statfs(self.real(ino)),
+            &c,
+            self.vfs.statfs(if ino.0 == accesslog::INO {
+                self.root
+            } else {
+                self.real(ino)
+            }),
             String::new,
         ) {
             Ok(s) => {
@@ -756,7 +995,7 @@ impl Filesystem for StrataFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -764,18 +1003,35 @@ impl Filesystem for StrataFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let start = Instant::now();
+        if ino.0 == accesslog::INO {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let c = self.call(req).args(|| {
+            format!(
+                " name={} size={} flags={flags}",
+                accesslog::escape(&name.to_string_lossy()),
+                value.len()
+            )
+        });
         let i = self.real(ino);
         let r = self.vfs.setxattr(i, name.as_bytes(), value, flags);
-        self.reply_empty("setxattr", start, r, || self.vfs.path(i), reply);
+        self.reply_empty("setxattr", &c, r, || self.vfs.path(i), reply);
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let start = Instant::now();
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if ino.0 == accesslog::INO {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        }
+        let c = self.call(req).args(|| {
+            format!(
+                " name={} size={size}",
+                accesslog::escape(&name.to_string_lossy())
+            )
+        });
         let i = self.real(ino);
         match self.outcome(
             "getxattr",
-            start,
+            &c,
             self.vfs.getxattr(i, name.as_bytes()),
             || self.vfs.path(i),
         ) {
@@ -792,12 +1048,13 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let start = Instant::now();
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if ino.0 == accesslog::INO {
+            return reply.size(0);
+        }
+        let c = self.call(req).args(|| format!(" size={size}"));
         let i = self.real(ino);
-        match self.outcome("listxattr", start, self.vfs.listxattr(i), || {
-            self.vfs.path(i)
-        }) {
+        match self.outcome("listxattr", &c, self.vfs.listxattr(i), || self.vfs.path(i)) {
             Ok(names) => {
                 let mut buf = Vec::new();
                 for n in names {
@@ -816,19 +1073,27 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let start = Instant::now();
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if ino.0 == accesslog::INO {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let c = self
+            .call(req)
+            .args(|| format!(" name={}", accesslog::escape(&name.to_string_lossy())));
         let i = self.real(ino);
         let r = self.vfs.removexattr(i, name.as_bytes());
-        self.reply_empty("removexattr", start, r, || self.vfs.path(i), reply);
+        self.reply_empty("removexattr", &c, r, || self.vfs.path(i), reply);
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         // Permission bits are checked by the kernel (default_permissions); only existence here.
-        let start = Instant::now();
+        if ino.0 == accesslog::INO {
+            return reply.ok();
+        }
+        let c = self.call(req).args(|| format!(" mask={:#o}", mask.bits()));
         let i = self.real(ino);
         let r = self.vfs.getattr(i).map(|_| ());
-        self.reply_empty("access", start, r, || self.vfs.path(i), reply);
+        self.reply_empty("access", &c, r, || self.vfs.path(i), reply);
     }
 
     fn create(
@@ -838,10 +1103,15 @@ impl Filesystem for StrataFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        let start = Instant::now();
+        if Self::log_name(parent, name) {
+            return reply.error(Errno::from_i32(libc::EEXIST));
+        }
+        let c = self
+            .call(req)
+            .args(|| format!(" mode={:o} flags={flags:#x}", mode & !umask & 0o7777));
         let p = self.real(parent);
         let _s = tracing::debug_span!("create", parent = p).entered();
         match self
@@ -849,9 +1119,7 @@ impl Filesystem for StrataFs {
             .create(ctx(req), p, name.as_bytes(), mode & !umask & 0o7777)
         {
             Ok((n, fh)) => {
-                self.finish("create", start, None, || {
-                    self.vfs.path_of(p, name.as_bytes())
-                });
+                self.finish("create", &c, None, || self.vfs.path_of(p, name.as_bytes()));
                 reply.created(
                     &self.entry_ttl,
                     &self.attr(&n),
@@ -861,7 +1129,7 @@ impl Filesystem for StrataFs {
                 );
             }
             Err(e) => {
-                let no = self.finish("create", start, Some(&e), || {
+                let no = self.finish("create", &c, Some(&e), || {
                     self.vfs.path_of(p, name.as_bytes())
                 });
                 reply.error(no.unwrap_or(Errno::EIO));
@@ -871,7 +1139,7 @@ impl Filesystem for StrataFs {
 
     fn getlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         owner: LockOwner,
@@ -881,11 +1149,16 @@ impl Filesystem for StrataFs {
         _pid: u32,
         reply: ReplyLock,
     ) {
-        let start_t = Instant::now();
+        if ino.0 == accesslog::INO {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
+        let c = self
+            .call(req)
+            .args(|| format!(" start={start} end={end} type={typ}"));
         let i = self.real(ino);
         match self.outcome(
             "getlk",
-            start_t,
+            &c,
             self.vfs.getlk(i, owner.0, typ as u32, start, end),
             || self.vfs.path(i),
         ) {
@@ -893,7 +1166,6 @@ impl Filesystem for StrataFs {
                 reply.locked(l.start, l.end, l.typ as i32, l.pid);
             }
             Ok(None) => {
-                self.finish("getlk", start_t, None, || self.vfs.path(i));
                 reply.locked(start, end, libc::F_UNLCK, 0);
             }
             Err(no) => reply.error(no),
@@ -902,7 +1174,7 @@ impl Filesystem for StrataFs {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         owner: LockOwner,
@@ -913,7 +1185,12 @@ impl Filesystem for StrataFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let start_t = Instant::now();
+        if ino.0 == accesslog::INO {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
+        let c = self
+            .call(req)
+            .args(|| format!(" start={start} end={end} type={typ} sleep={sleep}"));
         let i = self.real(ino);
         let _s = tracing::debug_span!("setlk", ino = i, start, end, typ, sleep).entered();
         self.vfs.adopt_file_handle(i, fh.0);
@@ -922,31 +1199,39 @@ impl Filesystem for StrataFs {
             .setlk(i, fh.0, owner.0, typ as u32, start, end, pid)
         {
             Ok(true) => {
-                self.finish("setlk", start_t, None, || self.vfs.path(i));
+                self.finish("setlk", &c, None, || self.vfs.path(i));
                 reply.ok();
             }
             Ok(false) if !sleep => {
-                self.finish("setlk", start_t, None, || self.vfs.path(i));
+                self.finish("setlk", &c, None, || self.vfs.path(i));
                 reply.error(Errno::from_i32(libc::EAGAIN));
             }
             Ok(false) => {
                 // Wait on a thread of its own so that blocked lockers never occupy the FUSE
                 // workers (the holder's unlock must get through).
                 let vfs = self.vfs.clone();
+                let log = self.log.clone();
                 std::thread::spawn(move || {
+                    let done = |errno: Option<i32>| {
+                        let elapsed = c.start.elapsed();
+                        vfs.metrics.fuse_op("setlkw", elapsed, errno);
+                        if c.log {
+                            log_call(&log, "setlkw", &c, elapsed, errno, (vfs.path(i), None));
+                        }
+                    };
                     let mut delay = Duration::from_millis(5);
                     loop {
                         std::thread::sleep(delay);
                         delay = (delay * 2).min(Duration::from_millis(200));
                         match vfs.setlk(i, fh.0, owner.0, typ as u32, start, end, pid) {
                             Ok(true) => {
-                                vfs.metrics.fuse_op("setlkw", start_t.elapsed(), None);
+                                done(None);
                                 return reply.ok();
                             }
                             Ok(false) => continue,
                             Err(e) => {
                                 let no = errno_of(&e);
-                                vfs.metrics.fuse_op("setlkw", start_t.elapsed(), Some(no));
+                                done(Some(no));
                                 return reply.error(Errno::from_i32(no));
                             }
                         }
@@ -954,7 +1239,7 @@ impl Filesystem for StrataFs {
                 });
             }
             Err(e) => {
-                let no = self.finish("setlk", start_t, Some(&e), || self.vfs.path(i));
+                let no = self.finish("setlk", &c, Some(&e), || self.vfs.path(i));
                 reply.error(no.unwrap_or(Errno::EIO));
             }
         }
@@ -962,7 +1247,7 @@ impl Filesystem for StrataFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -970,11 +1255,16 @@ impl Filesystem for StrataFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let start = Instant::now();
+        if ino.0 == accesslog::INO {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let c = self
+            .call(req)
+            .args(|| format!(" off={offset} len={length} mode={mode}"));
         let i = self.real(ino);
         let _s = tracing::debug_span!("fallocate", ino = i, offset, length, mode).entered();
         let r = self.vfs.fallocate(i, mode, offset, length).map(|_| ());
-        self.reply_empty("fallocate", start, r, || self.vfs.path(i), reply);
+        self.reply_empty("fallocate", &c, r, || self.vfs.path(i), reply);
     }
 }
 

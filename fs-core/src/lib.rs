@@ -1,6 +1,7 @@
 //! Strata file-system core: metadata engines, object storage, chunked data layout, VFS and
 //! the FUSE adapter. See docs/ARCHITECTURE.md for the map.
 
+pub mod accesslog;
 pub mod cache;
 pub mod chunk;
 pub mod fuse;
@@ -11,6 +12,7 @@ pub mod meta;
 pub mod metrics;
 pub mod mount;
 pub mod object;
+pub mod profile;
 pub mod source;
 pub mod stats;
 pub mod sync;

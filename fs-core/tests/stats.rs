@@ -1,5 +1,6 @@
 //! `strata stats` on a real mount: while a writer and a reader work, its lines show FUSE
-//! operations, bytes written and read, and object PUTs; outside a mount it says so.
+//! operations, bytes written and read, object PUTs and their latency, and (`--by-op`) the
+//! operations by kind; outside a mount it says so.
 
 use std::fs;
 use std::io::Write;
@@ -17,7 +18,7 @@ fn stats_shows_what_a_mount_is_doing() {
     mount::format(BIN, &["--bucket", data.to_str().unwrap(), &meta, "statvol"]);
     let m = TestMount::new(BIN, &meta, &dir.path().join("mnt"), &["--cache-size", "0"]);
     let stats = Command::new(BIN)
-        .args(["stats", "--interval", "0.5", "--count", "6"])
+        .args(["stats", "--interval", "0.5", "--count", "6", "--by-op"])
         .arg(&m.path)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -41,22 +42,40 @@ fn stats_shows_what_a_mount_is_doing() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 7, "{text}");
+    // The header, then a line of rates and a line of operations per interval.
+    assert_eq!(lines.len(), 13, "{text}");
     assert!(
         lines[0].contains("fuse/s") && lines[0].contains("write/s"),
         "{text}"
     );
-    // Columns: time | fuse/s lat | read/s write/s | GET/s PUT/s down/s up/s | …
-    let busy = lines[1..].iter().any(|l| {
-        let c: Vec<&str> = l.split_whitespace().collect();
-        let n = |i: usize| {
-            c[i].trim_end_matches(['M', 'G'])
-                .parse::<f64>()
-                .unwrap_or(0.0)
-        };
-        n(2) > 0.0 && n(6) > 0.0 && n(10) > 0.0
+    // Columns by name (the two-word ones joined: "lat ms" → "lat-ms").
+    let names: Vec<String> = lines[0]
+        .replace(" ms", "-ms")
+        .split_whitespace()
+        .filter(|c| *c != "|")
+        .map(String::from)
+        .collect();
+    let col = |l: &str, name: &str| -> f64 {
+        let vals: Vec<&str> = l.split_whitespace().filter(|c| *c != "|").collect();
+        let i = names.iter().position(|n| n == name).unwrap();
+        vals[i].trim_end_matches(['M', 'G']).parse().unwrap_or(0.0)
+    };
+    let rates: Vec<&str> = lines[1..].iter().step_by(2).copied().collect();
+    let ops: Vec<&str> = lines[2..].iter().step_by(2).copied().collect();
+    let busy = rates.iter().any(|l| {
+        col(l, "fuse/s") > 0.0
+            && col(l, "write/s") > 0.0
+            && col(l, "PUT/s") > 0.0
+            && col(l, "PUT-ms") > 0.0
+            && col(l, "up/s") > 0.0
     });
     assert!(busy, "no line shows operations, writes and PUTs:\n{text}");
+    assert!(ops.iter().all(|l| l.starts_with("  ops: ")), "{text}");
+    assert!(
+        ops.iter()
+            .any(|l| l.contains(" write ") && l.contains("/s ") && l.contains("ms")),
+        "no line shows writes by kind:\n{text}"
+    );
     let out = Command::new(BIN)
         .args(["stats", "--count", "1"])
         .arg(dir.path())

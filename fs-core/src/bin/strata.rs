@@ -126,8 +126,9 @@ enum Cmd {
     /// Strata volumes: full or incremental, resumable after a kill (docs/SYNC.md).
     Sync(Box<SyncArgs>),
     /// What a mount is doing, one line per interval: FUSE operations and latency, bytes read
-    /// and written, object GETs/PUTs and bytes, cache hit ratio and peer hits, buffer and
-    /// cache use, metadata transactions, latency and retries.
+    /// and written, object GETs/PUTs, their latency and bytes, the share of block reads served
+    /// by the memory and disk caches and peer hits, buffer and cache use, metadata
+    /// transactions, latency and retries.
     Stats {
         /// The mount point, or any path inside the mount.
         path: PathBuf,
@@ -137,7 +138,14 @@ enum Cmd {
         /// Stop after this many lines (0: until interrupted).
         #[arg(long, default_value_t = 0)]
         count: u64,
+        /// Under each line, the rate and mean latency of the busiest FUSE operations by kind.
+        #[arg(long)]
+        by_op: bool,
     },
+    /// Who does what on a mount, from its access log (`.accesslog`): operations, busiest
+    /// paths, uids and pids, and the slowest operations of each interval. Given a saved log
+    /// (`cat MOUNT/.accesslog > FILE`), the totals of that log, once.
+    Profile(ProfileArgs),
     /// Remove the directory of an attached source (the source's objects are not touched).
     Detach {
         meta_url: String,
@@ -759,7 +767,9 @@ fn run(cli: Cli) -> Result<()> {
             path,
             interval,
             count,
-        } => stats_cmd(&path, interval, count),
+            by_op,
+        } => stats_cmd(&path, interval, count, by_op),
+        Cmd::Profile(a) => profile_cmd(a),
         Cmd::Sync(a) => sync_cmd(*a),
         Cmd::Gc {
             meta_url,
@@ -1161,7 +1171,7 @@ fn get_xattr(path: &std::path::Path, name: &[u8]) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn stats_cmd(path: &std::path::Path, interval: f64, count: u64) -> Result<()> {
+fn stats_cmd(path: &std::path::Path, interval: f64, count: u64, by_op: bool) -> Result<()> {
     use strata::stats::{METRICS_XATTR, Sample, header, line};
     if !interval.is_finite() || interval <= 0.0 {
         bail!("--interval {interval}: give a positive number of seconds");
@@ -1187,8 +1197,90 @@ fn stats_cmd(path: &std::path::Path, interval: f64, count: u64) -> Result<()> {
             secs % 60
         );
         println!("{}", line(&prev, &cur, &clock));
+        if by_op {
+            println!("{}", strata::stats::by_op(&prev, &cur, 8));
+        }
         prev = cur;
         n += 1;
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    /// The mount point or any path inside the mount; or a saved access log to replay.
+    path: PathBuf,
+    /// Length of each window (2s, 500ms, 1.5).
+    #[arg(long, default_value = "2s")]
+    interval: String,
+    /// Stop after this many windows (0: until interrupted).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// Order of the rows: ops, bytes, time (total latency) or latency (mean).
+    #[arg(long, default_value = "ops")]
+    sort: String,
+    /// Rows per table.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Only operations of this uid.
+    #[arg(long)]
+    filter_uid: Option<u32>,
+    /// Only operations of this process id.
+    #[arg(long)]
+    filter_pid: Option<u32>,
+    /// Only operations on this path or under it: a path in the mount (/dir) or through the
+    /// mount point (MOUNT/dir).
+    #[arg(long)]
+    filter_path: Option<String>,
+}
+
+fn profile_cmd(a: ProfileArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    use strata::profile::{self, Filter, Options, Source};
+    let source = profile::source(&a.path)?;
+    let mut filter_path = a.filter_path;
+    if let (Source::Live(log), Some(f)) = (&source, &filter_path) {
+        // A path through the mount point becomes a path in the mount.
+        let root = log.parent().unwrap_or(std::path::Path::new("/"));
+        let full = std::fs::canonicalize(f).unwrap_or_else(|_| PathBuf::from(f));
+        if let Ok(rel) = full.strip_prefix(root) {
+            filter_path = Some(format!("/{}", rel.display()));
+        }
+    }
+    let opts = Options {
+        interval: profile::parse_duration(&a.interval)?,
+        count: a.count,
+        sort: a.sort.parse()?,
+        top: a.top.max(1),
+        filter: Filter {
+            uid: a.filter_uid,
+            pid: a.filter_pid,
+            path: filter_path,
+        },
+    };
+    match source {
+        Source::Saved(file) => {
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            print!("{}", profile::replay(f, &opts)?);
+        }
+        Source::Live(log) => {
+            let f = std::fs::File::open(&log).with_context(|| {
+                format!(
+                    "opening {} (it is readable by the user the mount runs as)",
+                    log.display()
+                )
+            })?;
+            let stdout = std::io::stdout();
+            let tty = stdout.is_terminal();
+            profile::live(
+                f,
+                &log.display().to_string(),
+                &opts,
+                &mut stdout.lock(),
+                tty,
+            )?;
+        }
     }
     Ok(())
 }
