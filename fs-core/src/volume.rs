@@ -153,6 +153,7 @@ pub fn format(
         inodes: opts.inodes,
         storage: opts.storage.clone(),
         mirror: None,
+        trash_days: 0,
     };
     let stored = meta.format(&fmt)?;
     let created = stored.uuid == fmt.uuid;
@@ -236,6 +237,83 @@ pub fn resolve_dir(meta: &Meta, path: &str) -> Result<Ino, VolumeError> {
         ino = n.ino;
     }
     Ok(ino)
+}
+
+/// What `strata destroy` removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DestroyReport {
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// `strata destroy`: delete every object of the volume (from its mirror too) and drop its
+/// metadata tables. Refused while clients are connected unless `force`.
+pub fn destroy(
+    meta_url: &str,
+    metrics: Arc<Metrics>,
+    force: bool,
+    progress: &mut dyn FnMut(&DestroyReport),
+) -> Result<DestroyReport, VolumeError> {
+    let meta = Meta::new(open_engine(meta_url)?, metrics.clone(), MetaSettings::default());
+    let format = meta.load()?;
+    let now = crate::meta::now_ns() / 1_000_000_000;
+    let live: Vec<String> = meta
+        .sessions()?
+        .into_iter()
+        .filter(|(_, hb, _)| *hb >= now)
+        .map(|(sid, _, info)| format!("session {sid} ({info})"))
+        .collect();
+    if !live.is_empty() && !force {
+        return Err(VolumeError::Invalid(format!(
+            "volume {} has {} connected clients: unmount them first, or pass --force: {}",
+            format.name,
+            live.len(),
+            live.join(", ")
+        )));
+    }
+    let mut report = DestroyReport::default();
+    let prefix = format!("{}/", format.name);
+    for cfg in std::iter::once(&format.storage).chain(format.mirror.as_ref()) {
+        let raw = open_store(cfg).map_err(|source| VolumeError::Object {
+            store: format!("{} {}", cfg.storage, cfg.bucket),
+            source,
+        })?;
+        let store = layered(raw, metrics.clone(), RetrySettings::default());
+        let err = |source| VolumeError::Object {
+            store: store.describe(),
+            source,
+        };
+        loop {
+            // Deleting from the start: each page lists what is left.
+            let page = store.list(&prefix, None, 1000).map_err(err)?;
+            if page.is_empty() {
+                break;
+            }
+            let failed = parking_lot::Mutex::new(None);
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..16 {
+                    s.spawn(|| {
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(o) = page.get(i) else { break };
+                            if let Err(e) = store.delete(&o.key) {
+                                *failed.lock() = Some(e);
+                            }
+                        }
+                    });
+                }
+            });
+            if let Some(e) = failed.into_inner() {
+                return Err(err(e));
+            }
+            report.objects += page.len() as u64;
+            report.bytes += page.iter().map(|o| o.size).sum::<u64>();
+            progress(&report);
+        }
+    }
+    meta.engine().drop_schema()?;
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ pub fn mem_format(name: &str, block_size: u32, capacity: u64) -> Format {
             region: None,
         },
         mirror: None,
+        trash_days: 0,
     }
 }
 
@@ -63,6 +64,7 @@ const CASES: &[(&str, Case)] = &[
     ("fsck_repairs", fsck_repairs),
     ("quotas", quotas),
     ("journal", journal),
+    ("trash", trash),
 ];
 
 /// Run every case against fresh engines from `make`; panics with the case name on failure.
@@ -542,4 +544,52 @@ fn journal(m: &Meta) {
     let t2 = m.change_token().unwrap();
     file(m, c, "after-trim");
     assert!(m.changes_since(&t2, 100).unwrap().dirs.contains(&c));
+}
+
+fn trash(m: &Meta) {
+    use super::TRASH_INO;
+    let d = dir(m, ROOT_INO, "d");
+    let f = file(m, d, "keep-me");
+    let g = file(m, d, "other");
+    // Without a trash, unlink deletes.
+    let gone = file(m, d, "gone");
+    m.unlink(d, b"gone").unwrap();
+    assert!(matches!(m.getattr(gone), Err(MetaError::NotFound)));
+    m.update_format(|f| f.trash_days = 1).unwrap();
+    let used = m.counter("used_inodes").unwrap();
+    m.unlink(d, b"keep-me").unwrap();
+    assert!(matches!(m.lookup(d, b"keep-me"), Err(MetaError::NotFound)));
+    assert_eq!(m.getattr(f).unwrap().parent, TRASH_INO);
+    assert_eq!(m.counter("used_inodes").unwrap(), used);
+    // A rename over a file puts the replaced file in the trash too.
+    let h = file(m, d, "new");
+    m.rename(d, b"new", d, b"other", 0).unwrap();
+    let list = m.trash_list().unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!((list[0].ino, list[0].name.as_slice()), (f, &b"keep-me"[..]));
+    assert_eq!((list[1].ino, list[1].name.as_slice()), (g, &b"other"[..]));
+    // Restore: back under its name, or beside a file that took it meanwhile.
+    let r = m.trash_restore(&list).unwrap();
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!(m.lookup(d, b"keep-me").unwrap().ino, f);
+    let back = format!("other.restored-{g}");
+    assert_eq!(m.lookup(d, back.as_bytes()).unwrap().ino, g);
+    assert_eq!(m.lookup(d, b"other").unwrap().ino, h);
+    assert!(m.trash_list().unwrap().is_empty());
+    // Emptying: only what is older than the cut-off goes, for good.
+    m.unlink(d, b"keep-me").unwrap();
+    assert_eq!(m.trash_empty_before(0).unwrap(), 0);
+    assert_eq!(m.trash_empty_before(i64::MAX).unwrap(), 1);
+    assert!(matches!(m.getattr(f), Err(MetaError::NotFound)));
+    assert!(m.trash_list().unwrap().is_empty());
+    // A file whose directory is gone is reported, not restored.
+    let e = dir(m, ROOT_INO, "e");
+    file(m, e, "x");
+    m.unlink(e, b"x").unwrap();
+    m.rmdir(ROOT_INO, b"e").unwrap();
+    let r = m.trash_restore(&m.trash_list().unwrap()).unwrap();
+    assert_eq!(r.failed.len(), 1);
+    assert!(r.failed[0].1.contains("deleted"), "{r:?}");
+    m.update_format(|f| f.trash_days = 0).unwrap();
+    assert_eq!(m.trash_expire().unwrap(), 1);
 }

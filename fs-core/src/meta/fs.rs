@@ -47,6 +47,9 @@ pub struct Format {
     /// A second object store every new object also goes to (docs/FORMAT.md §16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<StorageConfig>,
+    /// Days deleted files stay in the trash (0: no trash), docs/FORMAT.md §17.
+    #[serde(default)]
+    pub trash_days: u32,
 }
 
 /// Settings of the metadata client.
@@ -175,6 +178,11 @@ pub(super) fn check_name(name: &[u8]) -> Result<()> {
 
 /// Inodes imported from an attached source, and the directory a source is attached to
 /// (marked by a non-zero `rdev`, see docs/FORMAT.md), cannot be changed: EROFS.
+/// Whole seconds of a nanosecond timestamp.
+pub(crate) fn now_secs_of(ns: i64) -> i64 {
+    ns.div_euclid(1_000_000_000)
+}
+
 pub(crate) fn check_not_source(n: &Node) -> Result<()> {
     if n.rdev != 0 && matches!(n.kind, FileKind::File | FileKind::Dir) {
         return Err(MetaError::ReadOnlySource);
@@ -488,7 +496,7 @@ impl Meta {
         self.txn(false, |tx| tx.get_counter(name))
     }
 
-    fn format_cached(&self) -> Result<Format> {
+    pub(crate) fn format_cached(&self) -> Result<Format> {
         if let Some(f) = self.format.lock().clone() {
             return Ok(f);
         }
@@ -740,7 +748,7 @@ impl Meta {
 
     /// Drop one link of `n` (already removed from its directory) and delete it when it was
     /// the last one and nobody here has it open.
-    fn drop_link(&self, tx: &mut dyn Txn, mut n: Node, now: i64) -> Result<()> {
+    pub(crate) fn drop_link(&self, tx: &mut dyn Txn, mut n: Node, now: i64) -> Result<()> {
         n.nlink = n.nlink.saturating_sub(1);
         n.ctime = now;
         if n.kind == FileKind::Dir {
@@ -795,7 +803,7 @@ impl Meta {
             if let Some(n) = node {
                 let last = n.nlink <= 1;
                 let space = space_of(n.kind, n.length);
-                self.drop_link(tx, n, now)?;
+                self.trash_or_drop(tx, n, parent, name, now)?;
                 if last {
                     let chain = self.quota_chain(tx, parent, &qset)?;
                     Self::quota_charge(tx, &chain, -space, -1)?;
@@ -992,7 +1000,7 @@ impl Meta {
                     let last = dnode.nlink <= 1 || dnode.kind == FileKind::Dir;
                     let dspace = space_of(dnode.kind, dnode.length);
                     let dino = dnode.ino;
-                    self.drop_link(tx, dnode, now)?;
+                    self.trash_or_drop(tx, dnode, newparent, newname, now)?;
                     tx.delete_quota(dino)?;
                     if last {
                         Self::quota_charge(tx, &dst_chain, -dspace, -1)?;

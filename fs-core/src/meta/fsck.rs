@@ -106,6 +106,10 @@ impl Meta {
         // Link counts, orphans, parents, usage.
         let (mut space, mut count) = (0i64, 0i64);
         for n in nodes.values() {
+            // The trash directory (§17) is outside the tree and outside the usage counters.
+            if n.ino == super::TRASH_INO {
+                continue;
+            }
             if n.ino != ROOT_INO {
                 // Files of attached sources are counted as inodes but hold no space.
                 if super::check_not_source(n).is_ok() {

@@ -341,6 +341,9 @@ impl Meta {
             ..Default::default()
         };
         for (ino, kind) in rows {
+            if ino == super::TRASH_INO {
+                continue; // outside the tree
+            }
             if kind == KIND_LINKED_FILE {
                 batch.linked_files.push(ino);
             } else {

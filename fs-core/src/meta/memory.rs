@@ -50,6 +50,10 @@ impl MetaEngine for MemEngine {
     fn init_schema(&self) -> Result<()> {
         Ok(())
     }
+    fn drop_schema(&self) -> Result<()> {
+        *self.state.lock() = State::default();
+        Ok(())
+    }
     fn begin(&self, write: bool) -> Result<Box<dyn Txn + '_>> {
         let guard = self.state.lock();
         let undo = if write { Some(guard.clone()) } else { None };

@@ -9,6 +9,8 @@ mod external;
 mod fs;
 mod fsck;
 mod journal;
+mod rmr;
+mod trash;
 mod memory;
 mod postgres;
 mod postgres_tls;
@@ -25,6 +27,8 @@ pub(crate) use fs::check_not_source;
 pub use fs::{Ctx, FORMAT_VERSION, Format, Meta, MetaSettings, SetAttr, StatFs, TimeSet, space_of};
 pub use fsck::FsckReport;
 pub use journal::ChangeBatch;
+pub use rmr::RmrStats;
+pub use trash::{RestoreReport, TRASH_INO, TrashEntry};
 pub use memory::MemEngine;
 pub use postgres::PostgresEngine;
 pub use sqlite::SqliteEngine;
@@ -324,7 +328,16 @@ pub trait MetaEngine: Send + Sync + 'static {
     fn begin_single_read(&self) -> Result<Box<dyn Txn + '_>> {
         self.begin(false)
     }
+    /// Drop every table of the volume (`strata destroy`). Not a transaction of [`Meta`]: the
+    /// caller makes sure no client uses the volume.
+    fn drop_schema(&self) -> Result<()>;
 }
+
+/// The tables of docs/FORMAT.md, for [`MetaEngine::drop_schema`].
+pub const TABLES: &[&str] = &[
+    "setting", "counter", "node", "edge", "symlink", "xattr", "slice", "reclaim", "trim",
+    "garbage", "session", "sustained", "plock", "dirquota", "journal", "backlog",
+];
 
 /// Operations inside one transaction. Dropping a transaction without `commit` rolls it back.
 pub trait Txn {

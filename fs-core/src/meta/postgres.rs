@@ -272,6 +272,17 @@ impl MetaEngine for PostgresEngine {
         )))
         .map_err(pg_err)
     }
+    fn drop_schema(&self) -> Result<()> {
+        let mut c = self.conn();
+        self.connect(&mut c, self.reconnect)?;
+        let c = &mut *c;
+        let client = c.client.as_ref().ok_or(MetaError::Conflict)?;
+        c.rt.block_on(client.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {}",
+            super::TABLES.join(", ")
+        )))
+        .map_err(pg_err)
+    }
     /// No round trip: `BEGIN` goes out with the transaction's first request.
     fn begin(&self, write: bool) -> Result<Box<dyn Txn + '_>> {
         self.txn(Some(if write {

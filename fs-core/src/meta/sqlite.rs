@@ -131,6 +131,13 @@ impl MetaEngine for SqliteEngine {
     fn init_schema(&self) -> Result<()> {
         self.writer.lock().execute_batch(SCHEMA).map_err(sql_err)
     }
+    fn drop_schema(&self) -> Result<()> {
+        let sql: String = super::TABLES
+            .iter()
+            .map(|t| format!("DROP TABLE IF EXISTS {t};"))
+            .collect();
+        self.writer.lock().execute_batch(&sql).map_err(sql_err)
+    }
     fn begin(&self, write: bool) -> Result<Box<dyn Txn + '_>> {
         let conn = if write {
             self.writer.lock()

@@ -46,6 +46,9 @@ mod cost {
         fn init_schema(&self) -> Result<()> {
             self.inner.init_schema()
         }
+        fn drop_schema(&self) -> Result<()> {
+            self.inner.drop_schema()
+        }
         fn begin(&self, write: bool) -> Result<Box<dyn Txn + '_>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Ok(Box::new(CountingTxn {

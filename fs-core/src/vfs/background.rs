@@ -127,13 +127,18 @@ impl Vfs {
 
     fn cleaner_loop(self: Arc<Self>) {
         let mut sessions_checked = Instant::now();
-        // The change journal is trimmed at start and then every 10 minutes.
+        // The change journal and the trash are trimmed at start and then every 10 minutes.
         let mut journal_trimmed: Option<Instant> = None;
         while self.sleep(Duration::from_secs(1)) {
             if journal_trimmed.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
                 journal_trimmed = Some(Instant::now());
                 if let Err(e) = self.meta.trim_journal() {
                     tracing::warn!(volume = %self.volume(), error = %e, "trimming the change journal failed");
+                }
+                match self.meta.trash_expire() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(volume = %self.volume(), files = n, "emptied expired files from the trash"),
+                    Err(e) => tracing::warn!(volume = %self.volume(), error = %e, "emptying the trash failed"),
                 }
             }
             if sessions_checked.elapsed() >= self.meta.heartbeat_interval() {
