@@ -46,8 +46,9 @@ enum Cmd {
     },
     /// Show a volume's settings, usage and client sessions.
     Status { meta_url: String },
-    /// Change settings of a formatted volume. Capacity and inode limits bind running mounts
-    /// within seconds; new object-store keys are used from the next mount.
+    /// Change settings of a formatted volume. Capacity and inode limits, the mirror and the
+    /// switch of primary store bind running mounts within seconds; new object-store keys are
+    /// used from the next mount.
     Config {
         meta_url: String,
         /// New capacity limit in GiB (0 = unlimited).
@@ -60,6 +61,48 @@ enum Cmd {
         access_key: Option<String>,
         #[arg(long)]
         secret_key: Option<String>,
+        /// Days deleted files stay in the trash (0 = no trash; what is in it is emptied).
+        #[arg(long)]
+        trash_days: Option<u32>,
+        #[command(flatten)]
+        mirror: MirrorArgs,
+    },
+    /// List the trash of a volume, or put files from it back where they were deleted.
+    Restore {
+        meta_url: String,
+        /// Names to restore (`*` and `?` match any characters / one character); with none,
+        /// list the trash.
+        patterns: Vec<String>,
+        /// Restore everything in the trash.
+        #[arg(long, conflicts_with = "patterns")]
+        all: bool,
+    },
+    /// Remove a directory tree of a volume on the metadata side (fast: no kernel round trip
+    /// per entry; files go to the trash when the volume keeps one).
+    Rmr {
+        meta_url: String,
+        /// Path inside the volume, e.g. /scratch/run-17.
+        path: String,
+    },
+    /// Delete a volume for good: every object in its bucket (and mirror) and its metadata.
+    Destroy {
+        meta_url: String,
+        /// The volume's UUID (from `strata status`), as a confirmation.
+        uuid: String,
+        /// Even though clients are connected.
+        #[arg(long)]
+        force: bool,
+        /// Do not ask.
+        #[arg(long, short)]
+        yes: bool,
+    },
+    /// Bring the mirror of a volume up to date now (mounts do it in the background), with
+    /// progress; ends when the copy is done and the backlog empty.
+    Mirror {
+        meta_url: String,
+        /// Parallel copies.
+        #[arg(long, default_value_t = 16)]
+        threads: usize,
     },
     /// Fill the cache of a mount (and of its cache group) with files or whole trees.
     Warmup {
@@ -443,6 +486,10 @@ struct FormatArgs {
     /// Inode limit (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     inodes: u64,
+    /// Keep deleted files this many days in the trash, restorable with `strata restore`
+    /// (0 = no trash).
+    #[arg(long, default_value_t = 0)]
+    trash_days: u32,
     /// Metadata URL: sqlite:///path/meta.db or postgres://user:password@host:5432/db
     meta_url: String,
     /// Volume name: 3-63 characters of a-z, 0-9 and '-'.
@@ -495,6 +542,56 @@ struct MountArgs {
     mountpoint: PathBuf,
 }
 
+/// `strata config` options of the mirror (docs/MIGRATION.md).
+#[derive(Args)]
+struct MirrorArgs {
+    /// Mirror every new object to this store too, and copy the existing ones in the
+    /// background: `file:///dir`, an S3 URL like `http://host:8333/bucket` (as for `format
+    /// --bucket`), or `none` to detach the mirror.
+    #[arg(long)]
+    mirror: Option<String>,
+    #[arg(long, env = "STRATA_MIRROR_ACCESS_KEY", hide_env_values = true)]
+    mirror_access_key: Option<String>,
+    #[arg(long, env = "STRATA_MIRROR_SECRET_KEY", hide_env_values = true)]
+    mirror_secret_key: Option<String>,
+    #[arg(long)]
+    mirror_region: Option<String>,
+    /// Make the mirror the primary store (the primary becomes the mirror). Refused until the
+    /// mirror is up to date and its backlog is empty.
+    #[arg(long, conflicts_with = "mirror")]
+    switch_primary: bool,
+    /// With `--mirror none`: detach even though the backlog is not empty.
+    #[arg(long)]
+    force: bool,
+}
+
+impl MirrorArgs {
+    fn storage(&self) -> Result<Option<Option<strata::object::StorageConfig>>> {
+        let Some(url) = &self.mirror else {
+            return Ok(None);
+        };
+        if url == "none" {
+            return Ok(Some(None));
+        }
+        let (storage, bucket) = if let Some(p) = url.strip_prefix("file://") {
+            ("file", p.to_string())
+        } else if url.starts_with("http://") || url.starts_with("https://") {
+            ("s3", url.clone())
+        } else {
+            bail!(
+                "--mirror {url}: use file:///absolute/dir, an S3 URL like http://127.0.0.1:8333/bucket, or none"
+            );
+        };
+        Ok(Some(Some(strata::object::StorageConfig {
+            storage: storage.into(),
+            bucket,
+            access_key: self.mirror_access_key.clone(),
+            secret_key: self.mirror_secret_key.clone(),
+            region: self.mirror_region.clone(),
+        })))
+    }
+}
+
 #[derive(Args)]
 struct GatewayArgs {
     /// Serve Prometheus metrics at ADDR (e.g. 127.0.0.1:9567).
@@ -525,6 +622,9 @@ struct GatewayArgs {
 /// buffers, caches (and the cache group), metadata cache times, background work, session.
 #[derive(Args)]
 struct ClientArgs {
+    /// On a mirrored volume, read from this store first: primary or mirror (the closer one).
+    #[arg(long, default_value = "primary")]
+    prefer_store: strata::object::PreferStore,
     /// Write buffer in MiB.
     #[arg(long, default_value_t = 300)]
     buffer_size: u64,
@@ -573,6 +673,7 @@ struct ClientArgs {
 impl ClientArgs {
     /// Apply to the options of a mount (or of a gateway, which opens the volume the same way).
     fn apply(&self, opts: &mut MountOptions) -> Result<()> {
+        opts.prefer_store = self.prefer_store;
         opts.vfs.buffer_size = self.buffer_size << 20;
         opts.vfs.mem_cache_size = self.mem_cache_size << 20;
         opts.vfs.max_readahead = self.max_readahead << 20;
@@ -725,12 +826,27 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Status { meta_url } => status(&meta_url),
+        Cmd::Mirror { meta_url, threads } => mirror_cmd(&meta_url, threads),
+        Cmd::Restore {
+            meta_url,
+            patterns,
+            all,
+        } => restore_cmd(&meta_url, &patterns, all),
+        Cmd::Rmr { meta_url, path } => rmr_cmd(&meta_url, &path),
+        Cmd::Destroy {
+            meta_url,
+            uuid,
+            force,
+            yes,
+        } => destroy_cmd(&meta_url, &uuid, force, yes),
         Cmd::Config {
             meta_url,
             capacity,
             inodes,
             access_key,
             secret_key,
+            trash_days,
+            mirror,
         } => {
             let meta = Meta::new(
                 open_engine(&meta_url)?,
@@ -738,6 +854,33 @@ fn run(cli: Cli) -> Result<()> {
                 MetaSettings::default(),
             );
             meta.load()?;
+            use strata::object::mirror::{set_mirror, store_url, switch_primary};
+            if let Some(m) = mirror.storage()? {
+                let fmt = set_mirror(&meta, m, mirror.force)?;
+                match &fmt.mirror {
+                    Some(m) => println!(
+                        "volume {}: new objects go to {} and to the mirror {}; mounts copy the existing ones in the background (`strata status` shows progress, `strata mirror` copies now)",
+                        fmt.name,
+                        store_url(&fmt.storage),
+                        store_url(m)
+                    ),
+                    None => println!(
+                        "volume {}: no mirror; objects go to {} only",
+                        fmt.name,
+                        store_url(&fmt.storage)
+                    ),
+                }
+            }
+            if mirror.switch_primary {
+                let fmt = switch_primary(&meta)?;
+                println!(
+                    "volume {}: primary store is now {}; {} stays a mirror (new objects still go to both) until `strata config {} --mirror none`",
+                    fmt.name,
+                    store_url(&fmt.storage),
+                    fmt.mirror.as_ref().map(store_url).unwrap_or_default(),
+                    strata::meta::redact_url(&meta_url)
+                );
+            }
             let fmt = meta.update_format(|f| {
                 if let Some(c) = capacity {
                     f.capacity = c << 30;
@@ -750,6 +893,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if secret_key.is_some() {
                     f.storage.secret_key = secret_key.clone();
+                }
+                if let Some(d) = trash_days {
+                    f.trash_days = d;
                 }
             })?;
             println!(
@@ -948,7 +1094,15 @@ fn format(a: FormatArgs) -> Result<()> {
         capacity_gib: a.capacity,
         inodes: a.inodes,
     };
-    let (fmt, created) = volume::format(&a.meta_url, &opts, Arc::new(Metrics::new()))?;
+    let (mut fmt, created) = volume::format(&a.meta_url, &opts, Arc::new(Metrics::new()))?;
+    if created && a.trash_days > 0 {
+        let meta = Meta::new(
+            open_engine(&a.meta_url)?,
+            Arc::new(Metrics::new()),
+            MetaSettings::default(),
+        );
+        fmt = meta.update_format(|f| f.trash_days = a.trash_days)?;
+    }
     println!(
         "volume {} ({}) {}: metadata {}, data {} {}, block size {} KiB",
         fmt.name,
@@ -1130,6 +1284,24 @@ fn status(meta_url: &str) -> Result<()> {
     if fmt.storage.secret_key.is_some() {
         fmt.storage.secret_key = Some("removed".into());
     }
+    let mirror = match &mut fmt.mirror {
+        Some(m) => {
+            if m.secret_key.is_some() {
+                m.secret_key = Some("removed".into());
+            }
+            let st = strata::object::mirror::copy_state(&meta)?;
+            serde_json::json!({
+                "store": strata::object::mirror::store_url(m),
+                "copy_done": st.done && st.mirror == strata::object::mirror::store_id(m),
+                "objects_compared": st.listed,
+                "objects_copied": st.copied,
+                "bytes_copied": st.bytes,
+                "copier": st.owner,
+                "backlog": strata::object::mirror::backlog(&meta)?,
+            })
+        }
+        None => serde_json::Value::Null,
+    };
     let sessions: Vec<_> = meta
         .sessions()?
         .into_iter()
@@ -1140,6 +1312,7 @@ fn status(meta_url: &str) -> Result<()> {
         "used_space": meta.counter("used_space")?,
         "used_inodes": meta.counter("used_inodes")?,
         "sessions": sessions,
+        "mirror": mirror,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
@@ -1488,4 +1661,174 @@ fn mirror_cmd(meta_url: &str, threads: usize) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_secs(2));
     }
+}
+
+/// Whether `name` matches `pat` (`*`: any characters, `?`: one).
+fn glob_match(pat: &[u8], name: &[u8]) -> bool {
+    match (pat.first(), name.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            glob_match(&pat[1..], name) || (!name.is_empty() && glob_match(pat, &name[1..]))
+        }
+        (Some(b'?'), Some(_)) => glob_match(&pat[1..], &name[1..]),
+        (Some(a), Some(b)) if a == b => glob_match(&pat[1..], &name[1..]),
+        _ => false,
+    }
+}
+
+fn open_meta(meta_url: &str) -> Result<Meta> {
+    let meta = Meta::new(
+        open_engine(meta_url)?,
+        Arc::new(Metrics::new()),
+        MetaSettings::default(),
+    );
+    meta.load()?;
+    Ok(meta)
+}
+
+/// `strata restore`.
+fn restore_cmd(meta_url: &str, patterns: &[String], all: bool) -> Result<()> {
+    let meta = open_meta(meta_url)?;
+    let fmt = meta.load()?;
+    let list = meta.trash_list()?;
+    if patterns.is_empty() && !all {
+        if fmt.trash_days == 0 {
+            println!(
+                "volume {} keeps no trash (enable it with `strata config {} --trash-days N`)",
+                fmt.name,
+                redact_url(meta_url)
+            );
+        }
+        println!("{:<20} {:>14} {:>10}  name", "deleted (UTC)", "bytes", "dir inode");
+        for t in &list {
+            let when = chrono_like(t.deleted);
+            println!(
+                "{when:<20} {:>14} {:>10}  {}",
+                t.length,
+                t.parent,
+                String::from_utf8_lossy(&t.name)
+            );
+        }
+        println!(
+            "{} files in the trash; kept {} days",
+            list.len(),
+            fmt.trash_days
+        );
+        return Ok(());
+    }
+    let chosen: Vec<_> = list
+        .into_iter()
+        .filter(|t| all || patterns.iter().any(|p| glob_match(p.as_bytes(), &t.name)))
+        .collect();
+    if chosen.is_empty() {
+        bail!("nothing in the trash matches {patterns:?} (run `strata restore {}` to list it)", redact_url(meta_url));
+    }
+    let r = meta.trash_restore(&chosen)?;
+    for (t, why) in &r.failed {
+        eprintln!("not restored: {}: {why}", String::from_utf8_lossy(&t.name));
+    }
+    println!(
+        "restored {} files, {} not restored",
+        r.restored.len(),
+        r.failed.len()
+    );
+    if !r.failed.is_empty() {
+        bail!("{} files could not be restored", r.failed.len());
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` of unix seconds (UTC).
+fn chrono_like(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `strata rmr`.
+fn rmr_cmd(meta_url: &str, path: &str) -> Result<()> {
+    let meta = open_meta(meta_url)?;
+    let path = path.trim_end_matches('/');
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((d, n)) if !n.is_empty() => (d, n),
+        _ => bail!("{path:?}: give a path inside the volume like /scratch/old-run (not the root)"),
+    };
+    let parent = strata::volume::resolve_dir(&meta, dir)?;
+    let start = std::time::Instant::now();
+    let stats = meta
+        .rmr(parent, name.as_bytes(), &mut |s| {
+            eprint!("\rremoved {} files, {} directories", s.files, s.dirs);
+        })
+        .map_err(|e| match e {
+            strata::meta::MetaError::NotFound => anyhow::anyhow!("{path}: no such file or directory in the volume"),
+            e => e.into(),
+        })?;
+    eprintln!();
+    println!(
+        "removed {path}: {} files, {} directories in {:.1} s{}",
+        stats.files,
+        stats.dirs,
+        start.elapsed().as_secs_f64(),
+        if meta.load()?.trash_days > 0 { " (files are in the trash)" } else { "" }
+    );
+    Ok(())
+}
+
+/// `strata destroy`.
+fn destroy_cmd(meta_url: &str, uuid: &str, force: bool, yes: bool) -> Result<()> {
+    let meta = open_meta(meta_url)?;
+    let fmt = meta.load()?;
+    if fmt.uuid != uuid {
+        bail!(
+            "{uuid} is not the UUID of volume {} at {} (`strata status` shows it): nothing was deleted",
+            fmt.name,
+            redact_url(meta_url)
+        );
+    }
+    let used = meta.counter("used_space")?;
+    let inodes = meta.counter("used_inodes")?;
+    if !yes {
+        use std::io::{BufRead, IsTerminal};
+        if !std::io::stdin().is_terminal() {
+            bail!("strata destroy asks for confirmation on a terminal; pass --yes to skip it");
+        }
+        eprint!(
+            "Delete volume {} ({} inodes, {} bytes) and every object in {} {}? Type the volume name: ",
+            fmt.name, inodes, used, fmt.storage.storage, fmt.storage.bucket
+        );
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if line.trim() != fmt.name {
+            bail!("not confirmed: nothing was deleted");
+        }
+    }
+    drop(meta);
+    let start = std::time::Instant::now();
+    let r = strata::volume::destroy(meta_url, Arc::new(Metrics::new()), force, &mut |r| {
+        eprint!("\rdeleted {} objects ({} MiB)", r.objects, r.bytes >> 20);
+    })?;
+    eprintln!();
+    println!(
+        "volume {} destroyed: {} objects ({} bytes) deleted, metadata tables dropped, in {:.1} s",
+        fmt.name,
+        r.objects,
+        r.bytes,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
