@@ -359,14 +359,17 @@ pub fn wait_mounted(
     ))
 }
 
-/// Label every metric of this client with its volume and `opts.metrics_labels` (also used
-/// by `strata gateway`).
+/// Label every metric of this client with its volume, its cache group (`cache_group`, when
+/// it joins one) and `opts.metrics_labels` (also used by `strata gateway`).
 pub fn label_metrics(
     metrics: &Metrics,
     volume: &str,
     opts: &MountOptions,
 ) -> Result<(), MountError> {
     let mut labels = vec![("volume".to_string(), volume.to_string())];
+    if let Some(g) = &opts.vfs.cache.group {
+        labels.push(("cache_group".to_string(), g.clone()));
+    }
     labels.extend(opts.metrics_labels.iter().cloned());
     metrics
         .set_labels(&labels)

@@ -166,9 +166,10 @@ pub fn daemonset(
         cg.spec.replicas.to_string(),
         "--metrics".into(),
         format!("0.0.0.0:{}", s.member_metrics_port),
-        // Every sample names the member (the downward API variables below).
+        // Every sample names the member (the downward API variables below; `strata mount`
+        // adds cache_group itself).
         "--metrics-labels".into(),
-        format!("pod=$(POD_NAME),namespace=$(POD_NAMESPACE),node=$(NODE_NAME),cache_group={name}"),
+        "pod=$(POD_NAME),namespace=$(POD_NAMESPACE),node=$(NODE_NAME)".into(),
     ];
     // The Volume's client options apply to members too, but not those a member sets itself
     // (given twice, `strata mount` refuses to start: a Volume with `metrics=…` for its

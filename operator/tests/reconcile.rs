@@ -674,7 +674,7 @@ async fn cachegroup_applies_daemonset_class_and_reports_members_and_hit_ratio() 
                     assert!(joined.contains("--cache-size 204800"), "{joined}");
                     assert!(joined.contains("--hot-replicas 3"));
                     assert!(joined.contains(
-                        "--metrics-labels pod=$(POD_NAME),namespace=$(POD_NAMESPACE),node=$(NODE_NAME),cache_group=gpu"
+                        "--metrics-labels pod=$(POD_NAME),namespace=$(POD_NAMESPACE),node=$(NODE_NAME) "
                     ));
                     assert_eq!(
                         b["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
