@@ -29,6 +29,10 @@ pub mod names {
     pub const META_TXN_SECONDS: &str = "strata_meta_txn_seconds";
     pub const META_TXN_RETRIES: &str = "strata_meta_txn_retries";
     pub const BUFFER_BYTES: &str = "strata_buffer_bytes";
+    pub const MIRROR_BACKLOG: &str = "strata_mirror_backlog_objects";
+    pub const MIRROR_COPIED: &str = "strata_mirror_copied_objects";
+    pub const MIRROR_COPIED_BYTES: &str = "strata_mirror_copied_bytes";
+    pub const MIRROR_DEFERRED: &str = "strata_mirror_deferred_writes";
     pub const COMPACTIONS: &str = "strata_compactions";
     pub const OBJECTS_RECLAIMED: &str = "strata_objects_reclaimed";
     pub const CACHE_HITS: &str = "strata_cache_hits";
@@ -147,6 +151,10 @@ pub struct Metrics {
     meta_txn_seconds: Histogram,
     meta_txn_retries: Counter,
     buffer_bytes: Gauge,
+    mirror_backlog: Gauge,
+    mirror_copied: Counter,
+    mirror_copied_bytes: Counter,
+    mirror_deferred: Counter,
     compactions: Counter,
     objects_reclaimed: Counter,
     cache_hits: Family<Labels, Counter>,
@@ -196,6 +204,10 @@ impl Metrics {
             meta_txn_seconds: seconds_histogram(),
             meta_txn_retries: Default::default(),
             buffer_bytes: Default::default(),
+            mirror_backlog: Default::default(),
+            mirror_copied: Default::default(),
+            mirror_copied_bytes: Default::default(),
+            mirror_deferred: Default::default(),
             compactions: Default::default(),
             objects_reclaimed: Default::default(),
             cache_hits: Default::default(),
@@ -306,6 +318,26 @@ impl Metrics {
             names::BUFFER_BYTES,
             "Bytes of written data buffered in memory, not yet uploaded",
             self.buffer_bytes.clone(),
+        );
+        registry.register(
+            names::MIRROR_BACKLOG,
+            "Objects one of the two stores of a mirrored volume may lack (the volume's backlog, as last read by this client)",
+            self.mirror_backlog.clone(),
+        );
+        registry.register(
+            names::MIRROR_COPIED,
+            "Objects this client's mirror copier copied between the stores",
+            self.mirror_copied.clone(),
+        );
+        registry.register(
+            names::MIRROR_COPIED_BYTES,
+            "Bytes this client's mirror copier copied between the stores",
+            self.mirror_copied_bytes.clone(),
+        );
+        registry.register(
+            names::MIRROR_DEFERRED,
+            "Writes the mirror did not take at once, recorded in the backlog",
+            self.mirror_deferred.clone(),
         );
         registry.register(
             names::COMPACTIONS,
@@ -480,6 +512,19 @@ impl Metrics {
 
     pub fn buffer_bytes(&self, delta: i64) {
         self.buffer_bytes.inc_by(delta);
+    }
+
+    pub fn mirror_backlog(&self, objects: u64) {
+        self.mirror_backlog.set(objects as i64);
+    }
+
+    pub fn mirror_copied(&self, objects: u64, bytes: u64) {
+        self.mirror_copied.inc_by(objects);
+        self.mirror_copied_bytes.inc_by(bytes);
+    }
+
+    pub fn mirror_deferred(&self) {
+        self.mirror_deferred.inc();
     }
 
     pub fn compaction(&self) {

@@ -314,6 +314,7 @@ impl ObjectStore for MirrorStore {
                 });
                 p?;
                 if let Err(e) = m {
+                    self.metrics.mirror_deferred();
                     tracing::warn!(volume = %self.volume, key, error = %e,
                         "the mirror did not take the object; recorded in the backlog for the copier");
                     self.record_backlog(key)?;
@@ -593,9 +594,11 @@ impl Copier {
                         source,
                     });
                 }
+                let (copied, bytes) = (copied.into_inner(), bytes.into_inner());
+                self.store.metrics.mirror_copied(copied, bytes);
                 st.listed += page.len() as u64;
-                st.copied += copied.into_inner();
-                st.bytes += bytes.into_inner();
+                st.copied += copied;
+                st.bytes += bytes;
                 st.cursor = last;
                 st.owner = self.owner.clone();
                 st.lease_until = now_secs() + 60;
@@ -659,11 +662,14 @@ impl Copier {
             .name("mirror-copier".into())
             .spawn(move || {
                 while !self.stop.load(Ordering::Relaxed) {
-                    if self.store.sides().1.is_some()
-                        && let Err(e) = self.run_once(&mut |_, _| {})
-                    {
-                        tracing::warn!(volume = %self.store.volume, error = %e,
-                            "mirror copier failed, will retry");
+                    if self.store.sides().1.is_some() {
+                        match self.run_once(&mut |_, _| {}) {
+                            Ok(r) => self.store.metrics.mirror_backlog(r.backlog),
+                            Err(e) => tracing::warn!(volume = %self.store.volume, error = %e,
+                                "mirror copier failed, will retry"),
+                        }
+                    } else {
+                        self.store.metrics.mirror_backlog(0);
                     }
                     let mut slept = Duration::ZERO;
                     while slept < every && !self.stop.load(Ordering::Relaxed) {
