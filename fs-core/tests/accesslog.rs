@@ -250,6 +250,22 @@ fn profile_shows_a_live_workload_and_replays_a_saved_log() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // A second reader at the same time, keeping one file named through the mount point.
+    let one = Command::new(BIN)
+        .args([
+            "profile",
+            "--interval",
+            "3s",
+            "--count",
+            "1",
+            "--filter-path",
+        ])
+        .arg(root.join("work/hot.bin"))
+        .arg(&root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     run_as_user(
         "i=0; while [ $i -lt 20 ]; do head -c 100000 /dev/zero > work/hot.bin; \
@@ -278,6 +294,15 @@ fn profile_shows_a_live_workload_and_replays_a_saved_log() {
         .parse()
         .unwrap();
     assert!(writes >= 10, "{text}");
+    let out = one.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("\n/work/hot.bin "), "{text}");
+    assert!(!text.contains("/work/f"), "{text}");
 
     // Replay of the saved log: every write of the workload, 20 × 100000 + 20 × 4096 bytes.
     let file = dir.path().join("saved.log");
