@@ -89,7 +89,7 @@ fn snapshot(ep: &dyn Endpoint, attrs: bool, atime: bool) -> BTreeMap<String, See
                 s.mtime = it.mtime;
                 s.atime = atime.then_some(it.atime);
                 if it.kind != Kind::Symlink {
-                    s.xattrs = ep.xattrs(&path).unwrap();
+                    s.xattrs = ep.xattrs(&path, Some(&it)).unwrap();
                 }
             }
             out.insert(path, s);
@@ -507,6 +507,41 @@ fn strata_to_s3_and_s3_to_local() {
     let s = go(&vol(&a, "/", true), &s3(), &del, &none);
     assert_eq!((s.copied, s.deleted), (1, 1), "{s}");
     assert!(s.dst.lists >= 4, "{s}");
+
+    // Through the command line: endpoint by flag, keys from the AWS variables.
+    let cli = |extra: &[&str]| {
+        let mut args = vec![
+            "sync",
+            src.to_str().unwrap(),
+            "s3://sync-test/cli",
+            "--dst-endpoint",
+            weed.endpoint(),
+        ];
+        args.extend_from_slice(extra);
+        let state_s = state.display().to_string();
+        args.extend_from_slice(&["--state-dir", &state_s, "--json", "--quiet"]);
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("STRATA_LOG", "warn")
+            .env("AWS_ACCESS_KEY_ID", weed.access_key())
+            .env("AWS_SECRET_ACCESS_KEY", weed.secret_key())
+            .env_remove("AWS_ENDPOINT_URL")
+            .output()
+            .unwrap();
+        json_summary(&out)
+    };
+    let first = cli(&["--exclude", "*.bin"]);
+    assert_eq!(
+        (first["copied"].as_u64(), first["unsupported"].as_u64()),
+        (Some(11), Some(1)),
+        "{first}"
+    );
+    let again = cli(&["--exclude", "*.bin"]);
+    assert_eq!(
+        (again["copied"].as_u64(), again["skipped"].as_u64()),
+        (Some(0), Some(11)),
+        "{again}"
+    );
 }
 
 fn run_bin(args: &[&str]) -> std::process::Output {

@@ -146,6 +146,7 @@ pub trait Endpoint: Send + Sync {
     fn stat(&self, path: &str) -> Result<Option<Item>>;
     /// Entries of a directory in name order; `None` when the directory does not exist.
     fn list(&self, dir: &str) -> Result<Option<Vec<Item>>>;
+    /// Read a file; `item` as this endpoint listed it.
     fn open(&self, path: &str, item: &Item) -> Result<Box<dyn Reader>>;
     fn create(&self, path: &str, item: &Item) -> Result<Box<dyn Writer + '_>>;
     /// Create a directory (nothing if it exists).
@@ -159,8 +160,9 @@ pub trait Endpoint: Send + Sync {
     fn link(&self, existing: &str, path: &str) -> Result<()>;
     /// Remove an entry (a directory with everything below it).
     fn remove(&self, path: &str, kind: Kind) -> Result<()>;
-    /// Extended attributes worth copying (not `system.*`, `security.*` or Strata's own), by name.
-    fn xattrs(&self, path: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// Extended attributes worth copying (not `system.*`, `security.*` or Strata's own), by
+    /// name; `listed`: the entry as this endpoint listed it (its identity saves a lookup).
+    fn xattrs(&self, path: &str, listed: Option<&Item>) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     /// Make the extended attributes exactly `want`.
     fn set_xattrs(&self, path: &str, want: &[(Vec<u8>, Vec<u8>)]) -> Result<()>;
     /// Store everything written durably and release the endpoint.

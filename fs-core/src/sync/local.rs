@@ -427,7 +427,7 @@ impl Endpoint for LocalDir {
         self.remove_path(&self.full(path), kind)
     }
 
-    fn xattrs(&self, path: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn xattrs(&self, path: &str, _listed: Option<&Item>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         self.counters.meta(1);
         list_xattrs(&self.full(path))
     }

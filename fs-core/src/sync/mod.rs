@@ -571,8 +571,8 @@ impl Run<'_> {
     fn dir_done(&self, node: &DirNode) {
         if node.src.is_some() && self.scaps.xattrs && self.dcaps.xattrs {
             let res = (|| {
-                let want = self.src.xattrs(&node.path)?;
-                if self.dst.xattrs(&node.path)? != want {
+                let want = self.src.xattrs(&node.path, node.src.as_ref())?;
+                if self.dst.xattrs(&node.path, node.dst.as_ref())? != want {
                     self.dst.set_xattrs(&node.path, &want)?;
                 }
                 Ok::<_, SyncError>(())
@@ -643,8 +643,8 @@ impl Run<'_> {
             }
         }
         if self.scaps.xattrs && self.dcaps.xattrs && s.kind != Kind::Symlink {
-            let want = self.src.xattrs(path)?;
-            if self.dst.xattrs(path)? != want {
+            let want = self.src.xattrs(path, Some(s))?;
+            if self.dst.xattrs(path, Some(d))? != want {
                 self.dst.set_xattrs(path, &want)?;
                 fixed = true;
             }
@@ -953,7 +953,7 @@ impl Run<'_> {
             return Err(e);
         }
         let xattrs = if self.scaps.xattrs && self.dcaps.xattrs {
-            self.src.xattrs(path)?
+            self.src.xattrs(path, Some(s))?
         } else {
             Vec::new()
         };

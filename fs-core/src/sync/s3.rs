@@ -299,7 +299,7 @@ impl Endpoint for S3Dir {
         }
     }
 
-    fn xattrs(&self, _path: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn xattrs(&self, _path: &str, _listed: Option<&Item>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         Ok(Vec::new())
     }
 

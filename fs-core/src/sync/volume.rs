@@ -554,18 +554,22 @@ impl Endpoint for VolumeDir {
         Ok(Some(out))
     }
 
-    fn open(&self, path: &str, _item: &Item) -> Result<Box<dyn Reader>> {
-        let n = self
-            .node(path)?
-            .ok_or_else(|| self.err(path, "no such file (removed since it was listed)"))?;
+    fn open(&self, path: &str, item: &Item) -> Result<Box<dyn Reader>> {
+        let ino = if item.id != 0 {
+            item.id
+        } else {
+            self.node(path)?
+                .ok_or_else(|| self.err(path, "no such file (removed since it was listed)"))?
+                .ino
+        };
         self.counters.meta(1);
-        let (fh, _) = self.vfs.open(n.ino, false).map_err(|e| self.err(path, e))?;
+        let (fh, _) = self.vfs.open(ino, false).map_err(|e| self.err(path, e))?;
         Ok(Box::new(VolReader {
             vfs: self.vfs.clone(),
-            ino: n.ino,
+            ino,
             fh,
             off: 0,
-            size: n.length,
+            size: item.size,
             url: self.url.clone(),
             path: path.to_string(),
         }))
@@ -671,11 +675,16 @@ impl Endpoint for VolumeDir {
         self.remove_entry(parent, name.as_bytes(), path)
     }
 
-    fn xattrs(&self, path: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let n = self
-            .node(path)?
-            .ok_or_else(|| self.err(path, "no such file or directory"))?;
-        self.xattrs_ino(n.ino, path)
+    fn xattrs(&self, path: &str, listed: Option<&Item>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let ino = match listed.filter(|i| i.id != 0) {
+            Some(i) => i.id,
+            None => {
+                self.node(path)?
+                    .ok_or_else(|| self.err(path, "no such file or directory"))?
+                    .ino
+            }
+        };
+        self.xattrs_ino(ino, path)
     }
 
     fn set_xattrs(&self, path: &str, want: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
