@@ -110,6 +110,10 @@ impl Metrics {
             "Share of a Quota's limit in use, by resource (bytes/inodes; only limited ones)",
             quota_used_ratio.clone(),
         );
+        // Failure series exist from the start at 0: a failure rate is 0, not absent.
+        for kind in ["Volume", "Quota", "CacheGroup"] {
+            drop(failures.get_or_create(&KindLabel { kind: kind.into() }));
+        }
         Metrics {
             registry,
             volume_used_bytes,
