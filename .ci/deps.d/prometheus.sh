@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Prometheus and promtool (Debian's `prometheus` package) for e2e/prometheus-check.sh, which
-# starts its own server on 127.0.0.1. The package's system service is kept from starting
-# (policy-rc.d answers 101 during the install) and stopped if it runs anyway. Idempotent.
+# starts its own server on 127.0.0.1, and etcd (`etcd-server`) for the loopback API server it
+# runs the operator against (kube-apiserver comes from the test bed when present). The
+# packages' system services are kept from starting (policy-rc.d answers 101 during the
+# install) and stopped if they run anyway. Idempotent.
 set -euo pipefail
 
-if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
-  exit 0
-fi
-echo "install-deps: apt-get install prometheus (no system service)"
+want=()
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || want+=(prometheus)
+command -v etcd >/dev/null 2>&1 || want+=(etcd-server)
+[ ${#want[@]} = 0 ] && exit 0
+echo "install-deps: apt-get install ${want[*]} (no system service)"
 policy=/usr/sbin/policy-rc.d
 own_policy=0
 if [ ! -e "$policy" ]; then
@@ -16,8 +19,10 @@ if [ ! -e "$policy" ]; then
   own_policy=1
 fi
 apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
 [ "$own_policy" = 1 ] && rm -f "$policy"
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-  systemctl disable --now prometheus >/dev/null 2>&1 || true
-fi
+for svc in prometheus etcd; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  fi
+done
