@@ -145,6 +145,11 @@ fn fold_string_data(secret: &mut Value) {
 /// `arg` with a container path under one of `mounts` (container path → host path)
 /// replaced, also as the value of `--flag=PATH`.
 fn translate(arg: &str, mounts: &[(String, String)]) -> String {
+    // Each Pod has its own network: here they share the host's, so the metrics port the Pod
+    // listens on becomes a free one on loopback.
+    if arg.starts_with("--metrics=") {
+        return "--metrics=127.0.0.1:0".into();
+    }
     let (flag, path) = match arg.split_once('=') {
         Some((f, p)) if f.starts_with("--") => (Some(f), p),
         _ => (None, arg),
