@@ -838,3 +838,63 @@ fn bad_input_is_named() {
     );
     assert!(start.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn postgres_volume_to_sqlite_volume_with_since() {
+    let pg = strata::testing::postgres::PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let t = tempfile::tempdir().unwrap();
+    let (src, state) = (t.path().join("src"), t.path().join("state"));
+    for d in 0..5 {
+        for f in 0..4 {
+            write(
+                &src.join(format!("p/d{d}/f{f}")),
+                format!("{d}.{f}").as_bytes(),
+            );
+        }
+    }
+    let a = pg.new_database();
+    let opts_a = FormatOptions {
+        name: "vol-pg".into(),
+        storage: StorageConfig {
+            storage: "file".into(),
+            bucket: t.path().join("pg-objects").display().to_string(),
+            access_key: None,
+            secret_key: None,
+            region: None,
+        },
+        block_size_kib: 1024,
+        capacity_gib: 0,
+        inodes: 0,
+    };
+    volume::format(&a, &opts_a, Arc::new(Metrics::new())).unwrap();
+    let b = new_volume(t.path(), "vol-from-pg");
+    let none = Filter::default();
+    let o = opts(&state);
+    go(&LocalDir::new(&src), &vol(&a, "/", false), &o, &none);
+    let full = go(&vol(&a, "/p", true), &vol(&b, "/q", false), &o, &none);
+    assert_eq!((full.copied, full.dirs), (20, 6), "{full}");
+    {
+        let va = vol(&a, "/", false);
+        let vfs = va.vfs();
+        let p = vfs.lookup(strata::meta::ROOT_INO, b"p").unwrap();
+        let d = vfs.lookup(p.ino, b"d2").unwrap();
+        for f in ["f1", "f3"] {
+            let n = vfs.lookup(d.ino, f.as_bytes()).unwrap();
+            let (fh, _) = vfs.open(n.ino, true).unwrap();
+            vfs.write(n.ino, 0, b"rewritten").unwrap();
+            vfs.release(n.ino, fh, None).unwrap();
+        }
+    }
+    let mut since = o.clone();
+    since.since = Some(sync::Since::Auto);
+    let inc = go(&vol(&a, "/p", true), &vol(&b, "/q", false), &since, &none);
+    assert_eq!(
+        (inc.changed_dirs, inc.dirs, inc.copied, inc.src.lists),
+        (Some(1), 1, 2, 1),
+        "{inc}"
+    );
+    assert_same(
+        &snapshot(&vol(&a, "/p", true), true, true),
+        &snapshot(&vol(&b, "/q", true), true, true),
+    );
+}
