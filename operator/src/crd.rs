@@ -46,6 +46,7 @@ pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|
     printcolumn = r#"{"name":"Used","type":"string","jsonPath":".status.usage"}"#,
     printcolumn = r#"{"name":"Inodes","type":"integer","jsonPath":".status.usedInodes"}"#,
     printcolumn = r#"{"name":"Clients","type":"integer","jsonPath":".status.clients"}"#,
+    printcolumn = r#"{"name":"Mirror","type":"string","jsonPath":".status.mirror.phase"}"#,
     printcolumn = r#"{"name":"UUID","type":"string","priority":1,"jsonPath":".status.uuid"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("has(self.spec.name) || self.metadata.name.matches('^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$')").message("a Volume name is the file-system name: use 3-63 characters of a-z, 0-9 and '-', not starting or ending with '-' (or set spec.name)").field_path(".metadata.name")
@@ -102,6 +103,63 @@ pub struct VolumeSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub datasets: Vec<DatasetSpec>,
+    /// A second object store (another cloud) that every new object also goes to, while the
+    /// volume's clients copy the existing ones over (docs/MIGRATION.md). Progress in
+    /// `status.mirror`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorSpec>,
+    /// Which store is the primary: `Storage` (default, `spec.storage`) or `Mirror`. Setting
+    /// `Mirror` switches every running mount to the mirror within seconds, once the mirror
+    /// is up to date (the operator waits until then). To retire the old store afterwards,
+    /// set `spec.storage` to the mirror's location and remove `spec.mirror` and this field.
+    #[serde(default)]
+    pub primary: PrimaryStore,
+}
+
+/// Which of `spec.storage` and `spec.mirror` is the primary store.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PrimaryStore {
+    #[default]
+    Storage,
+    Mirror,
+}
+
+/// The mirror store of a Volume; its keys come from the Volume's Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorSpec {
+    pub storage: StorageSpec,
+    /// Key of the Secret holding the mirror's access key (default `mirror-access-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_key: Option<String>,
+    /// Key of the Secret holding the mirror's secret key (default `mirror-secret-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_key: Option<String>,
+}
+
+/// The volume's stores as reconciled.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorStatus {
+    /// `Copying` (existing objects go to the mirror), `InSync` (every object is in both),
+    /// `Switching` (waiting to make the mirror the primary), `Detaching` (waiting for the
+    /// backlog to drain before the mirror is removed), `Detached`.
+    pub phase: String,
+    /// The primary store's location.
+    pub primary: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
+    pub copy_done: bool,
+    pub objects_compared: u64,
+    pub objects_copied: u64,
+    pub bytes_copied: u64,
+    /// Objects one of the stores may lack, waiting for the copier.
+    pub backlog: u64,
+    /// Who copies now (a client of the volume), if anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// A source attached to a directory of the volume.
@@ -335,6 +393,9 @@ pub struct VolumeStatus {
     /// Attached sources (`spec.datasets`) as reconciled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub datasets: Vec<DatasetStatus>,
+    /// The mirror (`spec.mirror`, `spec.primary`) as reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorStatus>,
 }
 
 // ------------------------------------------------------------------------------------- Quota

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 
 use strata::meta::{Ctx, FileKind, Ino, Meta, MetaError, MetaSettings, ROOT_INO, open_engine};
 use strata::metrics::Metrics;
+use strata::object::mirror::{self as smirror, MirrorError};
 use strata::object::{RetrySettings, StorageConfig};
 use strata::volume::{self, FormatOptions, VolumeError};
 
@@ -64,6 +65,73 @@ pub struct DatasetState {
     pub path: String,
     pub source: String,
     pub attachment: u32,
+}
+
+/// The stores `spec.storage`, `spec.mirror` and `spec.primary` ask for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MirrorRequest {
+    pub primary: StorageConfig,
+    pub mirror: Option<StorageConfig>,
+}
+
+impl fmt::Debug for MirrorRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MirrorRequest")
+            .field("primary", &strata::object::mirror::store_url(&self.primary))
+            .field(
+                "mirror",
+                &self.mirror.as_ref().map(strata::object::mirror::store_url),
+            )
+            .finish()
+    }
+}
+
+/// The volume's stores and the mirror copy, as found after acting on a [`MirrorRequest`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorState {
+    /// `Copying`, `InSync`, `Switching`, `Detaching` or `Detached`.
+    pub phase: String,
+    pub primary: String,
+    pub mirror: Option<String>,
+    pub copy_done: bool,
+    pub objects_compared: u64,
+    pub objects_copied: u64,
+    pub bytes_copied: u64,
+    pub backlog: u64,
+    pub copier: Option<String>,
+    /// Why a step waits (or what the user should do).
+    pub message: Option<String>,
+    /// What this call changed, for an event: `MirrorAdded`, `PrimarySwitched`,
+    /// `MirrorDetached`.
+    pub changed: Option<String>,
+}
+
+/// The step that brings the stores `(primary, mirror)` (store ids) to what is wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorStep {
+    Nothing,
+    SetMirror,
+    Switch,
+    Detach,
+}
+
+/// Decide the next step (pure: the same for the library and the in-memory stand-in).
+pub fn mirror_step(
+    cur: (&str, Option<&str>),
+    want: (&str, Option<&str>),
+) -> Result<MirrorStep, String> {
+    if want.0 == cur.0 {
+        return Ok(match (want.1, cur.1) {
+            (w, c) if w == c => MirrorStep::Nothing,
+            (Some(_), _) => MirrorStep::SetMirror,
+            (None, Some(_)) => MirrorStep::Detach,
+            (None, None) => MirrorStep::Nothing,
+        });
+    }
+    if Some(want.0) == cur.1 {
+        return Ok(MirrorStep::Switch);
+    }
+    Err("the wanted primary store is neither the volume's primary nor its mirror: add it as spec.mirror first, let it catch up, then set spec.primary: Mirror".into())
 }
 
 /// What the Volume spec asks for.
@@ -189,6 +257,10 @@ pub trait FsOps: Send + Sync + 'static {
         wanted: &[DatasetRequest],
         managed: &[String],
     ) -> Result<Vec<DatasetState>, FsError>;
+    /// Add, switch to or detach the mirror as `req` says, one safe step at a time: a switch
+    /// waits until the mirror is up to date, a detach until the backlog is empty (the state
+    /// says so in `message`).
+    fn ensure_mirror(&self, t: &FsTarget, req: &MirrorRequest) -> Result<MirrorState, FsError>;
 }
 
 // -------------------------------------------------------------------------- real library
@@ -479,6 +551,80 @@ impl FsOps for StrataFs {
         Ok(out)
     }
 
+    fn ensure_mirror(&self, t: &FsTarget, req: &MirrorRequest) -> Result<MirrorState, FsError> {
+        let meta = self.meta(t)?;
+        let fmt = meta.load()?;
+        let id = smirror::store_id;
+        let cur_p = id(&fmt.storage);
+        let cur_m = fmt.mirror.as_ref().map(id);
+        let want_p = id(&req.primary);
+        let want_m = req.mirror.as_ref().map(id);
+        let step = mirror_step((&cur_p, cur_m.as_deref()), (&want_p, want_m.as_deref()))
+            .map_err(FsError::Invalid)?;
+        let mut out = MirrorState::default();
+        let refused = |e: MirrorError| -> Result<String, FsError> {
+            match e {
+                MirrorError::Refused(m) => Ok(m),
+                MirrorError::Meta(e) => Err(e.into()),
+                e @ MirrorError::Object { .. } => Err(FsError::Backend(e.to_string())),
+            }
+        };
+        let mut waiting = None;
+        match step {
+            MirrorStep::Nothing => {}
+            MirrorStep::SetMirror => {
+                smirror::set_mirror(&meta, req.mirror.clone(), false).map_err(
+                    |e| match refused(e) {
+                        Ok(m) => FsError::Invalid(m),
+                        Err(e) => e,
+                    },
+                )?;
+                out.changed = Some("MirrorAdded".into());
+            }
+            MirrorStep::Switch => match smirror::switch_primary(&meta) {
+                Ok(_) => out.changed = Some("PrimarySwitched".into()),
+                Err(e) => waiting = Some(("Switching", refused(e)?)),
+            },
+            MirrorStep::Detach => match smirror::set_mirror(&meta, None, false) {
+                Ok(_) => out.changed = Some("MirrorDetached".into()),
+                Err(e) => waiting = Some(("Detaching", refused(e)?)),
+            },
+        }
+        let fmt = meta.load()?;
+        let st = smirror::copy_state(&meta)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        out.primary = smirror::store_url(&fmt.storage);
+        out.mirror = fmt.mirror.as_ref().map(smirror::store_url);
+        out.backlog = smirror::backlog(&meta)?;
+        if let Some(m) = &fmt.mirror {
+            out.copy_done = st.done && st.mirror == id(m);
+            out.objects_compared = st.listed;
+            out.objects_copied = st.copied;
+            out.bytes_copied = st.bytes;
+            out.copier = (st.lease_until > now && !st.owner.is_empty()).then(|| st.owner.clone());
+        }
+        out.phase = match (&waiting, &fmt.mirror) {
+            (Some((phase, msg)), _) => {
+                out.message = Some(msg.clone());
+                phase.to_string()
+            }
+            (None, None) => "Detached".into(),
+            (None, Some(_)) if out.copy_done => "InSync".into(),
+            (None, Some(_)) => {
+                if out.copier.is_none() {
+                    out.message = Some(format!(
+                        "no client of the volume is copying: mount it (any PVC of it), or run `strata mirror {}` as a Job",
+                        strata::meta::redact_url(&t.meta_url)
+                    ));
+                }
+                "Copying".into()
+            }
+        };
+        Ok(out)
+    }
+
     fn empty_volume(&self, t: &FsTarget) -> Result<(), FsError> {
         let vol = volume::open(
             &t.meta_url,
@@ -529,10 +675,21 @@ pub struct MemVolume {
     pub datasets: BTreeMap<String, DatasetState>,
 }
 
+/// The stores of a volume in [`MemFs`]: `(store id, bucket)` each.
+#[derive(Debug, Clone, Default)]
+pub struct MemMirror {
+    pub primary: (String, String),
+    pub mirror: Option<(String, String)>,
+    pub copy_done: bool,
+    pub backlog: u64,
+}
+
 /// In-memory [`FsOps`] for tests: volumes keyed by metadata URL, a log of calls, and a
 /// queue of errors to return.
 #[derive(Default)]
 pub struct MemFs {
+    /// Stores of mirrored volumes by metadata URL (tests set `copy_done`/`backlog`).
+    pub mirrors: Mutex<HashMap<String, MemMirror>>,
     pub volumes: Mutex<HashMap<String, MemVolume>>,
     pub calls: Mutex<Vec<String>>,
     pub fail: Mutex<Vec<FsError>>,
@@ -703,6 +860,73 @@ impl FsOps for MemFs {
             Ok(())
         })
     }
+
+    fn ensure_mirror(&self, t: &FsTarget, req: &MirrorRequest) -> Result<MirrorState, FsError> {
+        let id = smirror::store_id;
+        let want_p = id(&req.primary);
+        let want_m = req.mirror.as_ref().map(id);
+        self.begin(format!(
+            "ensure_mirror primary={} mirror={}",
+            req.primary.bucket,
+            req.mirror
+                .as_ref()
+                .map(|m| m.bucket.as_str())
+                .unwrap_or("none")
+        ))?;
+        self.with(t, |_| Ok(()))?;
+        let mut mirrors = self.mirrors.lock();
+        let m = mirrors
+            .entry(t.meta_url.clone())
+            .or_insert_with(|| MemMirror {
+                primary: (want_p.clone(), req.primary.bucket.clone()),
+                ..Default::default()
+            });
+        let step = mirror_step(
+            (&m.primary.0, m.mirror.as_ref().map(|x| x.0.as_str())),
+            (&want_p, want_m.as_deref()),
+        )
+        .map_err(FsError::Invalid)?;
+        let mut out = MirrorState::default();
+        match step {
+            MirrorStep::Nothing => {}
+            MirrorStep::SetMirror => {
+                let r = req.mirror.as_ref().expect("SetMirror has a mirror");
+                m.mirror = Some((id(r), r.bucket.clone()));
+                m.copy_done = false;
+                out.changed = Some("MirrorAdded".into());
+            }
+            MirrorStep::Switch if m.copy_done && m.backlog == 0 => {
+                let old = m.primary.clone();
+                m.primary = m.mirror.replace(old).expect("Switch has a mirror");
+                out.changed = Some("PrimarySwitched".into());
+            }
+            MirrorStep::Switch => {
+                out.phase = "Switching".into();
+                out.message = Some("the mirror is not up to date yet".into());
+            }
+            MirrorStep::Detach if m.backlog == 0 => {
+                m.mirror = None;
+                out.changed = Some("MirrorDetached".into());
+            }
+            MirrorStep::Detach => {
+                out.phase = "Detaching".into();
+                out.message = Some(format!("{} objects are in the mirror backlog", m.backlog));
+            }
+        }
+        out.primary = m.primary.1.clone();
+        out.mirror = m.mirror.as_ref().map(|x| x.1.clone());
+        out.copy_done = m.mirror.is_some() && m.copy_done;
+        out.backlog = m.backlog;
+        if out.phase.is_empty() {
+            out.phase = match (&m.mirror, m.copy_done) {
+                (None, _) => "Detached",
+                (Some(_), true) => "InSync",
+                (Some(_), false) => "Copying",
+            }
+            .into();
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -744,6 +968,102 @@ mod tests {
 
     /// The real library on SQLite: format, adopt (never reformat), refuse another name,
     /// tenant quota with directory creation, usage, quota removal, emptying.
+    #[test]
+    fn strata_fs_adds_switches_and_detaches_a_mirror_one_safe_step_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (t, fs) = (target(tmp.path()), StrataFs::new());
+        let req = request(tmp.path(), "vol-m");
+        fs.ensure_volume(&t, &req).unwrap();
+        let loc = |d: &str| StorageConfig {
+            storage: "file".into(),
+            bucket: tmp.path().join(d).display().to_string(),
+            access_key: None,
+            secret_key: None,
+            region: None,
+        };
+        let (a, b) = (loc("data"), loc("far"));
+        let add = MirrorRequest {
+            primary: a.clone(),
+            mirror: Some(b.clone()),
+        };
+        let st = fs.ensure_mirror(&t, &add).unwrap();
+        assert_eq!(st.changed.as_deref(), Some("MirrorAdded"));
+        assert_eq!(st.phase, "Copying");
+        assert!(
+            st.message
+                .unwrap()
+                .contains("no client of the volume is copying")
+        );
+        // Switching before the copy is done waits.
+        let switch = MirrorRequest {
+            primary: b.clone(),
+            mirror: Some(a.clone()),
+        };
+        let st = fs.ensure_mirror(&t, &switch).unwrap();
+        assert_eq!(st.phase, "Switching");
+        assert_eq!(st.changed, None);
+        // A client copies (here: the copier of a library volume).
+        let vol = volume::open(
+            &t.meta_url,
+            Arc::new(Metrics::new()),
+            MetaSettings::default(),
+            RetrySettings::default(),
+            false,
+        )
+        .unwrap();
+        let r = smirror::Copier {
+            meta: vol.meta.clone(),
+            store: vol.mirror.clone(),
+            owner: "test".into(),
+            threads: 2,
+            stop: smirror::stop_flag(),
+        }
+        .run_once(&mut |_, _| {})
+        .unwrap();
+        assert!(r.state.done, "{r:?}");
+        let st = fs.ensure_mirror(&t, &add).unwrap();
+        assert_eq!((st.phase.as_str(), st.copy_done), ("InSync", true));
+        let st = fs.ensure_mirror(&t, &switch).unwrap();
+        assert_eq!(st.changed.as_deref(), Some("PrimarySwitched"));
+        assert_eq!(st.primary, smirror::store_url(&b));
+        // Retire the old store: spec.storage now names the new one, no mirror.
+        let done = MirrorRequest {
+            primary: b.clone(),
+            mirror: None,
+        };
+        let st = fs.ensure_mirror(&t, &done).unwrap();
+        assert_eq!(st.changed.as_deref(), Some("MirrorDetached"));
+        assert_eq!(st.phase, "Detached");
+        // A primary that is neither store is refused with the way out.
+        let err = fs
+            .ensure_mirror(
+                &t,
+                &MirrorRequest {
+                    primary: loc("elsewhere"),
+                    mirror: None,
+                },
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("add it as spec.mirror first"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mirror_steps() {
+        use MirrorStep::*;
+        assert_eq!(mirror_step(("a", None), ("a", None)), Ok(Nothing));
+        assert_eq!(mirror_step(("a", None), ("a", Some("b"))), Ok(SetMirror));
+        assert_eq!(
+            mirror_step(("a", Some("b")), ("a", Some("c"))),
+            Ok(SetMirror)
+        );
+        assert_eq!(mirror_step(("a", Some("b")), ("b", Some("a"))), Ok(Switch));
+        assert_eq!(mirror_step(("a", Some("b")), ("a", None)), Ok(Detach));
+        assert!(mirror_step(("a", None), ("b", None)).is_err());
+    }
+
     #[test]
     fn strata_fs_formats_adopts_and_sets_quotas_on_sqlite() {
         let tmp = tempfile::tempdir().unwrap();

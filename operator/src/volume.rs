@@ -17,11 +17,12 @@ use crate::context::{
     Context, FIELD_MANAGER, apply_status, blocking, outcome_conditions, reconcile_finalized,
 };
 use crate::crd::{
-    DatasetStatus, DeletionPolicy, MANAGED_BY, StorageClassSpec, VOLUME_LABEL, Volume,
-    VolumeStatus, human_bytes, parse_quantity,
+    DatasetStatus, DeletionPolicy, MANAGED_BY, MirrorStatus, PrimaryStore, StorageClassSpec,
+    VOLUME_LABEL, Volume, VolumeStatus, human_bytes, parse_quantity,
 };
 use crate::errors::{Error, Result};
-use crate::fsops::{DatasetRequest, FsError, VolumeRequest};
+use crate::fsops::{DatasetRequest, FsError, MirrorRequest, VolumeRequest};
+use strata::object::StorageConfig;
 
 /// Default CSI `pathPattern`: a tenant namespace's PVCs land under `tenants/<namespace>`.
 pub const DEFAULT_PATH_PATTERN: &str = "tenants/${pvc.namespace}/${pv.name}";
@@ -87,6 +88,71 @@ pub fn dataset_requests(
             })
         })
         .collect()
+}
+
+/// The stores `spec.storage`, `spec.mirror` and `spec.primary` ask for, with keys from the
+/// Volume's Secret; `None` when the Volume has no mirror and never had one.
+pub fn mirror_request(
+    vol: &Volume,
+    t: &crate::fsops::FsTarget,
+) -> std::result::Result<Option<MirrorRequest>, String> {
+    let had = vol
+        .status
+        .as_ref()
+        .and_then(|s| s.mirror.as_ref())
+        .is_some_and(|m| m.mirror.is_some());
+    let cfg = |s: &crate::crd::StorageSpec, ak: Option<String>, sk: Option<String>| StorageConfig {
+        storage: match s.type_ {
+            crate::crd::StorageType::File => "file",
+            crate::crd::StorageType::S3 => "s3",
+        }
+        .into(),
+        bucket: s.bucket_url(),
+        access_key: ak,
+        secret_key: sk,
+        region: s.region.clone(),
+    };
+    let storage = cfg(
+        &vol.spec.storage,
+        t.access_key.clone(),
+        t.secret_key.clone(),
+    );
+    let Some(m) = &vol.spec.mirror else {
+        if vol.spec.primary == PrimaryStore::Mirror {
+            return Err("spec.primary is Mirror but spec.mirror is not set".into());
+        }
+        return Ok(had.then_some(MirrorRequest {
+            primary: storage,
+            mirror: None,
+        }));
+    };
+    let secret = &vol.spec.credentials_secret_ref;
+    let key = |name: &Option<String>, default: &str| {
+        let k = name.clone().unwrap_or_else(|| default.to_string());
+        match t.data.get(&k) {
+            Some(v) => Ok(Some(v.clone())),
+            None if name.is_none() => Ok(None),
+            None => Err(format!(
+                "Secret {}/{} has no key {k} (named by spec.mirror): add it",
+                secret.namespace, secret.name
+            )),
+        }
+    };
+    let mirror = cfg(
+        &m.storage,
+        key(&m.access_key_key, "mirror-access-key")?,
+        key(&m.secret_key_key, "mirror-secret-key")?,
+    );
+    Ok(Some(match vol.spec.primary {
+        PrimaryStore::Storage => MirrorRequest {
+            primary: storage,
+            mirror: Some(mirror),
+        },
+        PrimaryStore::Mirror => MirrorRequest {
+            primary: mirror,
+            mirror: Some(storage),
+        },
+    }))
 }
 
 /// The StorageClasses a Volume asks for (one named after it by default).
@@ -243,7 +309,9 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
     };
     let req = volume_request(vol)?;
     let wanted_datasets = dataset_requests(vol, &target);
+    let wanted_mirror = mirror_request(vol, &target);
     let dataset_target = target.clone();
+    let mirror_target = target.clone();
     let fs = ctx.fs.clone();
     let res = blocking(move || {
         let info = fs.ensure_volume(&target, &req)?;
@@ -353,6 +421,41 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
         Err(msg) => (Vec::new(), Some(msg)),
     };
 
+    // The mirror: one safe step per reconcile (add, switch, detach), progress in status.
+    let mirror = match wanted_mirror {
+        Err(msg) => Err(msg),
+        Ok(None) => Ok(None),
+        Ok(Some(req)) => {
+            let fs = ctx.fs.clone();
+            match blocking(move || Ok(fs.ensure_mirror(&mirror_target, &req)?)).await {
+                Ok(m) => Ok(Some(m)),
+                Err(Error::Fs(e)) => Err(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let (mirror, mirror_error) = match mirror {
+        Ok(m) => (m, None),
+        Err(msg) => (None, Some(msg)),
+    };
+    if let Some(m) = &mirror
+        && let Some(change) = &m.changed
+    {
+        let note = match change.as_str() {
+            "MirrorAdded" => format!(
+                "new objects go to {} and to the mirror {}; clients copy the existing ones",
+                m.primary,
+                m.mirror.as_deref().unwrap_or("-")
+            ),
+            "PrimarySwitched" => format!("the primary store is now {}", m.primary),
+            _ => format!("the mirror is detached; objects go to {} only", m.primary),
+        };
+        ctx.event(vol, false, change, "Mirror", note).await;
+    }
+    let mirror_busy = mirror
+        .as_ref()
+        .is_some_and(|m| m.phase != "InSync" && m.phase != "Detached");
+
     let capacity = (usage.capacity_bytes > 0).then_some(usage.capacity_bytes);
     ctx.metrics.set_volume_usage(&vol.name_any(), &usage);
     let status = VolumeStatus {
@@ -388,8 +491,28 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
                 })
                 .collect()
         },
+        mirror: match (&mirror_error, mirror) {
+            (Some(_), _) => old.mirror.clone(),
+            (None, m) => m.map(|m| MirrorStatus {
+                phase: m.phase,
+                primary: m.primary,
+                mirror: m.mirror,
+                copy_done: m.copy_done,
+                objects_compared: m.objects_compared,
+                objects_copied: m.objects_copied,
+                bytes_copied: m.bytes_copied,
+                backlog: m.backlog,
+                copier: m.copier,
+                message: m.message,
+            }),
+        },
         ..Default::default()
     };
+    if let Some(msg) = mirror_error {
+        let outcome = Outcome::degraded("MirrorUnavailable", msg);
+        set_status(api, vol, ctx, status, &outcome).await?;
+        return Ok(Action::requeue(ctx.retry()));
+    }
     if let Some(msg) = dataset_error {
         let outcome = Outcome::degraded("DatasetUnavailable", msg);
         set_status(api, vol, ctx, status, &outcome).await?;
@@ -408,6 +531,10 @@ async fn apply(api: &Api<Volume>, vol: &Volume, ctx: &Context) -> Result<Action>
             .await;
     }
     set_status(api, vol, ctx, status, &outcome).await?;
+    if mirror_busy {
+        // Follow the copy and retry a waiting switch or detach soon.
+        return Ok(Action::requeue(std::time::Duration::from_secs(10)));
+    }
     Ok(Action::requeue(ctx.resync()))
 }
 
