@@ -72,7 +72,12 @@ fn set_attrs_at(path: &Path, item: &Item, kind: Kind) -> Result<()> {
     // SAFETY: a valid NUL-terminated path; plain system calls.
     unsafe {
         if libc::lchown(c.as_ptr(), item.uid, item.gid) != 0 {
-            return Err(io_err(path, std::io::Error::last_os_error()));
+            let e = std::io::Error::last_os_error();
+            // Without root a file cannot be given away: it keeps the caller's owner (as
+            // rsync and cp -p do).
+            if !(e.raw_os_error() == Some(libc::EPERM) && libc::geteuid() != 0) {
+                return Err(io_err(path, e));
+            }
         }
         if kind != Kind::Symlink && libc::chmod(c.as_ptr(), item.mode & 0o7777) != 0 {
             return Err(io_err(path, std::io::Error::last_os_error()));
