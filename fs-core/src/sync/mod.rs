@@ -901,10 +901,12 @@ impl Run<'_> {
             self.copy(path, s)?;
             Ok(true)
         })();
-        self.stats.pending_bytes.fetch_sub(
-            s.size.min(self.stats.pending_bytes.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        let _ = self
+            .stats
+            .pending_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(s.size))
+            });
         result
     }
 
@@ -1006,7 +1008,15 @@ pub fn run(
         )));
     }
     let st = state::State::open(&state_dir(opts), src, dst, filter)?;
-    let resume = st.pass_in_progress();
+    // An unfinished pass of the same kind (same filters, same --since) is resumed; any
+    // other request starts a new pass.
+    let resume = st
+        .pass_in_progress()
+        .filter(|p| match (&opts.since, &p.since) {
+            (None, None) | (Some(Since::Auto), Some(_)) => true,
+            (Some(Since::Token(t)), Some(s)) => t == s,
+            _ => false,
+        });
     let token = match resume.as_ref() {
         Some(p) => p.token.clone(),
         None => src.change_token()?,
@@ -1053,7 +1063,7 @@ pub fn run(
         Some(_) => st.done_dirs()?,
         None => HashSet::new(),
     };
-    let checkpoint = st.begin(token.clone(), since.clone())?;
+    let checkpoint = st.begin(token.clone(), since.clone(), resume.is_some())?;
     let dst_root = dst.stat("")?;
     if dst_root.is_none() && dst.caps().dirs {
         dst.mkdir(

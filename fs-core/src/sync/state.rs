@@ -146,9 +146,14 @@ impl State {
         fs::rename(&tmp, &self.json).map_err(|e| err(&self.json, e))
     }
 
-    /// Record a pass as started (or continued) and open its checkpoint for appending.
-    pub fn begin(&self, token: Option<String>, since: Option<String>) -> Result<Checkpoint> {
-        let resuming = self.pass_in_progress().is_some();
+    /// Record a pass as started (or, `resuming`, continued) and open its checkpoint for
+    /// appending (emptied for a new pass).
+    pub fn begin(
+        &self,
+        token: Option<String>,
+        since: Option<String>,
+        resuming: bool,
+    ) -> Result<Checkpoint> {
         self.save_with(|s| {
             s.pass = Some(Pass {
                 token,
