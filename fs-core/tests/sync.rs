@@ -783,6 +783,41 @@ fn since_visits_only_changed_directories() {
         (Some(0), Some(0), Some(0)),
         "{none}"
     );
+    // A removed file: its directory is visited (and the root, since the directory's times
+    // changed), --delete removes the file at DST.
+    {
+        let va = vol(&a, "/", false);
+        let vfs = va.vfs();
+        let dir = vfs.lookup(strata::meta::ROOT_INO, b"d50").unwrap();
+        vfs.unlink(dir.ino, b"f0.txt").unwrap();
+    }
+    let del = json_summary(&run_bin(&[
+        "sync",
+        &a,
+        &b,
+        "--state-dir",
+        &state_s,
+        "--since",
+        "auto",
+        "--delete",
+        "--json",
+        "--quiet",
+    ]));
+    assert_eq!(
+        (
+            del["changed_dirs"].as_u64(),
+            del["dirs"].as_u64(),
+            del["deleted"].as_u64()
+        ),
+        (Some(2), Some(2), Some(1)),
+        "{del}"
+    );
+    let vb = vol(&b, "/", true);
+    let d50 = vb.vfs().lookup(strata::meta::ROOT_INO, b"d50").unwrap();
+    assert!(vb.vfs().lookup(d50.ino, b"f0.txt").is_err());
+    let va = vol(&a, "/", true);
+    assert_same(&snapshot(&va, true, true), &snapshot(&vb, true, true));
+    drop((va, vb));
     // A token of another database is refused by the journal: a full pass instead.
     let other = json_summary(&run_bin(&[
         "sync",
