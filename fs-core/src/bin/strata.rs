@@ -1486,16 +1486,19 @@ struct SyncArgs {
     /// S3 keys of SRC (default: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
     #[arg(long, env = "STRATA_SYNC_SRC_ACCESS_KEY", hide_env_values = true)]
     src_access_key: Option<String>,
+    /// Secret key of SRC (never printed).
     #[arg(long, env = "STRATA_SYNC_SRC_SECRET_KEY", hide_env_values = true)]
     src_secret_key: Option<String>,
     /// S3 keys of DST (default: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
     #[arg(long, env = "STRATA_SYNC_DST_ACCESS_KEY", hide_env_values = true)]
     dst_access_key: Option<String>,
+    /// Secret key of DST (never printed).
     #[arg(long, env = "STRATA_SYNC_DST_SECRET_KEY", hide_env_values = true)]
     dst_secret_key: Option<String>,
-    /// S3 signing regions (default: AWS_REGION, else us-east-1).
+    /// S3 signing region of SRC (default: AWS_REGION, else us-east-1).
     #[arg(long)]
     src_region: Option<String>,
+    /// S3 signing region of DST.
     #[arg(long)]
     dst_region: Option<String>,
     /// Remove at DST what SRC does not have (entries the filters exclude are kept).
