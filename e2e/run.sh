@@ -541,6 +541,48 @@ step_gateway_dataset() {
   note "a pod read s3://e2e-dataset/web/train/shard-0.bin (20 MB, written with the aws CLI) as /data/train/shard-0.bin through a static PV: md5 equal"
 }
 
+step_mirror_move() {
+  # The local volume moves to another store while a pod appends and fsyncs: spec.mirror,
+  # spec.primary: Mirror, then spec.storage = the new place with the mirror removed. The old
+  # directory is then moved away; everything still reads back (caches dropped).
+  local far=$LOCAL_VOL/far
+  mkdir -p "$far" && chown 65532:65532 "$far" || return 1
+  { pvc_yaml moving e2e-local 1Gi; echo ---; pod_yaml mover moving; } | apply || return 1
+  wait_ready "$APPS" mover || return 1
+  k -n "$APPS" exec mover -- sh -c 'head -c 33554432 /dev/urandom > /data/blob && sync && md5sum /data/blob' \
+    | awk '{print $1}' >"$WORK/blob.md5" || return 1
+  k -n "$APPS" exec mover -- sh -c 'nohup sh -c "i=0; while :; do echo line-\$i >> /data/log; sync /data/log; i=\$((i+1)); sleep 0.2; done" >/dev/null 2>&1 &' || return 1
+  local t0; t0=$(now)
+  k patch volume e2e-local --type merge -p "{\"spec\":{\"mirror\":{\"storage\":{\"type\":\"file\",\"bucket\":\"$far\"}}}}" >/dev/null || return 1
+  until_ok 240 sh -c "kubectl get volume e2e-local -o jsonpath='{.status.mirror.phase}' | grep -qx InSync" \
+    || { k get volume e2e-local -o jsonpath='{.status.mirror}'; echo; return 1; }
+  note "spec.mirror added: status.mirror InSync in $(since "$t0") s ($(k get volume e2e-local -o jsonpath='{.status.mirror.objectsCopied}') objects copied by $(k get volume e2e-local -o jsonpath='{.status.mirror.copier}'))"
+  t0=$(now)
+  k patch volume e2e-local --type merge -p '{"spec":{"primary":"Mirror"}}' >/dev/null || return 1
+  until_ok 120 sh -c "kubectl get volume e2e-local -o jsonpath='{.status.mirror.primary}' | grep -q '/far'" \
+    || { k get volume e2e-local -o jsonpath='{.status.mirror}'; echo; return 1; }
+  note "spec.primary: Mirror: the primary is $(k get volume e2e-local -o jsonpath='{.status.mirror.primary}') after $(since "$t0") s"
+  sleep 5
+  t0=$(now)
+  k patch volume e2e-local --type merge -p "{\"spec\":{\"storage\":{\"type\":\"file\",\"bucket\":\"$far\"},\"mirror\":null,\"primary\":null}}" >/dev/null || return 1
+  until_ok 120 sh -c "kubectl get volume e2e-local -o jsonpath='{.status.mirror.phase}' | grep -qx Detached" \
+    || { k get volume e2e-local -o jsonpath='{.status.mirror}'; echo; return 1; }
+  note "old store detached in $(since "$t0") s; Volume events: $(k get events --field-selector involvedObject.name=e2e-local -o jsonpath='{range .items[*]}{.reason} {end}' | tr ' ' '\n' | grep -E 'Mirror|Primary' | sort -u | tr '\n' ' ')"
+  sleep 5
+  mv "$LOCAL_VOL/data" "$LOCAL_VOL/data.old" || return 1
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  local sum; sum=$(k -n "$APPS" exec mover -- md5sum /data/blob | awk '{print $1}')
+  [ "$sum" = "$(cat "$WORK/blob.md5")" ] || { mv "$LOCAL_VOL/data.old" "$LOCAL_VOL/data"; fail "the 32 MiB file differs after the move"; return 1; }
+  local n1 n2; n1=$(k -n "$APPS" exec mover -- wc -l /data/log | awk '{print $1}')
+  sleep 3
+  n2=$(k -n "$APPS" exec mover -- wc -l /data/log | awk '{print $1}')
+  k -n "$APPS" exec mover -- sh -c 'awk -v n=0 "\$0 != \"line-\" n {bad=1} {n++} END {exit bad}" /data/log' \
+    || fail "the appended log has a gap or a wrong line" || return 1
+  [ "$n2" -gt "$n1" ] || fail "the writer stopped ($n1 -> $n2 lines)" || return 1
+  note "old directory moved away, caches dropped: md5 of /data/blob equal; the pod's log kept growing ($n1 -> $n2 lines, no gap) through add, switch and detach; mount Pod never restarted ($(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o jsonpath='{.items[*].status.containerStatuses[0].restartCount}') restarts)"
+  k -n "$APPS" delete pod mover --wait=false >/dev/null
+}
+
 step_cleanup() {
   local ok=0
   k delete namespace "$APPS" "$TENANT" --wait=true --timeout=180s >/dev/null 2>&1
@@ -659,13 +701,14 @@ run_step "4. mount client killed, mount Pod deleted, node plugin restarted" step
 run_step "5. PVC expansion in a running pod; static PV" step_expand
 run_step "6. Quota EDQUOT; CacheGroup warm-up and reads without GETs" step_quota_cache
 run_step "7. S3 gateway Deployment; a dataset bucket attached by spec.datasets read in a pod" step_gateway_dataset
+run_step "8. the local Volume moves to another store (spec.mirror, primary: Mirror, detach) under a writing pod" step_mirror_move
 if [ "$failed" != 0 ] && [ "${E2E_KEEP:-0}" = 1 ]; then
   echo "e2e: E2E_KEEP=1: everything left in place (services: pids ${SVC_PIDS[*]}, files in $WORK)"
   trap - EXIT
   SVC_PIDS=()
 else
   skip_rest=0
-  run_step "8. delete everything; helm uninstall; nothing left" step_cleanup
+  run_step "9. delete everything; helm uninstall; nothing left" step_cleanup
 fi
 write_report
 echo "e2e: ${pass} passed, ${failed} failed"

@@ -59,10 +59,14 @@ pub fn host_dirs(metaurl: &str) -> Vec<std::path::PathBuf> {
             strata::meta::MetaSettings::default(),
         );
         match meta.load() {
-            Ok(f) if f.storage.storage == "file" && Path::new(&f.storage.bucket).is_absolute() => {
-                dirs.push(PathBuf::from(&f.storage.bucket));
+            Ok(f) => {
+                // The primary store and a mirror (docs/MIGRATION.md) when they are directories.
+                for s in std::iter::once(&f.storage).chain(f.mirror.as_ref()) {
+                    if s.storage == "file" && Path::new(&s.bucket).is_absolute() {
+                        dirs.push(PathBuf::from(&s.bucket));
+                    }
+                }
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reading the volume's format for its bucket"),
         }
     }

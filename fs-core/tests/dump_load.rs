@@ -24,8 +24,9 @@ fn ok(args: &[&str]) -> String {
     let out = strata(args);
     assert!(
         out.status.success(),
-        "strata {}: {}",
+        "strata {}: {}{}",
         args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).to_string()
@@ -272,4 +273,112 @@ fn a_volume_moves_from_sqlite_to_postgresql_and_back_through_dump_and_load() {
         !out.status.success(),
         "a cut load must not look like a volume"
     );
+}
+
+/// The metadata moves with a pause of one catch-up: dump + load while a writer works, catch
+/// up (writer still working), stop the writer, catch up once more; the copy then equals
+/// the original file for file, and fsck is clean.
+#[test]
+fn a_copy_catches_up_with_what_changed_since_the_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!("sqlite://{}/src.db", dir.path().display());
+    let dst = format!("sqlite://{}/dst.db", dir.path().display());
+    let objs = dir.path().join("objects");
+    mount::format(
+        BIN,
+        &[
+            "--storage",
+            "file",
+            "--bucket",
+            objs.to_str().unwrap(),
+            "--trash-days",
+            "1",
+            &src,
+            "catchvol",
+        ],
+    );
+    let mut m = TestMount::new(BIN, &src, &dir.path().join("mnt"), &[]);
+    for d in 0..5 {
+        fs::create_dir_all(m.path.join(format!("d{d}/sub"))).unwrap();
+        for f in 0..20 {
+            fs::write(
+                m.path.join(format!("d{d}/f{f}")),
+                pattern(f as u8, 3000 + f),
+            )
+            .unwrap();
+        }
+    }
+    fs::write(m.path.join("d0/sub/deep"), b"deep").unwrap();
+    // Dump while the mount is live; the token comes with it.
+    let out = Command::new(BIN)
+        .args(["dump", &src, "-o"])
+        .arg(dir.path().join("d.dump"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let token = err
+        .split("change token: ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no token in: {err}"))
+        .to_string();
+    ok(&["load", &dst, dir.path().join("d.dump").to_str().unwrap()]);
+    // Changes after the dump: new, changed, renamed, deleted (trashed), a hard link, xattrs.
+    fs::write(m.path.join("d1/new"), pattern(9, 70_000)).unwrap();
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(m.path.join("d2/f3"))
+            .unwrap();
+        f.seek(SeekFrom::Start(100)).unwrap();
+        f.write_all(b"changed").unwrap();
+    }
+    fs::rename(m.path.join("d3/f1"), m.path.join("d4/moved")).unwrap();
+    fs::remove_file(m.path.join("d3/f2")).unwrap();
+    fs::hard_link(m.path.join("d4/f5"), m.path.join("d0/link")).unwrap();
+    set_xattr(&m.path.join("d0/f0"), "user.tag", b"v1");
+    fs::remove_file(m.path.join("d0/sub/deep")).unwrap();
+    fs::remove_dir(m.path.join("d0/sub")).unwrap();
+    let first = ok(&["load", &dst, "--from", &src, "--since", &token]);
+    let next = first
+        .split("next token: ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    // More changes, then the writers stop (unmount) and the last catch-up runs.
+    fs::write(m.path.join("d1/later"), b"later").unwrap();
+    fs::remove_file(m.path.join("d1/new")).unwrap();
+    m.unmount();
+    let last = ok(&["load", &dst, "--from", &src, "--since", &next]);
+    assert!(last.contains("caught up"), "{last}");
+    let fsck = ok(&["fsck", &dst]);
+    assert!(fsck.contains(" 0 problems"), "{fsck}");
+    // The two volumes show the same tree.
+    m.remount();
+    let want = describe(&m.path);
+    m.unmount();
+    let copy = TestMount::new(BIN, &dst, &dir.path().join("mnt2"), &[]);
+    let got = describe(&copy.path);
+    for (k, v) in &want {
+        assert_eq!(got.get(k), Some(v), "{k} differs");
+    }
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{:?}",
+        got.keys().collect::<Vec<_>>()
+    );
+    // A token of another database is refused.
+    let bad = strata(&[
+        "load",
+        &dst,
+        "--from",
+        &src,
+        "--since",
+        "0123456789abcdef.1",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("another metadata database"));
 }

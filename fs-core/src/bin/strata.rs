@@ -145,10 +145,21 @@ enum Cmd {
     },
     /// Load a `strata dump` into an empty metadata URL (SQLite file or PostgreSQL database);
     /// then mount the volume from there (the objects stay where they are).
+    ///
+    /// With --from and --since: apply to META_URL (a copy loaded from a dump of --from) what
+    /// changed in --from since the token `strata dump` printed, without a full copy (run it
+    /// while clients write, then once more with writers stopped: docs/MIGRATION.md).
     Load {
         meta_url: String,
         /// Read from this file instead of standard input.
+        #[arg(conflicts_with = "from")]
         input: Option<PathBuf>,
+        /// The metadata URL the copy was dumped from (catch-up mode).
+        #[arg(long, requires = "since")]
+        from: Option<String>,
+        /// Change token from `strata dump` or from the previous catch-up.
+        #[arg(long, requires = "from")]
+        since: Option<String>,
     },
     /// Find block objects no metadata refers to (left by clients killed before they
     /// committed) and, with --delete, delete them. A dry run first is the default.
@@ -980,6 +991,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Dump { meta_url, output } => {
+            // The change token before the snapshot: a catch-up from it re-applies what the
+            // snapshot has already (harmless) and never misses what came after.
+            let token = open_meta(&meta_url)?.change_token()?;
             let engine = open_engine(&meta_url)?;
             let t0 = std::time::Instant::now();
             let mut progress = |s: &strata::meta::dump::DumpStats| {
@@ -1003,9 +1017,41 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             eprintln!("dumped {stats} in {:.1} s", t0.elapsed().as_secs_f64());
+            eprintln!(
+                "change token: {token} (after `strata load NEW`, bring NEW up to date with `strata load NEW --from {} --since {token}`)",
+                redact_url(&meta_url)
+            );
             Ok(())
         }
-        Cmd::Load { meta_url, input } => {
+        Cmd::Load {
+            meta_url,
+            from: Some(from),
+            since: Some(since),
+            ..
+        } => {
+            let (src, dst) = (open_meta(&from)?, open_meta(&meta_url)?);
+            if src.load()?.uuid != dst.load()?.uuid {
+                bail!(
+                    "{} is not a copy of {} (their volume UUIDs differ): load a dump of it first",
+                    redact_url(&meta_url),
+                    redact_url(&from)
+                );
+            }
+            let t0 = std::time::Instant::now();
+            let r = strata::meta::dump::catch_up(&src, &dst, &since)?;
+            println!(
+                "caught up in {:.2} s: {} changed directories, {} inodes written, {} removed; next token: {}",
+                t0.elapsed().as_secs_f64(),
+                r.dirs,
+                r.written,
+                r.removed,
+                r.next
+            );
+            Ok(())
+        }
+        Cmd::Load {
+            meta_url, input, ..
+        } => {
             let engine = open_engine(&meta_url)?;
             let t0 = std::time::Instant::now();
             let mut progress =
@@ -1702,7 +1748,10 @@ fn restore_cmd(meta_url: &str, patterns: &[String], all: bool) -> Result<()> {
                 redact_url(meta_url)
             );
         }
-        println!("{:<20} {:>14} {:>10}  name", "deleted (UTC)", "bytes", "dir inode");
+        println!(
+            "{:<20} {:>14} {:>10}  name",
+            "deleted (UTC)", "bytes", "dir inode"
+        );
         for t in &list {
             let when = chrono_like(t.deleted);
             println!(
@@ -1724,7 +1773,10 @@ fn restore_cmd(meta_url: &str, patterns: &[String], all: bool) -> Result<()> {
         .filter(|t| all || patterns.iter().any(|p| glob_match(p.as_bytes(), &t.name)))
         .collect();
     if chosen.is_empty() {
-        bail!("nothing in the trash matches {patterns:?} (run `strata restore {}` to list it)", redact_url(meta_url));
+        bail!(
+            "nothing in the trash matches {patterns:?} (run `strata restore {}` to list it)",
+            redact_url(meta_url)
+        );
     }
     let r = meta.trash_restore(&chosen)?;
     for (t, why) in &r.failed {
@@ -1778,7 +1830,9 @@ fn rmr_cmd(meta_url: &str, path: &str) -> Result<()> {
             eprint!("\rremoved {} files, {} directories", s.files, s.dirs);
         })
         .map_err(|e| match e {
-            strata::meta::MetaError::NotFound => anyhow::anyhow!("{path}: no such file or directory in the volume"),
+            strata::meta::MetaError::NotFound => {
+                anyhow::anyhow!("{path}: no such file or directory in the volume")
+            }
             e => e.into(),
         })?;
     eprintln!();
@@ -1787,7 +1841,11 @@ fn rmr_cmd(meta_url: &str, path: &str) -> Result<()> {
         stats.files,
         stats.dirs,
         start.elapsed().as_secs_f64(),
-        if meta.load()?.trash_days > 0 { " (files are in the trash)" } else { "" }
+        if meta.load()?.trash_days > 0 {
+            " (files are in the trash)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

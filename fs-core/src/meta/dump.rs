@@ -11,7 +11,9 @@ use std::io::{BufRead, Write};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use super::{FileKind, Ino, Mask, MetaEngine, MetaError, Node, Quota, Slice, Txn, now_ns};
+use super::{
+    FileKind, Ino, Mask, Meta, MetaEngine, MetaError, Node, Quota, Slice, TRASH_INO, Txn, now_ns,
+};
 
 /// Version of the dump format (the first line's `strata_dump`).
 pub const DUMP_VERSION: u64 = 1;
@@ -421,4 +423,286 @@ fn apply_one(tx: &mut dyn Txn, v: &Value, stats: &mut DumpStats) -> Result<(), S
             .map_err(m),
         other => Err(format!("unknown record type {other:?}")),
     }
+}
+
+// ------------------------------------------------------------------------------ catch-up
+
+/// What [`catch_up`] applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatchUp {
+    /// Directories whose entries were compared and copied.
+    pub dirs: u64,
+    /// Inodes written (new or changed) and removed.
+    pub written: u64,
+    pub removed: u64,
+    /// Token to pass to the next catch-up.
+    pub next: String,
+}
+
+/// One inode with everything stored about it.
+struct Full {
+    node: super::Node,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    symlink: Option<Vec<u8>>,
+    chunks: Vec<(u32, Vec<super::Slice>)>,
+}
+
+fn read_full(tx: &mut dyn super::Txn, ino: Ino) -> Result<Option<Full>, MetaError> {
+    let Some(node) = tx.get_node(ino)? else {
+        return Ok(None);
+    };
+    let mut xattrs = Vec::new();
+    for name in tx.list_xattrs(ino)? {
+        if let Some(v) = tx.get_xattr(ino, &name)? {
+            xattrs.push((name, v));
+        }
+    }
+    let symlink = tx.get_symlink(ino)?;
+    let mut chunks = Vec::new();
+    let mut from = 0;
+    loop {
+        let idx = tx.chunk_indexes(ino, from, PAGE)?;
+        let Some(&last) = idx.last() else { break };
+        for i in idx {
+            chunks.push((i, tx.chunk_slices(ino, i)?));
+        }
+        if last == u32::MAX {
+            break;
+        }
+        from = last + 1;
+    }
+    Ok(Some(Full {
+        node,
+        xattrs,
+        symlink,
+        chunks,
+    }))
+}
+
+/// Replace what `dst` stores about `f.node.ino` with `f`.
+fn write_full(tx: &mut dyn super::Txn, f: &Full) -> Result<(), MetaError> {
+    let ino = f.node.ino;
+    tx.put_node(&f.node)?;
+    tx.delete_xattrs(ino)?;
+    for (n, v) in &f.xattrs {
+        tx.put_xattr(ino, n, v)?;
+    }
+    match &f.symlink {
+        Some(t) => tx.put_symlink(ino, t)?,
+        None => tx.delete_symlink(ino)?,
+    }
+    let mut from = 0;
+    loop {
+        let idx = tx.chunk_indexes(ino, from, PAGE)?;
+        let Some(&last) = idx.last() else { break };
+        for i in idx {
+            for s in tx.chunk_slices(ino, i)? {
+                tx.delete_slice(ino, i, s.seq)?;
+            }
+        }
+        if last == u32::MAX {
+            break;
+        }
+        from = last + 1;
+    }
+    for (i, slices) in &f.chunks {
+        for s in slices {
+            tx.add_slice(ino, *i, s)?;
+        }
+    }
+    Ok(())
+}
+
+/// Apply to `dst` — a copy of `src` made by `strata load` from a dump taken after `since`
+/// was current — what changed in `src` since then, as its change journal says
+/// (docs/MIGRATION.md): each changed directory's entries and the inodes they lead to are
+/// made equal, inodes gone from `src` are removed (their data queued for reclaiming, which
+/// tolerates objects `src` deleted already), the usage and id counters and the garbage
+/// queue are copied. Objects are shared: nothing is copied in the object store. Run it
+/// repeatedly while clients write to `src`; the last run, with writers stopped, makes `dst`
+/// equal to `src`.
+pub fn catch_up(src: &Meta, dst: &Meta, since: &str) -> Result<CatchUp, DumpError> {
+    let batch = src.changes_since(since, 10_000_000)?;
+    let mut out = CatchUp {
+        next: batch.next.clone(),
+        ..Default::default()
+    };
+    let mut dirs: Vec<Ino> = batch.dirs.clone();
+    // The trash is outside the journal; its entries are compared every time.
+    if src.txn(false, |tx| tx.get_node(TRASH_INO))?.is_some() {
+        dirs.push(TRASH_INO);
+    }
+    dirs.sort_unstable();
+    for d in dirs {
+        // The directory, its entries and every inode they lead to, from one snapshot.
+        let (dir, entries, children) = src.txn(false, |tx| {
+            let dir = read_full(tx, d)?;
+            let mut entries = Vec::new();
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = tx.list_edges(d, after.as_deref(), PAGE)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.name.clone());
+                entries.extend(page);
+            }
+            let mut children = Vec::new();
+            for e in &entries {
+                if e.kind != FileKind::Dir
+                    && let Some(f) = read_full(tx, e.ino)?
+                {
+                    children.push(f);
+                } else if e.kind == FileKind::Dir
+                    && let Some(n) = tx.get_node(e.ino)?
+                {
+                    // A directory's own row (its entries come with its own journal row).
+                    children.push(Full {
+                        node: n,
+                        xattrs: tx
+                            .list_xattrs(e.ino)?
+                            .into_iter()
+                            .filter_map(|k| match tx.get_xattr(e.ino, &k) {
+                                Ok(Some(v)) => Some(Ok((k, v))),
+                                Ok(None) => None,
+                                Err(e) => Some(Err(e)),
+                            })
+                            .collect::<Result<_, _>>()?,
+                        symlink: None,
+                        chunks: Vec::new(),
+                    });
+                }
+            }
+            Ok((dir, entries, children))
+        })?;
+        out.dirs += 1;
+        let src_gone: Vec<Ino> = {
+            // Inodes the destination's entries of `d` lead to that `src` no longer has.
+            let dst_entries = dst.txn(false, |tx| {
+                let mut v = Vec::new();
+                let mut after: Option<Vec<u8>> = None;
+                loop {
+                    let page = tx.list_edges(d, after.as_deref(), PAGE)?;
+                    let Some(last) = page.last() else { break };
+                    after = Some(last.name.clone());
+                    v.extend(page);
+                }
+                Ok(v)
+            })?;
+            let mut gone = Vec::new();
+            for e in &dst_entries {
+                if !entries.iter().any(|s| s.ino == e.ino)
+                    && src.txn(false, |tx| tx.get_node(e.ino))?.is_none()
+                {
+                    gone.push(e.ino);
+                }
+            }
+            gone
+        };
+        let (w, r) = dst.txn(true, |tx| {
+            let (mut w, mut r) = (0u64, 0u64);
+            match &dir {
+                Some(dir) => {
+                    write_full(tx, dir)?;
+                    w += 1;
+                }
+                // Removed in `src` (its parent's pass drops its entry): its entries go below.
+                None => {
+                    if tx.get_node(d)?.is_some() {
+                        tx.delete_node(d)?;
+                        tx.delete_xattrs(d)?;
+                        r += 1;
+                    }
+                }
+            }
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = tx.list_edges(d, after.as_deref(), PAGE)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.name.clone());
+                for e in page {
+                    if !entries.iter().any(|s| s.name == e.name && s.ino == e.ino) {
+                        tx.delete_edge(d, &e.name)?;
+                    }
+                }
+            }
+            for e in &entries {
+                tx.put_edge(d, e)?;
+            }
+            for c in &children {
+                if c.node.kind == FileKind::Dir {
+                    // Keep the destination's slices-free directory row in step.
+                    tx.put_node(&c.node)?;
+                    tx.delete_xattrs(c.node.ino)?;
+                    for (n, v) in &c.xattrs {
+                        tx.put_xattr(c.node.ino, n, v)?;
+                    }
+                } else {
+                    write_full(tx, c)?;
+                }
+                w += 1;
+            }
+            for &ino in &src_gone {
+                if let Some(n) = tx.get_node(ino)? {
+                    tx.delete_node(ino)?;
+                    tx.delete_xattrs(ino)?;
+                    if n.kind == FileKind::Symlink {
+                        tx.delete_symlink(ino)?;
+                    }
+                    if n.kind == FileKind::File {
+                        tx.add_reclaim(ino, n.length)?;
+                    }
+                    r += 1;
+                }
+            }
+            Ok((w, r))
+        })?;
+        out.written += w;
+        out.removed += r;
+    }
+    // Files with several links: their rows (their entries came with their directories).
+    for ino in batch.linked_files {
+        let f = src.txn(false, |tx| read_full(tx, ino))?;
+        if let Some(f) = f {
+            dst.txn(true, |tx| write_full(tx, &f))?;
+            out.written += 1;
+        }
+    }
+    // Counters and the garbage queue (objects `src` will no longer delete once its
+    // clients are gone).
+    let (counters, garbage, quotas) = src.txn(false, |tx| {
+        let mut c = Vec::new();
+        for name in COUNTERS {
+            c.push((name, tx.get_counter(name)?));
+        }
+        Ok((
+            c,
+            tx.list_due_garbage(i64::MAX, usize::MAX >> 1)?,
+            tx.list_quotas()?,
+        ))
+    })?;
+    let due = now_ns() / 1_000_000_000 + 3600;
+    dst.txn(true, |tx| {
+        for (name, v) in &counters {
+            let cur = tx.get_counter(name)?;
+            // Id counters only grow; usage counters follow the source.
+            let v = if name.starts_with("next_") || *name == "attach_ids" {
+                cur.max(*v)
+            } else {
+                *v
+            };
+            tx.set_counter(name, v)?;
+        }
+        for (id, size) in &garbage {
+            tx.add_garbage(*id, *size, due)?;
+        }
+        for q in tx.list_quotas()? {
+            if !quotas.iter().any(|s| s.ino == q.ino) {
+                tx.delete_quota(q.ino)?;
+            }
+        }
+        for q in &quotas {
+            tx.put_quota(q)?;
+        }
+        Ok(())
+    })?;
+    Ok(out)
 }
