@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
 
 use super::endpoint::{Caps, Counters, Endpoint, Item, Kind, Reader, Writer};
 use super::{Result, SyncError};
@@ -21,6 +22,32 @@ pub struct S3Dir {
     store: Arc<dyn ObjectStore>,
     url: String,
     counters: Counters,
+    /// Bytes of files being gathered for upload (a PUT takes the whole object).
+    uploads: Arc<Budget>,
+}
+
+/// Most bytes held for uploads at once, all threads together; a larger file waits until it
+/// is alone.
+const UPLOAD_BUDGET: u64 = 1 << 30;
+
+/// A bound on the bytes held in memory by writers.
+struct Budget {
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: u64) {
+        let mut used = self.used.lock();
+        while *used > 0 && *used + n > UPLOAD_BUDGET {
+            self.freed.wait(&mut used);
+        }
+        *used += n;
+    }
+    fn release(&self, n: u64) {
+        *self.used.lock() -= n;
+        self.freed.notify_all();
+    }
 }
 
 /// Where a bucket is and how to sign for it.
@@ -94,6 +121,10 @@ impl S3Dir {
             store,
             url: format!("s3://{rest} (endpoint {endpoint})"),
             counters: Counters::default(),
+            uploads: Arc::new(Budget {
+                used: Mutex::new(0),
+                freed: Condvar::new(),
+            }),
         })
     }
 
@@ -146,6 +177,14 @@ struct S3Writer {
     key: String,
     buf: Vec<u8>,
     url: String,
+    budget: Arc<Budget>,
+    held: u64,
+}
+
+impl Drop for S3Writer {
+    fn drop(&mut self) {
+        self.budget.release(self.held);
+    }
 }
 
 impl Writer for S3Writer {
@@ -153,16 +192,11 @@ impl Writer for S3Writer {
         self.buf.extend_from_slice(data);
         Ok(())
     }
-    fn commit(self: Box<Self>, _item: &Item, _xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
-        let S3Writer {
-            store,
-            key,
-            buf,
-            url,
-        } = *self;
-        store
-            .put(&key, Bytes::from(buf))
-            .map_err(|e| obj_err(&url, e))
+    fn commit(mut self: Box<Self>, _item: &Item, _xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        let buf = std::mem::take(&mut self.buf);
+        self.store
+            .put(&self.key, Bytes::from(buf))
+            .map_err(|e| obj_err(&self.url, e))
     }
     fn abort(self: Box<Self>) {}
 }
@@ -243,11 +277,14 @@ impl Endpoint for S3Dir {
     }
 
     fn create(&self, path: &str, item: &Item) -> Result<Box<dyn Writer + '_>> {
+        self.uploads.acquire(item.size);
         Ok(Box::new(S3Writer {
             store: self.store.clone(),
             key: path.to_string(),
             buf: Vec::with_capacity(item.size.min(64 << 20) as usize),
             url: self.url.clone(),
+            budget: self.uploads.clone(),
+            held: item.size,
         }))
     }
 
