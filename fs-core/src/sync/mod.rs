@@ -1268,3 +1268,60 @@ fn progress_loop(run: &Run<'_>, stop: &AtomicBool, started: Instant, cp: &state:
         eprintln!();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_specs() {
+        assert_eq!(parse_rate("100M").unwrap(), 100 << 20);
+        assert_eq!(parse_rate("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_rate("512k").unwrap(), 512 << 10);
+        assert_eq!(parse_rate("1000").unwrap(), 1000);
+        assert_eq!(parse_rate("10MB/s").unwrap(), 10 << 20);
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(
+            Spec::parse("/a/b", None, "src").unwrap(),
+            Spec::Local("/a/b".into())
+        );
+        assert_eq!(
+            Spec::parse("file:///a", None, "src").unwrap(),
+            Spec::Local("/a".into())
+        );
+        assert_eq!(
+            Spec::parse("sqlite:///m.db", Some("/x"), "src").unwrap(),
+            Spec::Volume {
+                url: "sqlite:///m.db".into(),
+                path: "/x".into()
+            }
+        );
+        assert_eq!(
+            Spec::parse("s3://b/p", None, "dst").unwrap(),
+            Spec::S3("s3://b/p".into())
+        );
+        assert!(Spec::parse("s3://b", Some("/x"), "dst").is_err());
+        assert!(Spec::parse("file://rel", None, "dst").is_err());
+        assert!(Spec::parse("gs://b", None, "dst").is_err());
+        assert_eq!("auto".parse::<Since>().unwrap(), Since::Auto);
+        assert_eq!(
+            "abc.1".parse::<Since>().unwrap(),
+            Since::Token("abc.1".into())
+        );
+    }
+
+    #[test]
+    fn throttle_spreads_bytes_over_time() {
+        let t = Throttle::new(4 << 20);
+        let start = Instant::now();
+        for _ in 0..8 {
+            t.take(1 << 20);
+        }
+        // 8 MiB at 4 MiB/s, a quarter second of burst at most.
+        assert!(
+            start.elapsed() >= Duration::from_millis(1700),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}
