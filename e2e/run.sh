@@ -547,11 +547,12 @@ step_mirror_move() {
   # directory is then moved away; everything still reads back (caches dropped).
   local far=$LOCAL_VOL/far
   mkdir -p "$far" && chown 65532:65532 "$far" || return 1
-  { pvc_yaml moving e2e-local 1Gi; echo ---; pod_yaml mover moving; } | apply || return 1
+  # The pod's main process appends a numbered line and fsyncs, five times a second.
+  { pvc_yaml moving e2e-local 1Gi; echo ---; pod_yaml mover moving \
+      | sed 's|command: .*|command: [sh, -c, "trap '"'"'exit 0'"'"' TERM; i=0; while :; do echo line-$i >> /data/log; sync /data/log; i=$((i+1)); sleep 0.2; done"]|'; } | apply || return 1
   wait_ready "$APPS" mover || return 1
   k -n "$APPS" exec mover -- sh -c 'head -c 33554432 /dev/urandom > /data/blob && sync && md5sum /data/blob' \
     | awk '{print $1}' >"$WORK/blob.md5" || return 1
-  k -n "$APPS" exec mover -- sh -c 'nohup sh -c "i=0; while :; do echo line-\$i >> /data/log; sync /data/log; i=\$((i+1)); sleep 0.2; done" >/dev/null 2>&1 &' || return 1
   local t0; t0=$(now)
   k patch volume e2e-local --type merge -p "{\"spec\":{\"mirror\":{\"storage\":{\"type\":\"file\",\"bucket\":\"$far\"}}}}" >/dev/null || return 1
   until_ok 240 sh -c "kubectl get volume e2e-local -o jsonpath='{.status.mirror.phase}' | grep -qx InSync" \
@@ -580,6 +581,8 @@ step_mirror_move() {
     || fail "the appended log has a gap or a wrong line" || return 1
   [ "$n2" -gt "$n1" ] || fail "the writer stopped ($n1 -> $n2 lines)" || return 1
   note "old directory moved away, caches dropped: md5 of /data/blob equal; the pod's log kept growing ($n1 -> $n2 lines, no gap) through add, switch and detach; mount Pod never restarted ($(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o jsonpath='{.items[*].status.containerStatuses[0].restartCount}') restarts)"
+  rm -rf "$LOCAL_VOL/data.old"
+  note "the retired store (the old directory) deleted; Volume: $(k get volume e2e-local -o jsonpath='{.status.mirror.phase} primary {.status.mirror.primary}')"
   k -n "$APPS" delete pod mover --wait=false >/dev/null
 }
 
@@ -621,8 +624,8 @@ step_cleanup() {
     [ -z "$creds" ] || { fail "files with credentials left on the node: $creds"; ok=1; }
     # deletionPolicy Delete: every file and object of the embedded volume is gone (its
     # SQLite database, which holds only the emptied volume, stays, as a PostgreSQL one would).
-    local objs; objs=$(find "$LOCAL_VOL/data" -type f 2>/dev/null | wc -l)
-    [ "$objs" = 0 ] || { fail "deletionPolicy Delete left $objs objects in $LOCAL_VOL/data"; ok=1; }
+    local objs; objs=$(find "$LOCAL_VOL/data" "$LOCAL_VOL/far" -type f 2>/dev/null | wc -l)
+    [ "$objs" = 0 ] || { fail "deletionPolicy Delete left $objs objects in $LOCAL_VOL/data or far (where step 8 moved it)"; ok=1; }
     note "Volume e2e-local (deletionPolicy Delete): 0 objects left in its bucket directory"
   fi
   k delete namespace "$NS" --wait=true --timeout=120s >/dev/null 2>&1

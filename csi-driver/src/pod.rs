@@ -32,6 +32,18 @@ pub const REPLACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Port of a mount Pod's Prometheus metrics (container port `metrics`), unless the mount
 /// options give `metrics=ADDR`.
 pub const METRICS_PORT: u16 = 9567;
+
+/// The metrics port of the mount Pod of volume `key`: 9568–9967, from a hash of the key.
+/// Mount Pods may run on the host network (and cache members use 9567 there): one port per
+/// volume keeps two mount Pods of one node from asking for the same host port.
+pub fn metrics_port(key: &str) -> u16 {
+    let mut h: u32 = 0x811c9dc5;
+    for b in key.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    METRICS_PORT + 1 + (h % 400) as u16
+}
 /// `app.kubernetes.io/component` of mount Pods (what the chart's PodMonitor selects).
 pub const COMPONENT: &str = "mount";
 
@@ -169,8 +181,9 @@ pub fn objects(
             .as_deref()
             .and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok()),
         None => {
-            args.push(format!("--metrics=0.0.0.0:{METRICS_PORT}"));
-            Some(METRICS_PORT)
+            let port = metrics_port(&spec.key);
+            args.push(format!("--metrics=0.0.0.0:{port}"));
+            Some(port)
         }
     };
     if !spec.options.iter().any(|(k, _)| k == "metrics-labels") {
@@ -687,13 +700,16 @@ pub(crate) mod tests {
         assert!(args.contains(&"--cache-size=1024".to_string()));
         assert!(args.contains(&"--cache-dir=/var/cache/strata".to_string()));
         assert_eq!(args[args.len() - 2], "-");
-        assert!(args.contains(&"--metrics=0.0.0.0:9567".to_string()));
+        let port = metrics_port("v0123");
+        assert!((9568..9968).contains(&port));
+        assert_ne!(metrics_port("v0124"), port);
+        assert!(args.contains(&format!("--metrics=0.0.0.0:{port}")));
         assert!(args.contains(
             &"--metrics-labels=pod=strata-mount-v0123-node-1,namespace=strata,node=node-1,volume_key=v0123"
                 .to_string()
         ));
         assert_eq!(c["ports"][0]["name"], "metrics");
-        assert_eq!(c["ports"][0]["containerPort"], 9567);
+        assert_eq!(c["ports"][0]["containerPort"], port);
         assert_eq!(
             p["metadata"]["labels"]["app.kubernetes.io/component"],
             "mount"

@@ -52,6 +52,7 @@ pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|
     validation = Rule::new("has(self.spec.name) || self.metadata.name.matches('^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$')").message("a Volume name is the file-system name: use 3-63 characters of a-z, 0-9 and '-', not starting or ending with '-' (or set spec.name)").field_path(".metadata.name")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(self.storage.type == oldSelf.storage.type && self.storage.bucket == oldSelf.storage.bucket && (has(self.storage.endpoint) ? self.storage.endpoint : '') == (has(oldSelf.storage.endpoint) ? oldSelf.storage.endpoint : '')) || (has(oldSelf.mirror) && self.storage.type == oldSelf.mirror.storage.type && self.storage.bucket == oldSelf.mirror.storage.bucket && (has(self.storage.endpoint) ? self.storage.endpoint : '') == (has(oldSelf.mirror.storage.endpoint) ? oldSelf.mirror.storage.endpoint : ''))").message("spec.storage cannot change after the volume is created, except to the location of spec.mirror once the mirror is the primary (docs/MIGRATION.md)").field_path(".storage"))]
 pub struct VolumeSpec {
     /// File-system name inside the metadata (default: the object name). An existing volume
     /// is adopted when this name matches the one it was formatted with.
@@ -131,9 +132,11 @@ pub struct MirrorSpec {
     pub storage: StorageSpec,
     /// Key of the Secret holding the mirror's access key (default `mirror-access-key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub access_key_key: Option<String>,
     /// Key of the Secret holding the mirror's secret key (default `mirror-secret-key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub secret_key_key: Option<String>,
 }
 
@@ -227,7 +230,6 @@ pub enum StorageType {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.type != 's3' || has(self.endpoint) || self.bucket.startsWith('http://') || self.bucket.startsWith('https://')").message("for type s3 give bucket as a URL (https://bucket.s3.example.com or http://host:port/bucket) or set endpoint"))]
 #[x_kube(validation = Rule::new("self.type != 'file' || !has(self.endpoint)").message("endpoint is only for type s3"))]
-#[x_kube(validation = Rule::new("self == oldSelf").message("spec.storage cannot change after the volume is created"))]
 pub struct StorageSpec {
     #[serde(rename = "type", default)]
     pub type_: StorageType,

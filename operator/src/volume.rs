@@ -96,11 +96,8 @@ pub fn mirror_request(
     vol: &Volume,
     t: &crate::fsops::FsTarget,
 ) -> std::result::Result<Option<MirrorRequest>, String> {
-    let had = vol
-        .status
-        .as_ref()
-        .and_then(|s| s.mirror.as_ref())
-        .is_some_and(|m| m.mirror.is_some());
+    // Once a mirror was set, status.mirror stays (phase Detached after a detach).
+    let had = vol.status.as_ref().is_some_and(|s| s.mirror.is_some());
     let cfg = |s: &crate::crd::StorageSpec, ak: Option<String>, sk: Option<String>| StorageConfig {
         storage: match s.type_ {
             crate::crd::StorageType::File => "file",
