@@ -254,7 +254,11 @@ pub fn destroy(
     force: bool,
     progress: &mut dyn FnMut(&DestroyReport),
 ) -> Result<DestroyReport, VolumeError> {
-    let meta = Meta::new(open_engine(meta_url)?, metrics.clone(), MetaSettings::default());
+    let meta = Meta::new(
+        open_engine(meta_url)?,
+        metrics.clone(),
+        MetaSettings::default(),
+    );
     let format = meta.load()?;
     let now = crate::meta::now_ns() / 1_000_000_000;
     let live: Vec<String> = meta

@@ -91,12 +91,18 @@ fn a_deleted_file_is_restored_byte_exact_from_the_trash() {
     assert!(!m.path.join("ckpt/model.bin").exists());
     // The listing shows it; its objects are still there.
     let list = ok(&["restore", &meta]);
-    assert!(list.contains("model.bin") && list.contains(&format!("{}", mib << 20)), "{list}");
+    assert!(
+        list.contains("model.bin") && list.contains(&format!("{}", mib << 20)),
+        "{list}"
+    );
     assert!(list.contains("1 files in the trash; kept 3 days"), "{list}");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(objects(&objs), before, "trashed data must not be reclaimed");
     let (good, text) = strata(&["restore", &meta, "nothing-like-it*"]);
-    assert!(!good && text.contains("nothing in the trash matches"), "{text}");
+    assert!(
+        !good && text.contains("nothing in the trash matches"),
+        "{text}"
+    );
     let out = ok(&["restore", &meta, "model.*"]);
     assert!(out.contains("restored 1 files, 0 not restored"), "{out}");
     std::thread::sleep(Duration::from_millis(1500)); // the kernel's entry cache
@@ -171,11 +177,24 @@ fn after_the_trash_days_the_file_and_its_objects_are_gone() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    assert_eq!(meta.trash_empty_before(now + 86_400 - 2 * 86_400).unwrap(), 0);
-    assert_eq!(meta.trash_empty_before(now + 3 * 86_400 - 2 * 86_400 + 1).unwrap(), 1);
+    assert_eq!(
+        meta.trash_empty_before(now + 86_400 - 2 * 86_400).unwrap(),
+        0
+    );
+    assert_eq!(
+        meta.trash_empty_before(now + 3 * 86_400 - 2 * 86_400 + 1)
+            .unwrap(),
+        1
+    );
     assert!(meta.trash_list().unwrap().is_empty());
     vfs.clean_once().unwrap();
-    assert_eq!(count(&store), 0, "objects of the expired file are collected");
-    store.put("test/unrelated", Bytes::from_static(b"x")).unwrap();
+    assert_eq!(
+        count(&store),
+        0,
+        "objects of the expired file are collected"
+    );
+    store
+        .put("test/unrelated", Bytes::from_static(b"x"))
+        .unwrap();
     assert!(meta.fsck(false).unwrap().clean());
 }

@@ -9,15 +9,15 @@ mod external;
 mod fs;
 mod fsck;
 mod journal;
-mod rmr;
-mod trash;
 mod memory;
 mod postgres;
 mod postgres_tls;
 mod quota;
+mod rmr;
 mod sqlite;
 #[cfg(test)]
 mod tests;
+mod trash;
 
 pub mod conformance;
 pub mod dump;
@@ -27,11 +27,11 @@ pub(crate) use fs::check_not_source;
 pub use fs::{Ctx, FORMAT_VERSION, Format, Meta, MetaSettings, SetAttr, StatFs, TimeSet, space_of};
 pub use fsck::FsckReport;
 pub use journal::ChangeBatch;
-pub use rmr::RmrStats;
-pub use trash::{RestoreReport, TRASH_INO, TrashEntry};
 pub use memory::MemEngine;
 pub use postgres::PostgresEngine;
+pub use rmr::RmrStats;
 pub use sqlite::SqliteEngine;
+pub use trash::{RestoreReport, TRASH_INO, TrashEntry};
 
 use serde::{Deserialize, Serialize};
 
@@ -335,8 +335,22 @@ pub trait MetaEngine: Send + Sync + 'static {
 
 /// The tables of docs/FORMAT.md, for [`MetaEngine::drop_schema`].
 pub const TABLES: &[&str] = &[
-    "setting", "counter", "node", "edge", "symlink", "xattr", "slice", "reclaim", "trim",
-    "garbage", "session", "sustained", "plock", "dirquota", "journal", "backlog",
+    "setting",
+    "counter",
+    "node",
+    "edge",
+    "symlink",
+    "xattr",
+    "slice",
+    "reclaim",
+    "trim",
+    "garbage",
+    "session",
+    "sustained",
+    "plock",
+    "dirquota",
+    "journal",
+    "backlog",
 ];
 
 /// Operations inside one transaction. Dropping a transaction without `commit` rolls it back.

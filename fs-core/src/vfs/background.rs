@@ -137,8 +137,12 @@ impl Vfs {
                 }
                 match self.meta.trash_expire() {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(volume = %self.volume(), files = n, "emptied expired files from the trash"),
-                    Err(e) => tracing::warn!(volume = %self.volume(), error = %e, "emptying the trash failed"),
+                    Ok(n) => {
+                        tracing::info!(volume = %self.volume(), files = n, "emptied expired files from the trash")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %self.volume(), error = %e, "emptying the trash failed")
+                    }
                 }
             }
             if sessions_checked.elapsed() >= self.meta.heartbeat_interval() {
