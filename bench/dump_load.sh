@@ -120,8 +120,10 @@ mkdir -p "$work/mnt2"
 ( i=0; while [ -e "$work/mnt2" ] && [ ! -e "$work/stop" ]; do echo "$i" > "$work/mnt2/live-$i"; i=$((i+1)); done ) 2>/dev/null &
 writer=$!
 sleep 1
-t0=$(now); "$bin" dump "$big" -o "$work/moved-live.dump" 2>/dev/null; t1=$(now)
+t0=$(now); "$bin" dump "$big" -o "$work/moved-live.dump" 2>"$work/dump-live.err"; t1=$(now)
 dump_live=$(secs "$t0" "$t1")
+token=$(grep -o 'change token: [^ ]*' "$work/dump-live.err" | cut -d' ' -f3)
+[ -n "$token" ] || { cat "$work/dump-live.err"; echo "no change token printed by strata dump" >&2; exit 1; }
 touch "$work/stop"; wait "$writer" || true
 live_files=$(ls "$work/mnt2" | grep -c '^live-' || true)
 "$bin" umount "$work/mnt2"
@@ -129,8 +131,20 @@ size=$(du -m "$work/moved.dump" | cut -f1)
 records=$(wc -l < "$work/moved.dump")
 
 # 4. Load into PostgreSQL, check, mount, read.
-t0=$(now); "$bin" load "$pgurl" "$work/moved.dump" >/dev/null; t1=$(now)
+# The copy loaded into PostgreSQL is the dump taken while the mount wrote; catch-ups bring it
+# up to date: first the files created after the snapshot, then (the pause) 100 files changed
+# in 10 directories with the writers stopped.
+t0=$(now); "$bin" load "$pgurl" "$work/moved-live.dump" >/dev/null; t1=$(now)
 load_pg=$(secs "$t0" "$t1")
+t0=$(now); out=$("$bin" load "$pgurl" --from "$big" --since "$token"); t1=$(now)
+catch1=$(secs "$t0" "$t1"); catch1_what=$(echo "$out" | sed 's/; next token.*//; s/caught up in [0-9.]* s: //')
+token=$(echo "$out" | grep -o 'next token: .*' | cut -d' ' -f3)
+"$bin" mount -d --cache-size 0 "$big" "$work/mnt2" >/dev/null
+for d in 0 1 2 3 4 5 6 7 8 9; do for f in 0 1 2 3 4 5 6 7 8 9; do
+  echo "changed $d $f" > "$work/mnt2/d0000$d/f000$f"; done; done
+"$bin" umount "$work/mnt2"
+t0=$(now); out=$("$bin" load "$pgurl" --from "$big" --since "$token"); t1=$(now)
+catch2=$(secs "$t0" "$t1"); catch2_what=$(echo "$out" | sed 's/; next token.*//; s/caught up in [0-9.]* s: //')
 t0=$(now); fsck=$("$bin" fsck "$pgurl" 2>&1 | tail -1); t1=$(now)
 fsck_pg=$(secs "$t0" "$t1")
 mkdir -p "$work/mnt3"
@@ -140,6 +154,8 @@ t0=$(now)
 t1=$(now)
 mount_read=$(secs "$t0" "$t1")
 entries=$(ls "$work/mnt3/d00000" | wc -l)
+copied_live=$(ls "$work/mnt3" | grep -c '^live-' || true)
+changed=$(cat "$work/mnt3/d00003/f0007")
 "$bin" umount "$work/mnt3"
 
 cat <<EOF
@@ -148,9 +164,13 @@ cat <<EOF
 | load the extended dump into SQLite | $inodes | $load_sqlite |
 | dump SQLite, idle ($size MiB, $records lines) | $inodes | $dump_idle |
 | dump SQLite while a mount creates files ($live_files created meanwhile) | $inodes | $dump_live |
-| load into PostgreSQL | $inodes | $load_pg |
+| load into PostgreSQL (the dump taken while the mount wrote) | $inodes | $load_pg |
+| catch-up 1, writer stopped after the dump: $catch1_what | $inodes | $catch1 |
+| catch-up 2 = the pause: 100 files changed in 10 directories, writers stopped: $catch2_what | $inodes | $catch2 |
 | fsck on PostgreSQL: $fsck | $inodes | $fsck_pg |
 | mount the PostgreSQL copy + read 48 MiB of real files byte-exact (sha256) | — | $mount_read |
 
-The loaded volume lists $entries entries in /d00000; sha256 of every real file matched.
+The loaded volume lists $entries entries in /d00000 and $copied_live of the $live_files files
+the mount created during and after the dump; /d00003/f0007 reads "$changed"; sha256 of every
+real file matched.
 EOF
