@@ -198,3 +198,21 @@ fn after_the_trash_days_the_file_and_its_objects_are_gone() {
         .unwrap();
     assert!(meta.fsck(false).unwrap().clean());
 }
+
+#[test]
+fn format_refuses_a_bucket_url_without_storage_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = format!("sqlite://{}/meta.db", dir.path().display());
+    let (good, text) = strata(&[
+        "format",
+        "--bucket",
+        "http://127.0.0.1:1/b",
+        &meta,
+        "urlvol",
+    ]);
+    assert!(!good && text.contains("add --storage s3"), "{text}");
+    // Nothing was created: neither a volume nor a directory named `http:`.
+    assert!(!std::path::Path::new("http:").exists());
+    let (good, text) = strata(&["status", &meta]);
+    assert!(!good && text.contains("not formatted"), "{text}");
+}

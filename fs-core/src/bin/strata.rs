@@ -1118,6 +1118,16 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn format(a: FormatArgs) -> Result<()> {
+    if a.storage == "file"
+        && let Some(b) = a
+            .bucket
+            .as_deref()
+            .filter(|b| b.starts_with("http://") || b.starts_with("https://"))
+    {
+        bail!(
+            "--bucket {b} is a URL but --storage is file (the default): add --storage s3 for an S3 bucket, or give a directory"
+        );
+    }
     let bucket = match (&a.bucket, a.storage.as_str()) {
         (Some(b), _) => b.clone(),
         (None, "file") => {
