@@ -55,9 +55,9 @@ impl Summary {
         format!(
             "warmup: {} files, {} in {:.1} s ({}/s), {:.0}% already cached",
             self.files,
-            human(self.bytes),
+            crate::sync::human(self.bytes),
             self.seconds,
-            human((self.fetched as f64 / self.seconds.max(0.001)) as u64),
+            crate::sync::human((self.fetched as f64 / self.seconds.max(0.001)) as u64),
             self.already_cached as f64 * 100.0 / total as f64
         )
     }
@@ -69,24 +69,9 @@ impl Summary {
                 "warning: {} fetched but not kept in the disk cache: its file system is below \
                  --free-space-ratio free or the cache is smaller than the data (see the mount's log; \
                  free space there, or mount with a larger --cache-size or another --cache-dir)",
-                human(self.dropped)
+                crate::sync::human(self.dropped)
             )
         })
-    }
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
     }
 }
 
@@ -217,10 +202,10 @@ pub fn run(paths: &[PathBuf], threads: usize, progress: bool) -> Result<Summary,
             let secs = start.elapsed().as_secs_f64().max(0.001);
             eprint!(
                 "\r\x1b[Kwarmup: {} / {} ({:.0}%), {}/s",
-                human(d),
-                human(total_bytes),
+                crate::sync::human(d),
+                crate::sync::human(total_bytes),
                 d as f64 * 100.0 / total_bytes.max(1) as f64,
-                human((fetched.load(Ordering::Relaxed) as f64 / secs) as u64)
+                crate::sync::human((fetched.load(Ordering::Relaxed) as f64 / secs) as u64)
             );
         }
     }

@@ -323,22 +323,7 @@ impl Meta {
             }
             tx.set_setting("format", &json)?;
             let now = now_ns();
-            tx.put_node(&Node {
-                ino: ROOT_INO,
-                kind: FileKind::Dir,
-                mode: 0o777,
-                uid: 0,
-                gid: 0,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                nlink: 2,
-                length: 4096,
-                rdev: 0,
-                parent: ROOT_INO,
-                seq: 0,
-                masks: vec![],
-            })?;
+            tx.put_node(&Node::empty_dir(ROOT_INO, ROOT_INO, 0o777, now))?;
             tx.incr_counter(COUNTER_INODE, ROOT_INO as i64 + 1)?;
             tx.incr_counter(COUNTER_SLICE, 1)?;
             tx.incr_counter(USED_SPACE, 0)?;

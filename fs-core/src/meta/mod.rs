@@ -143,6 +143,26 @@ pub struct Node {
 }
 
 impl Node {
+    /// A new empty directory owned by root (the volume root, the trash).
+    pub fn empty_dir(ino: Ino, parent: Ino, mode: u32, now: i64) -> Node {
+        Node {
+            ino,
+            kind: FileKind::Dir,
+            mode,
+            uid: 0,
+            gid: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            nlink: 2,
+            length: 4096,
+            rdev: 0,
+            parent,
+            seq: 0,
+            masks: vec![],
+        }
+    }
+
     /// Serialized masks: 24 bytes each, little endian (seq, start, end).
     pub fn encode_masks(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.masks.len() * 24);

@@ -72,22 +72,7 @@ impl Meta {
             return self.drop_link(tx, n, now);
         }
         if tx.get_node(TRASH_INO)?.is_none() {
-            tx.put_node(&Node {
-                ino: TRASH_INO,
-                kind: FileKind::Dir,
-                mode: 0o700,
-                uid: 0,
-                gid: 0,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                nlink: 2,
-                length: 4096,
-                rdev: 0,
-                parent: TRASH_INO,
-                seq: 0,
-                masks: vec![],
-            })?;
+            tx.put_node(&Node::empty_dir(TRASH_INO, TRASH_INO, 0o700, now))?;
         }
         let key = trash_name(now_secs_of(now), parent, n.ino, name);
         tx.put_edge(

@@ -296,6 +296,7 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// Bytes for people (`1.50 GiB`), in progress lines and summaries (also `strata warmup`).
 pub fn human(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
