@@ -1,5 +1,6 @@
 //! Moving a volume to another object store while it is in use (issue #17): two SeaweedFS
-//! servers stand for two clouds. A writer appends and fsyncs, a reader checks what was
+//! servers stand for two clouds, the new one "far" behind a proxy that adds latency and
+//! limits bandwidth. A writer appends and fsyncs, a reader checks what was
 //! written, while the mirror is added, copied, made the primary and the old store detached
 //! and stopped; neither sees an error or a pause over 2 s, and afterwards every byte reads
 //! back from the new store alone.
@@ -49,20 +50,59 @@ fn drop_cache(f: &fs::File) {
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
 
-fn check_records(path: &Path, upto: u64) -> Result<(), String> {
+/// Check records `0..upto`; returns the longest single read (a reader's pause).
+fn check_records(path: &Path, upto: u64) -> Result<Duration, String> {
     let mut f = fs::File::open(path).map_err(|e| e.to_string())?;
     drop_cache(&f);
     let mut buf = vec![0u8; RECORD];
+    let mut worst = Duration::ZERO;
     for i in 0..upto {
         f.seek(SeekFrom::Start(i * RECORD as u64))
             .map_err(|e| e.to_string())?;
+        let t = Instant::now();
         f.read_exact(&mut buf)
             .map_err(|e| format!("record {i}: {e}"))?;
+        worst = worst.max(t.elapsed());
         if buf != record(i) {
             return Err(format!("record {i} of {} differs", path.display()));
         }
     }
-    Ok(())
+    Ok(worst)
+}
+
+/// A TCP proxy on 127.0.0.1 to `endpoint` (`http://host:port`) adding `delay` to every burst
+/// and limiting each direction to `rate` bytes/s; returns its `http://127.0.0.1:PORT`.
+fn far_proxy(endpoint: &str, delay: Duration, rate: u64) -> String {
+    use std::net::{TcpListener, TcpStream};
+    let target = endpoint.trim_start_matches("http://").to_string();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let pipe = move |mut from: TcpStream, mut to: TcpStream| {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            std::thread::sleep(delay + Duration::from_secs_f64(n as f64 / rate as f64));
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    };
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { break };
+            let Ok(s) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let (c2, s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            std::thread::spawn(move || pipe(c, s));
+            std::thread::spawn(move || pipe(s2, c2));
+        }
+    });
+    format!("http://{addr}")
 }
 
 #[test]
@@ -75,7 +115,10 @@ fn a_volume_moves_to_another_store_while_a_writer_and_a_reader_keep_going() {
     let dir = tempfile::tempdir().unwrap();
     let meta = format!("sqlite://{}/meta.db", dir.path().display());
     let old_bucket = format!("{}/strata-mirror-old", old.endpoint());
-    let new_bucket = format!("{}/strata-mirror-new", new.endpoint());
+    // The new store is "far": reached through a proxy that adds 20 ms to every burst of
+    // bytes and holds each direction to 16 MiB/s.
+    let far = far_proxy(new.endpoint(), Duration::from_millis(20), 16 << 20);
+    let new_bucket = format!("{far}/strata-mirror-new");
     mount::format(
         BIN,
         &[
@@ -142,10 +185,9 @@ fn a_volume_moves_to_another_store_while_a_writer_and_a_reader_keep_going() {
             let mut worst = Duration::ZERO;
             let mut rounds = 0;
             while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                check_records(&dirp.join("existing.bin"), existing)?;
-                check_records(&dirp.join("log.bin"), written.load(Ordering::Acquire))?;
-                worst = worst.max(t.elapsed());
+                let a = check_records(&dirp.join("existing.bin"), existing)?;
+                let b = check_records(&dirp.join("log.bin"), written.load(Ordering::Acquire))?;
+                worst = worst.max(a).max(b);
                 rounds += 1;
             }
             Ok((worst, rounds))
@@ -207,12 +249,13 @@ fn a_volume_moves_to_another_store_while_a_writer_and_a_reader_keep_going() {
     let wworst = writer.join().unwrap().expect("the writer saw an error");
     let (rworst, rounds) = reader.join().unwrap().expect("the reader saw an error");
     eprintln!(
-        "worst append+fsync {:.3} s, worst check round {:.3} s over {rounds} rounds, {} records appended; session said {applied}",
+        "worst append+fsync {:.3} s, worst 64 KiB read {:.3} s over {rounds} check rounds, {} records appended; session said {applied}",
         wworst.as_secs_f64(),
         rworst.as_secs_f64(),
         written.load(Ordering::Relaxed)
     );
     assert!(wworst < Duration::from_secs(2), "writer paused {wworst:?}");
+    assert!(rworst < Duration::from_secs(2), "reader paused {rworst:?}");
     assert!(rounds >= 3, "reader made only {rounds} rounds");
 
     // Everything reads back from the new store alone (the old server is gone), also after
