@@ -168,30 +168,19 @@ pub fn gc(
         return Ok(report);
     }
     // 3. Delete, in parallel.
-    let next = AtomicU64::new(0);
     let deleted = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
     let first = Mutex::new(String::new());
-    std::thread::scope(|s| {
-        for _ in 0..settings.threads.max(1) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(key) = orphans.get(i) else { return };
-                    match store.delete(key) {
-                        Ok(()) => {
-                            deleted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            let mut f = first.lock().unwrap_or_else(|p| p.into_inner());
-                            if f.is_empty() {
-                                *f = format!("{key}: {e}");
-                            }
-                        }
-                    }
-                }
-            });
+    crate::object::for_each_parallel(&orphans, settings.threads, |key| match store.delete(key) {
+        Ok(()) => {
+            deleted.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            failed.fetch_add(1, Ordering::Relaxed);
+            let mut f = first.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_empty() {
+                *f = format!("{key}: {e}");
+            }
         }
     });
     report.deleted = deleted.into_inner();

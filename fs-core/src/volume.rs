@@ -294,18 +294,9 @@ pub fn destroy(
                 break;
             }
             let failed = parking_lot::Mutex::new(None);
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            std::thread::scope(|s| {
-                for _ in 0..16 {
-                    s.spawn(|| {
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(o) = page.get(i) else { break };
-                            if let Err(e) = store.delete(&o.key) {
-                                *failed.lock() = Some(e);
-                            }
-                        }
-                    });
+            crate::object::for_each_parallel(&page, 16, |o| {
+                if let Err(e) = store.delete(&o.key) {
+                    *failed.lock() = Some(e);
                 }
             });
             if let Some(e) = failed.into_inner() {

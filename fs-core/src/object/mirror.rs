@@ -461,6 +461,20 @@ pub struct Copier {
     pub stop: Arc<AtomicBool>,
 }
 
+/// `store.list`, the error naming the store.
+fn list_named(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    after: Option<&str>,
+) -> std::result::Result<Vec<ObjectInfo>, MirrorError> {
+    store
+        .list(prefix, after, PAGE)
+        .map_err(|source| MirrorError::Object {
+            store: store.describe(),
+            source,
+        })
+}
+
 fn copy_object(from: &dyn ObjectStore, to: &dyn ObjectStore, key: &str) -> Result<Option<u64>> {
     match from.get(key, 0, None) {
         Ok(b) => {
@@ -524,13 +538,7 @@ impl Copier {
                     });
                 }
                 let after = (!st.cursor.is_empty()).then_some(st.cursor.as_str());
-                let page =
-                    primary
-                        .list(&prefix, after, PAGE)
-                        .map_err(|source| MirrorError::Object {
-                            store: primary.describe(),
-                            source,
-                        })?;
+                let page = list_named(&*primary, &prefix, after)?;
                 let Some(last) = page.last().map(|o| o.key.clone()) else {
                     break;
                 };
@@ -539,13 +547,7 @@ impl Copier {
                 let mut m_after = st.cursor.clone();
                 loop {
                     let a = (!m_after.is_empty()).then_some(m_after.as_str());
-                    let mp =
-                        mirror
-                            .list(&prefix, a, PAGE)
-                            .map_err(|source| MirrorError::Object {
-                                store: mirror.describe(),
-                                source,
-                            })?;
+                    let mp = list_named(&*mirror, &prefix, a)?;
                     let n = mp.len();
                     let mut beyond = false;
                     for o in mp {
@@ -567,25 +569,14 @@ impl Copier {
                 let copied = std::sync::atomic::AtomicU64::new(0);
                 let bytes = std::sync::atomic::AtomicU64::new(0);
                 let failed = parking_lot::Mutex::new(None);
-                let next = std::sync::atomic::AtomicUsize::new(0);
-                std::thread::scope(|s| {
-                    for _ in 0..self.threads.max(1) {
-                        s.spawn(|| {
-                            loop {
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                let Some(o) = todo.get(i) else { break };
-                                match copy_object(&*primary, &*mirror, &o.key) {
-                                    Ok(Some(n)) => {
-                                        copied.fetch_add(1, Ordering::Relaxed);
-                                        bytes.fetch_add(n, Ordering::Relaxed);
-                                    }
-                                    Ok(None) => {}
-                                    Err(e) => {
-                                        *failed.lock() = Some((o.key.clone(), e));
-                                    }
-                                }
-                            }
-                        });
+                super::for_each_parallel(&todo, self.threads, |o| {
+                    match copy_object(&*primary, &*mirror, &o.key) {
+                        Ok(Some(n)) => {
+                            copied.fetch_add(1, Ordering::Relaxed);
+                            bytes.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Ok(None) => {}
+                        Err(e) => *failed.lock() = Some((o.key.clone(), e)),
                     }
                 });
                 if let Some((key, source)) = failed.into_inner() {

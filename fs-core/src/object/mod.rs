@@ -168,6 +168,23 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
     }
 }
 
+/// Run `f` on every item with `threads` scoped threads taking the next item in turn (the
+/// parallel deletes and copies of `strata gc`, `strata destroy` and the mirror copier).
+pub fn for_each_parallel<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) + Sync) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1).min(items.len().max(1)) {
+            s.spawn(|| {
+                while let Some(item) =
+                    items.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    f(item);
+                }
+            });
+        }
+    });
+}
+
 /// The store the file system uses: `raw` wrapped so that every attempt is measured and logged
 /// ([`InstrumentedStore`], inside) and transient failures are retried ([`RetryStore`],
 /// outside). Retry outside means the metrics count every request actually sent, so a flaky
