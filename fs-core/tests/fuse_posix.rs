@@ -491,6 +491,80 @@ fn file_append_two_fds() {
     );
 }
 
+/// Write-only opens bypass the page cache (direct I/O); a reader holding cached pages of the
+/// file, by read() or by a shared mapping, must still see what they write, and the size must
+/// follow.
+#[test]
+fn file_write_only_writes_reach_cached_readers() {
+    let m = Mount::new();
+    let p = m.p("wo");
+    let old = pattern(11, 3 * MIB as usize);
+    fs::write(&p, &old).unwrap();
+    let r = File::open(&p).unwrap();
+    assert_same(
+        &pread(&r, 0, old.len()),
+        &old,
+        "first read (fills the page cache)",
+    );
+    let len = old.len();
+    // SAFETY: a read-only shared mapping of an open file, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            r.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap: {}", errname(errno()));
+    // SAFETY: `len` bytes mapped just above.
+    let mapped = || unsafe { std::slice::from_raw_parts(map as *const u8, len) }.to_vec();
+    assert_same(&mapped(), &old, "mapping before the writes");
+
+    let w = OpenOptions::new().write(true).open(&p).unwrap();
+    let mid = pattern(12, 100_000);
+    w.write_all_at(&mid, MIB + 12_345).unwrap();
+    let tail = pattern(13, MIB as usize);
+    w.write_all_at(&tail, old.len() as u64 - 1000).unwrap();
+    let mut want = old.clone();
+    want[MIB as usize + 12_345..MIB as usize + 12_345 + mid.len()].copy_from_slice(&mid);
+    want.truncate(old.len() - 1000);
+    want.extend_from_slice(&tail);
+    assert_eq!(
+        r.metadata().unwrap().len(),
+        want.len() as u64,
+        "size seen by the reader"
+    );
+    assert_same(
+        &pread(&r, 0, want.len()),
+        &want,
+        "reader after the writes, writer open",
+    );
+    assert_same(&mapped(), &want[..len], "mapping after the writes");
+    drop(w);
+    assert_same(
+        &pread(&r, 0, want.len()),
+        &want,
+        "reader after the writer closed",
+    );
+    assert_same(&read_all(&p), &want, "a new reader");
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(map, len) };
+
+    // Write-only and O_APPEND: appends land at the end as the kernel knows it.
+    let mut a = OpenOptions::new().append(true).open(&p).unwrap();
+    a.write_all(b"appended").unwrap();
+    drop(a);
+    want.extend_from_slice(b"appended");
+    assert_same(
+        &pread(&r, 0, want.len() + 10),
+        &want,
+        "reader after an append",
+    );
+}
+
 #[test]
 fn file_o_trunc() {
     let m = Mount::new();

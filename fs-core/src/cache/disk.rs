@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 
 use super::slru::Slru;
 use crate::metrics::Metrics;
+use crate::vfs::buffers::Buffers;
 use crate::vfs::pool::Pool;
 
 const MAGIC: &[u8; 4] = b"STB1";
@@ -96,17 +97,9 @@ fn trailer(data: &[u8]) -> [u8; TRAILER] {
     t
 }
 
-/// Decode a cache file body of a block of `len` bytes; `None` if it does not verify.
-pub fn decode(mut file: Vec<u8>, len: usize) -> Option<Bytes> {
-    if file.len() != len + TRAILER || &file[len + 4..] != MAGIC {
-        return None;
-    }
-    let crc = u32::from_le_bytes(file[len..len + 4].try_into().ok()?);
-    file.truncate(len);
-    if crc32c::crc32c(&file) != crc {
-        return None;
-    }
-    Some(Bytes::from(file))
+/// Whether `data`, followed in its file by the trailer `t`, verifies.
+fn verify(data: &[u8], t: &[u8; TRAILER]) -> bool {
+    &t[4..] == MAGIC && t[..4] == crc32c::crc32c(data).to_le_bytes()
 }
 
 impl DiskCache {
@@ -217,39 +210,47 @@ impl DiskCache {
     }
 
     /// The block, verified; `None` on a miss or a corrupt file (which is then removed).
-    pub fn get(&self, key: &str, len: usize) -> Option<Bytes> {
+    pub fn get(&self, key: &str, len: usize, pool: &Arc<Buffers>) -> Option<Bytes> {
         if !valid_key(key) {
             return None;
         }
         let d = self.dir(key);
         let path = d.path(key);
         let mut f = File::open(&path).ok()?;
-        let mut buf = Vec::with_capacity(len + TRAILER);
-        if f.read_to_end(&mut buf).is_err() {
-            return None;
-        }
-        match decode(buf, len) {
-            Some(b) => {
-                let mut idx = d.index.lock();
-                if !idx.touch(key) {
-                    // Found before the startup scan indexed it.
-                    idx.restore(key, (len + TRAILER) as u64);
-                }
-                Some(b)
+        let size = f.metadata().ok()?.len();
+        // The block straight into a reused block buffer (no zeroing, no fresh pages), then
+        // its trailer.
+        let mut buf = pool.take(len);
+        let verified = if size == (len + TRAILER) as u64 {
+            let mut t = [0u8; TRAILER];
+            let read = (&mut f).take(len as u64).read_to_end(&mut buf).is_ok()
+                && buf.len() == len
+                && f.read_exact(&mut t).is_ok();
+            if !read {
+                return None; // an I/O error, not a bad file: a miss, the file stays
             }
-            None => {
-                tracing::warn!(key, path = %path.display(), "cached block failed verification, dropping it");
-                self.metrics.cache_corrupt();
-                {
-                    let mut idx = d.index.lock();
-                    d.note_own([key]);
-                    idx.remove(key);
-                }
-                let _ = fs::remove_file(&path);
-                self.report_bytes();
-                None
+            verify(&buf, &t)
+        } else {
+            false
+        };
+        if verified {
+            let mut idx = d.index.lock();
+            if !idx.touch(key) {
+                // Found before the startup scan indexed it.
+                idx.restore(key, (len + TRAILER) as u64);
             }
+            return Some(pool.freeze(buf));
         }
+        tracing::warn!(key, path = %path.display(), "cached block failed verification, dropping it");
+        self.metrics.cache_corrupt();
+        {
+            let mut idx = d.index.lock();
+            d.note_own([key]);
+            idx.remove(key);
+        }
+        let _ = fs::remove_file(&path);
+        self.report_bytes();
+        None
     }
 
     /// Store a block in the background (dropped when too much is already queued).
@@ -507,14 +508,20 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let c = open(t.path(), 1 << 20);
         c.put("vol/chunks/0/0/1_0_5", b"hello").unwrap();
-        assert_eq!(&c.get("vol/chunks/0/0/1_0_5", 5).unwrap()[..], b"hello");
-        assert!(c.get("vol/chunks/0/0/2_0_5", 5).is_none());
+        assert_eq!(
+            &c.get("vol/chunks/0/0/1_0_5", 5, &Buffers::new(0)).unwrap()[..],
+            b"hello"
+        );
+        assert!(c.get("vol/chunks/0/0/2_0_5", 5, &Buffers::new(0)).is_none());
         drop(c);
         let c = open(t.path(), 1 << 20);
         wait_scan(&c, 1);
         assert_eq!(c.bytes(), 5 + TRAILER as u64);
         assert!(c.contains("vol/chunks/0/0/1_0_5"));
-        assert_eq!(&c.get("vol/chunks/0/0/1_0_5", 5).unwrap()[..], b"hello");
+        assert_eq!(
+            &c.get("vol/chunks/0/0/1_0_5", 5, &Buffers::new(0)).unwrap()[..],
+            b"hello"
+        );
     }
 
     #[test]
@@ -527,19 +534,22 @@ mod tests {
         let mut raw = fs::read(&path).unwrap();
         raw[1] ^= 0xff;
         fs::write(&path, &raw).unwrap();
-        assert!(c.get(key, 4).is_none(), "a flipped bit must not be served");
+        assert!(
+            c.get(key, 4, &Buffers::new(0)).is_none(),
+            "a flipped bit must not be served"
+        );
         assert!(!path.exists(), "the corrupt file is removed");
         assert!(!c.contains(key));
         c.put(key, b"abcd").unwrap();
         let raw = fs::read(&path).unwrap();
         fs::write(&path, &raw[..raw.len() - 3]).unwrap();
         assert!(
-            c.get(key, 4).is_none(),
+            c.get(key, 4, &Buffers::new(0)).is_none(),
             "a truncated file must not be served"
         );
         // A wrong expected length (a different block under the same key) is a miss too.
         c.put(key, b"abcd").unwrap();
-        assert!(c.get(key, 5).is_none());
+        assert!(c.get(key, 5, &Buffers::new(0)).is_none());
     }
 
     #[test]
@@ -635,6 +645,6 @@ mod tests {
         c.put("../escape", b"x").unwrap();
         c.put("/abs", b"x").unwrap();
         assert!(!t.path().join("escape").exists());
-        assert!(c.get("../escape", 1).is_none());
+        assert!(c.get("../escape", 1, &Buffers::new(0)).is_none());
     }
 }

@@ -360,7 +360,7 @@ impl BlockReader {
             self.metrics.cache_hit("memory");
             return Some(b);
         }
-        let b = self.disk.as_ref()?.get(key, len)?;
+        let b = self.disk.as_ref()?.get(key, len, &self.buffers)?;
         self.metrics.cache_hit("disk");
         self.mem_put(key, b.clone(), false);
         Some(b)

@@ -295,13 +295,17 @@ impl FileWriter {
                     s.blocks.resize_with(k + 1, Vec::new);
                 }
                 let b = &mut s.blocks[k];
-                if b.len() < within + take {
-                    if b.capacity() == 0 {
-                        *b = ctx.reader.buffers().take(bs as usize);
-                    }
-                    b.resize(within + take, 0);
+                if b.capacity() == 0 {
+                    *b = ctx.reader.buffers().take(bs as usize);
                 }
-                b[within..within + take].copy_from_slice(&piece[..take]);
+                // Zeros only for a hole before `within`; bytes past the end are appended,
+                // not zeroed first and then overwritten.
+                if b.len() < within {
+                    b.resize(within, 0);
+                }
+                let overlap = (b.len() - within).min(take);
+                b[within..within + overlap].copy_from_slice(&piece[..overlap]);
+                b.extend_from_slice(&piece[overlap..take]);
                 piece = &piece[take..];
                 rel += take;
             }
