@@ -111,6 +111,12 @@ pub type Result<T> = std::result::Result<T, VfsError>;
 /// page cache when they did not change).
 const OPENED_ATTRS_MAX: usize = 1 << 20;
 
+/// How far below the request threads the upload threads are scheduled. A local-directory
+/// put is a memory copy: on few cores, uploads running at equal priority took the CPU from
+/// the thread answering the writer's next request (the writer waits for each). Uploads that
+/// fall behind still block writers through the backlog bound, so they get the CPU back.
+const UPLOAD_NICE: i32 = 5;
+
 /// Most bytes asked of the kernel's page cache ahead of one reader of a store's files.
 const DIRECT_READAHEAD: u64 = 16 << 20;
 
@@ -257,7 +263,7 @@ impl Vfs {
             meta: meta.clone(),
             store,
             reader: reader.clone(),
-            uploads: Pool::new("upload", settings.upload_threads),
+            uploads: Pool::with_nice("upload", settings.upload_threads, UPLOAD_NICE),
             budget: Arc::new(Budget::new(settings.buffer_size.max(8 << 20))),
             backlog: Arc::new(Backlog::new(settings.upload_threads.max(1) + 2)),
             unsynced: Arc::new(Unsynced::default()),

@@ -14,6 +14,13 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(name: &str, n: usize) -> Self {
+        Self::with_nice(name, n, 0)
+    }
+
+    /// A pool whose threads run `nice` steps below the process's priority (Linux schedules
+    /// threads one by one): under CPU contention they yield to the threads answering
+    /// requests, and use what those leave idle.
+    pub fn with_nice(name: &str, n: usize, nice: i32) -> Self {
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let threads = (0..n.max(1))
@@ -22,6 +29,9 @@ impl Pool {
                 std::thread::Builder::new()
                     .name(format!("{name}-{i}"))
                     .spawn(move || {
+                        if nice > 0 {
+                            lower_priority(nice);
+                        }
                         loop {
                             let job = rx.lock().recv();
                             match job {
@@ -57,6 +67,19 @@ impl Pool {
         self.tx.lock().take();
         for t in self.threads.lock().drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// Raise this thread's nice value by `by` (a hint: an error leaves the priority as it was).
+fn lower_priority(by: i32) {
+    // SAFETY: plain syscalls on the calling thread; no memory is passed.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if *libc::__errno_location() == 0 {
+            libc::setpriority(libc::PRIO_PROCESS, tid, (now + by).min(19));
         }
     }
 }
