@@ -3,12 +3,15 @@
 //! is counted and timed in the metrics, and failures or slow operations are logged with the
 //! path and the volume.
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
 
 use fuser::{
     AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -101,6 +104,10 @@ pub struct StrataFs {
     /// Owner of `.accesslog` (the user the mount runs as) and when the mount started.
     owner: (u32, u32),
     started: SystemTime,
+    /// Files last seen (in attributes this mount returned) with a set-user-ID bit, or a
+    /// set-group-ID bit with group execute: a write through a direct-I/O handle asks the
+    /// file system to clear them (`FUSE_WRITE_KILL_SUIDGID`), and only these need a look.
+    privileged: Mutex<HashSet<Ino>>,
 }
 
 /// One request being served: when it started, who sent it, and what the access log shows of
@@ -226,7 +233,27 @@ impl StrataFs {
             log: Arc::new(AccessLog::default()),
             owner,
             started: SystemTime::now(),
+            privileged: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Clear the set-user-ID bit, and the set-group-ID bit if the group may execute, of `ino`
+    /// before an unprivileged write.
+    fn kill_privileges(&self, ino: Ino) -> crate::vfs::Result<()> {
+        let n = self.vfs.getattr(ino)?;
+        if kills_privileges(n.mode) {
+            let mut mode = n.mode & 0o7777 & !0o4000;
+            if mode & 0o010 != 0 {
+                mode &= !0o2000;
+            }
+            let set = SetAttr {
+                mode: Some(mode),
+                ..SetAttr::default()
+            };
+            self.vfs.setattr(ino, &set, None)?;
+        }
+        self.privileged.lock().remove(&ino);
+        Ok(())
     }
 
     fn call(&self, req: &Request) -> Call {
@@ -291,6 +318,14 @@ impl StrataFs {
     }
 
     fn attr(&self, n: &Node) -> FileAttr {
+        if kills_privileges(n.mode) {
+            self.privileged.lock().insert(n.ino);
+        } else if n.mode & 0o6000 == 0 && n.kind == FileKind::File {
+            let mut p = self.privileged.lock();
+            if !p.is_empty() {
+                p.remove(&n.ino);
+            }
+        }
         FileAttr {
             ino: self.kernel(n.ino),
             size: n.length,
@@ -410,6 +445,12 @@ impl StrataFs {
             Err(no) => reply.error(no),
         }
     }
+}
+
+/// Whether a write by an unprivileged process clears bits of `mode` (as the kernel's
+/// `should_remove_suid`: set-user-ID, and set-group-ID when the group may execute).
+fn kills_privileges(mode: u32) -> bool {
+    mode & 0o4000 != 0 || mode & 0o2010 == 0o2010
 }
 
 /// Open flags for a file opened write-only: direct I/O. Such a handle can neither read nor
@@ -822,7 +863,7 @@ impl Filesystem for StrataFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
@@ -836,7 +877,16 @@ impl Filesystem for StrataFs {
         let i = self.real(ino);
         let _s = tracing::debug_span!("write", ino = i, offset, size = data.len()).entered();
         self.vfs.adopt_file_handle(i, fh.0);
-        let r = self.vfs.write(i, offset, data);
+        let r = if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && self.privileged.lock().contains(&i)
+        {
+            // A direct-I/O write: the kernel left clearing the bits to us (buffered writes
+            // get a setattr from the kernel first).
+            self.kill_privileges(i)
+                .and_then(|()| self.vfs.write(i, offset, data))
+        } else {
+            self.vfs.write(i, offset, data)
+        };
         c.bytes = r.as_ref().map_or(0, |n| *n as u64);
         match self.outcome("write", &c, r, || self.vfs.path(i)) {
             Ok(n) => {

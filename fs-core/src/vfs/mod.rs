@@ -411,6 +411,7 @@ impl Vfs {
             self.invalidate(ino);
             if let Some(w) = self.writers.lock().get(&ino) {
                 w.reset_length();
+                w.clear_refusal();
             }
         }
         if set.mode.is_some()
@@ -519,6 +520,9 @@ impl Vfs {
         }
         let ext = self.ext_file_of(ino)?;
         self.invalidate(ino);
+        if let Some(w) = self.writers.lock().get(&ino) {
+            w.clear_refusal();
+        }
         let keep = {
             let mut opened = self.opened_attrs.lock();
             if opened.len() >= OPENED_ATTRS_MAX && !opened.contains_key(&ino) {
@@ -585,12 +589,24 @@ impl Vfs {
         if let Some(e) = w.take_failure() {
             return Err(e.into());
         }
+        // An earlier write's commit was refused for lack of room: so is this one.
+        if let Some(e) = w.refusal() {
+            return Err(e.into());
+        }
         let pressure = || self.wake_background();
         w.write(&self.wctx, off, data, &pressure)?;
         // Below a quota, commit every block so a client overshoots a limit by at most one
         // block per file being written, and the writer sees EDQUOT from write().
         if w.buffered() >= self.format.block_size as u64 && self.under_quota(ino)? {
-            self.flush_inode(ino)?;
+            let res = self.flush_writer(&w);
+            let earlier = w.take_failure();
+            if let Err(VfsError::Flush(e)) = &res {
+                w.note_refusal(e);
+            }
+            res?;
+            if let Some(e) = earlier {
+                return Err(e.into());
+            }
         }
         Ok(data.len())
     }

@@ -198,11 +198,23 @@ pub enum FlushError {
     Meta(#[from] MetaError),
 }
 
+/// Why writes to a file are refused (see `FileWriter::refused`).
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Quota,
+    NoSpace,
+}
+
 pub struct FileWriter {
     pub ino: Ino,
     state: Mutex<WState>,
     /// A flush that failed in the background, reported by the next fsync/close.
     failed: Mutex<Option<FlushError>>,
+    /// A write's own commit was refused for lack of room (a directory quota or the volume's
+    /// capacity): later writes fail the same way until the file is opened again or its size
+    /// set, so a writer whose refused write was split into several requests (a short write,
+    /// retried by the application) still gets the error instead of writing past lost bytes.
+    refused: Mutex<Option<Refusal>>,
     flush_lock: Mutex<()>,
     uploads: Arc<Uploads>,
 }
@@ -213,6 +225,7 @@ impl FileWriter {
             ino,
             state: Mutex::new(WState::default()),
             failed: Mutex::new(None),
+            refused: Mutex::new(None),
             flush_lock: Mutex::new(()),
             uploads: Arc::new(Uploads::default()),
         }
@@ -376,6 +389,30 @@ impl FileWriter {
         res
     }
 
+    /// Remember a refused commit (`err` of the flush a write triggered) if it was for lack
+    /// of room.
+    pub fn note_refusal(&self, err: &FlushError) {
+        let r = match err {
+            FlushError::Meta(MetaError::Quota) => Refusal::Quota,
+            FlushError::Meta(MetaError::NoSpace) => Refusal::NoSpace,
+            _ => return,
+        };
+        *self.refused.lock() = Some(r);
+    }
+
+    /// The error of a remembered refusal, if any.
+    pub fn refusal(&self) -> Option<MetaError> {
+        self.refused.lock().map(|r| match r {
+            Refusal::Quota => MetaError::Quota,
+            Refusal::NoSpace => MetaError::NoSpace,
+        })
+    }
+
+    /// Forget a refusal (the file was opened again or its size set).
+    pub fn clear_refusal(&self) {
+        self.refused.lock().take();
+    }
+
     /// The failure of an earlier flush not yet reported to the application.
     pub fn take_failure(&self) -> Option<FlushError> {
         self.failed.lock().take()
@@ -383,7 +420,9 @@ impl FileWriter {
 
     /// Whether the writer holds nothing: no pending data and no unreported failure.
     pub fn idle(&self) -> bool {
-        self.pending_length().is_none() && self.failed.lock().is_none()
+        self.pending_length().is_none()
+            && self.failed.lock().is_none()
+            && self.refused.lock().is_none()
     }
 
     fn flush_inner(&self, ctx: &WriteCtx) -> Result<Vec<(u32, usize)>, FlushError> {
