@@ -318,11 +318,11 @@ impl StrataFs {
     }
 
     fn attr(&self, n: &Node) -> FileAttr {
-        if kills_privileges(n.mode) {
-            self.privileged.lock().insert(n.ino);
-        } else if n.mode & 0o6000 == 0 && n.kind == FileKind::File {
+        if n.kind == FileKind::File {
             let mut p = self.privileged.lock();
-            if !p.is_empty() {
+            if kills_privileges(n.mode) {
+                p.insert(n.ino);
+            } else if !p.is_empty() {
                 p.remove(&n.ino);
             }
         }

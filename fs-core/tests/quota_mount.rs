@@ -30,7 +30,13 @@ fn fill(path: &std::path::Path) -> (u64, i32) {
     loop {
         match f.write_all(&buf) {
             Ok(()) => n += MIB,
-            Err(e) => return (n, e.raw_os_error().unwrap_or(0)),
+            Err(e) => {
+                // Refused for lack of room: the next write to the file is refused too (a
+                // retried tail of a split write must not land past the dropped bytes).
+                let again = f.write(&buf[..48]).map_err(|e| e.raw_os_error());
+                assert_eq!(again, Err(e.raw_os_error()), "a write after the refusal");
+                return (n, e.raw_os_error().unwrap_or(0));
+            }
         }
         assert!(n < 1024 * MIB, "no quota error after 1 GiB");
     }

@@ -587,9 +587,10 @@ impl Vfs {
         let w = self.writer(ino);
         // A background flush of this file failed (EDQUOT, ENOSPC, EIO): report it now.
         if let Some(e) = w.take_failure() {
+            w.note_refusal(&e);
             return Err(e.into());
         }
-        // An earlier write's commit was refused for lack of room: so is this one.
+        // An earlier commit of this file was refused for lack of room: so is this write.
         if let Some(e) = w.refusal() {
             return Err(e.into());
         }
@@ -605,6 +606,7 @@ impl Vfs {
             }
             res?;
             if let Some(e) = earlier {
+                w.note_refusal(&e);
                 return Err(e.into());
             }
         }

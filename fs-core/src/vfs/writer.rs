@@ -210,10 +210,11 @@ pub struct FileWriter {
     state: Mutex<WState>,
     /// A flush that failed in the background, reported by the next fsync/close.
     failed: Mutex<Option<FlushError>>,
-    /// A write's own commit was refused for lack of room (a directory quota or the volume's
-    /// capacity): later writes fail the same way until the file is opened again or its size
-    /// set, so a writer whose refused write was split into several requests (a short write,
-    /// retried by the application) still gets the error instead of writing past lost bytes.
+    /// A commit of the file was refused for lack of room (a directory quota or the volume's
+    /// capacity) and a write reported it: later writes fail the same way until the file is
+    /// opened again or its size set, so a writer whose write was split into several requests
+    /// (a short write, retried by the application) gets the error instead of writing past
+    /// the dropped bytes.
     refused: Mutex<Option<Refusal>>,
     flush_lock: Mutex<()>,
     uploads: Arc<Uploads>,
