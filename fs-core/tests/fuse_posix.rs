@@ -113,6 +113,15 @@ fn pread(f: &File, off: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// Map `len` bytes of `f` at `off` (`prot`, `flags` as for mmap(2)); fails the test if
+/// mmap does. The caller unmaps.
+fn map(f: &File, off: i64, len: usize, prot: i32, flags: i32) -> *mut libc::c_void {
+    // SAFETY: a new mapping of an open descriptor; nothing existing is touched.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, f.as_raw_fd(), off) };
+    assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", errname(errno()));
+    ptr
+}
+
 fn assert_zeros(data: &[u8], what: &str) {
     if let Some(i) = data.iter().position(|&b| b != 0) {
         panic!("{what}: byte {i} is {:#x}, expected a zero", data[i]);
@@ -507,20 +516,9 @@ fn file_write_only_writes_reach_cached_readers() {
         "first read (fills the page cache)",
     );
     let len = old.len();
-    // SAFETY: a read-only shared mapping of an open file, unmapped below.
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            r.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(map, libc::MAP_FAILED, "mmap: {}", errname(errno()));
-    // SAFETY: `len` bytes mapped just above.
-    let mapped = || unsafe { std::slice::from_raw_parts(map as *const u8, len) }.to_vec();
+    let mapping = map(&r, 0, len, libc::PROT_READ, libc::MAP_SHARED);
+    // SAFETY: `len` bytes mapped just above, unmapped below.
+    let mapped = || unsafe { std::slice::from_raw_parts(mapping as *const u8, len) }.to_vec();
     assert_same(&mapped(), &old, "mapping before the writes");
 
     let w = OpenOptions::new().write(true).open(&p).unwrap();
@@ -551,7 +549,7 @@ fn file_write_only_writes_reach_cached_readers() {
     );
     assert_same(&read_all(&p), &want, "a new reader");
     // SAFETY: the mapping made above.
-    unsafe { libc::munmap(map, len) };
+    unsafe { libc::munmap(mapping, len) };
 
     // Write-only and O_APPEND: appends land at the end as the kernel knows it.
     let mut a = OpenOptions::new().append(true).open(&p).unwrap();
@@ -2136,22 +2134,15 @@ fn mmap_shared_write() {
             .open(&p)
             .unwrap();
         f.set_len(len as u64).unwrap();
+        let ptr = map(
+            &f,
+            0,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        );
         // SAFETY: a fresh shared mapping of `len` bytes of an open file, used only here.
         unsafe {
-            let ptr = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(
-                ptr,
-                libc::MAP_FAILED,
-                "mmap MAP_SHARED: {}",
-                errname(errno())
-            );
             std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.cast::<u8>(), len);
             ok(libc::msync(ptr, len, libc::MS_SYNC), "msync");
             ok(libc::munmap(ptr, len), "munmap");
@@ -2164,16 +2155,15 @@ fn mmap_shared_write() {
     {
         let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
         let off = MIB as usize;
+        let ptr = map(
+            &f,
+            off as i64,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        );
+        // SAFETY: the 4096 bytes mapped just above, unmapped here.
         unsafe {
-            let ptr = libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                off as i64,
-            );
-            assert_ne!(ptr, libc::MAP_FAILED);
             std::ptr::write_bytes(ptr.cast::<u8>(), 0xAB, 4096);
             ok(libc::msync(ptr, 4096, libc::MS_SYNC), "msync");
             ok(libc::munmap(ptr, 4096), "munmap");
@@ -2192,17 +2182,9 @@ fn mmap_read() {
     let data = pattern(22, len);
     fs::write(&p, &data).unwrap();
     let f = File::open(&p).unwrap();
+    let ptr = map(&f, 0, len, libc::PROT_READ, libc::MAP_PRIVATE);
     // SAFETY: a private read-only mapping of the file, read within its length.
     unsafe {
-        let ptr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", errname(errno()));
         let got = std::slice::from_raw_parts(ptr.cast::<u8>(), len);
         assert_same(got, &data, "mmap read");
         ok(libc::munmap(ptr, len), "munmap");

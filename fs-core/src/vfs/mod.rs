@@ -599,15 +599,11 @@ impl Vfs {
         // Below a quota, commit every block so a client overshoots a limit by at most one
         // block per file being written, and the writer sees EDQUOT from write().
         if w.buffered() >= self.format.block_size as u64 && self.under_quota(ino)? {
-            let res = self.flush_writer(&w);
-            let earlier = w.take_failure();
-            if let Err(VfsError::Flush(e)) = &res {
-                w.note_refusal(e);
-            }
-            res?;
-            if let Some(e) = earlier {
-                w.note_refusal(&e);
-                return Err(e.into());
+            if let Err(e) = self.flush_inode(ino) {
+                if let VfsError::Flush(f) = &e {
+                    w.note_refusal(f);
+                }
+                return Err(e);
             }
         }
         Ok(data.len())
