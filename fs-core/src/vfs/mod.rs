@@ -598,13 +598,14 @@ impl Vfs {
         w.write(&self.wctx, off, data, &pressure)?;
         // Below a quota, commit every block so a client overshoots a limit by at most one
         // block per file being written, and the writer sees EDQUOT from write().
-        if w.buffered() >= self.format.block_size as u64 && self.under_quota(ino)? {
-            if let Err(e) = self.flush_inode(ino) {
-                if let VfsError::Flush(f) = &e {
-                    w.note_refusal(f);
-                }
-                return Err(e);
+        if w.buffered() >= self.format.block_size as u64
+            && self.under_quota(ino)?
+            && let Err(e) = self.flush_inode(ino)
+        {
+            if let VfsError::Flush(f) = &e {
+                w.note_refusal(f);
             }
+            return Err(e);
         }
         Ok(data.len())
     }
