@@ -923,6 +923,12 @@ def strata_gateway_missing(binary: Path) -> str | None:
     return None
 
 
+def strata_writeback_missing(binary: Path) -> str | None:
+    """None if `strata mount` has --writeback, else why not (an older --strata-bin)."""
+    text = run([str(binary), "mount", "--help"], check=False).stdout
+    return None if "--writeback" in text else "this build has no --writeback"
+
+
 def strata_disk_cache_missing(binary: Path) -> str | None:
     """None if `strata mount` has a local disk block cache (--cache-dir and --cache-size),
     else why not."""

@@ -34,6 +34,7 @@ pub const MOUNT_OPTIONS: &[&str] = &[
     "cache-size",
     "free-space-ratio",
     "no-cache-written",
+    "writeback",
     "random-read-ranges",
     "cache-group",
     "cache-group-addr",

@@ -51,6 +51,10 @@ pub mod names {
     pub const SOURCE_ERRORS: &str = "strata_source_errors";
     pub const SOURCE_BYTES: &str = "strata_source_bytes";
     pub const CACHE_CAPACITY: &str = "strata_cache_capacity_bytes";
+    pub const WRITEBACK_STAGED_BYTES: &str = "strata_writeback_staged_bytes";
+    pub const WRITEBACK_STAGED_BLOCKS: &str = "strata_writeback_staged_blocks";
+    pub const WRITEBACK_UPLOADED: &str = "strata_writeback_uploaded_blocks";
+    pub const WRITEBACK_FAILURES: &str = "strata_writeback_upload_failures";
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -152,6 +156,10 @@ pub struct Metrics {
     meta_txn_retries: Counter,
     buffer_bytes: Gauge,
     mirror_backlog: Gauge,
+    writeback_staged_bytes: Gauge,
+    writeback_staged_blocks: Gauge,
+    writeback_uploaded: Counter,
+    writeback_failures: Counter,
     mirror_copied: Counter,
     mirror_copied_bytes: Counter,
     mirror_deferred: Counter,
@@ -205,6 +213,10 @@ impl Metrics {
             meta_txn_retries: Default::default(),
             buffer_bytes: Default::default(),
             mirror_backlog: Default::default(),
+            writeback_staged_bytes: Default::default(),
+            writeback_staged_blocks: Default::default(),
+            writeback_uploaded: Default::default(),
+            writeback_failures: Default::default(),
             mirror_copied: Default::default(),
             mirror_copied_bytes: Default::default(),
             mirror_deferred: Default::default(),
@@ -318,6 +330,26 @@ impl Metrics {
             names::BUFFER_BYTES,
             "Bytes of written data buffered in memory, not yet uploaded",
             self.buffer_bytes.clone(),
+        );
+        registry.register(
+            names::WRITEBACK_STAGED_BYTES,
+            "Bytes of written blocks staged on the local disk (write-back), not yet uploaded",
+            self.writeback_staged_bytes.clone(),
+        );
+        registry.register(
+            names::WRITEBACK_STAGED_BLOCKS,
+            "Written blocks staged on the local disk (write-back), not yet uploaded",
+            self.writeback_staged_blocks.clone(),
+        );
+        registry.register(
+            names::WRITEBACK_UPLOADED,
+            "Staged blocks uploaded to the object store (write-back)",
+            self.writeback_uploaded.clone(),
+        );
+        registry.register(
+            names::WRITEBACK_FAILURES,
+            "Failed uploads of staged blocks (each is retried)",
+            self.writeback_failures.clone(),
         );
         registry.register(
             names::MIRROR_BACKLOG,
@@ -512,6 +544,20 @@ impl Metrics {
 
     pub fn buffer_bytes(&self, delta: i64) {
         self.buffer_bytes.inc_by(delta);
+    }
+
+    /// Blocks and bytes staged for upload (write-back).
+    pub fn writeback_staged(&self, blocks: u64, bytes: u64) {
+        self.writeback_staged_blocks.set(blocks as i64);
+        self.writeback_staged_bytes.set(bytes as i64);
+    }
+
+    pub fn writeback_uploaded(&self) {
+        self.writeback_uploaded.inc();
+    }
+
+    pub fn writeback_failure(&self) {
+        self.writeback_failures.inc();
     }
 
     pub fn mirror_backlog(&self, objects: u64) {

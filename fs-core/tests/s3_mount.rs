@@ -102,6 +102,168 @@ fn s3_volume_survives_kill9_and_truncates() {
     assert!(back == second, "O_TRUNC rewrite differs after remount");
 }
 
+/// Write-back on S3: close and fsync return while the store does not answer (the blocks are
+/// staged on the local disk), the data reads back through the mount, survives a SIGKILL of
+/// the client, and the next mount (without `--writeback`, same cache directory) uploads it.
+#[test]
+fn s3_writeback_stages_blocks_and_uploads_them_after_a_kill9() {
+    if strata::testing::seaweedfs::skip_s3() {
+        return;
+    }
+    // A server of its own: this test stops it.
+    let weed = SeaweedFs::start().expect("starting SeaweedFS");
+    let dir = tempfile::tempdir().unwrap();
+    let meta = format!("sqlite://{}/meta.db", dir.path().display());
+    let bucket = format!("{}/strata-writeback", weed.endpoint());
+    mount::format(
+        BIN,
+        &[
+            "--storage",
+            "s3",
+            "--bucket",
+            &bucket,
+            "--access-key",
+            weed.access_key(),
+            "--secret-key",
+            weed.secret_key(),
+            "--block-size",
+            "1024",
+            &meta,
+            "wbvol",
+        ],
+    );
+    let cache = dir.path().join("cache");
+    let cache_arg = cache.display().to_string();
+    let mut m = TestMount::new(
+        BIN,
+        &meta,
+        &dir.path().join("mnt"),
+        &[
+            "--writeback",
+            "--cache-dir",
+            &cache_arg,
+            "--cache-size",
+            "256",
+        ],
+    );
+    let pid = weed.pid() as libc::pid_t;
+    // SAFETY: kill(2) on the server this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    struct Resume(libc::pid_t);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let resume = Resume(pid);
+
+    let data = pattern(8 << 20, 7);
+    let p = m.path.join("ckpt.bin");
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (p, data) = (p.clone(), data.clone());
+        std::thread::spawn(move || {
+            let res = (|| {
+                let mut f = fs::File::create(&p)?;
+                f.write_all(&data)?;
+                f.sync_all()
+            })();
+            let _ = tx.send(res);
+        });
+    }
+    // A hang guard, not a speed check: without write-back this waits for the stopped store.
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(res) => res.expect("write and fsync with the store stopped"),
+        Err(_) => panic!(
+            "write + fsync did not return while the store was stopped: {}",
+            m.log()
+        ),
+    }
+    let mut got = Vec::new();
+    fs::File::open(&p).unwrap().read_to_end(&mut got).unwrap();
+    assert!(
+        got == data,
+        "staged data read back through the mount differs"
+    );
+
+    let staged = walk(&cache);
+    assert!(
+        staged
+            .iter()
+            .filter(|p| p.to_string_lossy().contains("/staging/"))
+            .count()
+            >= 8,
+        "expected the 8 blocks staged while the store is stopped: {staged:?}"
+    );
+    m.kill9();
+    drop(resume);
+    // The next mount, without --writeback, uploads what was left staged.
+    let mut m = TestMount::new(
+        BIN,
+        &meta,
+        &dir.path().join("mnt"),
+        &["--cache-dir", &cache_arg, "--cache-size", "256"],
+    );
+    let store = S3Store::new(weed.settings("strata-writeback")).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let n = store.list("wbvol/chunks/", None, 1000).unwrap().len();
+        if n >= 8 {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "{n} of 8 blocks uploaded after a minute: {}",
+            m.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    m.unmount();
+    // Read from the store alone: a fresh cache directory.
+    let fresh = dir.path().join("cache2").display().to_string();
+    let _m = TestMount::new(
+        BIN,
+        &meta,
+        &dir.path().join("mnt"),
+        &["--cache-dir", &fresh, "--cache-size", "256"],
+    );
+    let mut got = Vec::new();
+    fs::File::open(&p).unwrap().read_to_end(&mut got).unwrap();
+    assert!(
+        got == data,
+        "data read from the store after the upload differs"
+    );
+    let staging = cache.join(
+        fs::read_dir(&cache)
+            .unwrap()
+            .next()
+            .expect("the volume's cache directory")
+            .unwrap()
+            .file_name(),
+    );
+    let left: Vec<_> = walk(&staging.join("staging"));
+    assert!(
+        left.is_empty(),
+        "staged files left after the upload: {left:?}"
+    );
+}
+
+fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn wrong_s3_credentials_are_reported_at_format() {
     let Some(weed) = SeaweedFs::for_test() else {

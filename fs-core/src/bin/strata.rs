@@ -719,6 +719,11 @@ struct CacheArgs {
     /// Do not put blocks written by this mount into the disk cache.
     #[arg(long)]
     no_cache_written: bool,
+    /// Write-back: close and fsync return once written blocks are on the local disk cache;
+    /// they are uploaded in the background (other clients cannot read them until then; see
+    /// docs/SEMANTICS.md). Needs the disk cache.
+    #[arg(long)]
+    writeback: bool,
     /// On random reads, fetch only the bytes asked for (uncached) instead of whole blocks.
     #[arg(long)]
     random_read_ranges: bool,
@@ -762,6 +767,11 @@ impl CacheArgs {
                 self.free_space_ratio
             );
         }
+        if self.writeback && self.cache_size == 0 {
+            bail!(
+                "--writeback stages written blocks in the disk cache, which --cache-size 0 disables: give --cache-size (MiB) and --cache-dir, or drop --writeback"
+            );
+        }
         if self.cache_group.is_none() && (self.no_serve || self.cache_group_addr.is_some()) {
             bail!("--no-serve and --cache-group-addr need --cache-group NAME");
         }
@@ -770,6 +780,7 @@ impl CacheArgs {
             disk_size: self.cache_size << 20,
             free_space_ratio: self.free_space_ratio,
             cache_written: !self.no_cache_written,
+            writeback: self.writeback,
             random_whole_blocks: !self.random_read_ranges,
             group: self.cache_group.clone(),
             group_addr: self.cache_group_addr.clone(),

@@ -7,6 +7,12 @@
 //! The index (keys and sizes, segmented LRU) lives in memory and is rebuilt from the files at
 //! startup by a background scan, oldest first, so a remount keeps its warm cache. Reads do not
 //! wait for the scan: a key not yet indexed is looked up on disk directly.
+//!
+//! Write-back (`--writeback`) stages written blocks under `<dir>/<volume uuid>/staging/<key>`,
+//! same file format, outside the index: they are the only copy until the uploader
+//! ([`crate::vfs::writeback`]) has stored them, so they are never evicted. Reads find them
+//! like cached blocks. Once uploaded a staged file becomes a cached block (renamed into
+//! `raw/`) or is deleted. Staged bytes count towards the directory's capacity.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -52,6 +58,11 @@ struct Dir {
     /// after the mount from an older one; restoring one this process evicted would index a
     /// block that is gone).
     own: Mutex<Option<std::collections::HashSet<String>>>,
+    /// Staged blocks (write-back) and their bytes, trailer included.
+    staged: Mutex<(u64, u64)>,
+    /// Staged blocks this process removed (their objects are being deleted) and whose
+    /// uploader has not seen it yet (see [`DiskCache::unstage`]).
+    removed_staged: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Dir {
@@ -157,6 +168,8 @@ impl DiskCache {
                 last_low_space_warning: Mutex::new(None),
                 space,
                 own: Mutex::new(Some(Default::default())),
+                staged: Mutex::new((0, 0)),
+                removed_staged: Mutex::new(Default::default()),
             }));
         }
         let cache = Arc::new(DiskCache {
@@ -206,7 +219,7 @@ impl DiskCache {
             return false;
         }
         let d = self.dir(key);
-        d.index.lock().contains(key) || d.path(key).exists()
+        d.index.lock().contains(key) || d.path(key).exists() || d.staged_path(key).exists()
     }
 
     /// The block, verified; `None` on a miss or a corrupt file (which is then removed).
@@ -216,7 +229,15 @@ impl DiskCache {
         }
         let d = self.dir(key);
         let path = d.path(key);
-        let mut f = File::open(&path).ok()?;
+        let Ok(mut f) = File::open(&path) else {
+            return match self.read_staged(key, len, pool) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(key, error = %e, "reading a staged block failed");
+                    None
+                }
+            };
+        };
         let size = f.metadata().ok()?.len();
         // The block straight into a reused block buffer (no zeroing, no fresh pages), then
         // its trailer.
@@ -288,11 +309,7 @@ impl DiskCache {
             self.report_bytes();
             return Ok(());
         }
-        let tmp = d.root.join("tmp").join(format!(
-            "{}.{}",
-            std::process::id(),
-            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
-        ));
+        let tmp = self.tmp_path(d);
         let path = d.path(key);
         let res = (|| {
             let mut f = File::create(&tmp)?;
@@ -308,10 +325,20 @@ impl DiskCache {
             let _ = fs::remove_file(&tmp);
             return res;
         }
+        self.index_new(d, key, size);
+        Ok(())
+    }
+
+    /// Index a block just placed at `raw/key`, evicting down to the capacity left by the
+    /// staged blocks.
+    fn index_new(&self, d: &Dir, key: &str, size: u64) {
+        let staged = d.staged.lock().1;
         let evicted = {
             // Noted under the index lock, which the startup scan holds while it restores.
             let mut idx = d.index.lock();
-            let ev = idx.insert(key, size);
+            let mut ev = idx.insert(key, size);
+            let room = idx.cap().saturating_sub(staged);
+            ev.extend(idx.evict_to(room));
             d.note_own(std::iter::once(key).chain(ev.iter().map(String::as_str)));
             ev
         };
@@ -320,7 +347,216 @@ impl DiskCache {
         }
         self.metrics.cache_evictions("disk", evicted.len() as u64);
         self.report_bytes();
-        Ok(())
+    }
+
+    fn tmp_path(&self, d: &Dir) -> PathBuf {
+        d.root.join("tmp").join(format!(
+            "{}.{}",
+            std::process::id(),
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// Write-back: keep block `key` as a staged file, the block's only copy until
+    /// [`DiskCache::unstage`] after its upload. `Ok(false)`: no room (staged blocks fill the
+    /// directory's share of `--cache-size`, or its file system is below the free-space
+    /// ratio); the caller uploads the block directly.
+    pub fn stage(&self, key: &str, data: &[u8]) -> std::io::Result<bool> {
+        if !valid_key(key) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("block key {key:?} cannot be staged"),
+            ));
+        }
+        let d = self.dir(key);
+        let size = (data.len() + TRAILER) as u64;
+        let cap = d.index.lock().cap();
+        if d.staged.lock().1 + size > cap || !d.make_space(size, &self.metrics) {
+            self.metrics.cache_skipped("staging_full");
+            return Ok(false);
+        }
+        let tmp = self.tmp_path(d);
+        let path = d.staged_path(key);
+        let res = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.write_all(&trailer(data))?;
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        {
+            let mut st = d.staged.lock();
+            st.0 += 1;
+            st.1 += size;
+        }
+        self.report_staged();
+        Ok(true)
+    }
+
+    /// Staged blocks and bytes in all directories.
+    pub fn staged(&self) -> (u64, u64) {
+        self.dirs.iter().fold((0, 0), |(n, b), d| {
+            let s = d.staged.lock();
+            (n + s.0, b + s.1)
+        })
+    }
+
+    fn report_staged(&self) {
+        let (n, b) = self.staged();
+        self.metrics.writeback_staged(n, b);
+    }
+
+    /// Note that a staged file of `size` bytes left `staging/`.
+    fn unstaged(&self, d: &Dir, size: u64) {
+        {
+            let mut st = d.staged.lock();
+            st.0 = st.0.saturating_sub(1);
+            st.1 = st.1.saturating_sub(size);
+        }
+        self.report_staged();
+    }
+
+    /// The staged block `key`, verified; `Ok(None)` when it is not staged (never was, or
+    /// already uploaded or deleted). A staged file that does not verify is an error and
+    /// stays (it is the block's only copy).
+    pub fn read_staged(
+        &self,
+        key: &str,
+        len: usize,
+        pool: &Arc<Buffers>,
+    ) -> std::io::Result<Option<Bytes>> {
+        if !valid_key(key) {
+            return Ok(None);
+        }
+        let path = self.dir(key).staged_path(key);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let size = f.metadata()?.len();
+        let bad = |what: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("staged block {}: {what}", path.display()),
+            )
+        };
+        if size != (len + TRAILER) as u64 {
+            return Err(bad(&format!("{size} bytes, expected {}", len + TRAILER)));
+        }
+        let mut buf = pool.take(len);
+        let mut t = [0u8; TRAILER];
+        (&mut f).take(len as u64).read_to_end(&mut buf)?;
+        f.read_exact(&mut t)?;
+        if buf.len() != len || !verify(&buf, &t) {
+            self.metrics.cache_corrupt();
+            return Err(bad("checksum mismatch"));
+        }
+        Ok(Some(pool.freeze(buf)))
+    }
+
+    /// The staged block `key` was uploaded: it becomes a cached block (`keep`) or is
+    /// deleted. Returns false when [`DiskCache::remove`] of this process deleted it meanwhile
+    /// (its object is being deleted, so the upload must be undone). A staged file gone for
+    /// another reason (another process sharing the directory uploaded it) returns true.
+    pub fn unstage(&self, key: &str, keep: bool) -> bool {
+        if !valid_key(key) {
+            return true;
+        }
+        let d = self.dir(key);
+        let removed = || !d.removed_staged.lock().remove(key);
+        let sp = d.staged_path(key);
+        let Ok(size) = fs::metadata(&sp).map(|m| m.len()) else {
+            return removed();
+        };
+        if keep && d.index.lock().cap() > 0 {
+            let path = d.path(key);
+            if let Some(parent) = path.parent() {
+                let _ = fs::create_dir_all(parent);
+            }
+            match fs::rename(&sp, &path) {
+                Ok(()) => {
+                    self.unstaged(d, size);
+                    self.index_new(d, key, size);
+                    return true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return removed(),
+                Err(_) => {} // delete it instead
+            }
+        }
+        match fs::remove_file(&sp) {
+            Ok(()) => {
+                self.unstaged(d, size);
+                true
+            }
+            Err(_) => removed(),
+        }
+    }
+
+    /// Make staged blocks durable (fsync(2) of a file whose blocks are staged). Returns the
+    /// keys that are not staged (already uploaded, or never staged): the caller syncs them
+    /// in the object store.
+    pub fn sync_staged(&self, keys: &[String]) -> std::io::Result<Vec<String>> {
+        let mut rest = Vec::new();
+        let mut parents = std::collections::BTreeSet::new();
+        for k in keys {
+            if !valid_key(k) {
+                rest.push(k.clone());
+                continue;
+            }
+            let p = self.dir(k).staged_path(k);
+            match File::open(&p) {
+                Ok(f) => {
+                    f.sync_data()?;
+                    if let Some(parent) = p.parent() {
+                        parents.insert(parent.to_path_buf());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => rest.push(k.clone()),
+                Err(e) => return Err(e),
+            }
+        }
+        for p in parents {
+            File::open(&p)?.sync_all()?;
+        }
+        Ok(rest)
+    }
+
+    /// The keys of all staged blocks (at mount: what earlier clients left to upload), and
+    /// counts them.
+    pub fn staged_keys(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in &self.dirs {
+            let root = d.root.join("staging");
+            let mut keys = Vec::new();
+            let mut bytes = 0;
+            let mut stack = vec![root.clone()];
+            while let Some(dir) = stack.pop() {
+                let Ok(rd) = fs::read_dir(&dir) else { continue };
+                for e in rd.flatten() {
+                    let Ok(md) = e.metadata() else { continue };
+                    let p = e.path();
+                    if md.is_dir() {
+                        stack.push(p);
+                    } else if let Ok(rel) = p.strip_prefix(&root)
+                        && let Some(key) = rel.to_str()
+                    {
+                        keys.push(key.to_string());
+                        bytes += md.len();
+                    }
+                }
+            }
+            *d.staged.lock() = (keys.len() as u64, bytes);
+            out.extend(keys);
+        }
+        self.report_staged();
+        out
     }
 
     /// Drop a block (e.g. its object was deleted).
@@ -329,6 +565,17 @@ impl DiskCache {
             return;
         }
         let d = self.dir(key);
+        let sp = d.staged_path(key);
+        if let Ok(m) = fs::metadata(&sp)
+            && fs::remove_file(&sp).is_ok()
+        {
+            self.unstaged(d, m.len());
+            let mut r = d.removed_staged.lock();
+            if r.len() >= 100_000 {
+                r.clear(); // bounded; a missed undo leaves an orphan for `strata gc`
+            }
+            r.insert(key.to_string());
+        }
         {
             let mut idx = d.index.lock();
             d.note_own([key]);
@@ -348,14 +595,19 @@ impl Dir {
         self.root.join("raw").join(key)
     }
 
+    fn staged_path(&self, key: &str) -> PathBuf {
+        self.root.join("staging").join(key)
+    }
+
     /// Evict for `incoming` bytes, and further while the file system's free share is below
     /// the configured ratio (checked at most once a second). Returns whether the block may
     /// be written: not while the file system stays below the ratio after evicting (the disk
     /// is shared with something else that filled it), so the cache does not fill it further.
     fn make_space(&self, incoming: u64, metrics: &Metrics) -> bool {
+        let staged = self.staged.lock().1;
         let evicted = {
             let mut idx = self.index.lock();
-            let target = idx.cap().saturating_sub(incoming);
+            let target = idx.cap().saturating_sub(staged).saturating_sub(incoming);
             let ev = idx.evict_to(target);
             self.note_own(ev.iter().map(String::as_str));
             ev
@@ -453,9 +705,10 @@ impl Dir {
                     idx.restore(k, *size);
                 }
             }
-            // The cache may have been made smaller since the last mount.
-            let cap = idx.cap();
-            idx.evict_to(cap)
+            // The cache may have been made smaller since the last mount; staged blocks
+            // (write-back) take their share of it.
+            let room = idx.cap().saturating_sub(self.staged.lock().1);
+            idx.evict_to(room)
         };
         for k in evicted {
             let _ = fs::remove_file(self.path(&k));

@@ -28,6 +28,9 @@ pub struct CacheSettings {
     pub free_space_ratio: f64,
     /// Also cache blocks this client writes (read-after-write and peers without a GET).
     pub cache_written: bool,
+    /// Write-back (`--writeback`): written blocks are staged in the disk cache and uploaded
+    /// after close/fsync return (see `vfs::writeback`).
+    pub writeback: bool,
     /// On a random (non-sequential) read of a block not cached, fetch and cache the whole
     /// block (default), or only the bytes asked for, uncached (`--random-read-ranges`: for
     /// large files read at random, e.g. embedding tables, where whole blocks waste transfer).
@@ -59,6 +62,7 @@ impl Default for CacheSettings {
             disk_size: 0,
             free_space_ratio: 0.1,
             cache_written: true,
+            writeback: false,
             random_whole_blocks: true,
             fetch_threads: 16,
             group: None,

@@ -269,6 +269,11 @@ impl SeaweedFs {
     }
 
     /// The S3 endpoint, e.g. `http://127.0.0.1:41234`.
+    /// The server's process id (tests stop and continue it to make the store hang).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }

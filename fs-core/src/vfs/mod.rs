@@ -10,6 +10,7 @@ pub mod external;
 pub mod pool;
 pub mod reader;
 mod resume;
+pub mod writeback;
 pub mod writer;
 
 use std::collections::{BTreeSet, HashMap};
@@ -115,7 +116,7 @@ const OPENED_ATTRS_MAX: usize = 1 << 20;
 /// put is a memory copy: on few cores, uploads running at equal priority took the CPU from
 /// the thread answering the writer's next request (the writer waits for each). Uploads that
 /// fall behind still block writers through the backlog bound, so they get the CPU back.
-const UPLOAD_NICE: i32 = 5;
+pub(crate) const UPLOAD_NICE: i32 = 5;
 
 /// Most bytes asked of the kernel's page cache ahead of one reader of a store's files.
 const DIRECT_READAHEAD: u64 = 16 << 20;
@@ -259,9 +260,25 @@ impl Vfs {
             .map_err(|e| VfsError::Cache(e.to_string()))?;
             reader.set_group(g);
         }
+        let writeback = reader.disk().map(|d| {
+            writeback::Writeback::start(
+                d.clone(),
+                store.clone(),
+                reader.buffers().clone(),
+                metrics.clone(),
+                &format.name,
+                settings.cache.writeback,
+                settings.cache.cache_written,
+                settings.upload_threads,
+            )
+        });
+        if settings.cache.writeback && writeback.is_none() {
+            tracing::warn!(volume = %format.name, "--writeback needs the disk cache (--cache-dir, --cache-size): writes are uploaded before close returns");
+        }
         let wctx = Arc::new(WriteCtx {
             meta: meta.clone(),
             store,
+            writeback,
             reader: reader.clone(),
             uploads: Pool::with_nice("upload", settings.upload_threads, UPLOAD_NICE),
             budget: Arc::new(Budget::new(settings.buffer_size.max(8 << 20))),
@@ -671,21 +688,32 @@ impl Vfs {
     pub fn fsync(&self, ino: Ino) -> Result<()> {
         self.flush_inode(ino)?;
         let keys = self.wctx.unsynced.take(ino);
-        if !keys.is_empty() {
-            self.wctx
-                .store
-                .sync(&keys)
-                .map_err(|e| FlushError::Upload(e.to_string()))?;
+        self.sync_objects(&keys)
+            .map_err(|e| FlushError::Upload(e).into())
+    }
+
+    /// Make stored objects durable: staged blocks (write-back) on the local disk, the
+    /// others in the object store.
+    fn sync_objects(&self, keys: &[String]) -> std::result::Result<(), String> {
+        if keys.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let rest = match &self.wctx.writeback {
+            Some(wb) => wb
+                .sync(keys)
+                .map_err(|e| format!("syncing staged blocks: {e}"))?,
+            None => keys.to_vec(),
+        };
+        if rest.is_empty() {
+            return Ok(());
+        }
+        self.wctx.store.sync(&rest).map_err(|e| e.to_string())
     }
 
     /// Sync objects stored more than `age` ago (all of them with `Duration::ZERO`).
     pub(crate) fn sync_old_objects(&self, age: Duration) {
         let keys = self.wctx.unsynced.take_older(age);
-        if !keys.is_empty()
-            && let Err(e) = self.wctx.store.sync(&keys)
-        {
+        if let Err(e) = self.sync_objects(&keys) {
             tracing::warn!(volume = %self.volume(), error = %e, "flushing stored objects to disk failed");
         }
     }
@@ -1203,6 +1231,9 @@ impl Vfs {
         }
         self.wctx.uploads.shutdown();
         self.sync_old_objects(Duration::ZERO);
+        if let Some(wb) = &self.wctx.writeback {
+            wb.shutdown();
+        }
         self.reader.shutdown();
         if let Err(e) = self.meta.close_session() {
             tracing::warn!(volume = %self.format.name, error = %e, "closing the session failed");

@@ -72,7 +72,7 @@ impl Pool {
 }
 
 /// Raise this thread's nice value by `by` (a hint: an error leaves the priority as it was).
-fn lower_priority(by: i32) {
+pub(crate) fn lower_priority(by: i32) {
     // SAFETY: plain syscalls on the calling thread; no memory is passed.
     unsafe {
         let tid = libc::gettid() as libc::id_t;

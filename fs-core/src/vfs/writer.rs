@@ -15,6 +15,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::pool::Pool;
 use super::reader::BlockReader;
+use super::writeback::Writeback;
 use crate::chunk::block_key;
 use crate::meta::{CHUNK_SIZE, Ino, Meta, MetaError, Slice};
 use crate::metrics::Metrics;
@@ -144,6 +145,8 @@ impl Unsynced {
 pub struct WriteCtx {
     pub meta: Arc<Meta>,
     pub store: Arc<dyn ObjectStore>,
+    /// Stages written blocks for a later upload instead (`--writeback`), when enabled.
+    pub writeback: Option<Arc<Writeback>>,
     pub reader: Arc<BlockReader>,
     pub uploads: Pool,
     pub budget: Arc<Budget>,
@@ -346,10 +349,14 @@ impl FileWriter {
     fn upload(&self, ctx: &WriteCtx, id: u64, k: u32, block: Vec<u8>) {
         let data = ctx.reader.buffers().freeze(block);
         let key = block_key(&ctx.volume, id, k, data.len() as u32);
-        ctx.reader.insert(&key, data.clone());
+        let writeback = ctx.writeback.clone().filter(|w| w.enabled());
+        if writeback.is_none() {
+            ctx.reader.insert(&key, data.clone());
+        }
         self.uploads.state.lock().pending += 1;
         ctx.backlog.add();
         let store = ctx.store.clone();
+        let reader = ctx.reader.clone();
         let uploads = self.uploads.clone();
         let (budget, backlog, metrics, unsynced) = (
             ctx.budget.clone(),
@@ -360,7 +367,16 @@ impl FileWriter {
         let ino = self.ino;
         ctx.uploads.spawn(move || {
             let len = data.len() as u64;
-            let res = store.put(&key, data);
+            // Write-back: a staged block counts as stored (its upload comes later); one that
+            // cannot be staged is uploaded now, as without write-back.
+            let res = match &writeback {
+                Some(wb) if wb.stage(&key, &data) => Ok(()),
+                Some(_) => {
+                    reader.insert(&key, data.clone());
+                    store.put(&key, data)
+                }
+                None => store.put(&key, data),
+            };
             backlog.done();
             give_back(&uploads, &budget, &metrics, len);
             let mut st = uploads.state.lock();
