@@ -108,6 +108,7 @@ print(" ".join(str(s.getsockname()[1]) for s in ss))'))
     -admin.port.grpc="${ports[9]}" -webdav.port="${ports[10]}" \
     -filer.localSocket="$WORK/weed/filer.sock" -s3.localSocket="$WORK/weed/s3.sock" >"$WORK/weed.log" 2>&1 &
   SVC_PIDS+=($!)
+  WEED_PID=$!
   E2E_S3_ENDPOINT="http://127.0.0.1:${ports[6]}"
   until_ok 60 curl -s -o /dev/null "$E2E_S3_ENDPOINT" || { tail "$WORK/weed.log"; return 1; }
   log "services: PostgreSQL on 127.0.0.1:$port, SeaweedFS S3 at $E2E_S3_ENDPOINT"
@@ -586,6 +587,71 @@ step_mirror_move() {
   k -n "$APPS" delete pod mover --wait=false >/dev/null
 }
 
+step_writeback() {
+  # A Volume whose mounts use write-back (SQLite on the node + SeaweedFS S3): a checkpoint
+  # written and fsynced while the store is stopped returns (its blocks are staged in the
+  # mount Pods' host cache directory), the mount client is killed, and the restarted client
+  # uploads the staged blocks once the store is back.
+  [ -n "${E2E_S3_ENDPOINT:-}" ] || { note "skipped: no S3 store"; return 0; }
+  if [ "$NODE_LOCAL" != 1 ] || [ -z "${WEED_PID:-}" ]; then
+    note "skipped: it stops the local SeaweedFS and looks into the node's cache directory (E2E_SERVICES=local, E2E_NODE_LOCAL=1)"
+    return 0
+  fi
+  local wb=$HOST_DIR/e2e-wb cache=/var/cache/strata
+  rm -rf "$wb"
+  k apply -f - <<EOF || return 1
+apiVersion: v1
+kind: Secret
+metadata: {name: e2e-wb, namespace: $NS}
+stringData:
+  metaurl: sqlite://$wb/meta.db
+  access-key: "$E2E_S3_ACCESS_KEY"
+  secret-key: "$E2E_S3_SECRET_KEY"
+---
+apiVersion: strata.io/v1alpha1
+kind: Volume
+metadata: {name: e2e-wb}
+spec:
+  credentialsSecretRef: {name: e2e-wb, namespace: $NS}
+  storage: {type: s3, endpoint: "$E2E_S3_ENDPOINT", bucket: e2e-wb}
+  capacity: 10Gi
+  mountOptions: [writeback, cache-size=1024]
+  storageClasses: [{name: e2e-wb, reclaimPolicy: Delete, onDelete: delete}]
+  deletionPolicy: Delete
+EOF
+  k wait volume/e2e-wb --for=condition=Ready --timeout=120s || { k describe volume e2e-wb | tail -20; return 1; }
+  { pvc_yaml ckpt e2e-wb 1Gi; echo ---; pod_yaml trainer ckpt; } | apply || return 1
+  wait_ready "$APPS" trainer || return 1
+  staged() { find "$cache" -path '*/staging/e2e-wb/chunks/*' -type f 2>/dev/null | wc -l; }
+  kill -STOP "$WEED_PID" || return 1
+  local out t0 rc n; t0=$(now)
+  out=$(timeout 90 kubectl -n "$APPS" exec trainer -- sh -c 'dd if=/dev/urandom of=/data/ckpt bs=1M count=32 conv=fsync 2>/dev/null && md5sum /data/ckpt')
+  rc=$?; n=$(staged)
+  if [ $rc != 0 ]; then kill -CONT "$WEED_PID"; fail "32 MiB written + fsync did not return while the store was stopped (rc $rc)"; return 1; fi
+  echo "$out" | awk '{print $1}' >"$WORK/ckpt.md5"
+  note "store stopped (SIGSTOP): 32 MiB written with dd conv=fsync in $(since "$t0") s; $n blocks staged in the node's $cache"
+  [ "$n" -ge 8 ] || { kill -CONT "$WEED_PID"; fail "expected the 8 blocks staged, found $n"; return 1; }
+  # The mount client dies with the blocks staged (its supervisor starts a new one).
+  local pid; pid=$(pgrep -f 'strata mount --fuse-fd-socket.*--writeback' | head -1)
+  [ -n "$pid" ] || { kill -CONT "$WEED_PID"; fail "no write-back mount client found"; return 1; }
+  kill -9 "$pid"
+  sleep 2
+  kill -CONT "$WEED_PID" || return 1
+  t0=$(now)
+  local i
+  for i in $(seq 240); do [ "$(staged)" = 0 ] && break; sleep 0.5; done
+  [ "$(staged)" = 0 ] || fail "$(staged) blocks still staged 120 s after the store came back" || return 1
+  note "client killed (SIGKILL) with the blocks staged; the store resumed (SIGCONT): the new client uploaded them in $(since "$t0") s"
+  local s3=(env AWS_ACCESS_KEY_ID="$E2E_S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$E2E_S3_SECRET_KEY"
+    AWS_DEFAULT_REGION=us-east-1 aws --endpoint-url "$E2E_S3_ENDPOINT")
+  local objs; objs=$("${s3[@]}" s3 ls s3://e2e-wb/ --recursive 2>/dev/null | grep -c '/chunks/')
+  [ "$objs" -ge 8 ] || fail "the bucket holds $objs block objects, expected at least 8" || return 1
+  local sum; sum=$(k -n "$APPS" exec trainer -- md5sum /data/ckpt | awk '{print $1}')
+  [ "$sum" = "$(cat "$WORK/ckpt.md5")" ] || fail "the checkpoint differs after the client's restart" || return 1
+  note "s3://e2e-wb holds $objs block objects; the pod reads the checkpoint back (md5 equal); trainer restarts: $(k -n "$APPS" get pod trainer -o jsonpath='{.status.containerStatuses[0].restartCount}')"
+  k -n "$APPS" delete pod trainer --wait=false >/dev/null
+}
+
 step_cleanup() {
   local ok=0
   k delete namespace "$APPS" "$TENANT" --wait=true --timeout=180s >/dev/null 2>&1
@@ -694,7 +760,7 @@ GROUP_PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0))
 cleanup_leftovers
 # The embedded volume starts empty (a previous run's deletionPolicy Delete removed its files
 # and objects but keeps the SQLite database, which a new Volume of that name would adopt).
-[ "$NODE_LOCAL" = 1 ] && rm -rf "$LOCAL_VOL"
+[ "$NODE_LOCAL" = 1 ] && rm -rf "$LOCAL_VOL" "$HOST_DIR/e2e-wb"
 start_services || { echo "e2e: could not start PostgreSQL/SeaweedFS"; exit 1; }
 run_step "0. kubectl apply -f manifests/strata.yaml (then deleted)" step_manifests
 run_step "1. helm install (operator, controller, node plugin Ready; CSIDriver registered)" step_install
@@ -705,13 +771,14 @@ run_step "5. PVC expansion in a running pod; static PV" step_expand
 run_step "6. Quota EDQUOT; CacheGroup warm-up and reads without GETs" step_quota_cache
 run_step "7. S3 gateway Deployment; a dataset bucket attached by spec.datasets read in a pod" step_gateway_dataset
 run_step "8. the local Volume moves to another store (spec.mirror, primary: Mirror, detach) under a writing pod" step_mirror_move
+run_step "9. write-back: a checkpoint fsynced while the store is stopped, the client killed, the blocks uploaded by the next" step_writeback
 if [ "$failed" != 0 ] && [ "${E2E_KEEP:-0}" = 1 ]; then
   echo "e2e: E2E_KEEP=1: everything left in place (services: pids ${SVC_PIDS[*]}, files in $WORK)"
   trap - EXIT
   SVC_PIDS=()
 else
   skip_rest=0
-  run_step "9. delete everything; helm uninstall; nothing left" step_cleanup
+  run_step "10. delete everything; helm uninstall; nothing left" step_cleanup
 fi
 write_report
 echo "e2e: ${pass} passed, ${failed} failed"

@@ -129,6 +129,15 @@ impl Mounter {
                     .as_deref()
                     .or(pods.settings.cache_dir.as_deref())
                     .filter(|_| !custom);
+                if host_cache.is_none() && spec.options.iter().any(|(k, _)| k == "writeback") {
+                    return Err(CsiError::InvalidArgument(
+                        "mountOptions `writeback` keeps written blocks in the mount Pod's cache directory until they are uploaded, \
+                         and without a host cache directory that is an emptyDir, lost with the Pod: set the node plugin's \
+                         --mount-cache-dir (chart: node.mountPod.cacheDir) or the StorageClass parameter cacheDir \
+                         (`cache-dir` in mountOptions is a path inside the Pod), or drop writeback"
+                            .into(),
+                    ));
+                }
                 crate::pod::prepare_host(spec, host_cache)
             }
         }

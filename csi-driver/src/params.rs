@@ -182,7 +182,19 @@ pub fn parse_mount_options(s: &str) -> Result<Vec<(String, Option<String>)>> {
                 MOUNT_OPTIONS.join(", ")
             )));
         }
+        // A later occurrence replaces an earlier one (a StorageClass's options come after
+        // its Volume's), so the client never gets a flag twice.
+        out.retain(|(key, _)| key != k);
         out.push((k.to_string(), v));
+    }
+    let has = |key: &str| out.iter().any(|(k, _)| k == key);
+    let no_disk_cache = out.iter().any(|(k, v)| {
+        k == "cache-size" && v.as_deref().and_then(|v| v.parse::<u64>().ok()) == Some(0)
+    });
+    if has("writeback") && no_disk_cache {
+        return Err(CsiError::InvalidArgument(
+            "mountOptions: writeback stages written blocks in the disk cache, which cache-size=0 disables: give cache-size a size in MiB, or drop writeback".into(),
+        ));
     }
     Ok(out)
 }
@@ -287,5 +299,25 @@ mod tests {
         let s = Secrets::parse(&HashMap::from([("metaurl".into(), "sqlite:///x".into())])).unwrap();
         assert_eq!(format!("{s:?}"), "Secrets(***)");
         assert!(Secrets::parse(&HashMap::new()).is_err());
+    }
+    #[test]
+    fn a_later_mount_option_replaces_an_earlier_one() {
+        let o = parse_mount_options("metrics=127.0.0.1:1,writeback,cache-size=5,metrics=0.0.0.0:2")
+            .unwrap();
+        assert_eq!(
+            o,
+            vec![
+                ("writeback".to_string(), None),
+                ("cache-size".to_string(), Some("5".to_string())),
+                ("metrics".to_string(), Some("0.0.0.0:2".to_string())),
+            ]
+        );
+    }
+
+    #[test]
+    fn writeback_needs_the_disk_cache() {
+        assert!(parse_mount_options("writeback,cache-size=2048").is_ok());
+        let e = parse_mount_options("cache-size=0,writeback").unwrap_err();
+        assert!(e.to_string().contains("cache-size=0"), "{e}");
     }
 }

@@ -168,15 +168,21 @@ impl Vfs {
                 tracing::warn!(volume = %self.volume(), path = %self.path(ino), chunk = indx, error = %e, "compaction failed");
             }
         }
-        while self.meta.trim_once()? > 0 {}
-        while self.meta.reclaim_once()? > 0 {}
+        // At unmount the round stops between batches: what is left stays queued in the
+        // metadata for the next client's cleaner, and the unmount does not wait for it.
+        let stopping = || self.stop.load(Ordering::SeqCst);
+        while !stopping() && self.meta.trim_once()? > 0 {}
+        while !stopping() && self.meta.reclaim_once()? > 0 {}
         let mut deleted = 0;
-        loop {
+        while !stopping() {
             let due = self.meta.due_garbage(256)?;
             if due.is_empty() {
                 break;
             }
             for (id, size) in due {
+                if stopping() {
+                    break;
+                }
                 let mut ok = true;
                 for (k, len) in slice_blocks(size, self.block_size()) {
                     let key = block_key(self.volume(), id, k, len);
