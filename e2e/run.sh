@@ -674,7 +674,7 @@ step_cleanup() {
       fi
     fi
   fi
-  k -n "$NS" delete secret e2e-local e2e-s3 e2e-gw-keys --ignore-not-found >/dev/null
+  k -n "$NS" delete secret e2e-local e2e-s3 e2e-wb e2e-gw-keys --ignore-not-found >/dev/null
   until_ok 60 sh -c "! kubectl -n $NS get pods -l app.kubernetes.io/name=strata-mount -o name | grep -q ." \
     || { fail "mount Pods left: $(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name)"; ok=1; }
   if helm status strata -n "$NS" >/dev/null 2>&1; then

@@ -335,10 +335,7 @@ impl Controller for ControllerService {
             volume: Some(csi::Volume {
                 capacity_bytes: cap as i64,
                 volume_id: params::volume_id(&volname, &path),
-                volume_context: HashMap::from([
-                    (CTX_VOLUME.to_string(), volname),
-                    (CTX_PATH.to_string(), path),
-                ]),
+                volume_context: params::volume_context(&volname, &path, &r.parameters),
                 content_source: None,
                 accessible_topology: vec![],
             }),

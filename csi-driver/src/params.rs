@@ -131,6 +131,34 @@ impl OnDelete {
     }
 }
 
+/// StorageClass parameters that NodeStageVolume needs: CreateVolume copies them into the
+/// volume context, which is all the node sees of a dynamically provisioned volume.
+pub const NODE_PARAMS: &[&str] = &[
+    "mountOptions",
+    "mountImage",
+    "mountCPU",
+    "mountMemory",
+    "cacheDir",
+];
+
+/// The volume context of a new volume: its name and path, and the node-side parameters.
+pub fn volume_context(
+    volume: &str,
+    path: &str,
+    parameters: &HashMap<String, String>,
+) -> HashMap<String, String> {
+    let mut ctx = HashMap::from([
+        (CTX_VOLUME.to_string(), volume.to_string()),
+        (CTX_PATH.to_string(), path.to_string()),
+    ]);
+    for k in NODE_PARAMS {
+        if let Some(v) = parameters.get(*k) {
+            ctx.insert(k.to_string(), v.clone());
+        }
+    }
+    ctx
+}
+
 /// Parsed StorageClass parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {

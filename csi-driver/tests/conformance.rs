@@ -155,6 +155,39 @@ async fn csi_sanity_groups_with_real_mounts() {
         .unwrap();
     assert_eq!(v.volume_id, "csivol/tenants/team-a/pvc-1");
     assert_eq!(v.capacity_bytes, 1 << 20);
+    // The node-side parameters reach NodeStageVolume through the volume context.
+    let with_opts = ctl
+        .create_volume(csi::CreateVolumeRequest {
+            name: "pvc-opts".into(),
+            parameters: HashMap::from([
+                ("csi.storage.k8s.io/pvc/namespace".into(), "team-a".into()),
+                ("mountOptions".into(), "writeback,cache-size=64".into()),
+                ("cacheDir".into(), "/var/cache/strata".into()),
+            ]),
+            ..base.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        with_opts
+            .volume_context
+            .get("mountOptions")
+            .map(String::as_str),
+        Some("writeback,cache-size=64")
+    );
+    assert_eq!(
+        with_opts.volume_context.get("cacheDir").map(String::as_str),
+        Some("/var/cache/strata")
+    );
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: with_opts.volume_id.clone(),
+        secrets: secrets.clone(),
+    })
+    .await
+    .unwrap();
     let v2 = ctl
         .create_volume(base.clone())
         .await
