@@ -17,14 +17,9 @@ fn pattern(n: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn s3_volume_survives_kill9_and_truncates() {
-    let Some(weed) = SeaweedFs::for_test() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let meta = format!("sqlite://{}/meta.db", dir.path().display());
-    let bucket = format!("{}/strata-s3-mount", weed.endpoint());
+/// `strata format` of volume `name` in `bucket` of `weed`, 1 MiB blocks.
+fn format_s3(weed: &SeaweedFs, meta: &str, bucket: &str, name: &str) {
+    let bucket = format!("{}/{bucket}", weed.endpoint());
     mount::format(
         BIN,
         &[
@@ -38,10 +33,20 @@ fn s3_volume_survives_kill9_and_truncates() {
             weed.secret_key(),
             "--block-size",
             "1024",
-            &meta,
-            "s3vol",
+            meta,
+            name,
         ],
     );
+}
+
+#[test]
+fn s3_volume_survives_kill9_and_truncates() {
+    let Some(weed) = SeaweedFs::for_test() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let meta = format!("sqlite://{}/meta.db", dir.path().display());
+    format_s3(&weed, &meta, "strata-s3-mount", "s3vol");
     let mut m = TestMount::new(BIN, &meta, &dir.path().join("mnt"), &[]);
 
     // fsync'ed data survives SIGKILL of the client.
@@ -114,24 +119,7 @@ fn s3_writeback_stages_blocks_and_uploads_them_after_a_kill9() {
     let weed = SeaweedFs::start().expect("starting SeaweedFS");
     let dir = tempfile::tempdir().unwrap();
     let meta = format!("sqlite://{}/meta.db", dir.path().display());
-    let bucket = format!("{}/strata-writeback", weed.endpoint());
-    mount::format(
-        BIN,
-        &[
-            "--storage",
-            "s3",
-            "--bucket",
-            &bucket,
-            "--access-key",
-            weed.access_key(),
-            "--secret-key",
-            weed.secret_key(),
-            "--block-size",
-            "1024",
-            &meta,
-            "wbvol",
-        ],
-    );
+    format_s3(&weed, &meta, "strata-writeback", "wbvol");
     let cache = dir.path().join("cache");
     let cache_arg = cache.display().to_string();
     let mut m = TestMount::new(

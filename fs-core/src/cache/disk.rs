@@ -309,8 +309,15 @@ impl DiskCache {
             self.report_bytes();
             return Ok(());
         }
+        self.write_file(d, &d.path(key), data)?;
+        self.index_new(d, key, size);
+        Ok(())
+    }
+
+    /// Write `data` and its trailer as the file `path` of directory `d`: into `tmp/`, then
+    /// renamed into place, so a reader sees the whole file or none.
+    fn write_file(&self, d: &Dir, path: &Path, data: &[u8]) -> std::io::Result<()> {
         let tmp = self.tmp_path(d);
-        let path = d.path(key);
         let res = (|| {
             let mut f = File::create(&tmp)?;
             // The block, then its trailer (`encode` without copying the block).
@@ -319,14 +326,12 @@ impl DiskCache {
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent)?;
             }
-            fs::rename(&tmp, &path)
+            fs::rename(&tmp, path)
         })();
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
-            return res;
         }
-        self.index_new(d, key, size);
-        Ok(())
+        res
     }
 
     /// Index a block just placed at `raw/key`, evicting down to the capacity left by the
@@ -375,21 +380,7 @@ impl DiskCache {
             self.metrics.cache_skipped("staging_full");
             return Ok(false);
         }
-        let tmp = self.tmp_path(d);
-        let path = d.staged_path(key);
-        let res = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.write_all(&trailer(data))?;
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = res {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
+        self.write_file(d, &d.staged_path(key), data)?;
         {
             let mut st = d.staged.lock();
             st.0 += 1;
