@@ -524,25 +524,12 @@ impl DiskCache {
     pub fn staged_keys(&self) -> Vec<String> {
         let mut out = Vec::new();
         for d in &self.dirs {
-            let root = d.root.join("staging");
             let mut keys = Vec::new();
             let mut bytes = 0;
-            let mut stack = vec![root.clone()];
-            while let Some(dir) = stack.pop() {
-                let Ok(rd) = fs::read_dir(&dir) else { continue };
-                for e in rd.flatten() {
-                    let Ok(md) = e.metadata() else { continue };
-                    let p = e.path();
-                    if md.is_dir() {
-                        stack.push(p);
-                    } else if let Ok(rel) = p.strip_prefix(&root)
-                        && let Some(key) = rel.to_str()
-                    {
-                        keys.push(key.to_string());
-                        bytes += md.len();
-                    }
-                }
-            }
+            for_each_block_file(&d.root.join("staging"), |key, md| {
+                keys.push(key.to_string());
+                bytes += md.len();
+            });
             *d.staged.lock() = (keys.len() as u64, bytes);
             out.extend(keys);
         }
@@ -664,26 +651,13 @@ impl Dir {
     /// blocks. Newer files are this process's own `put`s, already indexed: restoring one that
     /// a `put` evicted (and deleted) while the scan ran would index a block that is gone.
     fn rebuild_index(&self, opened: SystemTime) -> usize {
-        let raw = self.root.join("raw");
         let mut found: Vec<(SystemTime, String, u64)> = Vec::new();
-        let mut stack = vec![raw.clone()];
-        while let Some(dir) = stack.pop() {
-            let Ok(rd) = fs::read_dir(&dir) else { continue };
-            for e in rd.flatten() {
-                let Ok(md) = e.metadata() else { continue };
-                let p = e.path();
-                if md.is_dir() {
-                    stack.push(p);
-                } else if let Ok(rel) = p.strip_prefix(&raw)
-                    && let Some(key) = rel.to_str()
-                {
-                    let t = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    if t < opened {
-                        found.push((t, key.to_string(), md.len()));
-                    }
-                }
+        for_each_block_file(&self.root.join("raw"), |key, md| {
+            let t = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            if t < opened {
+                found.push((t, key.to_string(), md.len()));
             }
-        }
+        });
         found.sort();
         let n = found.len();
         let evicted = {
@@ -705,6 +679,26 @@ impl Dir {
             let _ = fs::remove_file(self.path(&k));
         }
         n
+    }
+}
+
+/// Call `f` with the key (path relative to `root`) and metadata of every file under `root`
+/// (`raw/` or `staging/` of a cache directory); unreadable entries are skipped.
+fn for_each_block_file(root: &Path, mut f: impl FnMut(&str, &fs::Metadata)) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            let p = e.path();
+            if md.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(root)
+                && let Some(key) = rel.to_str()
+            {
+                f(key, &md);
+            }
+        }
     }
 }
 
