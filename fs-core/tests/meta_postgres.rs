@@ -3,6 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
+use std::time::Duration;
+
 use strata::meta::{Ctx, FileKind, MetaEngine, PostgresEngine, ROOT_INO, conformance};
 use strata::testing::postgres::PgServer;
 
@@ -95,6 +97,50 @@ fn round_trips_of_create_stat_lookup_and_close() {
         2,
         "the two files"
     );
+}
+
+/// Usage counters are sharded per pool connection (FORMAT.md §2, "Counter shards"): two
+/// write transactions that both change `used_inodes` at once, as two creates in different
+/// directories do, neither wait for each other nor fail to serialize; reads see the sum and
+/// `set_counter` replaces it.
+#[test]
+fn concurrent_usage_updates_neither_wait_nor_conflict() {
+    let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let engine = PostgresEngine::open(&pg.new_database()).expect("open engine");
+    engine.init_schema().expect("schema");
+    let mut first = engine.begin(true).expect("begin");
+    first.add_counter("used_inodes", 1).expect("add");
+    // A read sends the held-back update: `first` now holds the row it updated.
+    first.get_counter("next_inode").expect("read");
+    let (done, answer) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let r = (|| {
+                let mut second = engine.begin(true)?;
+                second.add_counter("used_inodes", 2)?;
+                second.commit()
+            })();
+            done.send(r).expect("send");
+        });
+        // With one row per counter the second transaction waits for the first's row lock
+        // and then fails to serialize.
+        let early = answer.recv_timeout(Duration::from_secs(10));
+        let waited = early.is_err();
+        first.commit().expect("first commit");
+        let second = early.unwrap_or_else(|_| answer.recv().expect("answer"));
+        assert!(!waited, "the second transaction waited for the first");
+        second.expect("second commit");
+    });
+    let read = |name: &str| {
+        let mut tx = engine.begin(false).expect("begin");
+        tx.get_counter(name).expect("read")
+    };
+    assert_eq!(read("used_inodes"), 3, "the sum of the shards");
+    let mut tx = engine.begin(true).expect("begin");
+    tx.set_counter("used_inodes", 10).expect("set");
+    tx.commit().expect("commit");
+    assert_eq!(read("used_inodes"), 10, "set_counter replaces the shards");
+    assert_eq!(read("used_space"), 0, "another counter is apart");
 }
 
 /// libpq's sslmode meanings against a real server: `prefer` (the default) falls back to

@@ -379,7 +379,9 @@ pub trait Txn {
 
     fn get_setting(&mut self, name: &str) -> Result<Option<String>>;
     fn set_setting(&mut self, name: &str, value: &str) -> Result<()>;
-    /// Add `delta` to a named counter (created at 0) and return the new value.
+    /// Add `delta` to a named counter (created at 0) and return the new value. For id
+    /// counters; an engine that shards usage counters (PostgreSQL, FORMAT.md §2 "Counter
+    /// shards") returns the value of the counter's own row only.
     fn incr_counter(&mut self, name: &str, delta: i64) -> Result<i64>;
     /// Add `delta` to a named counter without reading it back (an engine may send it
     /// later in the transaction, batched with other writes).

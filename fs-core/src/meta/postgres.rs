@@ -73,7 +73,13 @@ struct Conn {
     rt: tokio::runtime::Runtime,
     client: Option<Client>,
     stmts: HashMap<&'static str, Statement>,
+    /// The row suffix (`#<n>`) this connection's [`Txn::add_counter`] writes to (FORMAT.md
+    /// §2, "Counter shards").
+    shard: String,
 }
+
+/// Shard rows per usage counter (FORMAT.md §2, "Counter shards").
+const COUNTER_SHARDS: u32 = 32;
 
 pub struct PostgresEngine {
     url: String,
@@ -158,7 +164,10 @@ impl PostgresEngine {
         }
         config.ssl_mode(tls.ssl_mode());
         let mut pool = Vec::with_capacity(pool_size);
-        for _ in 0..pool_size {
+        // Connections of one client take consecutive shards from a random start, so the
+        // clients of a volume spread over the shards too.
+        let first_shard = rand::random::<u32>();
+        for n in 0..pool_size {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -167,6 +176,7 @@ impl PostgresEngine {
                 rt,
                 client: None,
                 stmts: HashMap::new(),
+                shard: format!("#{}", first_shard.wrapping_add(n as u32) % COUNTER_SHARDS),
             }));
         }
         let engine = PostgresEngine {
@@ -537,17 +547,27 @@ impl Txn for PgTxn<'_> {
             .ok_or(MetaError::Engine("counter update returned nothing".into()))
     }
 
+    /// Adds to this connection's shard row of the counter: concurrent transactions on other
+    /// connections (this client's or another's) then update other rows, and neither waits
+    /// for the other nor fails to serialize over the counter.
     fn add_counter(&mut self, name: &str, delta: i64) -> Result<()> {
+        let row = format!("{name}{}", self.conn.shard);
         self.exec(
             "INSERT INTO counter (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET value = counter.value + EXCLUDED.value",
-            vec![Box::new(name.to_owned()), Box::new(delta)],
+            vec![Box::new(row), Box::new(delta)],
         )
     }
 
+    /// The counter's row plus its shard rows (`name#0` … `name#31` sort between `name` and
+    /// `name$`).
     fn get_counter(&mut self, name: &str) -> Result<i64> {
+        let end = format!("{name}$");
         Ok(self
-            .opt("SELECT value FROM counter WHERE name = $1", &[&name])?
+            .opt(
+                "SELECT COALESCE(SUM(value), 0)::BIGINT FROM counter WHERE name >= $1 AND name < $2",
+                &[&name, &end],
+            )?
             .map(|r| r.get(0))
             .unwrap_or(0))
     }
@@ -948,6 +968,11 @@ impl Txn for PgTxn<'_> {
             .collect())
     }
     fn set_counter(&mut self, name: &str, value: i64) -> Result<()> {
+        let (first, end) = (format!("{name}#"), format!("{name}$"));
+        self.exec(
+            "DELETE FROM counter WHERE name >= $1 AND name < $2",
+            vec![Box::new(first), Box::new(end)],
+        )?;
         self.exec(
             "INSERT INTO counter (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
