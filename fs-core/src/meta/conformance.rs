@@ -65,6 +65,7 @@ const CASES: &[(&str, Case)] = &[
     ("quotas", quotas),
     ("journal", journal),
     ("trash", trash),
+    ("reclaim_batches", reclaim_batches),
 ];
 
 /// Run every case against fresh engines from `make`; panics with the case name on failure.
@@ -302,6 +303,58 @@ fn truncate_masks(m: &Meta) {
     m.trim_once().unwrap();
     assert!(m.chunk_indexes(f).unwrap().is_empty());
     assert!(m.getattr(f).unwrap().masks.is_empty());
+}
+
+/// Deleted files' slices become garbage, in transactions of up to 64 chunks that may span
+/// several files: a file of 150 chunks and 30 one-slice files, all deleted, end with every
+/// slice queued as garbage once, no slice rows and an empty reclaim queue.
+fn reclaim_batches(m: &Meta) {
+    let slice = |id: u64| Slice {
+        seq: 0,
+        id,
+        size: 10,
+        off: 0,
+        len: 10,
+        pos: 0,
+    };
+    let mut ids = Vec::new();
+    let big = file(m, ROOT_INO, "big");
+    let mut chunks = Vec::new();
+    for i in 0..150u32 {
+        let id = m.new_slice_id().unwrap();
+        ids.push(id);
+        chunks.push((i, slice(id)));
+    }
+    m.write_slices(big, &chunks, 149 * CHUNK_SIZE + 10).unwrap();
+    let mut small = Vec::new();
+    for k in 0..30 {
+        let f = file(m, ROOT_INO, &format!("s{k}"));
+        let id = m.new_slice_id().unwrap();
+        ids.push(id);
+        m.write_slices(f, &[(0, slice(id))], 10).unwrap();
+        small.push(f);
+    }
+    m.unlink(ROOT_INO, b"big").unwrap();
+    for k in 0..30 {
+        m.unlink(ROOT_INO, format!("s{k}").as_bytes()).unwrap();
+    }
+    while m.reclaim_once().unwrap() > 0 {}
+    let (mut garbage, queued) = m
+        .txn(false, |tx| {
+            Ok((tx.list_due_garbage(i64::MAX, 1000)?, tx.list_reclaim(100)?))
+        })
+        .unwrap();
+    assert!(queued.is_empty(), "reclaim queue left: {queued:?}");
+    garbage.sort_unstable();
+    ids.sort_unstable();
+    assert_eq!(
+        garbage.iter().map(|g| g.0).collect::<Vec<_>>(),
+        ids,
+        "every slice queued as garbage once"
+    );
+    for f in small.into_iter().chain([big]) {
+        assert!(m.chunk_indexes(f).unwrap().is_empty(), "slices of {f} left");
+    }
 }
 
 fn unlink_open(m: &Meta) {

@@ -179,6 +179,10 @@ impl Vfs {
             if due.is_empty() {
                 break;
             }
+            // Slices whose objects are all deleted; their rows go in one transaction. A
+            // client killed before that deletes them again next time (a missing object is
+            // no error).
+            let mut gone = Vec::with_capacity(due.len());
             for (id, size) in due {
                 if stopping() {
                     break;
@@ -195,11 +199,13 @@ impl Vfs {
                     deleted += 1;
                 }
                 if !ok {
+                    self.meta.forget_garbage(&gone)?;
                     self.metrics.objects_reclaimed(deleted as u64);
                     return Ok(deleted);
                 }
-                self.meta.forget_garbage(id)?;
+                gone.push(id);
             }
+            self.meta.forget_garbage(&gone)?;
         }
         self.metrics.objects_reclaimed(deleted as u64);
         Ok(deleted)
