@@ -35,6 +35,7 @@ pub const MOUNT_OPTIONS: &[&str] = &[
     "free-space-ratio",
     "no-cache-written",
     "writeback",
+    "upload-delay",
     "random-read-ranges",
     "cache-group",
     "cache-group-addr",
@@ -224,6 +225,11 @@ pub fn parse_mount_options(s: &str) -> Result<Vec<(String, Option<String>)>> {
             "mountOptions: writeback stages written blocks in the disk cache, which cache-size=0 disables: give cache-size a size in MiB, or drop writeback".into(),
         ));
     }
+    if has("upload-delay") && !has("writeback") {
+        return Err(CsiError::InvalidArgument(
+            "mountOptions: upload-delay delays the uploads of write-back, which is off: add writeback, or drop upload-delay".into(),
+        ));
+    }
     Ok(out)
 }
 
@@ -345,6 +351,8 @@ mod tests {
     #[test]
     fn writeback_needs_the_disk_cache() {
         assert!(parse_mount_options("writeback,cache-size=2048").is_ok());
+        assert!(parse_mount_options("writeback,upload-delay=5m").is_ok());
+        assert!(parse_mount_options("upload-delay=5m").is_err());
         let e = parse_mount_options("cache-size=0,writeback").unwrap_err();
         assert!(e.to_string().contains("cache-size=0"), "{e}");
     }

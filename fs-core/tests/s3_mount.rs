@@ -237,6 +237,98 @@ fn s3_writeback_stages_blocks_and_uploads_them_after_a_kill9() {
     );
 }
 
+/// `--upload-delay`: with write-back, closed files wait on the local disk for the delay
+/// (an hour here: nothing reaches the bucket while the test runs) and read back through the
+/// mount; unmount uploads them at once. The option is refused without `--writeback` or
+/// with a value that is not a duration, naming the fix.
+#[test]
+fn s3_upload_delay_holds_blocks_until_unmount() {
+    let Some(weed) = SeaweedFs::for_test() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let meta = format!("sqlite://{}/meta.db", dir.path().display());
+    format_s3(&weed, &meta, "strata-upload-delay", "udvol");
+    let mnt = dir.path().join("mnt");
+    let refused = |args: &[&str]| {
+        fs::create_dir_all(&mnt).unwrap();
+        let mut child = std::process::Command::new(BIN)
+            .arg("mount")
+            .args(args)
+            .arg(&meta)
+            .arg(&mnt)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::process::Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&mnt)
+                .status();
+            panic!("strata mount {args:?} was not refused");
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "strata mount {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = refused(&["--upload-delay", "5m"]);
+    assert!(
+        e.contains("--upload-delay") && e.contains("add --writeback"),
+        "{e}"
+    );
+    let e = refused(&["--writeback", "--upload-delay", "5 minutes"]);
+    assert!(e.contains("not a duration") && e.contains("30s"), "{e}");
+
+    let cache = dir.path().join("cache").display().to_string();
+    let mut m = TestMount::new(
+        BIN,
+        &meta,
+        &mnt,
+        &[
+            "--writeback",
+            "--upload-delay",
+            "1h",
+            "--cache-dir",
+            &cache,
+            "--cache-size",
+            "256",
+        ],
+    );
+    let data = pattern(4 << 20, 11);
+    let p = m.path.join("ckpt.bin");
+    fs::write(&p, &data).unwrap();
+    let store = S3Store::new(weed.settings("strata-upload-delay")).unwrap();
+    let objects = || store.list("udvol/chunks/", None, 1000).unwrap().len();
+    assert_eq!(objects(), 0, "uploaded before the delay: {}", m.log());
+    assert!(
+        fs::read(&p).unwrap() == data,
+        "staged data read back differs"
+    );
+    m.unmount();
+    assert_eq!(objects(), 4, "unmount uploads the 4 staged blocks at once");
+    // From the store alone: a fresh cache directory.
+    let fresh = dir.path().join("cache2").display().to_string();
+    let _m = TestMount::new(
+        BIN,
+        &meta,
+        &mnt,
+        &["--cache-dir", &fresh, "--cache-size", "256"],
+    );
+    assert!(
+        fs::read(&p).unwrap() == data,
+        "data read from the store after unmount differs"
+    );
+}
+
 fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = fs::read_dir(p) {

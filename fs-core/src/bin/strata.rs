@@ -724,6 +724,11 @@ struct CacheArgs {
     /// docs/SEMANTICS.md). Needs the disk cache.
     #[arg(long)]
     writeback: bool,
+    /// With --writeback: how long a written block waits on the local disk before its upload
+    /// (e.g. 30s, 5m, 1h; default 0). Blocks deleted or overwritten meanwhile are never
+    /// uploaded; other clients wait that much longer to read new data. Unmount uploads at once.
+    #[arg(long, value_name = "DURATION", value_parser = parse_upload_delay)]
+    upload_delay: Option<std::time::Duration>,
     /// On random reads, fetch only the bytes asked for (uncached) instead of whole blocks.
     #[arg(long)]
     random_read_ranges: bool,
@@ -772,6 +777,11 @@ impl CacheArgs {
                 "--writeback stages written blocks in the disk cache, which --cache-size 0 disables: give --cache-size (MiB) and --cache-dir, or drop --writeback"
             );
         }
+        if self.upload_delay.is_some() && !self.writeback {
+            bail!(
+                "--upload-delay delays the uploads of write-back, which is off: add --writeback (and a disk cache), or drop --upload-delay"
+            );
+        }
         if self.cache_group.is_none() && (self.no_serve || self.cache_group_addr.is_some()) {
             bail!("--no-serve and --cache-group-addr need --cache-group NAME");
         }
@@ -781,6 +791,7 @@ impl CacheArgs {
             free_space_ratio: self.free_space_ratio,
             cache_written: !self.no_cache_written,
             writeback: self.writeback,
+            upload_delay_ms: self.upload_delay.map_or(0, |d| d.as_millis() as u64),
             random_whole_blocks: !self.random_read_ranges,
             group: self.cache_group.clone(),
             group_addr: self.cache_group_addr.clone(),
@@ -791,6 +802,30 @@ impl CacheArgs {
             ..Default::default()
         })
     }
+}
+
+/// `--upload-delay`: `0`, seconds (`90`), or a number with `ms`, `s`, `m` or `h`; at most a day.
+fn parse_upload_delay(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let bad = || {
+        format!("{s:?} is not a duration: give e.g. 0, 90 (seconds), 30s, 5m or 1h, at most 24h")
+    };
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let mul = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    let v = num.parse::<f64>().map_err(|_| bad())? * mul;
+    if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
 }
 
 fn default_cache_dir() -> PathBuf {

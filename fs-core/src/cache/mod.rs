@@ -31,6 +31,9 @@ pub struct CacheSettings {
     /// Write-back (`--writeback`): written blocks are staged in the disk cache and uploaded
     /// after close/fsync return (see `vfs::writeback`).
     pub writeback: bool,
+    /// Write-back: milliseconds a newly staged block waits before its upload
+    /// (`--upload-delay`; 0 = upload at once).
+    pub upload_delay_ms: u64,
     /// On a random (non-sequential) read of a block not cached, fetch and cache the whole
     /// block (default), or only the bytes asked for, uncached (`--random-read-ranges`: for
     /// large files read at random, e.g. embedding tables, where whole blocks waste transfer).
@@ -63,6 +66,7 @@ impl Default for CacheSettings {
             free_space_ratio: 0.1,
             cache_written: true,
             writeback: false,
+            upload_delay_ms: 0,
             random_whole_blocks: true,
             fetch_threads: 16,
             group: None,

@@ -269,6 +269,7 @@ impl Vfs {
                 &format.name,
                 settings.cache.writeback,
                 settings.cache.cache_written,
+                std::time::Duration::from_millis(settings.cache.upload_delay_ms),
                 settings.upload_threads,
             )
         });

@@ -9,6 +9,12 @@
 //! block; a node lost with its disk loses the staged blocks. A client killed with blocks
 //! staged loses nothing: the next mount with the same cache directory uploads them
 //! ([`Writeback::start`] queues everything found staged, with or without the option).
+//!
+//! `--upload-delay` holds each newly staged block back for that long before its upload (as
+//! JuiceFS's option of that name does): a checkpoint save is then not slowed by its own
+//! uploads, and a block deleted or overwritten within the delay (a temporary file, a
+//! checkpoint replaced at once) is never uploaded. Unmount does not wait out the delay: it
+//! uploads everything at once.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -39,6 +45,8 @@ struct Queue {
     keys: VecDeque<Entry>,
     /// Uploads being sent.
     busy: usize,
+    /// Unmounting: the upload delay no longer applies.
+    draining: bool,
     stop: bool,
 }
 
@@ -54,6 +62,8 @@ pub struct Writeback {
     enabled: bool,
     /// Keep an uploaded block in the disk cache (not `--no-cache-written`).
     keep: bool,
+    /// How long a newly staged block waits before its upload (`--upload-delay`).
+    delay: Duration,
     queue: Mutex<Queue>,
     cv: Condvar,
     last_upload: Mutex<Instant>,
@@ -68,8 +78,8 @@ fn key_len(key: &str) -> Option<usize> {
 
 impl Writeback {
     /// Set up write-back for a mount with disk cache `disk`, and start uploading what is
-    /// staged there already. Threads are started only when there is something to do:
-    /// `enabled`, or blocks left staged.
+    /// staged there already (at once: the delay is for blocks staged from now on). Threads
+    /// are started only when there is something to do: `enabled`, or blocks left staged.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         disk: Arc<DiskCache>,
@@ -79,6 +89,7 @@ impl Writeback {
         volume: &str,
         enabled: bool,
         keep: bool,
+        delay: Duration,
         threads: usize,
     ) -> Arc<Self> {
         let left = disk.staged_keys();
@@ -90,6 +101,7 @@ impl Writeback {
             volume: volume.to_string(),
             enabled,
             keep,
+            delay,
             queue: Mutex::new(Queue::default()),
             cv: Condvar::new(),
             last_upload: Mutex::new(Instant::now()),
@@ -100,7 +112,7 @@ impl Writeback {
             tracing::info!(volume = %wb.volume, blocks = left.len(), "uploading blocks an earlier client left staged (write-back)");
         }
         for k in left {
-            wb.enqueue(k);
+            wb.enqueue(k, Duration::ZERO);
         }
         if enabled || !wb.queue.lock().keys.is_empty() {
             let mut ts = wb.threads.lock();
@@ -122,12 +134,15 @@ impl Writeback {
         self.enabled
     }
 
-    fn enqueue(&self, key: String) {
-        self.queue.lock().keys.push_back(Entry {
+    fn enqueue(&self, key: String, delay: Duration) {
+        let mut q = self.queue.lock();
+        let delay = if q.draining { Duration::ZERO } else { delay };
+        q.keys.push_back(Entry {
             key,
-            not_before: Instant::now(),
+            not_before: Instant::now() + delay,
             failures: 0,
         });
+        drop(q);
         self.cv.notify_one();
     }
 
@@ -139,7 +154,7 @@ impl Writeback {
         }
         match self.disk.stage(key, data) {
             Ok(true) => {
-                self.enqueue(key.to_string());
+                self.enqueue(key.to_string(), self.delay);
                 true
             }
             Ok(false) => false,
@@ -253,9 +268,18 @@ impl Writeback {
         true
     }
 
-    /// At unmount: wait for the staged blocks to be uploaded while uploads make progress,
-    /// then stop the threads. What is left stays staged for the next mount.
+    /// At unmount: upload every staged block now (the upload delay ends), wait while uploads
+    /// make progress, then stop the threads. What is left stays staged for the next mount.
     pub fn shutdown(&self) {
+        {
+            let mut q = self.queue.lock();
+            q.draining = true;
+            let now = Instant::now();
+            for e in q.keys.iter_mut().filter(|e| e.failures == 0) {
+                e.not_before = e.not_before.min(now);
+            }
+        }
+        self.cv.notify_all();
         let started = Instant::now();
         let mut said = Instant::now();
         loop {
@@ -303,6 +327,15 @@ mod tests {
     }
 
     fn start(d: &Arc<DiskCache>, store: Arc<dyn ObjectStore>, enabled: bool) -> Arc<Writeback> {
+        start_delayed(d, store, enabled, Duration::ZERO)
+    }
+
+    fn start_delayed(
+        d: &Arc<DiskCache>,
+        store: Arc<dyn ObjectStore>,
+        enabled: bool,
+        delay: Duration,
+    ) -> Arc<Writeback> {
         Writeback::start(
             d.clone(),
             store,
@@ -311,6 +344,7 @@ mod tests {
             "vol",
             enabled,
             true,
+            delay,
             2,
         )
     }
@@ -366,6 +400,30 @@ mod tests {
             MemStore::default(),
             FaultSettings::default(),
         ))
+    }
+
+    #[test]
+    fn the_upload_delay_holds_new_blocks_back_but_not_unmount_nor_leftovers() {
+        let t = tempfile::tempdir().unwrap();
+        let d = disk(t.path());
+        // Left staged by an earlier client: uploaded at once despite the delay.
+        d.stage("vol/chunks/0/0/6_0_4", b"left").unwrap();
+        let store = Arc::new(MemStore::default());
+        let wb = start_delayed(&d, store.clone(), true, Duration::from_secs(3600));
+        wait(|| store.get("vol/chunks/0/0/6_0_4", 0, None).is_ok());
+        assert!(wb.stage(KEY, b"hello"));
+        // Deleted within the delay: never uploaded.
+        let gone = "vol/chunks/0/0/8_0_4";
+        assert!(wb.stage(gone, b"temp"));
+        d.remove(gone);
+        // Both wait in the queue for an hour: no upload has started.
+        assert_eq!(wb.pending(), 2, "held back by the delay");
+        assert!(store.get(KEY, 0, None).is_err());
+        // Unmount uploads what waits, and skips the deleted block.
+        wb.shutdown();
+        assert_eq!(&store.get(KEY, 0, None).unwrap()[..], b"hello");
+        assert!(store.get(gone, 0, None).is_err());
+        assert_eq!(d.staged(), (0, 0));
     }
 
     #[test]
