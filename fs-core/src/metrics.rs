@@ -55,6 +55,7 @@ pub mod names {
     pub const WRITEBACK_STAGED_BLOCKS: &str = "strata_writeback_staged_blocks";
     pub const WRITEBACK_UPLOADED: &str = "strata_writeback_uploaded_blocks";
     pub const WRITEBACK_FAILURES: &str = "strata_writeback_upload_failures";
+    pub const WRITEBACK_DROPPED: &str = "strata_writeback_dropped_blocks";
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -160,6 +161,7 @@ pub struct Metrics {
     writeback_staged_blocks: Gauge,
     writeback_uploaded: Counter,
     writeback_failures: Counter,
+    writeback_dropped: Counter,
     mirror_copied: Counter,
     mirror_copied_bytes: Counter,
     mirror_deferred: Counter,
@@ -216,6 +218,7 @@ impl Metrics {
             writeback_staged_bytes: Default::default(),
             writeback_staged_blocks: Default::default(),
             writeback_uploaded: Default::default(),
+            writeback_dropped: Default::default(),
             writeback_failures: Default::default(),
             mirror_copied: Default::default(),
             mirror_copied_bytes: Default::default(),
@@ -350,6 +353,11 @@ impl Metrics {
             names::WRITEBACK_FAILURES,
             "Failed uploads of staged blocks (each is retried)",
             self.writeback_failures.clone(),
+        );
+        registry.register(
+            names::WRITEBACK_DROPPED,
+            "Staged blocks dropped instead of uploaded: their file was deleted, truncated or overwritten first (write-back)",
+            self.writeback_dropped.clone(),
         );
         registry.register(
             names::MIRROR_BACKLOG,
@@ -558,6 +566,10 @@ impl Metrics {
 
     pub fn writeback_failure(&self) {
         self.writeback_failures.inc();
+    }
+
+    pub fn writeback_dropped(&self) {
+        self.writeback_dropped.inc();
     }
 
     pub fn mirror_backlog(&self, objects: u64) {

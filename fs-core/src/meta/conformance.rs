@@ -355,6 +355,11 @@ fn reclaim_batches(m: &Meta) {
     for f in small.into_iter().chain([big]) {
         assert!(m.chunk_indexes(f).unwrap().is_empty(), "slices of {f} left");
     }
+    assert!(m.is_garbage(ids[0]).unwrap() && m.is_garbage(ids[179]).unwrap());
+    let live = m.new_slice_id().unwrap();
+    assert!(!m.is_garbage(live).unwrap(), "a slice never deleted");
+    m.forget_garbage(&ids[..1]).unwrap();
+    assert!(!m.is_garbage(ids[0]).unwrap(), "forgotten");
 }
 
 fn unlink_open(m: &Meta) {

@@ -1605,6 +1605,12 @@ impl Meta {
         self.txn(false, |tx| tx.list_due_garbage(now, limit))
     }
 
+    /// Whether slice `id` is no longer referenced (queued as garbage: its file was deleted,
+    /// truncated or overwritten). Write-back skips the upload of such a slice's blocks.
+    pub fn is_garbage(&self, id: u64) -> Result<bool> {
+        self.read_one(|tx| tx.has_garbage(id))
+    }
+
     /// Drop the garbage rows of `ids` (their objects are deleted) in one transaction: one
     /// commit per batch, not per slice, so a cleaner deleting thousands of small files does
     /// not compete with the foreground for commits (one fsync each on PostgreSQL).

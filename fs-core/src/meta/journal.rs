@@ -192,6 +192,9 @@ impl Txn for JournalTxn<'_> {
     fn delete_garbage(&mut self, id: u64) -> Result<()> {
         self.inner.delete_garbage(id)
     }
+    fn has_garbage(&mut self, id: u64) -> Result<bool> {
+        self.inner.has_garbage(id)
+    }
     fn put_session(&mut self, sid: u64, heartbeat: i64, info: &str) -> Result<()> {
         self.inner.put_session(sid, heartbeat, info)
     }

@@ -248,6 +248,9 @@ impl Txn for MemTxn<'_> {
         self.s.garbage.remove(&id);
         Ok(())
     }
+    fn has_garbage(&mut self, id: u64) -> Result<bool> {
+        Ok(self.s.garbage.contains_key(&id))
+    }
     fn put_session(&mut self, sid: u64, heartbeat: i64, info: &str) -> Result<()> {
         self.s.sessions.insert(sid, (heartbeat, info.into()));
         Ok(())

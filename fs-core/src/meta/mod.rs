@@ -449,6 +449,8 @@ pub trait Txn {
     fn add_garbage(&mut self, id: u64, size: u32, due: i64) -> Result<()>;
     fn list_due_garbage(&mut self, now: i64, limit: usize) -> Result<Vec<(u64, u32)>>;
     fn delete_garbage(&mut self, id: u64) -> Result<()>;
+    /// Whether slice `id` is queued as garbage (due or not).
+    fn has_garbage(&mut self, id: u64) -> Result<bool>;
 
     /// Sessions: a mounted client and the time its liveness expires unless it heartbeats
     /// again (unix seconds; stored in the `heartbeat` column).

@@ -851,6 +851,11 @@ impl Txn for PgTxn<'_> {
     fn delete_garbage(&mut self, id: u64) -> Result<()> {
         self.exec("DELETE FROM garbage WHERE id = $1", vec![Box::new(i(id))])
     }
+    fn has_garbage(&mut self, id: u64) -> Result<bool> {
+        Ok(self
+            .opt("SELECT 1 FROM garbage WHERE id = $1", &[&i(id)])?
+            .is_some())
+    }
 
     fn put_session(&mut self, sid: u64, heartbeat: i64, info: &str) -> Result<()> {
         self.exec(

@@ -484,6 +484,12 @@ impl Txn for SqliteTxn<'_> {
     fn delete_garbage(&mut self, id: u64) -> Result<()> {
         self.exec("DELETE FROM garbage WHERE id = ?1", params![id as i64])
     }
+    fn has_garbage(&mut self, id: u64) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM garbage WHERE id = ?1")
+            .and_then(|mut s| s.exists(params![id as i64]))
+            .map_err(sql_err)
+    }
 
     fn put_session(&mut self, sid: u64, heartbeat: i64, info: &str) -> Result<()> {
         self.exec(

@@ -106,6 +106,7 @@ mod cost {
             fn add_garbage(&mut self, id: u64, size: u32, due: i64) -> Result<()>;
             fn list_due_garbage(&mut self, now: i64, limit: usize) -> Result<Vec<(u64, u32)>>;
             fn delete_garbage(&mut self, id: u64) -> Result<()>;
+            fn has_garbage(&mut self, id: u64) -> Result<bool>;
             fn put_session(&mut self, sid: u64, heartbeat: i64, info: &str) -> Result<()>;
             fn delete_session(&mut self, sid: u64) -> Result<()>;
             fn list_sessions(&mut self) -> Result<Vec<(u64, i64, String)>>;

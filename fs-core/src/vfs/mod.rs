@@ -270,6 +270,10 @@ impl Vfs {
                 settings.cache.writeback,
                 settings.cache.cache_written,
                 std::time::Duration::from_millis(settings.cache.upload_delay_ms),
+                {
+                    let meta = meta.clone();
+                    Arc::new(move |id| meta.is_garbage(id).unwrap_or(false))
+                },
                 settings.upload_threads,
             )
         });

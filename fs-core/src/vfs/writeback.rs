@@ -64,6 +64,8 @@ pub struct Writeback {
     keep: bool,
     /// How long a newly staged block waits before its upload (`--upload-delay`).
     delay: Duration,
+    /// Blocks of dead slices are dropped, not uploaded.
+    dead: DeadSlice,
     queue: Mutex<Queue>,
     cv: Condvar,
     last_upload: Mutex<Instant>,
@@ -75,6 +77,15 @@ pub struct Writeback {
 fn key_len(key: &str) -> Option<usize> {
     key.rsplit('_').next()?.parse().ok()
 }
+
+/// The slice id of a block from its key.
+fn key_slice(key: &str) -> Option<u64> {
+    key.rsplit('/').next()?.split('_').next()?.parse().ok()
+}
+
+/// Whether a slice is no longer referenced (its file was deleted, truncated or overwritten):
+/// the metadata's garbage queue ([`crate::meta::Meta::is_garbage`]).
+pub type DeadSlice = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
 impl Writeback {
     /// Set up write-back for a mount with disk cache `disk`, and start uploading what is
@@ -90,6 +101,7 @@ impl Writeback {
         enabled: bool,
         keep: bool,
         delay: Duration,
+        dead: DeadSlice,
         threads: usize,
     ) -> Arc<Self> {
         let left = disk.staged_keys();
@@ -102,6 +114,7 @@ impl Writeback {
             enabled,
             keep,
             delay,
+            dead,
             queue: Mutex::new(Queue::default()),
             cv: Condvar::new(),
             last_upload: Mutex::new(Instant::now()),
@@ -226,10 +239,19 @@ impl Writeback {
     /// Upload one staged block. False: try again later.
     fn upload(&self, e: &Entry) -> bool {
         let key = &e.key;
-        let Some(len) = key_len(key) else {
+        let (Some(len), Some(slice)) = (key_len(key), key_slice(key)) else {
             tracing::error!(volume = %self.volume, key, "a staged file's name is not a block key: left in place, not uploaded");
             return true;
         };
+        // Deleted, truncated or overwritten before its turn (an upload delay, a backlog):
+        // nobody will read it, so it is dropped instead of uploaded. A reader of this client
+        // with an old chunk map then finds it missing and plans again.
+        if (self.dead)(slice) {
+            tracing::debug!(volume = %self.volume, key, "staged block of a deleted slice dropped, not uploaded");
+            self.disk.unstage(key, false);
+            self.metrics.writeback_dropped();
+            return true;
+        }
         let data = match self.disk.read_staged(key, len, &self.buffers) {
             Ok(Some(d)) => d,
             // Deleted meanwhile (its file was removed or truncated): nothing to upload (and
@@ -336,6 +358,16 @@ mod tests {
         enabled: bool,
         delay: Duration,
     ) -> Arc<Writeback> {
+        start_with(d, store, enabled, delay, Arc::new(|_| false))
+    }
+
+    fn start_with(
+        d: &Arc<DiskCache>,
+        store: Arc<dyn ObjectStore>,
+        enabled: bool,
+        delay: Duration,
+        dead: DeadSlice,
+    ) -> Arc<Writeback> {
         Writeback::start(
             d.clone(),
             store,
@@ -345,6 +377,7 @@ mod tests {
             enabled,
             true,
             delay,
+            dead,
             2,
         )
     }
@@ -424,6 +457,33 @@ mod tests {
         assert_eq!(&store.get(KEY, 0, None).unwrap()[..], b"hello");
         assert!(store.get(gone, 0, None).is_err());
         assert_eq!(d.staged(), (0, 0));
+    }
+
+    #[test]
+    fn blocks_of_dead_slices_are_dropped_not_uploaded() {
+        let t = tempfile::tempdir().unwrap();
+        let d = disk(t.path());
+        let store = Arc::new(MemStore::default());
+        // Slice 7 (KEY) was overwritten before its upload; slice 9 is live.
+        let live = "vol/chunks/0/0/9_0_4";
+        let wb = start_with(
+            &d,
+            store.clone(),
+            true,
+            Duration::from_secs(3600),
+            Arc::new(|id| id == 7),
+        );
+        assert!(wb.stage(KEY, b"hello"));
+        assert!(wb.stage(live, b"live"));
+        wb.shutdown();
+        assert!(
+            store.get(KEY, 0, None).is_err(),
+            "a dead slice's block was uploaded"
+        );
+        assert_eq!(&store.get(live, 0, None).unwrap()[..], b"live");
+        assert!(!d.contains(KEY), "the dead block is gone from the disk too");
+        assert_eq!(d.staged(), (0, 0));
+        assert_eq!(key_slice(KEY), Some(7));
     }
 
     #[test]
