@@ -591,7 +591,8 @@ step_writeback() {
   # A Volume whose mounts use write-back (SQLite on the node + SeaweedFS S3): a checkpoint
   # written and fsynced while the store is stopped returns (its blocks are staged in the
   # mount Pods' host cache directory), the mount client is killed, and the restarted client
-  # uploads the staged blocks once the store is back.
+  # uploads the staged blocks once the store is back (at once: the Volume's upload-delay
+  # holds back only blocks staged by the running client).
   [ -n "${E2E_S3_ENDPOINT:-}" ] || { note "skipped: no S3 store"; return 0; }
   if [ "$NODE_LOCAL" != 1 ] || [ -z "${WEED_PID:-}" ]; then
     note "skipped: it stops the local SeaweedFS and looks into the node's cache directory (E2E_SERVICES=local, E2E_NODE_LOCAL=1)"
@@ -615,7 +616,7 @@ spec:
   credentialsSecretRef: {name: e2e-wb, namespace: $NS}
   storage: {type: s3, endpoint: "$E2E_S3_ENDPOINT", bucket: e2e-wb}
   capacity: 10Gi
-  mountOptions: [writeback, cache-size=1024]
+  mountOptions: [writeback, cache-size=1024, upload-delay=2s]
   storageClasses: [{name: e2e-wb, reclaimPolicy: Delete, onDelete: delete}]
   deletionPolicy: Delete
 EOF
@@ -632,8 +633,8 @@ EOF
   note "store stopped (SIGSTOP): 32 MiB written with dd conv=fsync in $(since "$t0") s; $n blocks staged in the node's $cache"
   [ "$n" -ge 8 ] || { kill -CONT "$WEED_PID"; fail "expected the 8 blocks staged, found $n"; return 1; }
   # The mount client dies with the blocks staged (its supervisor starts a new one).
-  local pid; pid=$(pgrep -f 'strata mount --fuse-fd-socket.*--writeback' | head -1)
-  [ -n "$pid" ] || { kill -CONT "$WEED_PID"; fail "no write-back mount client found"; return 1; }
+  local pid; pid=$(pgrep -f 'strata mount --fuse-fd-socket.*--writeback.*--upload-delay.2s' | head -1)
+  [ -n "$pid" ] || { kill -CONT "$WEED_PID"; fail "no mount client with --writeback --upload-delay 2s found: $(pgrep -af 'strata mount')"; return 1; }
   kill -9 "$pid"
   sleep 2
   kill -CONT "$WEED_PID" || return 1
