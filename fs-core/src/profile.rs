@@ -481,22 +481,9 @@ pub struct Options {
 
 /// `2s`, `500ms`, `1.5` (seconds), `1m`.
 pub fn parse_duration(s: &str) -> Result<Duration, ProfileError> {
-    let bad = || ProfileError::Interval(s.into());
-    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num.trim().parse().map_err(|_| bad())?;
-    let v = v * mul;
-    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(v))
+    crate::duration::parse(s)
+        .filter(|d| !d.is_zero() && d.as_secs_f64() <= 86_400.0)
+        .ok_or_else(|| ProfileError::Interval(s.into()))
 }
 
 /// What `strata profile PATH` reads.

@@ -152,6 +152,17 @@ fn gc_finds_exactly_the_objects_of_killed_writers_and_never_a_committed_one() {
     assert!(orphans.iter().all(|p| !p.exists()));
     let out = gc(&meta, &["--min-age", "0"]);
     assert_eq!(count_before(&out, "orphans"), 0, "{out}");
+    // A min age that is not a duration is refused, naming the flag and an example.
+    let bad = Command::new(BIN)
+        .args(["gc", &meta, "--min-age", "soon"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{err}");
+    assert!(
+        err.contains("--min-age \"soon\" is not a duration") && err.contains("10m"),
+        "{err}"
+    );
     let fsck = Command::new(BIN).args(["fsck", &meta]).output().unwrap();
     assert!(
         fsck.status.success(),

@@ -249,19 +249,15 @@ struct AttachArgs {
     list: bool,
 }
 
-fn parse_secs(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, mul) = match s.chars().last() {
-        Some('s') => (&s[..s.len() - 1], 1),
-        Some('m') => (&s[..s.len() - 1], 60),
-        Some('h') => (&s[..s.len() - 1], 3600),
-        Some('d') => (&s[..s.len() - 1], 86400),
-        _ => (s, 1),
-    };
-    let v: u64 = num.parse().map_err(|_| {
-        anyhow::anyhow!("--refresh {s:?}: give seconds or a number with s, m, h or d, e.g. 10m")
-    })?;
-    Ok(v * mul)
+/// Whole seconds of the duration `s` given with `flag`.
+fn parse_secs(flag: &str, s: &str) -> Result<u64> {
+    strata::duration::parse(s)
+        .map(|d| d.as_secs())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{flag} {s:?} is not a duration: give seconds or a number with ms, s, m, h or d, e.g. 10m"
+            )
+        })
 }
 
 fn attach_cmd(a: AttachArgs) -> Result<()> {
@@ -315,7 +311,7 @@ fn attach_cmd(a: AttachArgs) -> Result<()> {
         access_key: a.access_key.clone(),
         secret_key: a.secret_key.clone(),
         path_style: !a.virtual_host,
-        refresh_secs: parse_secs(&a.refresh)?,
+        refresh_secs: parse_secs("--refresh", &a.refresh)?,
         read_only: true,
     };
     let att = source::attach_at(&meta, &path, att)?;
@@ -806,26 +802,13 @@ impl CacheArgs {
 
 /// `--upload-delay`: `0`, seconds (`90`), or a number with `ms`, `s`, `m` or `h`; at most a day.
 fn parse_upload_delay(s: &str) -> std::result::Result<std::time::Duration, String> {
-    let bad = || {
-        format!("{s:?} is not a duration: give e.g. 0, 90 (seconds), 30s, 5m or 1h, at most 24h")
-    };
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let mul = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(bad()),
-    };
-    let v = num.parse::<f64>().map_err(|_| bad())? * mul;
-    if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
-        return Err(bad());
-    }
-    Ok(std::time::Duration::from_secs_f64(v))
+    strata::duration::parse(s)
+        .filter(|d| d.as_secs_f64() <= 86_400.0)
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is not a duration: give e.g. 0, 90 (seconds), 30s, 5m or 1h, at most 24h"
+            )
+        })
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -980,9 +963,7 @@ fn run(cli: Cli) -> Result<()> {
             min_age,
             threads,
         } => {
-            let min_age = std::time::Duration::from_secs(
-                parse_secs(&min_age).map_err(|e| anyhow::anyhow!("--min-age: {e}"))?,
-            );
+            let min_age = std::time::Duration::from_secs(parse_secs("--min-age", &min_age)?);
             let vol = strata::volume::open(
                 &meta_url,
                 Arc::new(Metrics::new()),
