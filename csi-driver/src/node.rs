@@ -102,6 +102,15 @@ struct Inner {
     key_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
+/// Bytes of kernel readahead the mount options ask for (`kernel-readahead`, MiB; the
+/// client's default otherwise; 0: the kernel's own).
+fn kernel_readahead(options: &[(String, Option<String>)]) -> u64 {
+    match options.iter().rev().find(|(k, _)| k == "kernel-readahead") {
+        Some((_, Some(v))) => v.trim().parse::<u64>().map(|m| m << 20).unwrap_or(0),
+        _ => strata::mount::DEFAULT_KERNEL_READAHEAD,
+    }
+}
+
 /// The publications served by the shared mount `key`: every target published from a
 /// staging path of that mount, sorted.
 fn consumers_of(st: &State, key: &str) -> Vec<Consumer> {
@@ -366,6 +375,20 @@ impl Inner {
                 "the mount client did not start serving within {} s: {why}",
                 timeout.as_secs()
             )));
+        }
+        // The client answers now: give the mount the kernel readahead its options ask for
+        // (a mount Pod cannot write sysfs, this plugin can). In a thread of its own: a statfs
+        // of a mount whose client stopped answering would block.
+        let bytes = kernel_readahead(&base.spec.options);
+        let mp = base.spec.mountpoint.clone();
+        if bytes > 0 {
+            let _ = std::thread::Builder::new()
+                .name("readahead".into())
+                .spawn(move || {
+                    if let Err(e) = strata::fuse::set_kernel_readahead(&mp, bytes) {
+                        tracing::warn!(mountpoint = %mp.display(), error = %e, "setting the kernel readahead of the mount failed; it stays at the kernel's default");
+                    }
+                });
         }
         Ok(base)
     }
@@ -1014,6 +1037,17 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kernel_readahead_comes_from_the_mount_options() {
+        let opt = |v: &str| vec![("kernel-readahead".to_string(), Some(v.to_string()))];
+        assert_eq!(super::kernel_readahead(&[]), 4 << 20);
+        assert_eq!(super::kernel_readahead(&opt("16")), 16 << 20);
+        assert_eq!(super::kernel_readahead(&opt("0")), 0);
+        let e = crate::params::parse_mount_options("kernel-readahead=lots").unwrap_err();
+        assert!(e.to_string().contains("kernel-readahead=lots: give"), "{e}");
+        assert!(crate::params::parse_mount_options("kernel-readahead=8").is_ok());
+    }
+
     use super::*;
 
     fn stage(volume_id: &str, key: &str) -> StageRec {

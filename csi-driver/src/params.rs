@@ -42,6 +42,7 @@ pub const MOUNT_OPTIONS: &[&str] = &[
     "no-serve",
     "peer-timeout",
     "hot-replicas",
+    "kernel-readahead",
 ];
 
 /// Secrets of a request (`metaurl` required; object-store keys optional). Never printed.
@@ -224,6 +225,14 @@ pub fn parse_mount_options(s: &str) -> Result<Vec<(String, Option<String>)>> {
         return Err(CsiError::InvalidArgument(
             "mountOptions: writeback stages written blocks in the disk cache, which cache-size=0 disables: give cache-size a size in MiB, or drop writeback".into(),
         ));
+    }
+    if let Some((_, v)) = out.iter().find(|(k, _)| k == "kernel-readahead")
+        && v.as_deref().and_then(|v| v.parse::<u64>().ok()).is_none()
+    {
+        return Err(CsiError::InvalidArgument(format!(
+            "mountOptions: kernel-readahead={}: give the kernel readahead in whole MiB, e.g. kernel-readahead=4 (0 keeps the kernel's 128 KiB)",
+            v.as_deref().unwrap_or("")
+        )));
     }
     if has("upload-delay") && !has("writeback") {
         return Err(CsiError::InvalidArgument(

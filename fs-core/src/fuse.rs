@@ -1335,6 +1335,40 @@ impl Filesystem for StrataFs {
     }
 }
 
+/// `f_type` of a FUSE file system in `statfs(2)`.
+const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
+
+/// Make the kernel read ahead `bytes` of a sequential reader of the FUSE mount at
+/// `mountpoint`: its backing device's `read_ahead_kb`. The kernel starts every FUSE mount at
+/// 128 KiB and only ever lowers that at INIT, so the window a file system asks for there is
+/// not reached without this. Waits until the mount answers (a `statfs` waits for INIT), and
+/// refuses anything that is not a FUSE mount. Needs root (sysfs).
+pub fn set_kernel_readahead(mountpoint: &Path, bytes: u64) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid C string and `st` a plain struct the call fills in.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.f_type as u64 != FUSE_SUPER_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a FUSE mount", mountpoint.display()),
+        ));
+    }
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::write(&path, format!("{}\n", bytes / 1024))
+        .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+}
+
 /// Mount `vfs` at `mountpoint` and serve requests until unmounted.
 pub fn mount(
     vfs: Arc<Vfs>,
@@ -1414,5 +1448,16 @@ pub fn serve_fd(
         // empty read, which it reports as an invalid request.
         Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod readahead_tests {
+    #[test]
+    fn kernel_readahead_is_only_set_on_fuse_mounts() {
+        let d = tempfile::tempdir().unwrap();
+        let e = super::set_kernel_readahead(d.path(), 4 << 20).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("not a FUSE mount"), "{e}");
     }
 }

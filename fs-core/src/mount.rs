@@ -43,6 +43,9 @@ pub struct MountOptions {
     pub secret_key: Option<String>,
     /// Which store reads try first when the volume is mirrored.
     pub prefer_store: crate::object::PreferStore,
+    /// Bytes the kernel reads ahead of a sequential reader of the mount (its
+    /// `read_ahead_kb`, set once the mount answers; needs root); 0: the kernel's 128 KiB.
+    pub kernel_readahead: u64,
 }
 
 impl Default for MountOptions {
@@ -60,8 +63,44 @@ impl Default for MountOptions {
             access_key: None,
             secret_key: None,
             prefer_store: Default::default(),
+            kernel_readahead: DEFAULT_KERNEL_READAHEAD,
         }
     }
+}
+
+/// Default of [`MountOptions::kernel_readahead`]. Measured on this project's 2-core test
+/// machine (one reader along a 4 GiB file, fresh mounts): the kernel's 128 KiB made every
+/// 1 MiB read wait for its own FUSE round trip; 4 MiB lets the kernel ask for the next
+/// pieces while the reader copies: local directory 549 -> 1,045 MiB/s at half the CPU per
+/// GiB, SeaweedFS S3 387 -> 433 MiB/s; 16 MiB was no faster.
+pub const DEFAULT_KERNEL_READAHEAD: u64 = 4 << 20;
+
+/// Once the FUSE mount at `mp` answers, set its kernel readahead to `bytes` (in a thread of
+/// its own: the mount only answers once its session serves). Without the right to (not
+/// root, a read-only /sys in a container) the kernel's default stays; the CSI node plugin
+/// sets it for the mounts it makes.
+pub fn spawn_kernel_readahead(mp: PathBuf, bytes: u64) {
+    if bytes == 0 {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("readahead".into())
+        .spawn(move || {
+            let start = Instant::now();
+            while !is_mounted(&mp) {
+                if start.elapsed() > Duration::from_secs(60) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            match crate::fuse::set_kernel_readahead(&mp, bytes) {
+                Ok(()) => {
+                    tracing::debug!(mountpoint = %mp.display(), kib = bytes / 1024, "kernel readahead set")
+                }
+                Err(e) => tracing::info!(mountpoint = %mp.display(), error = %e,
+                    "cannot set the kernel readahead of the mount (needs root); it stays at the kernel's default"),
+            }
+        });
 }
 
 /// Whether other users may use the mount (`allow_other`): always for root (pods run
@@ -330,6 +369,7 @@ pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(),
     };
     tracing::info!(volume = %vol.format.name, meta = %redact_url(meta_url), store = %vol.store.describe(),
         mountpoint = %mp.display(), subdir = ?opts.subdir, "mounting");
+    spawn_kernel_readahead(mp.clone(), opts.kernel_readahead);
     let res = crate::fuse::mount(vfs.clone(), root, &mp, &settings);
     tracing::info!(volume = %vol.format.name, mountpoint = %mp.display(), "unmounted, flushing");
     vfs.shutdown();
@@ -474,6 +514,7 @@ fn run_handover(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Resul
     };
     tracing::info!(volume = %vol.format.name, meta = %redact_url(meta_url), store = %vol.store.describe(),
         mountpoint = %mountpoint.display(), resume, "serving a handed-over FUSE connection");
+    spawn_kernel_readahead(mountpoint.to_path_buf(), opts.kernel_readahead);
     let res = crate::fuse::serve_fd(vfs.clone(), root, handover, &settings, |dev, conn| {
         crate::fusefd::serve_keeper(conn, socket.clone(), dev);
     });

@@ -525,6 +525,10 @@ struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
+    /// MiB the kernel reads ahead of a sequential reader of the mount (its read_ahead_kb,
+    /// set when running as root; 0 keeps the kernel's 128 KiB).
+    #[arg(long, default_value_t = 4)]
+    kernel_readahead: u64,
     #[command(flatten)]
     client: ClientArgs,
     /// Serve a FUSE connection mounted by a keeper (the CSI node plugin) and handed over on
@@ -1241,6 +1245,7 @@ fn mount_cmd(a: MountArgs, log_level: &str) -> Result<()> {
         subdir: a.subdir.clone(),
         nonempty: a.nonempty,
         threads: a.threads,
+        kernel_readahead: a.kernel_readahead << 20,
         ..MountOptions::default()
     };
     a.client.apply(&mut opts)?;
