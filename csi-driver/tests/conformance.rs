@@ -404,6 +404,26 @@ async fn csi_sanity_groups_with_real_mounts() {
         fs::read(target.join("hello.txt")).unwrap(),
         b"through the target"
     );
+    // The mount reads ahead 4 MiB, not the kernel's 128 KiB (its backing device in sysfs).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let dev = fs::metadata(&target).unwrap().dev();
+        let file = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut kib = String::new();
+        while Instant::now() < deadline {
+            kib = fs::read_to_string(&file).unwrap().trim().to_string();
+            if kib == "4096" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(kib, "4096", "{file}");
+    }
     // A read-only publication of the same staged volume.
     let ro_target = root.join("kubelet/pods/p2/volumes/pv1");
     node.node_publish_volume(csi::NodePublishVolumeRequest {
