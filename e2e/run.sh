@@ -335,6 +335,17 @@ step_pvcs() {
   [ "$(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name | wc -l)" -ge 1 ] \
     || fail "no mount Pod in $NS (pod mount mode)" || return 1
   note "mount Pods: $(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o jsonpath='{range .items[*]}{.metadata.name}({.spec.containers[0].securityContext.runAsUser}) {end}')"
+  # The node plugin gives the mount the kernel readahead the unprivileged mount Pod cannot set.
+  local uid target dev ra i
+  uid=$(k -n "$APPS" get pod writer-a -o jsonpath='{.metadata.uid}')
+  target=$(ls -d "$KUBELET_DIR"/pods/"$uid"/volumes/kubernetes.io~csi/*/mount 2>/dev/null | head -1)
+  [ -n "$target" ] || fail "no CSI volume of writer-a under $KUBELET_DIR/pods/$uid" || return 1
+  dev=$(stat -c '%Hd:%Ld' "$target")
+  for i in $(seq 50); do
+    ra=$(cat "/sys/class/bdi/$dev/read_ahead_kb"); [ "$ra" = 4096 ] && break; sleep 0.2
+  done
+  [ "$ra" = 4096 ] || fail "the mount of writer-a reads ahead $ra KiB, not 4096 (node plugin: kernel-readahead)" || return 1
+  note "kernel readahead of the pod-mode mount: $ra KiB (set by the node plugin)"
 }
 
 # probe POD: a new file written and read back through the mount (never the page cache).

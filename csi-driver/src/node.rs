@@ -377,19 +377,12 @@ impl Inner {
             )));
         }
         // The client answers now: give the mount the kernel readahead its options ask for
-        // (a mount Pod cannot write sysfs, this plugin can). In a thread of its own: a statfs
+        // (a mount Pod cannot write sysfs, this plugin can), in a thread of its own: a statfs
         // of a mount whose client stopped answering would block.
-        let bytes = kernel_readahead(&base.spec.options);
-        let mp = base.spec.mountpoint.clone();
-        if bytes > 0 {
-            let _ = std::thread::Builder::new()
-                .name("readahead".into())
-                .spawn(move || {
-                    if let Err(e) = strata::fuse::set_kernel_readahead(&mp, bytes) {
-                        tracing::warn!(mountpoint = %mp.display(), error = %e, "setting the kernel readahead of the mount failed; it stays at the kernel's default");
-                    }
-                });
-        }
+        strata::mount::spawn_kernel_readahead(
+            base.spec.mountpoint.clone(),
+            kernel_readahead(&base.spec.options),
+        );
         Ok(base)
     }
 
