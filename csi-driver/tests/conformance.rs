@@ -406,13 +406,7 @@ async fn csi_sanity_groups_with_real_mounts() {
     );
     // The mount reads ahead 4 MiB, not the kernel's 128 KiB (its backing device in sysfs).
     {
-        use std::os::unix::fs::MetadataExt;
-        let dev = fs::metadata(&target).unwrap().dev();
-        let file = format!(
-            "/sys/class/bdi/{}:{}/read_ahead_kb",
-            libc::major(dev),
-            libc::minor(dev)
-        );
+        let file = strata::fuse::read_ahead_kb_file(&target).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut kib = String::new();
         while Instant::now() < deadline {
@@ -422,7 +416,7 @@ async fn csi_sanity_groups_with_real_mounts() {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(kib, "4096", "{file}");
+        assert_eq!(kib, "4096", "{}", file.display());
     }
     // A read-only publication of the same staged volume.
     let ro_target = root.join("kubelet/pods/p2/volumes/pv1");

@@ -1345,7 +1345,6 @@ const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
 /// refuses anything that is not a FUSE mount. Needs root (sysfs).
 pub fn set_kernel_readahead(mountpoint: &Path, bytes: u64) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `c` is a valid C string and `st` a plain struct the call fills in.
@@ -1359,14 +1358,22 @@ pub fn set_kernel_readahead(mountpoint: &Path, bytes: u64) -> io::Result<()> {
             format!("{} is not a FUSE mount", mountpoint.display()),
         ));
     }
-    let dev = std::fs::metadata(mountpoint)?.dev();
-    let path = format!(
+    let path = read_ahead_kb_file(mountpoint)?;
+    std::fs::write(&path, format!("{}\n", bytes / 1024))
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+/// The sysfs file holding the kernel readahead (KiB) of the file system at `path`: its
+/// backing device's `read_ahead_kb`.
+pub fn read_ahead_kb_file(path: &Path) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path)?.dev();
+    Ok(format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
         libc::major(dev),
         libc::minor(dev)
-    );
-    std::fs::write(&path, format!("{}\n", bytes / 1024))
-        .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+    )
+    .into())
 }
 
 /// Mount `vfs` at `mountpoint` and serve requests until unmounted.

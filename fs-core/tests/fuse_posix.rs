@@ -2489,12 +2489,7 @@ fn truncate_cost_independent_of_slices() {
 /// The mount's `read_ahead_kb` (its backing device in sysfs), waiting up to 10 s for it to
 /// become `want` (the client sets it from a thread once the mount answers).
 fn wait_read_ahead_kb(path: &Path, want: u64) -> u64 {
-    let dev = fs::metadata(path).unwrap().dev();
-    let file = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
-        libc::major(dev),
-        libc::minor(dev)
-    );
+    let file = strata::fuse::read_ahead_kb_file(path).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got: u64 = fs::read_to_string(&file).unwrap().trim().parse().unwrap();
