@@ -336,16 +336,51 @@ step_pvcs() {
     || fail "no mount Pod in $NS (pod mount mode)" || return 1
   note "mount Pods: $(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o jsonpath='{range .items[*]}{.metadata.name}({.spec.containers[0].securityContext.runAsUser}) {end}')"
   # The node plugin gives the mount the kernel readahead the unprivileged mount Pod cannot set.
-  local uid target dev ra i
-  uid=$(k -n "$APPS" get pod writer-a -o jsonpath='{.metadata.uid}')
-  target=$(ls -d "$KUBELET_DIR"/pods/"$uid"/volumes/kubernetes.io~csi/*/mount 2>/dev/null | head -1)
-  [ -n "$target" ] || fail "no CSI volume of writer-a under $KUBELET_DIR/pods/$uid" || return 1
-  dev=$(stat -c '%Hd:%Ld' "$target")
-  for i in $(seq 50); do
-    ra=$(cat "/sys/class/bdi/$dev/read_ahead_kb"); [ "$ra" = 4096 ] && break; sleep 0.2
-  done
+  local ra
+  ra=$(pod_readahead writer-a 4096) || return 1
   [ "$ra" = 4096 ] || fail "the mount of writer-a reads ahead $ra KiB, not 4096 (node plugin: kernel-readahead)" || return 1
   note "kernel readahead of the pod-mode mount: $ra KiB (set by the node plugin)"
+  # A StorageClass of the same Volume with the Kubernetes field mountOptions: its PVs get a
+  # mount and a mount Pod of their own with those flags; the PVs already mounted keep theirs.
+  local before after
+  before=$(mount_pods)
+  k get storageclass e2e-local -o json | python3 -c '
+import json, sys
+sc = json.load(sys.stdin)
+sc["metadata"] = {"name": "e2e-ra8"}
+sc["mountOptions"] = ["kernel-readahead=8"]
+print(json.dumps(sc))' | apply >/dev/null || return 1
+  { pvc_yaml ra8 e2e-ra8 1Gi; echo ---; pod_yaml reader-ra8 ra8; } | apply >/dev/null || return 1
+  wait_ready "$APPS" reader-ra8 || return 1
+  after=$(mount_pods)
+  [ "$after" = $((before + 1)) ] || fail "mount Pods: $before before the PVC of e2e-ra8, $after after (want one more)" || return 1
+  ra=$(pod_readahead reader-ra8 8192) || return 1
+  [ "$ra" = 8192 ] || fail "the PV of StorageClass e2e-ra8 (mountOptions [kernel-readahead=8]) reads ahead $ra KiB, not 8192" || return 1
+  [ "$(pod_readahead writer-a 4096)" = 4096 ] || fail "writer-a's mount changed its readahead" || return 1
+  note "StorageClass e2e-ra8 (same Volume, mountOptions: [kernel-readahead=8]): a mount Pod of its own ($before → $after), readahead $ra KiB, writer-a's mount still 4096 KiB"
+  k -n "$APPS" delete pod reader-ra8 --wait=true >/dev/null || return 1
+  k -n "$APPS" delete pvc ra8 --wait=true >/dev/null || return 1
+  k delete storageclass e2e-ra8 >/dev/null || return 1
+  until_ok 60 mount_pods_are "$before" || fail "the mount Pod of e2e-ra8 outlived its last PV ($(mount_pods) mount Pods, $before before)" || return 1
+  note "its mount Pod went with its PV ($(mount_pods) left)"
+}
+
+# mount_pods: how many mount Pods exist; mount_pods_are N: whether N do.
+mount_pods() { k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name | wc -l; }
+mount_pods_are() { [ "$(mount_pods)" = "$1" ]; }
+
+# pod_readahead POD WANT: the kernel readahead (KiB) of POD's Strata volume, read on this
+# node once it is WANT (the node plugin sets it when the client serves) or after 10 s.
+pod_readahead() {
+  local uid target dev ra i
+  uid=$(k -n "$APPS" get pod "$1" -o jsonpath='{.metadata.uid}')
+  target=$(ls -d "$KUBELET_DIR"/pods/"$uid"/volumes/kubernetes.io~csi/*/mount 2>/dev/null | head -1)
+  [ -n "$target" ] || { fail "no CSI volume of $1 under $KUBELET_DIR/pods/$uid"; return 1; }
+  dev=$(stat -c '%Hd:%Ld' "$target")
+  for i in $(seq 50); do
+    ra=$(cat "/sys/class/bdi/$dev/read_ahead_kb"); [ "$ra" = "$2" ] && break; sleep 0.2
+  done
+  echo "$ra"
 }
 
 # probe POD: a new file written and read back through the mount (never the page cache).
@@ -687,6 +722,7 @@ step_cleanup() {
     fi
   fi
   k -n "$NS" delete secret e2e-local e2e-s3 e2e-wb e2e-gw-keys --ignore-not-found >/dev/null
+  k delete storageclass e2e-ra8 --ignore-not-found >/dev/null
   until_ok 60 sh -c "! kubectl -n $NS get pods -l app.kubernetes.io/name=strata-mount -o name | grep -q ." \
     || { fail "mount Pods left: $(k -n "$NS" get pods -l app.kubernetes.io/name=strata-mount -o name)"; ok=1; }
   if helm status strata -n "$NS" >/dev/null 2>&1; then
@@ -777,7 +813,7 @@ start_services || { echo "e2e: could not start PostgreSQL/SeaweedFS"; exit 1; }
 run_step "0. kubectl apply -f manifests/strata.yaml (then deleted)" step_manifests
 run_step "1. helm install (operator, controller, node plugin Ready; CSIDriver registered)" step_install
 run_step "2. Secrets + Volumes (SQLite + local dir; PostgreSQL + S3) Ready" step_volumes
-run_step "3. RWX PVCs, two writers, notebook as uid 1000, df, pod mount mode" step_pvcs
+run_step "3. RWX PVCs, two writers, notebook as uid 1000, df, pod mount mode, a class with mountOptions" step_pvcs
 run_step "4. mount client killed, mount Pod deleted, node plugin restarted" step_resilience
 run_step "5. PVC expansion in a running pod; static PV" step_expand
 run_step "6. Quota EDQUOT; CacheGroup warm-up and reads without GETs" step_quota_cache

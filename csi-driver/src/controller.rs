@@ -77,6 +77,14 @@ impl ControllerService {
 }
 
 /// Check access modes and access types: mount only, every access mode of a shared file system.
+/// The Kubernetes mount options of a capability (a StorageClass's or PV's `mountOptions:`).
+pub fn mount_flags(cap: &csi::VolumeCapability) -> &[String] {
+    match &cap.access_type {
+        Some(csi::volume_capability::AccessType::Mount(m)) => &m.mount_flags,
+        _ => &[],
+    }
+}
+
 pub fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<()> {
     use csi::volume_capability::AccessType;
     if caps.is_empty() {
@@ -297,6 +305,11 @@ impl Controller for ControllerService {
         }
         let secrets = Secrets::parse(&r.secrets)?;
         let params = Params::parse(&r.parameters)?;
+        // The StorageClass's `mountOptions:` are refused here, at provisioning, rather than
+        // at the first mount.
+        for c in &r.volume_capabilities {
+            Params::parse_with_flags(&r.parameters, mount_flags(c))?;
+        }
         let cap = r.capacity_range.as_ref().map_or(Ok(1 << 30), |c| {
             params::capacity(c.required_bytes, c.limit_bytes)
         })?;

@@ -1,6 +1,7 @@
-//! Node service: one shared FUSE mount per Strata volume per node (mounted by this plugin,
-//! served by a mount client that receives the descriptor), bind mounts for staging and
-//! publishing, reference counts and recovery persisted under the state directory.
+//! Node service: one shared FUSE mount per Strata volume and client settings per node
+//! (mounted by this plugin, served by a mount client that receives the descriptor), bind
+//! mounts for staging and publishing, reference counts and recovery persisted under the
+//! state directory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
@@ -95,7 +96,7 @@ struct Inner {
     consumers_lock: Mutex<()>,
     /// Clients of released mounts whose stop failed, with the time of the next try.
     orphans: Mutex<HashMap<String, (ClientSpec, Instant)>>,
-    /// One lock per shared mount (volume key), held while that mount is set up, used by a
+    /// One lock per shared mount (mount key), held while that mount is set up, used by a
     /// new staging path or released: PVs of one Strata volume staged at once (different
     /// volume ids, the same key) must not mount it twice, and an unstage must not unmount
     /// it between a stage's mount and the record that it uses it.
@@ -606,7 +607,8 @@ impl Node for NodeService {
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
         crate::controller::check_capabilities(std::slice::from_ref(&cap))?;
         let secrets = Secrets::parse(&r.secrets)?;
-        let params = Params::parse(&r.volume_context)?;
+        let params =
+            Params::parse_with_flags(&r.volume_context, crate::controller::mount_flags(&cap))?;
         let subpath = if let Some(s) = r.volume_context.get(CTX_SUBDIR) {
             s.trim_matches('/').to_string()
         } else if let Some(p) = r.volume_context.get(CTX_PATH) {
@@ -624,16 +626,19 @@ impl Node for NodeService {
         let volume_id = r.volume_id.clone();
         let staging = PathBuf::from(&r.staging_target_path);
         blocking(span.clone(), move || {
-            let key = secrets.volume_key();
+            let key = secrets.mount_key(&params.mount_options, &params.pod);
             let rec = StageRec {
                 volume_id: volume_id.clone(),
                 key: key.clone(),
                 subpath: subpath.clone(),
             };
-            if let Some(old) = inner.state.lock().stages.get(&r.staging_target_path) {
-                if *old == rec && mounted(&staging) {
-                    return Ok(());
-                }
+            let previous = inner
+                .state
+                .lock()
+                .stages
+                .get(&r.staging_target_path)
+                .cloned();
+            if let Some(old) = &previous {
                 if old.volume_id != volume_id {
                     return Err(CsiError::AlreadyExists(format!(
                         "{} is staged for volume {}",
@@ -641,9 +646,14 @@ impl Node for NodeService {
                         old.volume_id
                     )));
                 }
+                // Staged already: done, also when the mount it uses has another key (staged
+                // by a plugin that keyed mounts by volume only).
+                if old.subpath == subpath && mounted(&staging) {
+                    return Ok(());
+                }
             }
             let key_lock = inner.key_lock(&key);
-            let _key_guard = key_lock.lock();
+            let key_guard = key_lock.lock();
             let src = {
                 let mut bases = inner.bases.lock();
                 if !bases.contains_key(&key) {
@@ -669,6 +679,10 @@ impl Node for NodeService {
                     umount(&staging);
                 }
                 inner.release_base_if_unused_locked(&key);
+            } else if let Some(old) = previous.filter(|o| o.key != key) {
+                // Staged again through another shared mount: the one it used may be unused.
+                drop(key_guard);
+                inner.release_base_if_unused(&old.key);
             }
             staged
         })

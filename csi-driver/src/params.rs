@@ -97,15 +97,45 @@ impl Secrets {
             .collect()
     }
 
-    /// A stable key for the Strata volume behind `metaurl` (one shared mount per node).
+    /// A stable key for the Strata volume behind `metaurl`.
     pub fn volume_key(&self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.metaurl.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("v{h:016x}")
+        format!("v{:016x}", fnv64(self.metaurl.as_bytes()))
     }
+
+    /// The key of the shared mount (one per node) that serves PVs of this volume with these
+    /// client flags and mount Pod settings: PVs that ask for the same get one mount; a PV
+    /// whose StorageClass asks for other flags (another `cache-size`, `writeback`, …) gets
+    /// a mount of its own instead of silently sharing the first one's. Without flags and
+    /// Pod settings it is [`Secrets::volume_key`]; otherwise that key, `-`, and a hash of
+    /// both (the order of the flags does not matter: each key appears once).
+    pub fn mount_key(&self, options: &[(String, Option<String>)], pod: &PodParams) -> String {
+        let base = self.volume_key();
+        if options.is_empty() && *pod == PodParams::default() {
+            return base;
+        }
+        let mut sorted: Vec<_> = options.iter().collect();
+        sorted.sort();
+        let mut text = String::new();
+        for (k, v) in sorted {
+            text.push_str(&format!("{k}={v:?}\n"));
+        }
+        text.push_str(&format!(
+            "image={:?}\ncpu={:?}\nmemory={:?}\ncache_dir={:?}\n",
+            pod.image, pod.cpu, pod.memory, pod.cache_dir
+        ));
+        let h = fnv64(text.as_bytes());
+        format!("{base}-{:08x}", (h >> 32) as u32 ^ h as u32)
+    }
+}
+
+/// 64-bit FNV-1a (stable across releases: it names mounts that outlive the plugin).
+fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,10 +203,16 @@ pub struct Params {
 
 impl Params {
     pub fn parse(m: &HashMap<String, String>) -> Result<Params> {
+        Self::parse_with_flags(m, &[])
+    }
+
+    /// The parameters with the Kubernetes mount options (`mount_flags` of the volume
+    /// capability) after the `mountOptions` parameter (see [`mount_options_of`]).
+    pub fn parse_with_flags(m: &HashMap<String, String>, flags: &[String]) -> Result<Params> {
         let mut p = Params {
             path_pattern: None,
             on_delete: OnDelete::Delete,
-            mount_options: parse_mount_options(m.get("mountOptions").map_or("", |s| s))?,
+            mount_options: mount_options_of(m.get("mountOptions").map_or("", |s| s), flags)?,
             pod: PodParams {
                 image: m.get("mountImage").cloned(),
                 cpu: m.get("mountCPU").cloned(),
@@ -200,8 +236,25 @@ impl Params {
 
 /// `cache-size=1024,cache-group=g1,no-bgjob` → flags, each checked against [`MOUNT_OPTIONS`].
 pub fn parse_mount_options(s: &str) -> Result<Vec<(String, Option<String>)>> {
+    mount_options_of(s, &[])
+}
+
+/// The client flags of a volume: the `mountOptions` parameter (a comma list), then the
+/// Kubernetes mount options of the StorageClass or PV (`mountOptions:` list, which reaches
+/// the driver as the volume capability's `mount_flags`; `key`, `key=value`, a leading `--`
+/// is accepted). A key given twice takes its last value, so the list wins over the
+/// parameter. Each key is checked against [`MOUNT_OPTIONS`].
+pub fn mount_options_of(param: &str, flags: &[String]) -> Result<Vec<(String, Option<String>)>> {
+    let items = param
+        .split(',')
+        .chain(flags.iter().map(String::as_str))
+        .map(|i| {
+            let i = i.trim();
+            i.strip_prefix("--").unwrap_or(i)
+        })
+        .filter(|i| !i.is_empty());
     let mut out = Vec::new();
-    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+    for item in items {
         let (k, v) = match item.split_once('=') {
             Some((k, v)) => (k.trim(), Some(v.trim().to_string())),
             None => (item, None),
@@ -364,5 +417,54 @@ mod tests {
         assert!(parse_mount_options("upload-delay=5m").is_err());
         let e = parse_mount_options("cache-size=0,writeback").unwrap_err();
         assert!(e.to_string().contains("cache-size=0"), "{e}");
+    }
+
+    #[test]
+    fn one_shared_mount_per_volume_and_client_settings() {
+        let s = Secrets::parse(&HashMap::from([("metaurl".into(), "sqlite:///x".into())])).unwrap();
+        let none = PodParams::default();
+        // No flags, no Pod settings: the volume's key, as mounts made before flags counted.
+        assert_eq!(s.mount_key(&[], &none), s.volume_key());
+        assert_eq!(s.volume_key(), "vf399f6cfb416199c");
+        let a = parse_mount_options("cache-size=1024,writeback").unwrap();
+        let b = parse_mount_options("writeback,cache-size=1024").unwrap();
+        let c = parse_mount_options("cache-size=2048,writeback").unwrap();
+        let ka = s.mount_key(&a, &none);
+        assert!(ka.starts_with(&format!("{}-", s.volume_key())), "{ka}");
+        assert_eq!(ka.len(), s.volume_key().len() + 9);
+        assert_eq!(ka, s.mount_key(&b, &none));
+        assert_ne!(ka, s.mount_key(&c, &none));
+        let pod = PodParams {
+            cache_dir: Some("/mnt/nvme".into()),
+            ..Default::default()
+        };
+        assert_ne!(s.mount_key(&[], &pod), s.volume_key());
+        assert_ne!(s.mount_key(&a, &pod), ka);
+        let other =
+            Secrets::parse(&HashMap::from([("metaurl".into(), "sqlite:///y".into())])).unwrap();
+        assert_ne!(other.mount_key(&a, &none), ka);
+    }
+
+    #[test]
+    fn the_kubernetes_mount_options_come_after_the_parameter() {
+        let flags = [
+            "--cache-size=2048".to_string(),
+            " writeback ".into(),
+            "".into(),
+        ];
+        let o = mount_options_of("cache-size=1024,no-bgjob", &flags).unwrap();
+        assert_eq!(
+            o,
+            vec![
+                ("no-bgjob".to_string(), None),
+                ("cache-size".to_string(), Some("2048".to_string())),
+                ("writeback".to_string(), None),
+            ]
+        );
+        // Checked together: upload-delay in the list needs writeback from the parameter.
+        assert!(mount_options_of("writeback", &["upload-delay=1m".into()]).is_ok());
+        assert!(mount_options_of("", &["upload-delay=1m".into()]).is_err());
+        let e = mount_options_of("", &["ro".into()]).unwrap_err();
+        assert!(e.to_string().contains("\"ro\""), "{e}");
     }
 }

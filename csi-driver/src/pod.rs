@@ -15,7 +15,8 @@ use crate::mounter::{ClientSpec, Consumer};
 /// Annotation of a mount Pod: JSON list of the publications its mount serves,
 /// `[{"volumeId": "...", "targetPath": "..."}]`, sorted.
 pub const CONSUMERS_ANNOTATION: &str = "strata.io/consumers";
-/// Label of a mount Pod and its Secret: the volume key (one shared mount per META_URL).
+/// Label of a mount Pod and its Secret: the key of its shared mount (one per META_URL and
+/// client settings, `Secrets::mount_key`; the label's name predates the settings).
 pub const KEY_LABEL: &str = "strata.io/volume-key";
 /// Inside the mount Pod: the directory of the fd socket (the hostPath of the socket's
 /// directory) and the cache directory.

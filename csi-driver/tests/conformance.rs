@@ -128,6 +128,16 @@ async fn csi_sanity_groups_with_real_mounts() {
     let e = ctl.create_volume(bad).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("bogus-flag"), "{}", e.message());
+    // The StorageClass's `mountOptions:` list (the capability's mount_flags), checked with
+    // the parameter when the PV is provisioned.
+    let mut bad = base.clone();
+    bad.volume_capabilities = vec![mount_cap_with_flags(
+        Mode::MultiNodeMultiWriter,
+        &["--nope=1"],
+    )];
+    let e = ctl.create_volume(bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("\"nope\""), "{}", e.message());
     let block = csi::VolumeCapability {
         access_type: Some(volume_capability::AccessType::Block(Default::default())),
         access_mode: Some(volume_capability::AccessMode {
@@ -405,19 +415,7 @@ async fn csi_sanity_groups_with_real_mounts() {
         b"through the target"
     );
     // The mount reads ahead 4 MiB, not the kernel's 128 KiB (its backing device in sysfs).
-    {
-        let file = strata::fuse::read_ahead_kb_file(&target).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut kib = String::new();
-        while Instant::now() < deadline {
-            kib = fs::read_to_string(&file).unwrap().trim().to_string();
-            if kib == "4096" {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(kib, "4096", "{}", file.display());
-    }
+    assert_eq!(read_ahead_kib(&target, "4096"), "4096");
     // A read-only publication of the same staged volume.
     let ro_target = root.join("kubelet/pods/p2/volumes/pv1");
     node.node_publish_volume(csi::NodePublishVolumeRequest {
@@ -695,27 +693,9 @@ async fn concurrent_stages_of_one_volume_share_one_mount() {
     let Some((_dir, root, meta)) = mount_test("racevol") else {
         return;
     };
-    let sock = root.join("csi.sock");
     let state = root.join("state");
-    let mut g = Guard {
-        plugin: None,
-        dir: root.clone(),
-    };
-    g.plugin = Some(
-        Command::new(CSI)
-            .args(["--node", "--node-id", "node-1"])
-            .arg("--endpoint")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--strata-bin")
-            .arg(strata_bin())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(root.join("plugin.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let ch = channel(&sock, &root.join("plugin.log")).await;
+    let _g = node_plugin(&root);
+    let ch = channel(&root.join("csi.sock"), &root.join("plugin.log")).await;
     let secrets: HashMap<String, String> = HashMap::from([("metaurl".into(), meta.clone())]);
     let fuse_mounts = || {
         fs::read_to_string("/proc/self/mountinfo")
@@ -789,6 +769,93 @@ async fn concurrent_stages_of_one_volume_share_one_mount() {
             "round {round}: the shared mount outlived its stages"
         );
     }
+}
+
+/// PVs of one Strata volume whose StorageClasses ask for other client flags (here through
+/// the Kubernetes `mountOptions:` list, the capability's mount_flags) get a mount and a
+/// client of their own; PVs asking for the same flags share one. Found on review: every PV
+/// of a volume used to get the flags of the first one staged on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_mount_options_get_a_mount_of_their_own() {
+    use std::os::unix::fs::MetadataExt;
+    use volume_capability::access_mode::Mode;
+    let Some((_dir, root, meta)) = mount_test("optvol") else {
+        return;
+    };
+    let volumes = root.join("state/volumes");
+    let _g = node_plugin(&root);
+    let ch = channel(&root.join("csi.sock"), &root.join("plugin.log")).await;
+    let mut node = NodeClient::new(ch);
+    let secrets: HashMap<String, String> = HashMap::from([("metaurl".into(), meta.clone())]);
+    let stage = |name: &str, flags: &[&str]| {
+        let staging = root.join("kubelet/staging").join(name);
+        fs::create_dir_all(&staging).unwrap();
+        csi::NodeStageVolumeRequest {
+            volume_id: format!("static-{name}"),
+            staging_target_path: staging.to_string_lossy().into(),
+            volume_capability: Some(mount_cap_with_flags(Mode::MultiNodeMultiWriter, flags)),
+            secrets: secrets.clone(),
+            ..Default::default()
+        }
+    };
+    let unstage = |r: &csi::NodeStageVolumeRequest| csi::NodeUnstageVolumeRequest {
+        volume_id: r.volume_id.clone(),
+        staging_target_path: r.staging_target_path.clone(),
+    };
+    let keys = || {
+        let mut k: Vec<String> = fs::read_dir(&volumes)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    let dev = |r: &csi::NodeStageVolumeRequest| fs::metadata(&r.staging_target_path).unwrap().dev();
+    let log = || fs::read_to_string(root.join("plugin.log")).unwrap_or_default();
+
+    let plain = stage("plain", &[]);
+    let big = stage("big", &["kernel-readahead=8"]);
+    let same = stage("same", &["--kernel-readahead=8"]);
+    for r in [&plain, &big, &same] {
+        node.node_stage_volume(r.clone()).await.unwrap();
+    }
+    let k = keys();
+    assert_eq!(k.len(), 2, "{k:?}\n{}", log());
+    assert!(k[1].starts_with(&format!("{}-", k[0])), "{k:?}");
+    assert_eq!(dev(&big), dev(&same), "the same flags share one mount");
+    assert_ne!(
+        dev(&plain),
+        dev(&big),
+        "other flags get a mount of their own"
+    );
+    // Each mount has its own flags: the kernel readahead each asked for.
+    let staging =
+        |r: &csi::NodeStageVolumeRequest| std::path::PathBuf::from(&r.staging_target_path);
+    assert_eq!(read_ahead_kib(&staging(&plain), "4096"), "4096");
+    assert_eq!(read_ahead_kib(&staging(&same), "8192"), "8192");
+    // And the same volume: a file written through one is read through the other.
+    fs::write(staging(&plain).join("f"), b"one volume").unwrap();
+    assert_eq!(fs::read(staging(&big).join("f")).unwrap(), b"one volume");
+    // Staging again changes nothing; a flag the client does not have is refused by name.
+    node.node_stage_volume(big.clone()).await.unwrap();
+    assert_eq!(keys(), k);
+    let e = node
+        .node_stage_volume(stage("bad", &["ro"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("\"ro\""), "{}", e.message());
+    assert_eq!(keys(), k);
+    // A mount goes with the last PV that uses it.
+    node.node_unstage_volume(unstage(&big)).await.unwrap();
+    assert_eq!(keys(), k);
+    node.node_unstage_volume(unstage(&same)).await.unwrap();
+    assert_eq!(keys(), vec![k[0].clone()]);
+    assert_eq!(fs::read(staging(&plain).join("f")).unwrap(), b"one volume");
+    node.node_unstage_volume(unstage(&plain)).await.unwrap();
+    assert!(keys().is_empty(), "{:?}", keys());
 }
 
 /// The controller over a PostgreSQL volume (a real server): CreateVolume, expand, capacity

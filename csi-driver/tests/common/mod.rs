@@ -54,11 +54,58 @@ impl Drop for Guard {
 }
 
 pub fn mount_cap(mode: volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+    mount_cap_with_flags(mode, &[])
+}
+
+/// A mount capability with Kubernetes mount options (a StorageClass's `mountOptions:`).
+pub fn mount_cap_with_flags(
+    mode: volume_capability::access_mode::Mode,
+    flags: &[&str],
+) -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_type: Some(volume_capability::AccessType::Mount(
-            volume_capability::MountVolume::default(),
+            volume_capability::MountVolume {
+                mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+                ..Default::default()
+            },
         )),
         access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+/// Start a node plugin (process mode, node-1) on `<root>/csi.sock`, state in
+/// `<root>/state`, log in `<root>/plugin.log`; the guard stops it and unmounts what is
+/// left below `root`.
+pub fn node_plugin(root: &Path) -> Guard {
+    let plugin = Command::new(CSI)
+        .args(["--node", "--node-id", "node-1"])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", root.join("csi.sock").display()))
+        .arg("--state-dir")
+        .arg(root.join("state"))
+        .arg("--strata-bin")
+        .arg(strata_bin())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(root.join("plugin.log")).unwrap())
+        .spawn()
+        .unwrap();
+    Guard {
+        plugin: Some(plugin),
+        dir: root.to_path_buf(),
+    }
+}
+
+/// The kernel readahead (KiB) of the mount under `path`, once it is `want` (the plugin
+/// sets it when the client serves) or after 10 s.
+pub fn read_ahead_kib(path: &Path, want: &str) -> String {
+    let file = strata::fuse::read_ahead_kb_file(path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let kib = fs::read_to_string(&file).unwrap().trim().to_string();
+        if kib == want || Instant::now() > deadline {
+            return kib;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

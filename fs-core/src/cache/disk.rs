@@ -30,6 +30,28 @@ use crate::vfs::buffers::Buffers;
 use crate::vfs::pool::Pool;
 
 const MAGIC: &[u8; 4] = b"STB1";
+/// A file in `tmp/` older than this is the leftover of a writer that crashed; a younger one
+/// may be another live client's (clients of one volume may share a cache directory).
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Remove the entries of `tmp` last modified more than `age` ago.
+fn remove_stale_tmp(tmp: &Path, age: std::time::Duration) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|a| a > age);
+        if old {
+            let p = e.path();
+            let _ = fs::remove_file(&p).or_else(|_| fs::remove_dir_all(&p));
+        }
+    }
+}
 const TRAILER: usize = 8;
 
 /// Errors setting up the disk cache (each names the directory and the fix).
@@ -147,11 +169,18 @@ impl DiskCache {
                 })
             };
             mk(&root.join("raw"))?;
-            // Leftovers of writes interrupted by a crash.
-            let _ = fs::remove_dir_all(root.join("tmp"));
             mk(&root.join("tmp"))?;
+            // Leftovers of writes interrupted by a crash. Only old ones: another client of
+            // the volume may share the directory and be writing there now.
+            remove_stale_tmp(&root.join("tmp"), STALE_TMP);
             // Check we can write there now rather than failing every block later.
-            let probe = root.join("tmp").join("probe");
+            let probe = root.join("tmp").join(format!(
+                "probe-{}-{}",
+                std::process::id(),
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos())
+            ));
             File::create(&probe)
                 .and_then(|mut f| f.write_all(b"x"))
                 .map_err(|err| DiskCacheError::Dir {
@@ -760,6 +789,25 @@ mod tests {
             &c.get("vol/chunks/0/0/1_0_5", 5, &Buffers::new(0)).unwrap()[..],
             b"hello"
         );
+    }
+
+    #[test]
+    fn a_second_client_leaves_the_first_ones_writes_in_progress_alone() {
+        let t = tempfile::tempdir().unwrap();
+        let _first = open(t.path(), 1 << 20);
+        let tmp = t.path().join("uuid/tmp");
+        // The first client is writing a block; a crashed one left a file an hour ago.
+        fs::write(tmp.join("live"), b"x").unwrap();
+        let stale = File::create(tmp.join("crashed")).unwrap();
+        stale
+            .set_modified(SystemTime::now() - std::time::Duration::from_secs(3600))
+            .unwrap();
+        drop(stale);
+        let _second = open(t.path(), 1 << 20);
+        assert!(tmp.join("live").exists());
+        assert!(!tmp.join("crashed").exists());
+        // The probes of both opens are gone.
+        assert_eq!(fs::read_dir(&tmp).unwrap().count(), 1);
     }
 
     #[test]
