@@ -76,7 +76,6 @@ impl ControllerService {
     }
 }
 
-/// Check access modes and access types: mount only, every access mode of a shared file system.
 /// The Kubernetes mount options of a capability (a StorageClass's or PV's `mountOptions:`).
 pub fn mount_flags(cap: &csi::VolumeCapability) -> &[String] {
     match &cap.access_type {
@@ -85,6 +84,7 @@ pub fn mount_flags(cap: &csi::VolumeCapability) -> &[String] {
     }
 }
 
+/// Check access modes and access types: mount only, every access mode of a shared file system.
 pub fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<()> {
     use csi::volume_capability::AccessType;
     if caps.is_empty() {
