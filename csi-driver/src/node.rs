@@ -261,6 +261,11 @@ fn statvfs(p: &Path) -> Result<libc::statvfs> {
 }
 
 impl Inner {
+    /// The record of staging path `staging`, if it is staged.
+    fn stage_rec(&self, staging: &str) -> Option<StageRec> {
+        self.state.lock().stages.get(staging).cloned()
+    }
+
     fn vol_dir(&self, key: &str) -> PathBuf {
         self.settings.state_dir.join("volumes").join(key)
     }
@@ -632,12 +637,7 @@ impl Node for NodeService {
                 key: key.clone(),
                 subpath: subpath.clone(),
             };
-            let previous = inner
-                .state
-                .lock()
-                .stages
-                .get(&r.staging_target_path)
-                .cloned();
+            let previous = inner.stage_rec(&r.staging_target_path);
             if let Some(old) = &previous {
                 if old.volume_id != volume_id {
                     return Err(CsiError::AlreadyExists(format!(
@@ -753,12 +753,7 @@ impl Node for NodeService {
         let _g = self.locks.try_lock(&r.volume_id)?;
         let inner = self.inner.clone();
         blocking(span.clone(), move || {
-            let staged = inner
-                .state
-                .lock()
-                .stages
-                .get(&r.staging_target_path)
-                .cloned();
+            let staged = inner.stage_rec(&r.staging_target_path);
             match &staged {
                 Some(s) if s.volume_id == r.volume_id => {}
                 _ => {
