@@ -4,6 +4,7 @@
 pub mod accesslog;
 pub mod cache;
 pub mod chunk;
+pub mod directio;
 pub mod duration;
 pub mod fuse;
 pub mod fusefd;

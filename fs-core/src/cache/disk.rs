@@ -25,6 +25,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::slru::Slru;
+use crate::directio::DirectWrites;
 use crate::metrics::Metrics;
 use crate::vfs::buffers::Buffers;
 use crate::vfs::pool::Pool;
@@ -85,6 +86,8 @@ struct Dir {
     /// Staged blocks this process removed (their objects are being deleted) and whose
     /// uploader has not seen it yet (see [`DiskCache::unstage`]).
     removed_staged: Mutex<std::collections::HashSet<String>>,
+    /// Block files are written past the page cache where the file system allows.
+    direct: DirectWrites,
 }
 
 impl Dir {
@@ -189,7 +192,6 @@ impl DiskCache {
                 })?;
             let _ = fs::remove_file(&probe);
             out.push(Arc::new(Dir {
-                root,
                 index: Mutex::new(Slru::new(per_dir)),
                 free_ratio: free_ratio.clamp(0.0, 0.99),
                 last_space_check: Mutex::new(None),
@@ -199,6 +201,8 @@ impl DiskCache {
                 own: Mutex::new(Some(Default::default())),
                 staged: Mutex::new((0, 0)),
                 removed_staged: Mutex::new(Default::default()),
+                direct: DirectWrites::new(root.clone(), 4),
+                root,
             }));
         }
         let cache = Arc::new(DiskCache {
@@ -350,7 +354,7 @@ impl DiskCache {
         let res = (|| {
             let mut f = File::create(&tmp)?;
             // The block, then its trailer (`encode` without copying the block).
-            f.write_all(data)?;
+            d.direct.write_all(&f, data)?;
             f.write_all(&trailer(data))?;
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent)?;
@@ -789,6 +793,45 @@ mod tests {
             &c.get("vol/chunks/0/0/1_0_5", 5, &Buffers::new(0)).unwrap()[..],
             b"hello"
         );
+    }
+
+    #[test]
+    fn whole_blocks_and_staged_blocks_round_trip_past_the_page_cache() {
+        let t = tempfile::tempdir().unwrap();
+        let c = open(t.path(), 64 << 20);
+        let block: Vec<u8> = (0..4u32 << 20).map(|i| (i % 249) as u8).collect();
+        c.put("vol/chunks/0/0/7_0_4194304", &block).unwrap();
+        assert!(c.stage("vol/chunks/0/0/8_0_4194304", &block).unwrap());
+        let raw = c.dirs[0].path("vol/chunks/0/0/7_0_4194304");
+        let staged = c.dirs[0].staged_path("vol/chunks/0/0/8_0_4194304");
+        if c.dirs[0].direct.enabled() {
+            for p in [&raw, &staged] {
+                let pages = crate::directio::resident_pages(p);
+                assert!(
+                    pages[..1024].iter().all(|r| !r),
+                    "{} went to the device",
+                    p.display()
+                );
+                assert!(pages[1024], "the trailer is a buffered write");
+            }
+        } else {
+            eprintln!(
+                "page-cache check skipped: {} refuses O_DIRECT",
+                t.path().display()
+            );
+        }
+        let pool = Buffers::new(1);
+        let got = c
+            .get("vol/chunks/0/0/7_0_4194304", block.len(), &pool)
+            .unwrap();
+        assert_eq!(&got[..], &block[..], "the trailer's checksum matches");
+        drop(c);
+        let c = open(t.path(), 64 << 20);
+        wait_scan(&c, 1);
+        let got = c
+            .get("vol/chunks/0/0/7_0_4194304", block.len(), &pool)
+            .unwrap();
+        assert_eq!(&got[..], &block[..]);
     }
 
     #[test]

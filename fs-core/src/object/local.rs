@@ -1,7 +1,7 @@
 //! A store in a local directory: each key is a file at the same relative path.
 
 use std::fs::{self, File};
-use std::io::{self, ErrorKind, Write};
+use std::io::{self, ErrorKind};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 
 use super::{ObjectError, ObjectInfo, ObjectStore, Result};
+use crate::directio::DirectWrites;
 
 /// Piece size of streamed reads.
 const STREAM_PIECE: usize = 256 << 10;
@@ -90,7 +91,9 @@ impl Drop for Mapped {
 const TMP_MARK: &str = ".strata-tmp-";
 
 /// Objects as files under a root directory. Puts are atomic (temp file, rename) and survive
-/// a crash of the process at once (the kernel holds the bytes); [`ObjectStore::sync`] makes
+/// a crash of the process at once (the kernel or the device holds the bytes; puts of 1 MiB or
+/// more skip the page cache where the file system allows, [`DirectWrites`]);
+/// [`ObjectStore::sync`] makes
 /// them durable against a crash of the machine (file and directory fsync), which the file
 /// system asks for on fsync(2). Reads can map files instead of copying them
 /// ([`ObjectStore::map`]).
@@ -105,6 +108,8 @@ pub struct LocalStore {
     /// (uid, gid) new files and directories get; `None`: keep the creator's. Decided on the
     /// first write.
     owner: OnceLock<Option<(u32, u32)>>,
+    /// Big puts skip the page cache where the file system allows.
+    direct: DirectWrites,
 }
 
 /// The owner (uid, gid) of `path` or, when it does not exist, of its nearest existing
@@ -132,10 +137,12 @@ impl LocalStore {
     pub fn new(root: impl AsRef<Path>) -> Self {
         let root = root.as_ref();
         let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+        let root_for_direct = root.clone();
         LocalStore {
             root,
             tmp_seq: AtomicU64::new(0),
             owner: OnceLock::new(),
+            direct: DirectWrites::new(root_for_direct, 16),
         }
     }
 
@@ -244,7 +251,7 @@ impl LocalStore {
         let tmp = dir.join(format!("{name}{TMP_MARK}{}-{seq}", std::process::id()));
         // A concurrent delete may remove the (empty) directory between our mkdir and create.
         let mut attempt = 0;
-        let mut file = loop {
+        let file = loop {
             self.create_dirs(dir)?;
             match File::create(&tmp) {
                 Ok(f) => break f,
@@ -256,7 +263,7 @@ impl LocalStore {
             Some((uid, gid)) => std::os::unix::fs::fchown(&file, Some(uid), Some(gid)),
             None => Ok(()),
         };
-        let written = owned.and_then(|()| file.write_all(data));
+        let written = owned.and_then(|()| self.direct.write_all(&file, data));
         let renamed = written.and_then(|()| fs::rename(&tmp, path));
         if let Err(e) = renamed {
             let _ = fs::remove_file(&tmp);
@@ -575,6 +582,30 @@ mod tests {
             Err(ObjectError::Other(_))
         ));
         store.will_need("m/none"); // a hint: never fails
+    }
+
+    #[test]
+    fn big_puts_skip_the_page_cache_where_the_file_system_allows_and_read_back_whole() {
+        let (_dir, store) = temp_root();
+        store.init().unwrap();
+        // Three whole MiB and a tail that is not a whole page.
+        let data: Vec<u8> = (0..(3 << 20) + 1234u32).map(|i| (i % 253) as u8).collect();
+        store.put("big/k", Bytes::from(data.clone())).unwrap();
+        if store.direct.enabled() {
+            let pages = crate::directio::resident_pages(&store.root().join("big/k"));
+            assert!(
+                pages[..768].iter().all(|r| !r),
+                "whole pages of a big put are not cached"
+            );
+        } else {
+            eprintln!(
+                "page-cache check skipped: {} refuses O_DIRECT",
+                store.root().display()
+            );
+        }
+        assert_eq!(&store.get("big/k", 0, None).unwrap()[..], &data[..]);
+        let mapped = store.map("big/k", 5, 1 << 21).unwrap().unwrap();
+        assert_eq!(&mapped[..], &data[5..5 + (1 << 21)]);
     }
 
     #[test]
