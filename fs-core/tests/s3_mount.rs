@@ -132,6 +132,10 @@ fn s3_writeback_stages_blocks_and_uploads_them_after_a_kill9() {
             &cache_arg,
             "--cache-size",
             "256",
+            // Staging is refused on a file system below the free-space ratio (10 %); a full
+            // scratch disk must not turn this test into one of direct uploads.
+            "--free-space-ratio",
+            "0.01",
         ],
     );
     let pid = weed.pid() as libc::pid_t;
@@ -301,6 +305,8 @@ fn s3_upload_delay_holds_blocks_until_unmount() {
             &cache,
             "--cache-size",
             "256",
+            "--free-space-ratio",
+            "0.01",
         ],
     );
     let data = pattern(4 << 20, 11);
