@@ -443,7 +443,8 @@ mod tests {
         d.stage("vol/chunks/0/0/6_0_4", b"left").unwrap();
         let store = Arc::new(MemStore::default());
         let wb = start_delayed(&d, store.clone(), true, Duration::from_secs(3600));
-        wait(|| store.get("vol/chunks/0/0/6_0_4", 0, None).is_ok());
+        // (The object is in the store a moment before its uploader is done with it.)
+        wait(|| store.get("vol/chunks/0/0/6_0_4", 0, None).is_ok() && wb.pending() == 0);
         assert!(wb.stage(KEY, b"hello"));
         // Deleted within the delay: never uploaded.
         let gone = "vol/chunks/0/0/8_0_4";
