@@ -53,14 +53,15 @@ impl Bounce {
     }
 
     fn new() -> Bounce {
+        // Zeroed once, so the slice handed out is always initialized memory; buffers are reused.
         // SAFETY: the layout has a non-zero size.
-        let p = unsafe { std::alloc::alloc(Self::layout()) };
+        let p = unsafe { std::alloc::alloc_zeroed(Self::layout()) };
         Bounce(NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout())))
     }
 
     fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the allocation is BOUNCE_LEN bytes, owned and exclusively borrowed here;
-        // callers only read bytes they wrote first.
+        // SAFETY: the allocation is BOUNCE_LEN initialized bytes, owned and exclusively
+        // borrowed here.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), BOUNCE_LEN) }
     }
 }

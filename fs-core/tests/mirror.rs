@@ -241,7 +241,24 @@ fn a_volume_moves_to_another_store_while_a_writer_and_a_reader_keep_going() {
         "{s}"
     );
     // 3. Detach the old store, then stop its server.
-    strata(&["config", &meta, "--mirror", "none"]);
+    // The writer keeps going, so a put may be between its two stores (backlog 1) at the
+    // moment of the command, which then refuses: try again, as an operator would.
+    let t = Instant::now();
+    loop {
+        let out = Command::new(BIN)
+            .args(["config", &meta, "--mirror", "none"])
+            .output()
+            .expect("run strata");
+        if out.status.success() {
+            break;
+        }
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            text.contains("mirror backlog") && t.elapsed() < Duration::from_secs(60),
+            "strata config --mirror none failed: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     std::thread::sleep(Duration::from_secs(5));
     drop(old);
     std::thread::sleep(Duration::from_secs(5));
