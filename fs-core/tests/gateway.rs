@@ -532,7 +532,10 @@ fn client(g: &TestGateway, secret: &str) -> Client {
 
 async fn get(c: &Client, bucket: &str, key: &str) -> Result<Vec<u8>, String> {
     match c.get_object().bucket(bucket).key(key).send().await {
-        Ok(r) => Ok(r.body.collect().await.unwrap().into_bytes().to_vec()),
+        Ok(r) => match r.body.collect().await {
+            Ok(b) => Ok(b.into_bytes().to_vec()),
+            Err(e) => Err(format!("body of {key} failed after the headers: {e:?}")),
+        },
         Err(e) => Err(e.code().unwrap_or("?").to_string()),
     }
 }

@@ -104,7 +104,16 @@ impl TestGateway {
 }
 
 impl Drop for TestGateway {
+    /// Stops the gateway; when the test is failing, prints its log to stderr first, so a
+    /// failure an assertion did not explain (a body cut short, a reset) shows the server's side.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of strata gateway at {} ---\n{}",
+                self.addr,
+                self.log_text()
+            );
+        }
         self.stop();
     }
 }
