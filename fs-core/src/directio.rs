@@ -1,9 +1,10 @@
 //! Writes of new files that skip the page cache (O_DIRECT) for their whole pages: object files
-//! of the local-directory store and blocks the disk cache stages for write-back.
+//! of the local-directory store and the block files of the disk cache (cached and staged).
 //!
 //! A buffered write copies every byte into fresh page-cache pages. The file is not read
 //! again soon (an object is read after the page cache was dropped or evicted; a staged block
-//! once, by its upload), so those pages only cost: on a virtual machine whose freed
+//! once, by its upload; a cached block once the memory tier and the mount's page cache no
+//! longer hold it), so those pages only cost: on a virtual machine whose freed
 //! memory goes back to the host (virtio-balloon free page reporting, as on this repository's
 //! test machine) each fresh page also costs a fault in the host, and writers of the local
 //! directory ran at 400-500 MiB/s with 98 % of both cores busy, half of it in that copy.
