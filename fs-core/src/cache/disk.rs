@@ -86,7 +86,8 @@ struct Dir {
     /// Staged blocks this process removed (their objects are being deleted) and whose
     /// uploader has not seen it yet (see [`DiskCache::unstage`]).
     removed_staged: Mutex<std::collections::HashSet<String>>,
-    /// Staged block files are written past the page cache where the file system allows.
+    /// Block files (cached and staged) are written past the page cache where the file
+    /// system allows.
     direct: DirectWrites,
 }
 
@@ -342,29 +343,25 @@ impl DiskCache {
             self.report_bytes();
             return Ok(());
         }
-        self.write_file(d, &d.path(key), data, true)?;
+        self.write_file(d, &d.path(key), data)?;
         self.index_new(d, key, size);
         Ok(())
     }
 
     /// Write `data` and its trailer as the file `path` of directory `d`: into `tmp/`, then
-    /// renamed into place, so a reader sees the whole file or none. `direct`: past the page
-    /// cache where the file system allows. Both staged and cached blocks are: a block just
-    /// cached is served from the memory tier and the mount's own page cache, so a second
-    /// copy in the page cache of its file only costs the copy into fresh pages (on a VM
-    /// with free page reporting, a host fault each: a 1 GiB cold read filling the cache ran
-    /// at 345-496 MiB/s with both cores busy buffered, 585-715 with O_DIRECT; reads of the
-    /// warm cache after a remount the same, docs/ARCHITECTURE.md).
-    fn write_file(&self, d: &Dir, path: &Path, data: &[u8], direct: bool) -> std::io::Result<()> {
+    /// renamed into place, so a reader sees the whole file or none. The block goes past the
+    /// page cache where the file system allows, for cached blocks too: a block just cached
+    /// is served from the memory tier and the mount's own page cache, so a second copy in
+    /// the page cache of its file only costs the copy into fresh pages (on a VM with free
+    /// page reporting, a host fault each: a 1 GiB cold read filling the cache ran at 345-496
+    /// MiB/s with both cores busy buffered, 585-715 with O_DIRECT; reads of the warm cache
+    /// after a remount the same, docs/ARCHITECTURE.md).
+    fn write_file(&self, d: &Dir, path: &Path, data: &[u8]) -> std::io::Result<()> {
         let tmp = self.tmp_path(d);
         let res = (|| {
             let mut f = File::create(&tmp)?;
             // The block, then its trailer (`encode` without copying the block).
-            if direct {
-                d.direct.write_all(&f, data)?;
-            } else {
-                f.write_all(data)?;
-            }
+            d.direct.write_all(&f, data)?;
             f.write_all(&trailer(data))?;
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent)?;
@@ -423,7 +420,7 @@ impl DiskCache {
             self.metrics.cache_skipped("staging_full");
             return Ok(false);
         }
-        self.write_file(d, &d.staged_path(key), data, true)?;
+        self.write_file(d, &d.staged_path(key), data)?;
         {
             let mut st = d.staged.lock();
             st.0 += 1;
