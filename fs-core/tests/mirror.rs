@@ -28,15 +28,23 @@ fn record(i: u64) -> Vec<u8> {
     v
 }
 
-fn strata(args: &[&str]) -> String {
+/// Run `strata ARGS`: its stdout and stderr, as `Err` when it failed.
+fn try_strata(args: &[&str]) -> Result<String, String> {
     let out = Command::new(BIN).args(args).output().expect("run strata");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "strata {args:?} failed: {text}");
-    text
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+fn strata(args: &[&str]) -> String {
+    try_strata(args).unwrap_or_else(|text| panic!("strata {args:?} failed: {text}"))
 }
 
 fn status(meta: &str) -> serde_json::Value {
@@ -244,15 +252,7 @@ fn a_volume_moves_to_another_store_while_a_writer_and_a_reader_keep_going() {
     // The writer keeps going, so a put may be between its two stores (backlog 1) at the
     // moment of the command, which then refuses: try again, as an operator would.
     let t = Instant::now();
-    loop {
-        let out = Command::new(BIN)
-            .args(["config", &meta, "--mirror", "none"])
-            .output()
-            .expect("run strata");
-        if out.status.success() {
-            break;
-        }
-        let text = String::from_utf8_lossy(&out.stderr).to_string();
+    while let Err(text) = try_strata(&["config", &meta, "--mirror", "none"]) {
         assert!(
             text.contains("mirror backlog") && t.elapsed() < Duration::from_secs(60),
             "strata config --mirror none failed: {text}"
