@@ -352,7 +352,10 @@ pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(),
         vol.store.clone(),
         vol.format.clone(),
         metrics,
-        opts.vfs.clone(),
+        VfsSettings {
+            page_cache_above: true,
+            ..opts.vfs.clone()
+        },
     )
     .map_err(|e| MountError::Setup(e.to_string()))?;
     vol.meta
@@ -476,7 +479,10 @@ fn run_handover(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Resul
         vol.store.clone(),
         vol.format.clone(),
         metrics,
-        opts.vfs.clone(),
+        VfsSettings {
+            page_cache_above: true,
+            ..opts.vfs.clone()
+        },
     );
     // Never reuse a handle number an earlier client of this connection gave the kernel.
     vfs.set_handle_base_from_clock();

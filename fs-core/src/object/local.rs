@@ -181,6 +181,18 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Pass `advice` on the object's file to the kernel (a hint: errors are ignored).
+    fn advise(&self, key: &str, advice: libc::c_int) {
+        if let Ok(path) = self.path_of(key)
+            && let Ok(file) = File::open(path)
+        {
+            // SAFETY: a plain syscall on an open file descriptor; the result is a hint.
+            unsafe {
+                libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, advice);
+            }
+        }
+    }
+
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -442,20 +454,16 @@ impl ObjectStore for LocalStore {
         })())
     }
 
+    fn prefers_map(&self) -> bool {
+        true
+    }
+
     fn will_need(&self, key: &str) {
-        if let Ok(path) = self.path_of(key)
-            && let Ok(file) = File::open(path)
-        {
-            // SAFETY: a plain syscall on an open file descriptor; the result is a hint.
-            unsafe {
-                libc::posix_fadvise(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    0,
-                    0,
-                    libc::POSIX_FADV_WILLNEED,
-                );
-            }
-        }
+        self.advise(key, libc::POSIX_FADV_WILLNEED);
+    }
+
+    fn done_with(&self, key: &str) {
+        self.advise(key, libc::POSIX_FADV_DONTNEED);
     }
 
     fn sync(&self, keys: &[String]) -> Result<()> {
@@ -582,6 +590,36 @@ mod tests {
             Err(ObjectError::Other(_))
         ));
         store.will_need("m/none"); // a hint: never fails
+        store.done_with("m/none");
+    }
+
+    #[test]
+    fn done_with_drops_an_object_from_the_page_cache() {
+        let (_dir, store) = temp_root();
+        store.init().unwrap();
+        // Small enough to be written through the page cache.
+        let data: Vec<u8> = (0..256u32 << 10).map(|i| (i % 249) as u8).collect();
+        store.put("d/k", Bytes::from(data.clone())).unwrap();
+        store.sync(&["d/k".to_string()]).unwrap(); // clean pages can be dropped
+        assert_eq!(
+            &store.map("d/k", 0, 1 << 20).unwrap().unwrap()[..],
+            &data[..]
+        );
+        let path = store.root().join("d/k");
+        if !store.direct.enabled() {
+            eprintln!(
+                "page-cache check skipped: {} is not ext4 or xfs",
+                path.display()
+            );
+            return;
+        }
+        assert!(crate::directio::resident_pages(&path).iter().all(|r| *r));
+        store.done_with("d/k");
+        assert!(
+            crate::directio::resident_pages(&path).iter().all(|r| !r),
+            "no page of the object stays cached"
+        );
+        assert_eq!(&store.get("d/k", 0, None).unwrap()[..], &data[..]);
     }
 
     #[test]

@@ -285,8 +285,14 @@ impl ObjectStore for MirrorStore {
             (r, _) => r,
         }
     }
+    fn prefers_map(&self) -> bool {
+        self.read_order().0.prefers_map()
+    }
     fn will_need(&self, key: &str) {
         self.read_order().0.will_need(key)
+    }
+    fn done_with(&self, key: &str) {
+        self.read_order().0.done_with(key)
     }
     fn sync(&self, keys: &[String]) -> Result<()> {
         let (p, m) = self.sides();

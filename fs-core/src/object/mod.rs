@@ -102,9 +102,18 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn map(&self, _key: &str, _off: u64, _len: u64) -> Option<Result<Bytes>> {
         None
     }
+    /// Whether readers should map this store's objects ([`ObjectStore::map`]) rather than
+    /// stream and cache them: files on this machine, which the kernel's page cache holds.
+    /// Not a promise that every `map` succeeds (a transient failure answers `None`).
+    fn prefers_map(&self) -> bool {
+        false
+    }
     /// A hint that the object will be read soon (a store of local files starts reading it
     /// into the kernel's cache). Never fails; does nothing by default.
     fn will_need(&self, _key: &str) {}
+    /// A hint that the object was read and the caller keeps its own copy (a store of local
+    /// files drops it from the kernel's cache). Never fails; does nothing by default.
+    fn done_with(&self, _key: &str) {}
     /// Make objects already stored durable against a crash of the machine (a store of local
     /// files flushes them to disk); remote stores are durable once a put returns.
     fn sync(&self, _keys: &[String]) -> Result<()> {
@@ -143,8 +152,14 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
     fn map(&self, key: &str, off: u64, len: u64) -> Option<Result<Bytes>> {
         (**self).map(key, off, len)
     }
+    fn prefers_map(&self) -> bool {
+        (**self).prefers_map()
+    }
     fn will_need(&self, key: &str) {
         (**self).will_need(key)
+    }
+    fn done_with(&self, key: &str) {
+        (**self).done_with(key)
     }
     fn sync(&self, keys: &[String]) -> Result<()> {
         (**self).sync(keys)

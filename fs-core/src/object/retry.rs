@@ -132,8 +132,16 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
         }
     }
 
+    fn prefers_map(&self) -> bool {
+        self.inner.prefers_map()
+    }
+
     fn will_need(&self, key: &str) {
         self.inner.will_need(key)
+    }
+
+    fn done_with(&self, key: &str) {
+        self.inner.done_with(key)
     }
 
     fn sync(&self, keys: &[String]) -> Result<()> {

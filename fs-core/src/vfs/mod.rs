@@ -64,6 +64,11 @@ pub struct VfsSettings {
     pub background_gc: bool,
     /// Disk cache and cache group.
     pub cache: CacheSettings,
+    /// Reads are answered to the kernel's page cache (a FUSE mount, not the S3 gateway):
+    /// a local store's pages are dropped once read ([`BlockReader::with_drop_behind`]).
+    /// Set by the mount, not a user setting.
+    #[serde(skip)]
+    pub page_cache_above: bool,
 }
 
 impl Default for VfsSettings {
@@ -83,6 +88,7 @@ impl Default for VfsSettings {
             read_only: false,
             background_gc: true,
             cache: CacheSettings::default(),
+            page_cache_above: false,
         }
     }
 }
@@ -241,14 +247,17 @@ impl Vfs {
         } else {
             None
         };
-        let reader = Arc::new(BlockReader::new(
-            store.clone(),
-            settings.mem_cache_size,
-            settings.prefetch_threads,
-            disk,
-            &settings.cache,
-            metrics.clone(),
-        ));
+        let reader = Arc::new(
+            BlockReader::new(
+                store.clone(),
+                settings.mem_cache_size,
+                settings.prefetch_threads,
+                disk,
+                &settings.cache,
+                metrics.clone(),
+            )
+            .with_drop_behind(settings.page_cache_above),
+        );
         if settings.cache.group.is_some() {
             let g = Group::start(
                 &settings.cache,

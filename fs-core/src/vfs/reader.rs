@@ -21,6 +21,12 @@ use crate::source::Source as ObjectSource;
 /// Waiters are woken every time this many more bytes of a block have arrived.
 const WAKE_STEP: usize = 128 << 10;
 
+/// Blocks mapped to their end before the store drops the oldest from the kernel's cache
+/// ([`BlockReader::with_drop_behind`]): a reader's requests arrive a little out of order (the
+/// kernel sends them on several FUSE threads), and a block dropped while a request still
+/// wanted it would be read from the device again, one request at a time.
+const DROP_LAG: usize = 16;
+
 #[derive(Default)]
 struct Fill {
     buf: Vec<u8>,
@@ -173,9 +179,14 @@ pub struct BlockReader {
     prefetchers: Pool,
     metrics: Arc<Metrics>,
     cache_written: bool,
-    /// The store can map its objects (files on this machine): until it says otherwise,
-    /// reads without a disk tier or group map them ([`BlockReader::mapped`]).
-    map_ok: std::sync::atomic::AtomicBool,
+    /// The store prefers its objects mapped ([`ObjectStore::prefers_map`]): reads without a
+    /// disk tier or group map them ([`BlockReader::mapped`]).
+    map: bool,
+    /// Mapped blocks are read once: the store's cached pages are dropped behind the readers
+    /// ([`BlockReader::with_drop_behind`]) by this thread, `DROP_LAG` blocks late.
+    drop_behind: Option<Pool>,
+    /// Blocks mapped to their end and not yet dropped, oldest first.
+    behind: Mutex<std::collections::VecDeque<String>>,
     buffers: Arc<Buffers>,
     /// Blocks of attached sources' files: where each comes from (registered by the plans
     /// of reads and by peers' requests; bounded).
@@ -193,6 +204,9 @@ impl BlockReader {
         metrics: Arc<Metrics>,
     ) -> Self {
         BlockReader {
+            map: store.prefers_map(),
+            drop_behind: None,
+            behind: Mutex::new(std::collections::VecDeque::new()),
             store,
             mem: Mutex::new(MemCache::new(mem_bytes)),
             disk,
@@ -202,11 +216,19 @@ impl BlockReader {
             prefetchers: Pool::new("prefetch", prefetch_threads.max(1)),
             metrics,
             cache_written: settings.cache_written,
-            map_ok: std::sync::atomic::AtomicBool::new(true),
             buffers: Buffers::new(8),
             origins: Mutex::new(HashMap::new()),
             resolver: OnceLock::new(),
         }
+    }
+
+    /// Reads are served to the kernel's page cache (a FUSE mount), which keeps what it is
+    /// given: the pages of the store's files that mapped reads pulled in are dropped once
+    /// read, so each byte is cached once, not twice (a reader along a file bigger than half
+    /// the memory otherwise pushes the machine into reclaim).
+    pub fn with_drop_behind(mut self, on: bool) -> Self {
+        self.drop_behind = on.then(|| Pool::new("drop-behind", 1));
+        self
     }
 
     /// The pool of block buffers (writers fill theirs from it too).
@@ -312,24 +334,40 @@ impl BlockReader {
     }
 
     /// Whether reads map the store's files instead of caching blocks: a store on this
-    /// machine, and no disk tier or group to fill. The kernel's page cache is the cache
+    /// machine that prefers it ([`ObjectStore::prefers_map`]), and no disk tier or group to
+    /// fill. The kernel's page cache is the cache
     /// then; a second copy in memory would only double the memory and the copying.
     pub(crate) fn direct(&self) -> bool {
-        self.map_ok.load(std::sync::atomic::Ordering::Relaxed)
-            && self.disk.is_none()
-            && self.group.get().is_none()
+        self.map && self.disk.is_none() && self.group.get().is_none()
     }
 
-    /// Bytes `[from, to)` of block `key` mapped from the store's file, if [`Self::direct`].
-    fn mapped(&self, key: &str, from: usize, to: usize) -> Option<Result<Bytes, FetchError>> {
+    /// Bytes `[from, to)` of block `key` (`len` bytes) mapped from the store's file, if
+    /// [`Self::direct`].
+    fn mapped(
+        &self,
+        key: &str,
+        len: usize,
+        from: usize,
+        to: usize,
+    ) -> Option<Result<Bytes, FetchError>> {
         if !self.direct() || is_ext_key(key) {
             return None;
         }
-        let Some(res) = self.store.map(key, from as u64, (to - from) as u64) else {
-            self.map_ok
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-            return None;
-        };
+        // None: not this time (a transient failure; the streamed read retries).
+        let res = self.store.map(key, from as u64, (to - from) as u64)?;
+        if let Some(pool) = &self.drop_behind
+            && to >= len
+        {
+            let old = {
+                let mut q = self.behind.lock();
+                q.push_back(key.to_string());
+                (q.len() > DROP_LAG).then(|| q.pop_front()).flatten()
+            };
+            if let Some(old) = old {
+                let store = self.store.clone();
+                pool.spawn(move || store.done_with(&old));
+            }
+        }
         Some(exact_range(key, from, to, res))
     }
 
@@ -376,7 +414,7 @@ impl BlockReader {
         to: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), FetchError> {
-        if let Some(res) = self.mapped(key, from, to) {
+        if let Some(res) = self.mapped(key, len, from, to) {
             out.extend_from_slice(&res?);
             return Ok(());
         }
@@ -397,7 +435,7 @@ impl BlockReader {
         from: usize,
         to: usize,
     ) -> Result<Bytes, FetchError> {
-        if let Some(res) = self.mapped(key, from, to) {
+        if let Some(res) = self.mapped(key, len, from, to) {
             return res;
         }
         if let Some(b) = self.local(key, len, from == 0) {
@@ -679,6 +717,9 @@ impl BlockReader {
 
     pub fn shutdown(&self) {
         self.prefetchers.shutdown();
+        if let Some(p) = &self.drop_behind {
+            p.shutdown();
+        }
         self.fetchers.shutdown();
         if let Some(d) = &self.disk {
             d.shutdown();
@@ -840,6 +881,99 @@ mod tests {
             Arc::new(Metrics::new()),
         ));
         (store, reader)
+    }
+
+    /// A store of "local files": mapped reads, and the keys it was told it is done with.
+    struct MapStore {
+        inner: MemStore,
+        done: Mutex<Vec<String>>,
+    }
+
+    impl ObjectStore for MapStore {
+        fn describe(&self) -> String {
+            "map".into()
+        }
+        fn init(&self) -> crate::object::Result<()> {
+            Ok(())
+        }
+        fn get(&self, key: &str, off: u64, len: Option<u64>) -> crate::object::Result<Bytes> {
+            self.inner.get(key, off, len)
+        }
+        fn prefers_map(&self) -> bool {
+            true
+        }
+        fn map(&self, key: &str, off: u64, len: u64) -> Option<crate::object::Result<Bytes>> {
+            Some(self.inner.get(key, off, Some(len)))
+        }
+        fn done_with(&self, key: &str) {
+            self.done.lock().push(key.to_string());
+        }
+        fn put(&self, key: &str, data: Bytes) -> crate::object::Result<()> {
+            self.inner.put(key, data)
+        }
+        fn delete(&self, key: &str) -> crate::object::Result<()> {
+            self.inner.delete(key)
+        }
+        fn head(&self, key: &str) -> crate::object::Result<ObjectInfo> {
+            self.inner.head(key)
+        }
+        fn list(
+            &self,
+            p: &str,
+            s: Option<&str>,
+            l: usize,
+        ) -> crate::object::Result<Vec<ObjectInfo>> {
+            self.inner.list(p, s, l)
+        }
+    }
+
+    #[test]
+    fn mapped_blocks_read_to_their_end_are_dropped_behind_the_reader_late() {
+        let blocks = DROP_LAG + 3;
+        let key = |i: usize| format!("v/chunks/0/0/{}_0_8192", i + 1);
+        let run = |drop_behind: bool| {
+            let store = Arc::new(MapStore {
+                inner: MemStore::new(),
+                done: Mutex::new(Vec::new()),
+            });
+            for i in 0..blocks {
+                store
+                    .put(&key(i), Bytes::from(vec![i as u8; 8192]))
+                    .unwrap();
+            }
+            let reader = BlockReader::new(
+                store.clone(),
+                64 << 20,
+                1,
+                None,
+                &CacheSettings::default(),
+                Arc::new(Metrics::new()),
+            )
+            .with_drop_behind(drop_behind);
+            let reader = Arc::new(reader);
+            assert!(reader.direct());
+            for i in 0..blocks {
+                // The second half first (requests arrive out of order), then the first.
+                let b = reader.read_bytes(&key(i), 8192, 4096, 8192).unwrap();
+                assert_eq!(&b[..], &[i as u8; 4096][..]);
+                let mut out = Vec::new();
+                reader.read_into(&key(i), 8192, 0, 4096, &mut out).unwrap();
+                assert_eq!(out, vec![i as u8; 4096]);
+            }
+            // Read again, not to the end: not counted.
+            reader.read_bytes(&key(0), 8192, 0, 100).unwrap();
+            reader.shutdown(); // runs the queued drops
+            store.done.lock().clone()
+        };
+        assert_eq!(
+            run(true),
+            (0..3).map(key).collect::<Vec<_>>(),
+            "the oldest blocks, in order, once DROP_LAG newer ones were read"
+        );
+        assert!(
+            run(false).is_empty(),
+            "off unless asked for (the S3 gateway)"
+        );
     }
 
     #[test]
