@@ -68,6 +68,16 @@ impl Default for MountOptions {
     }
 }
 
+impl MountOptions {
+    /// The VFS settings of a FUSE mount: as given, reads answered to the kernel's page cache.
+    fn fuse_vfs_settings(&self) -> VfsSettings {
+        VfsSettings {
+            page_cache_above: true,
+            ..self.vfs.clone()
+        }
+    }
+}
+
 /// Default of [`MountOptions::kernel_readahead`]. Measured on this project's 2-core test
 /// machine (one reader along a 4 GiB file, fresh mounts): the kernel's 128 KiB made every
 /// 1 MiB read wait for its own FUSE round trip; 4 MiB lets the kernel ask for the next
@@ -352,10 +362,7 @@ pub fn run(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Result<(),
         vol.store.clone(),
         vol.format.clone(),
         metrics,
-        VfsSettings {
-            page_cache_above: true,
-            ..opts.vfs.clone()
-        },
+        opts.fuse_vfs_settings(),
     )
     .map_err(|e| MountError::Setup(e.to_string()))?;
     vol.meta
@@ -479,10 +486,7 @@ fn run_handover(meta_url: &str, mountpoint: &Path, opts: &MountOptions) -> Resul
         vol.store.clone(),
         vol.format.clone(),
         metrics,
-        VfsSettings {
-            page_cache_above: true,
-            ..opts.vfs.clone()
-        },
+        opts.fuse_vfs_settings(),
     );
     // Never reuse a handle number an earlier client of this connection gave the kernel.
     vfs.set_handle_base_from_clock();

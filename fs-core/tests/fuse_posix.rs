@@ -2323,6 +2323,61 @@ fn walk(root: &Path) -> Vec<(String, u64, u32, u64)> {
     out
 }
 
+/// Bytes of the files under `root` that are in the page cache.
+fn resident_bytes(root: &Path) -> u64 {
+    walk(root)
+        .into_iter()
+        .filter(|(_, size, mode, _)| *size > 0 && mode & libc::S_IFMT == libc::S_IFREG)
+        .map(|(rel, ..)| {
+            let pages = strata::directio::resident_pages(&root.join(rel));
+            pages.iter().filter(|r| **r).count() as u64 * 4096
+        })
+        .sum()
+}
+
+#[test]
+fn a_reader_along_a_file_leaves_the_local_stores_files_out_of_the_page_cache() {
+    // The mount's page cache keeps what was read: the object files' pages are dropped
+    // behind the reader, not cached a second time. With the default disk cache (blocks
+    // fetched into memory, dropped from the store's files at once) and without one (the
+    // files mapped, dropped 16 blocks behind the reader).
+    read_along_and_check_the_stores_page_cache(MountConfig::default());
+    read_along_and_check_the_stores_page_cache(MountConfig::default().mount_arg("--cache-size=0"));
+}
+
+fn read_along_and_check_the_stores_page_cache(cfg: MountConfig) {
+    let mut m = Mount::with(cfg);
+    let len = 160 * MIB as usize; // 40 blocks of 4 MiB
+    let data = pattern(77, len);
+    {
+        let mut f = File::create(m.p("along")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    m.remount(); // an empty page cache for the mount
+    let f = File::open(m.p("along")).unwrap();
+    for (i, want) in data.chunks(MIB as usize).enumerate() {
+        assert_same(
+            &pread(&f, i as u64 * MIB, MIB as usize),
+            want,
+            "a MiB of the file",
+        );
+    }
+    let store = m.dir().join("data");
+    let mut resident = 0;
+    let dropped = eventually(Duration::from_secs(10), || {
+        resident = resident_bytes(&store);
+        resident <= 100 * MIB
+    });
+    assert!(
+        dropped,
+        "{} MiB of the store's files still cached after reading {} MiB; log:\n{}",
+        resident / MIB,
+        len as u64 / MIB,
+        m.log_tail(20)
+    );
+}
+
 #[test]
 fn kill9_keeps_fsynced_data() {
     let mut m = Mount::new();

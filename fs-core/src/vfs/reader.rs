@@ -223,9 +223,11 @@ impl BlockReader {
     }
 
     /// Reads are served to the kernel's page cache (a FUSE mount), which keeps what it is
-    /// given: the pages of the store's files that mapped reads pulled in are dropped once
-    /// read, so each byte is cached once, not twice (a reader along a file bigger than half
-    /// the memory otherwise pushes the machine into reclaim).
+    /// given: the pages a store of local files took in the kernel's cache for a block are
+    /// dropped once it was read (mapped reads: to its end, `DROP_LAG` blocks later; fetched
+    /// blocks: when the whole block has arrived), so each byte is cached once, not twice (a
+    /// reader along a file bigger than half the memory otherwise pushes the machine into
+    /// reclaim).
     pub fn with_drop_behind(mut self, on: bool) -> Self {
         self.drop_behind = on.then(|| Pool::new("drop-behind", 1));
         self
@@ -335,8 +337,8 @@ impl BlockReader {
 
     /// Whether reads map the store's files instead of caching blocks: a store on this
     /// machine that prefers it ([`ObjectStore::prefers_map`]), and no disk tier or group to
-    /// fill. The kernel's page cache is the cache
-    /// then; a second copy in memory would only double the memory and the copying.
+    /// fill. The kernel's page cache is the cache then; a second copy in memory would only
+    /// double the memory and the copying.
     pub(crate) fn direct(&self) -> bool {
         self.map && self.disk.is_none() && self.group.get().is_none()
     }
@@ -689,6 +691,7 @@ impl BlockReader {
         }
         // Whatever the peer did not deliver comes from the store; a stream cut short is
         // continued once more before it counts as corrupt.
+        let mut from_store = false;
         for _ in 0..2 {
             let have = flight.fill.lock().buf.len();
             if have >= len {
@@ -699,7 +702,7 @@ impl BlockReader {
                 continue;
             }
             match self.store.get_stream(key, have as u64, &mut sink) {
-                Ok(_) => {}
+                Ok(_) => from_store = true,
                 Err(ObjectError::NotFound(_)) => return Err(FetchError::Missing(key.to_string())),
                 Err(e) => return Err(FetchError::Store(e.to_string())),
             }
@@ -711,6 +714,12 @@ impl BlockReader {
                 got: f.buf.len(),
                 want: len,
             });
+        }
+        // The whole block is in memory now, on its way to the disk tier and the mount's page
+        // cache: a copy in the kernel's cache of the store's file is a third one.
+        if from_store && let Some(pool) = &self.drop_behind {
+            let (store, key) = (self.store.clone(), key.to_string());
+            pool.spawn(move || store.done_with(&key));
         }
         Ok(self.buffers.freeze(std::mem::take(&mut f.buf)))
     }
@@ -883,9 +892,11 @@ mod tests {
         (store, reader)
     }
 
-    /// A store of "local files": mapped reads, and the keys it was told it is done with.
+    /// A store of "local files": mapped reads (if `maps`), and the keys it was told it is
+    /// done with.
     struct MapStore {
         inner: MemStore,
+        maps: bool,
         done: Mutex<Vec<String>>,
     }
 
@@ -900,7 +911,7 @@ mod tests {
             self.inner.get(key, off, len)
         }
         fn prefers_map(&self) -> bool {
-            true
+            self.maps
         }
         fn map(&self, key: &str, off: u64, len: u64) -> Option<crate::object::Result<Bytes>> {
             Some(self.inner.get(key, off, Some(len)))
@@ -934,6 +945,7 @@ mod tests {
         let run = |drop_behind: bool| {
             let store = Arc::new(MapStore {
                 inner: MemStore::new(),
+                maps: true,
                 done: Mutex::new(Vec::new()),
             });
             for i in 0..blocks {
@@ -974,6 +986,39 @@ mod tests {
             run(false).is_empty(),
             "off unless asked for (the S3 gateway)"
         );
+    }
+
+    #[test]
+    fn blocks_fetched_whole_from_the_store_are_dropped_from_its_files_at_once() {
+        let store = Arc::new(MapStore {
+            inner: MemStore::new(),
+            maps: false,
+            done: Mutex::new(Vec::new()),
+        });
+        let keys: Vec<String> = (1..=3)
+            .map(|i| format!("v/chunks/0/0/{i}_0_8192"))
+            .collect();
+        for k in &keys {
+            store.put(k, Bytes::from(vec![7u8; 8192])).unwrap();
+        }
+        let reader = Arc::new(
+            BlockReader::new(
+                store.clone(),
+                64 << 20,
+                1,
+                None,
+                &CacheSettings::default(),
+                Arc::new(Metrics::new()),
+            )
+            .with_drop_behind(true),
+        );
+        assert!(!reader.direct());
+        for k in &keys {
+            assert_eq!(reader.get(k, 8192).unwrap().len(), 8192);
+        }
+        reader.get(&keys[0], 8192).unwrap(); // from the memory tier: not the store's
+        reader.shutdown();
+        assert_eq!(*store.done.lock(), keys);
     }
 
     #[test]
