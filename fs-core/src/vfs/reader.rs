@@ -821,10 +821,27 @@ mod tests {
     use crate::object::{MemStore, ObjectInfo};
 
     /// A store that counts GETs and streams slowly in small pieces.
+    /// A store whose streamed reads come in 64 KiB pieces `delay` apart; as a store of
+    /// "local files" (`maps`) it maps objects and records the keys it was told it is done
+    /// with.
     struct SlowStore {
         inner: MemStore,
         gets: AtomicUsize,
         delay: Duration,
+        maps: bool,
+        done: Mutex<Vec<String>>,
+    }
+
+    impl SlowStore {
+        fn new(delay: Duration, maps: bool) -> Self {
+            SlowStore {
+                inner: MemStore::new(),
+                gets: AtomicUsize::new(0),
+                delay,
+                maps,
+                done: Mutex::new(Vec::new()),
+            }
+        }
     }
 
     impl ObjectStore for SlowStore {
@@ -851,64 +868,6 @@ mod tests {
                 sink(c);
             }
             Ok(b.len() as u64)
-        }
-        fn put(&self, key: &str, data: Bytes) -> crate::object::Result<()> {
-            self.inner.put(key, data)
-        }
-        fn delete(&self, key: &str) -> crate::object::Result<()> {
-            self.inner.delete(key)
-        }
-        fn head(&self, key: &str) -> crate::object::Result<ObjectInfo> {
-            self.inner.head(key)
-        }
-        fn list(
-            &self,
-            p: &str,
-            s: Option<&str>,
-            l: usize,
-        ) -> crate::object::Result<Vec<ObjectInfo>> {
-            self.inner.list(p, s, l)
-        }
-    }
-
-    fn setup(delay_ms: u64, disk: Option<Arc<DiskCache>>) -> (Arc<SlowStore>, Arc<BlockReader>) {
-        let store = Arc::new(SlowStore {
-            inner: MemStore::new(),
-            gets: AtomicUsize::new(0),
-            delay: Duration::from_millis(delay_ms),
-        });
-        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
-        store
-            .put("v/chunks/0/0/1_0_1048576", Bytes::from(data))
-            .unwrap();
-        let reader = Arc::new(BlockReader::new(
-            store.clone(),
-            64 << 20,
-            2,
-            disk,
-            &CacheSettings::default(),
-            Arc::new(Metrics::new()),
-        ));
-        (store, reader)
-    }
-
-    /// A store of "local files": mapped reads (if `maps`), and the keys it was told it is
-    /// done with.
-    struct MapStore {
-        inner: MemStore,
-        maps: bool,
-        done: Mutex<Vec<String>>,
-    }
-
-    impl ObjectStore for MapStore {
-        fn describe(&self) -> String {
-            "map".into()
-        }
-        fn init(&self) -> crate::object::Result<()> {
-            Ok(())
-        }
-        fn get(&self, key: &str, off: u64, len: Option<u64>) -> crate::object::Result<Bytes> {
-            self.inner.get(key, off, len)
         }
         fn prefers_map(&self) -> bool {
             self.maps
@@ -938,16 +897,29 @@ mod tests {
         }
     }
 
+    fn setup(delay_ms: u64, disk: Option<Arc<DiskCache>>) -> (Arc<SlowStore>, Arc<BlockReader>) {
+        let store = Arc::new(SlowStore::new(Duration::from_millis(delay_ms), false));
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        store
+            .put("v/chunks/0/0/1_0_1048576", Bytes::from(data))
+            .unwrap();
+        let reader = Arc::new(BlockReader::new(
+            store.clone(),
+            64 << 20,
+            2,
+            disk,
+            &CacheSettings::default(),
+            Arc::new(Metrics::new()),
+        ));
+        (store, reader)
+    }
+
     #[test]
     fn mapped_blocks_read_to_their_end_are_dropped_behind_the_reader_late() {
         let blocks = DROP_LAG + 3;
         let key = |i: usize| format!("v/chunks/0/0/{}_0_8192", i + 1);
         let run = |drop_behind: bool| {
-            let store = Arc::new(MapStore {
-                inner: MemStore::new(),
-                maps: true,
-                done: Mutex::new(Vec::new()),
-            });
+            let store = Arc::new(SlowStore::new(Duration::ZERO, true));
             for i in 0..blocks {
                 store
                     .put(&key(i), Bytes::from(vec![i as u8; 8192]))
@@ -990,11 +962,7 @@ mod tests {
 
     #[test]
     fn blocks_fetched_whole_from_the_store_are_dropped_from_its_files_at_once() {
-        let store = Arc::new(MapStore {
-            inner: MemStore::new(),
-            maps: false,
-            done: Mutex::new(Vec::new()),
-        });
+        let store = Arc::new(SlowStore::new(Duration::ZERO, false));
         let keys: Vec<String> = (1..=3)
             .map(|i| format!("v/chunks/0/0/{i}_0_8192"))
             .collect();
