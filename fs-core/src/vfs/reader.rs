@@ -179,9 +179,6 @@ pub struct BlockReader {
     prefetchers: Pool,
     metrics: Arc<Metrics>,
     cache_written: bool,
-    /// The store prefers its objects mapped ([`ObjectStore::prefers_map`]): reads without a
-    /// disk tier or group map them ([`BlockReader::mapped`]).
-    map: bool,
     /// Mapped blocks are read once: the store's cached pages are dropped behind the readers
     /// ([`BlockReader::with_drop_behind`]) by this thread, `DROP_LAG` blocks late.
     drop_behind: Option<Pool>,
@@ -204,7 +201,6 @@ impl BlockReader {
         metrics: Arc<Metrics>,
     ) -> Self {
         BlockReader {
-            map: store.prefers_map(),
             drop_behind: None,
             behind: Mutex::new(std::collections::VecDeque::new()),
             store,
@@ -231,6 +227,15 @@ impl BlockReader {
     pub fn with_drop_behind(mut self, on: bool) -> Self {
         self.drop_behind = on.then(|| Pool::new("drop-behind", 1));
         self
+    }
+
+    /// With drop-behind on, tell the store on the drop-behind thread that block `key` is
+    /// read ([`ObjectStore::done_with`]).
+    fn drop_from_store_cache(&self, key: String) {
+        if let Some(pool) = &self.drop_behind {
+            let store = self.store.clone();
+            pool.spawn(move || store.done_with(&key));
+        }
     }
 
     /// The pool of block buffers (writers fill theirs from it too).
@@ -340,7 +345,8 @@ impl BlockReader {
     /// fill. The kernel's page cache is the cache then; a second copy in memory would only
     /// double the memory and the copying.
     pub(crate) fn direct(&self) -> bool {
-        self.map && self.disk.is_none() && self.group.get().is_none()
+        // Asked each time: a volume moving between stores (a mirror) changes its answer.
+        self.disk.is_none() && self.group.get().is_none() && self.store.prefers_map()
     }
 
     /// Bytes `[from, to)` of block `key` (`len` bytes) mapped from the store's file, if
@@ -357,17 +363,14 @@ impl BlockReader {
         }
         // None: not this time (a transient failure; the streamed read retries).
         let res = self.store.map(key, from as u64, (to - from) as u64)?;
-        if let Some(pool) = &self.drop_behind
-            && to >= len
-        {
+        if self.drop_behind.is_some() && to >= len {
             let old = {
                 let mut q = self.behind.lock();
                 q.push_back(key.to_string());
                 (q.len() > DROP_LAG).then(|| q.pop_front()).flatten()
             };
             if let Some(old) = old {
-                let store = self.store.clone();
-                pool.spawn(move || store.done_with(&old));
+                self.drop_from_store_cache(old);
             }
         }
         Some(exact_range(key, from, to, res))
@@ -717,9 +720,8 @@ impl BlockReader {
         }
         // The whole block is in memory now, on its way to the disk tier and the mount's page
         // cache: a copy in the kernel's cache of the store's file is a third one.
-        if from_store && let Some(pool) = &self.drop_behind {
-            let (store, key) = (self.store.clone(), key.to_string());
-            pool.spawn(move || store.done_with(&key));
+        if from_store {
+            self.drop_from_store_cache(key.to_string());
         }
         Ok(self.buffers.freeze(std::mem::take(&mut f.buf)))
     }
