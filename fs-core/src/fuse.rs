@@ -54,6 +54,9 @@ pub fn errno_of(e: &VfsError) -> i32 {
             | MetaError::Engine(_)
             | MetaError::JournalTrimmed(_) => libc::EIO,
         },
+        // Open of an inode deleted since the kernel looked it up: the kernel looks the path
+        // up again and retries once (a path a rename replaces opens as the old or new file).
+        VfsError::Stale => libc::ESTALE,
         VfsError::Fetch(
             FetchError::Missing(_)
             | FetchError::Corrupt { .. }

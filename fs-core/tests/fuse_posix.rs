@@ -1165,6 +1165,54 @@ fn rename_over_existing_file() {
     assert_eq!(stat(&m.p("d2")).nlink(), 1);
 }
 
+/// Opening a path while a rename keeps replacing it (save to a temporary name, rename over
+/// the old file) gives the old or the new file, never ENOENT: an open of an inode deleted
+/// since the kernel looked it up answers ESTALE, and the kernel looks the path up again.
+#[test]
+fn open_while_a_rename_replaces_the_file() {
+    let m = Mount::new();
+    fs::write(m.p("obj"), [b'a'; 4096]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renamer = {
+        let (dir, stop) = (m.path().to_path_buf(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let tmp = dir.join(format!("tmp{}", i % 4));
+                fs::write(&tmp, [b'a' + (i % 2) as u8; 4096]).unwrap();
+                fs::rename(&tmp, dir.join("obj")).unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    let (mut enoent, mut estale) = (0, 0);
+    let opens = 4000;
+    for _ in 0..opens {
+        match fs::read(m.p("obj")) {
+            Ok(b) => assert!(
+                b.len() == 4096 && b.iter().all(|x| *x == b[0]),
+                "read a mix of two files"
+            ),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => enoent += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => estale += 1,
+            Err(e) => panic!("open of a replaced path: {e}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let renames = renamer.join().unwrap();
+    assert!(renames > 100, "only {renames} renames ran during the opens");
+    assert_eq!(
+        enoent, 0,
+        "ENOENT for a path that always exists ({renames} renames)"
+    );
+    // Only when the kernel's second lookup raced a rename again.
+    assert!(
+        estale * 100 <= opens,
+        "{estale} of {opens} opens gave ESTALE"
+    );
+}
+
 #[test]
 fn rename_dir_over_dir() {
     let m = Mount::new();

@@ -160,7 +160,7 @@ fn meta_of(e: &VfsError) -> Option<&MetaError> {
 fn vfs_status(e: &VfsError) -> StatusCode {
     match (e, meta_of(e)) {
         (VfsError::ReadOnly, _) => StatusCode::FORBIDDEN,
-        (_, Some(MetaError::NotFound)) => StatusCode::NOT_FOUND,
+        (VfsError::Stale, _) | (_, Some(MetaError::NotFound)) => StatusCode::NOT_FOUND,
         (_, Some(MetaError::NoSpace | MetaError::Quota)) => StatusCode::INSUFFICIENT_STORAGE,
         (
             _,
@@ -181,7 +181,7 @@ fn vfs_status(e: &VfsError) -> StatusCode {
 fn vfs_code(e: &VfsError) -> &'static str {
     match (e, meta_of(e)) {
         (VfsError::ReadOnly, _) => "AccessDenied",
-        (_, Some(MetaError::NotFound)) => "NoSuchKey",
+        (VfsError::Stale, _) | (_, Some(MetaError::NotFound)) => "NoSuchKey",
         (_, Some(MetaError::NoSpace | MetaError::Quota)) => "QuotaExceeded",
         (
             _,

@@ -319,11 +319,27 @@ impl Objects {
         })
     }
 
+    /// Run `f` on the node `key` names. A PUT replacing the key between the lookup and `f`
+    /// deletes the node found (nothing held it open yet), and `f` fails (Stale, NotFound):
+    /// the key is looked up again, so a reader sees the old or the new object, never a 404.
+    fn with_node<T>(&self, key: &Key, f: impl Fn(&Node) -> Result<T>) -> Result<T> {
+        let mut attempt = 0;
+        loop {
+            let n = self.resolve(key)?;
+            match f(&n) {
+                Err(S3Error::Vfs(e))
+                    if (not_found(&e) || matches!(e, VfsError::Stale)) && attempt < 8 =>
+                {
+                    attempt += 1
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The object at `key`.
     pub fn head(&self, key: &str) -> Result<ObjectInfo> {
-        let k = Key::for_read(key)?;
-        let n = self.resolve(&k)?;
-        self.info_of(&n)
+        self.with_node(&Key::for_read(key)?, |n| self.info_of(n))
     }
 
     /// What a listing says about the object of inode `ino`.
@@ -333,20 +349,22 @@ impl Objects {
     }
 
     /// Open the object at `key` for reading: its info and a handle (none for a directory).
+    /// Once the handle is registered a replacing PUT keeps the node until it is closed, so
+    /// the info read after opening belongs to the bytes the handle reads.
     pub fn open(&self, key: &str) -> Result<(ObjectInfo, Option<u64>)> {
-        let k = Key::for_read(key)?;
-        let n = self.resolve(&k)?;
-        if n.kind == FileKind::Dir {
-            return Ok((self.info_of(&n)?, None));
-        }
-        let (fh, _) = self.vfs.open(n.ino, false)?;
-        match self.info_of(&n) {
-            Ok(info) => Ok((info, Some(fh))),
-            Err(e) => {
-                self.close(n.ino, fh);
-                Err(e)
+        self.with_node(&Key::for_read(key)?, |n| {
+            if n.kind == FileKind::Dir {
+                return Ok((self.info_of(n)?, None));
             }
-        }
+            let (fh, _) = self.vfs.open(n.ino, false)?;
+            match self.info_of(n) {
+                Ok(info) => Ok((info, Some(fh))),
+                Err(e) => {
+                    self.close(n.ino, fh);
+                    Err(e)
+                }
+            }
+        })
     }
 
     /// Up to `len` bytes at `off` of an open object.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::journal::JournalTxn;
@@ -138,9 +138,10 @@ pub struct Meta {
     sid: AtomicU64,
     inodes: Mutex<IdRange>,
     slices: Mutex<IdRange>,
-    /// Inodes this process has open: how many times, and whether this process sustained
-    /// one (unlinked it while open), so that only then the last close goes to the engine.
-    open: Mutex<HashMap<Ino, Opened>>,
+    /// Inodes this process has open, and those a running transaction deletes.
+    open: Mutex<OpenFiles>,
+    /// Signalled when a transaction that deleted inodes ends (see [`Meta::open`]).
+    deletes_ended: Condvar,
     format: Mutex<Option<Format>>,
     /// Directories with a quota, and when the set was read (see meta/quota.rs).
     pub(crate) quota_cache: Mutex<Option<(Instant, Arc<std::collections::HashSet<Ino>>)>>,
@@ -164,6 +165,15 @@ impl std::fmt::Debug for Meta {
 struct Opened {
     count: u32,
     sustained: bool,
+}
+
+#[derive(Debug, Default)]
+struct OpenFiles {
+    /// How many times, and whether this process sustained the inode (unlinked it while
+    /// open), so that only then the last close goes to the engine.
+    files: HashMap<Ino, Opened>,
+    /// Inodes deleted by write transactions still running, with how many of them.
+    deleting: HashMap<Ino, u32>,
 }
 
 pub(super) fn check_name(name: &[u8]) -> Result<()> {
@@ -240,7 +250,8 @@ impl Meta {
             sid: AtomicU64::new(0),
             inodes: Mutex::new(IdRange { next: 0, end: 0 }),
             slices: Mutex::new(IdRange { next: 0, end: 0 }),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(OpenFiles::default()),
+            deletes_ended: Condvar::new(),
             format: Mutex::new(None),
             quota_cache: Mutex::new(None),
             format_listeners: Mutex::new(Vec::new()),
@@ -275,11 +286,22 @@ impl Meta {
         let mut retries = 0u32;
         loop {
             let res = (|| {
+                if write == Some(true) {
+                    let mut tx = Box::new(JournalTxn::new(self.engine.begin(true)?));
+                    let out = f(&mut *tx);
+                    let deleted = tx.take_deleted();
+                    let res = match out {
+                        Ok(v) => tx.commit().map(|()| v),
+                        Err(e) => {
+                            drop(tx);
+                            Err(e)
+                        }
+                    };
+                    self.deletes_done(&deleted);
+                    return res;
+                }
                 let mut tx = match write {
-                    Some(true) => {
-                        Box::new(JournalTxn::new(self.engine.begin(true)?)) as Box<dyn Txn + '_>
-                    }
-                    Some(false) => self.engine.begin(false)?,
+                    Some(_) => self.engine.begin(false)?,
                     None => self.engine.begin_single_read()?,
                 };
                 let v = f(&mut *tx)?;
@@ -743,13 +765,22 @@ impl Meta {
             return tx.put_node(&n);
         }
         let sid = self.sid.load(Ordering::SeqCst);
-        if sid != 0
-            && let Some(o) = self.open.lock().get_mut(&n.ino)
         {
-            // Set even if this transaction is retried or fails: the close then only checks.
-            o.sustained = true;
-            tx.add_sustained(sid, n.ino)?;
-            return tx.put_node(&n);
+            let mut open = self.open.lock();
+            if sid != 0
+                && let Some(o) = open.files.get_mut(&n.ino)
+            {
+                // Set even if this transaction is retried or fails: the close then only
+                // checks.
+                o.sustained = true;
+                tx.add_sustained(sid, n.ino)?;
+                return tx.put_node(&n);
+            }
+            // Decided under the same lock as the check: an open of this inode waits until
+            // the transaction ends (see `open`).
+            if tx.note_deleted(n.ino) {
+                *open.deleting.entry(n.ino).or_default() += 1;
+            }
         }
         Self::destroy_node(tx, &n)
     }
@@ -1216,8 +1247,32 @@ impl Meta {
     // ---------------------------------------------------------------- open files
 
     /// Note that this process opened `ino` (keeps an unlinked file alive until closed).
+    /// Call it before reading the node: an unlink or replacing rename of this process then
+    /// either sustains the node or has deleted it already (a transaction deleting it is
+    /// waited for), so the read that follows never sees a node about to vanish.
     pub fn open(&self, ino: Ino) {
-        self.open.lock().entry(ino).or_default().count += 1;
+        let mut open = self.open.lock();
+        while open.deleting.contains_key(&ino) {
+            self.deletes_ended.wait(&mut open);
+        }
+        open.files.entry(ino).or_default().count += 1;
+    }
+
+    /// A write transaction that deleted `inos` ended (committed or not).
+    fn deletes_done(&self, inos: &[Ino]) {
+        if inos.is_empty() {
+            return;
+        }
+        let mut open = self.open.lock();
+        for ino in inos {
+            if let Some(c) = open.deleting.get_mut(ino) {
+                *c -= 1;
+                if *c == 0 {
+                    open.deleting.remove(ino);
+                }
+            }
+        }
+        self.deletes_ended.notify_all();
     }
 
     /// Close one open of `ino`. The last close of a file this process unlinked while it
@@ -1226,14 +1281,14 @@ impl Meta {
     pub fn close(&self, ino: Ino) -> Result<()> {
         let sustained = {
             let mut open = self.open.lock();
-            match open.get_mut(&ino) {
+            match open.files.get_mut(&ino) {
                 Some(o) if o.count > 1 => {
                     o.count -= 1;
                     false
                 }
                 Some(o) => {
                     let s = o.sustained;
-                    open.remove(&ino);
+                    open.files.remove(&ino);
                     s
                 }
                 None => false,

@@ -35,6 +35,8 @@ pub(crate) struct JournalTxn<'a> {
     linked: BTreeSet<Ino>,
     /// Inodes whose parent is looked up at commit (xattr, slice, symlink changes).
     inodes: BTreeSet<Ino>,
+    /// Inodes this transaction deletes, for [`Meta`] once it ends.
+    deleted: Vec<Ino>,
 }
 
 impl<'a> JournalTxn<'a> {
@@ -44,7 +46,13 @@ impl<'a> JournalTxn<'a> {
             dirs: BTreeSet::new(),
             linked: BTreeSet::new(),
             inodes: BTreeSet::new(),
+            deleted: Vec::new(),
         }
+    }
+
+    /// The inodes noted by [`Txn::note_deleted`] so far.
+    pub(crate) fn take_deleted(&mut self) -> Vec<Ino> {
+        std::mem::take(&mut self.deleted)
     }
 
     fn node_changed(&mut self, node: &Node) {
@@ -164,6 +172,10 @@ impl Txn for JournalTxn<'_> {
     }
     fn chunk_indexes(&mut self, ino: Ino, from: u32, limit: usize) -> Result<Vec<u32>> {
         self.inner.chunk_indexes(ino, from, limit)
+    }
+    fn note_deleted(&mut self, ino: Ino) -> bool {
+        self.deleted.push(ino);
+        true
     }
     fn add_reclaim(&mut self, ino: Ino, length: u64) -> Result<()> {
         self.inner.add_reclaim(ino, length)

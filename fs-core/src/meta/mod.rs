@@ -437,6 +437,11 @@ pub trait Txn {
     /// Chunk indexes of `ino` that hold slices, ascending, `>= from`, at most `limit`.
     fn chunk_indexes(&mut self, ino: Ino, from: u32, limit: usize) -> Result<Vec<u32>>;
 
+    /// `ino` is deleted by this transaction. Returns whether the transaction reports it to
+    /// [`Meta`] when it ends (a write transaction of `Meta` does; see `Meta::open`).
+    fn note_deleted(&mut self, _ino: Ino) -> bool {
+        false
+    }
     /// Queue: inodes whose data must be reclaimed (`length` for information).
     fn add_reclaim(&mut self, ino: Ino, length: u64) -> Result<()>;
     fn list_reclaim(&mut self, limit: usize) -> Result<Vec<(Ino, u64)>>;

@@ -17,23 +17,72 @@ fn sqlite_engine_conformance() {
     });
 }
 
-mod cost {
-    //! Truncation must cost the same whatever the file's size and slice count: count every
-    //! engine call made by `truncate`, `fallocate` and O_TRUNC-style `truncate(0)`.
+mod probe {
+    //! An engine wrapper for tests that count engine calls or stop a transaction midway.
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use super::super::conformance::formatted;
+    use parking_lot::{Condvar, Mutex};
+
     use super::super::*;
 
-    struct Counting {
-        inner: MemEngine,
-        calls: Arc<AtomicUsize>,
+    /// Counts every engine call; `hold` stops the next write transaction at its commit.
+    pub(super) struct Counting {
+        pub inner: Box<dyn MetaEngine>,
+        pub calls: Arc<AtomicUsize>,
+        pub hold: Arc<Hold>,
+    }
+
+    impl Counting {
+        pub fn new(inner: Box<dyn MetaEngine>) -> Counting {
+            Counting {
+                inner,
+                calls: Arc::new(AtomicUsize::new(0)),
+                hold: Arc::new(Hold::default()),
+            }
+        }
+    }
+
+    /// Armed, the next write transaction to commit waits there until released.
+    #[derive(Default)]
+    pub(super) struct Hold {
+        state: Mutex<(bool, bool, bool)>,
+        cond: Condvar,
+    }
+
+    impl Hold {
+        pub fn arm(&self) {
+            *self.state.lock() = (true, false, false);
+        }
+        /// Wait until a write transaction is held at its commit.
+        pub fn wait_held(&self) {
+            let mut s = self.state.lock();
+            while !s.1 {
+                self.cond.wait(&mut s);
+            }
+        }
+        pub fn release(&self) {
+            self.state.lock().2 = true;
+            self.cond.notify_all();
+        }
+        fn at_commit(&self) {
+            let mut s = self.state.lock();
+            if !s.0 {
+                return;
+            }
+            s.0 = false;
+            s.1 = true;
+            self.cond.notify_all();
+            while !s.2 {
+                self.cond.wait(&mut s);
+            }
+        }
     }
 
     struct CountingTxn<'a> {
         inner: Box<dyn Txn + 'a>,
         calls: Arc<AtomicUsize>,
+        hold: Option<Arc<Hold>>,
     }
 
     impl MetaEngine for Counting {
@@ -54,6 +103,7 @@ mod cost {
             Ok(Box::new(CountingTxn {
                 inner: self.inner.begin(write)?,
                 calls: self.calls.clone(),
+                hold: write.then(|| self.hold.clone()),
             }))
         }
     }
@@ -71,6 +121,9 @@ mod cost {
 
     impl Txn for CountingTxn<'_> {
         fn commit(self: Box<Self>) -> Result<()> {
+            if let Some(h) = &self.hold {
+                h.at_commit();
+            }
             self.inner.commit()
         }
         forward! {
@@ -134,18 +187,23 @@ mod cost {
             fn backlog_count(&mut self) -> Result<u64>;
         }
     }
+}
+
+mod cost {
+    //! Truncation must cost the same whatever the file's size and slice count: count every
+    //! engine call made by `truncate`, `fallocate` and O_TRUNC-style `truncate(0)`.
+    use std::sync::atomic::Ordering;
+
+    use super::super::conformance::formatted;
+    use super::super::*;
+    use super::probe::Counting;
 
     /// Engine calls made by each size-changing operation on a file of `slices` slices
     /// spread over `chunks` chunks.
     fn costs(slices: u32, chunks: u32) -> Vec<usize> {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let meta = formatted(
-            Box::new(Counting {
-                inner: MemEngine::new(),
-                calls: calls.clone(),
-            }),
-            0,
-        );
+        let engine = Counting::new(Box::new(MemEngine::new()));
+        let calls = engine.calls.clone();
+        let meta = formatted(Box::new(engine), 0);
         let f = meta
             .mknod(Ctx::ROOT, ROOT_INO, b"f", FileKind::File, 0o644, 0, None)
             .unwrap();
@@ -200,5 +258,69 @@ mod cost {
             "engine calls per operation must not depend on the file"
         );
         assert!(small.iter().all(|&c| c <= 12), "{small:?}");
+    }
+}
+
+mod open_race {
+    //! An open racing a replacing rename in the same process: the node the open read must
+    //! not be deleted after it was read.
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::super::conformance::formatted;
+    use super::super::*;
+    use super::probe::Counting;
+
+    #[test]
+    fn an_open_waits_for_a_rename_deleting_its_node_and_then_finds_it_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let engine = Counting::new(Box::new(SqliteEngine::open(db.to_str().unwrap()).unwrap()));
+        let hold = engine.hold.clone();
+        let meta = Arc::new(formatted(Box::new(engine), 0));
+        let mk = |name: &[u8]| {
+            meta.mknod(Ctx::ROOT, ROOT_INO, name, FileKind::File, 0o644, 0, None)
+                .unwrap()
+                .ino
+        };
+        let old = mk(b"obj");
+        mk(b"tmp");
+
+        hold.arm();
+        let renamer = {
+            let meta = meta.clone();
+            std::thread::spawn(move || meta.rename(ROOT_INO, b"tmp", ROOT_INO, b"obj", 0))
+        };
+        // The rename deleted `old` and waits at its commit; another connection still sees
+        // the node.
+        hold.wait_held();
+        assert!(meta.getattr(old).is_ok());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let opener = {
+            let meta = meta.clone();
+            std::thread::spawn(move || {
+                meta.open(old);
+                tx.send(()).unwrap();
+                meta.getattr(old)
+            })
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the open must wait for the transaction deleting the node"
+        );
+        hold.release();
+        renamer.join().unwrap().unwrap();
+        assert!(matches!(opener.join().unwrap(), Err(MetaError::NotFound)));
+        meta.close(old).unwrap();
+
+        // Opened first, the replaced node is kept until closed.
+        let kept = mk(b"tmp");
+        meta.open(kept);
+        mk(b"tmp2");
+        meta.rename(ROOT_INO, b"tmp", ROOT_INO, b"obj", 0).unwrap();
+        meta.rename(ROOT_INO, b"tmp2", ROOT_INO, b"obj", 0).unwrap();
+        assert_eq!(meta.getattr(kept).unwrap().nlink, 0);
+        meta.close(kept).unwrap();
+        assert!(matches!(meta.getattr(kept), Err(MetaError::NotFound)));
     }
 }

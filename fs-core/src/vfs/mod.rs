@@ -106,6 +106,10 @@ pub enum VfsError {
     ReadOnly,
     #[error("unknown file handle")]
     BadHandle,
+    /// The inode was deleted after its name was looked up (a replacing rename, an unlink):
+    /// look the name up again.
+    #[error("the file was deleted since it was looked up")]
+    Stale,
     #[error("cache: {0}")]
     Cache(String),
     #[error("attached source: {0}")]
@@ -542,14 +546,32 @@ impl Vfs {
         if write {
             self.check_writable()?;
         }
-        let n = self.getattr(ino)?;
-        if n.kind == FileKind::Dir {
-            return Err(MetaError::IsDir.into());
-        }
-        if write {
-            crate::meta::check_not_source(&n)?;
-        }
-        let ext = self.ext_file_of(ino)?;
+        // Registered before the node is read (see `Meta::open`): a replacing rename racing
+        // this open has then deleted the node (Stale: the caller looks the name up again)
+        // or keeps it until this handle is closed.
+        self.meta.open(ino);
+        let checked = (|| {
+            let n = self.getattr(ino).map_err(|e| match e {
+                VfsError::Meta(MetaError::NotFound) => VfsError::Stale,
+                e => e,
+            })?;
+            if n.kind == FileKind::Dir {
+                return Err(MetaError::IsDir.into());
+            }
+            if write {
+                crate::meta::check_not_source(&n)?;
+            }
+            Ok((n, self.ext_file_of(ino)?))
+        })();
+        let (n, ext) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                if let Err(c) = self.meta.close(ino) {
+                    tracing::warn!(volume = %self.volume(), path = %self.path(ino), error = %c, "undoing a failed open failed");
+                }
+                return Err(e);
+            }
+        };
         self.invalidate(ino);
         if let Some(w) = self.writers.lock().get(&ino) {
             w.clear_refusal();
@@ -568,6 +590,7 @@ impl Vfs {
         Ok((self.new_file_handle(ino, ext), keep))
     }
 
+    /// A handle of `ino`, whose open the caller registered with [`Meta::open`].
     fn new_file_handle(&self, ino: Ino, ext: Option<Arc<crate::meta::ExtFile>>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files.lock().insert(
@@ -584,7 +607,6 @@ impl Vfs {
             }),
         );
         *self.open_counts.lock().entry(ino).or_insert(0) += 1;
-        self.meta.open(ino);
         fh
     }
 
@@ -595,6 +617,7 @@ impl Vfs {
             .mknod(ctx, parent, name, FileKind::File, mode, 0, None)?;
         self.remember(parent, name, n.ino);
         self.opened_attrs.lock().insert(n.ino, (n.mtime, n.length));
+        self.meta.open(n.ino);
         let fh = self.new_file_handle(n.ino, None);
         Ok((n, fh))
     }
