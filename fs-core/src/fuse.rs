@@ -77,7 +77,13 @@ pub fn errno_of(e: &VfsError) -> i32 {
 fn expected(errno: i32) -> bool {
     matches!(
         errno,
-        libc::ENOENT | libc::EEXIST | libc::ENODATA | libc::ENOTEMPTY | libc::ERANGE | libc::EROFS
+        libc::ENOENT
+            | libc::EEXIST
+            | libc::ENODATA
+            | libc::ENOTEMPTY
+            | libc::ERANGE
+            | libc::EROFS
+            | libc::ESTALE
     )
 }
 

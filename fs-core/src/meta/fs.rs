@@ -5,6 +5,7 @@
 //! handed to the object-deletion worker after a grace period.
 
 use std::collections::HashMap;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -176,6 +177,18 @@ struct OpenFiles {
     deleting: HashMap<Ino, u32>,
 }
 
+/// Ends the deletes of one transaction when dropped ([`Meta::deletes_done`]).
+struct DeletesEnded<'m> {
+    meta: &'m Meta,
+    inos: Vec<Ino>,
+}
+
+impl Drop for DeletesEnded<'_> {
+    fn drop(&mut self) {
+        self.meta.deletes_done(&self.inos);
+    }
+}
+
 pub(super) fn check_name(name: &[u8]) -> Result<()> {
     if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
         return Err(MetaError::Invalid("bad file name"));
@@ -288,17 +301,20 @@ impl Meta {
             let res = (|| {
                 if write == Some(true) {
                     let mut tx = Box::new(JournalTxn::new(self.engine.begin(true)?));
-                    let out = f(&mut *tx);
-                    let deleted = tx.take_deleted();
-                    let res = match out {
+                    // The deletes `f` marked end with the transaction, also when `f` or the
+                    // commit panics (an open of those inodes would wait forever).
+                    let out = panic::catch_unwind(AssertUnwindSafe(|| f(&mut *tx)));
+                    let _ended = DeletesEnded {
+                        meta: self,
+                        inos: tx.take_deleted(),
+                    };
+                    return match out.unwrap_or_else(|p| panic::resume_unwind(p)) {
                         Ok(v) => tx.commit().map(|()| v),
                         Err(e) => {
                             drop(tx);
                             Err(e)
                         }
                     };
-                    self.deletes_done(&deleted);
-                    return res;
                 }
                 let mut tx = match write {
                     Some(_) => self.engine.begin(false)?,
@@ -765,7 +781,7 @@ impl Meta {
             return tx.put_node(&n);
         }
         let sid = self.sid.load(Ordering::SeqCst);
-        {
+        let sustain = {
             let mut open = self.open.lock();
             if sid != 0
                 && let Some(o) = open.files.get_mut(&n.ino)
@@ -773,14 +789,20 @@ impl Meta {
                 // Set even if this transaction is retried or fails: the close then only
                 // checks.
                 o.sustained = true;
-                tx.add_sustained(sid, n.ino)?;
-                return tx.put_node(&n);
+                true
+            } else {
+                // Decided under the same lock as the check: an open of this inode waits
+                // until the transaction ends (see `open`).
+                if tx.note_deleted(n.ino) {
+                    *open.deleting.entry(n.ino).or_default() += 1;
+                }
+                false
             }
-            // Decided under the same lock as the check: an open of this inode waits until
-            // the transaction ends (see `open`).
-            if tx.note_deleted(n.ino) {
-                *open.deleting.entry(n.ino).or_default() += 1;
-            }
+        };
+        // The engine's I/O outside the lock (a row lock waited for must not stall opens).
+        if sustain {
+            tx.add_sustained(sid, n.ino)?;
+            return tx.put_node(&n);
         }
         Self::destroy_node(tx, &n)
     }
@@ -1258,7 +1280,7 @@ impl Meta {
         open.files.entry(ino).or_default().count += 1;
     }
 
-    /// A write transaction that deleted `inos` ended (committed or not).
+    /// Transactions that deleted `inos` ended (committed or not).
     fn deletes_done(&self, inos: &[Ino]) {
         if inos.is_empty() {
             return;
@@ -1287,17 +1309,26 @@ impl Meta {
                     false
                 }
                 Some(o) => {
-                    let s = o.sustained;
+                    let s = o.sustained && self.sid.load(Ordering::SeqCst) != 0;
                     open.files.remove(&ino);
+                    if s {
+                        // An open by inode (a handle adopted, /proc/PID/fd) waits for the
+                        // delete below, as it does for an unlink's (see `open`).
+                        *open.deleting.entry(ino).or_default() += 1;
+                    }
                     s
                 }
                 None => false,
             }
         };
-        let sid = self.sid.load(Ordering::SeqCst);
-        if !sustained || sid == 0 {
+        if !sustained {
             return Ok(());
         }
+        let sid = self.sid.load(Ordering::SeqCst);
+        let _ended = DeletesEnded {
+            meta: self,
+            inos: vec![ino],
+        };
         self.txn(true, |tx| {
             if let Some(n) = tx.get_node(ino)?
                 && n.nlink == 0

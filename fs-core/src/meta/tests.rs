@@ -43,37 +43,60 @@ mod probe {
         }
     }
 
-    /// Armed, the next write transaction to commit waits there until released.
+    /// Armed, the next write transaction to commit waits there until released (or panics
+    /// there: `arm_panic`).
     #[derive(Default)]
     pub(super) struct Hold {
-        state: Mutex<(bool, bool, bool)>,
+        state: Mutex<HoldState>,
         cond: Condvar,
+    }
+
+    #[derive(Default)]
+    struct HoldState {
+        armed: bool,
+        panic: bool,
+        held: bool,
+        released: bool,
     }
 
     impl Hold {
         pub fn arm(&self) {
-            *self.state.lock() = (true, false, false);
+            *self.state.lock() = HoldState {
+                armed: true,
+                ..HoldState::default()
+            };
+        }
+        pub fn arm_panic(&self) {
+            *self.state.lock() = HoldState {
+                armed: true,
+                panic: true,
+                ..HoldState::default()
+            };
         }
         /// Wait until a write transaction is held at its commit.
         pub fn wait_held(&self) {
             let mut s = self.state.lock();
-            while !s.1 {
+            while !s.held {
                 self.cond.wait(&mut s);
             }
         }
         pub fn release(&self) {
-            self.state.lock().2 = true;
+            self.state.lock().released = true;
             self.cond.notify_all();
         }
         fn at_commit(&self) {
             let mut s = self.state.lock();
-            if !s.0 {
+            if !s.armed {
                 return;
             }
-            s.0 = false;
-            s.1 = true;
+            s.armed = false;
+            if s.panic {
+                drop(s);
+                panic!("commit panics (test)");
+            }
+            s.held = true;
             self.cond.notify_all();
-            while !s.2 {
+            while !s.released {
                 self.cond.wait(&mut s);
             }
         }
@@ -295,15 +318,7 @@ mod open_race {
         // the node.
         hold.wait_held();
         assert!(meta.getattr(old).is_ok());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let opener = {
-            let meta = meta.clone();
-            std::thread::spawn(move || {
-                meta.open(old);
-                tx.send(()).unwrap();
-                meta.getattr(old)
-            })
-        };
+        let (rx, opener) = open_in_thread(&meta, old);
         assert!(
             rx.recv_timeout(Duration::from_millis(300)).is_err(),
             "the open must wait for the transaction deleting the node"
@@ -322,5 +337,79 @@ mod open_race {
         assert_eq!(meta.getattr(kept).unwrap().nlink, 0);
         meta.close(kept).unwrap();
         assert!(matches!(meta.getattr(kept), Err(MetaError::NotFound)));
+    }
+
+    /// Opens `ino` on another thread; the receiver hears once the open returned.
+    fn open_in_thread(
+        meta: &Arc<Meta>,
+        ino: Ino,
+    ) -> (
+        std::sync::mpsc::Receiver<()>,
+        std::thread::JoinHandle<Result<Node>>,
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let meta = meta.clone();
+        let t = std::thread::spawn(move || {
+            meta.open(ino);
+            tx.send(()).unwrap();
+            meta.getattr(ino)
+        });
+        (rx, t)
+    }
+
+    #[test]
+    fn the_last_close_of_an_unlinked_file_deletes_it_before_an_open_by_inode_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let engine = Counting::new(Box::new(SqliteEngine::open(db.to_str().unwrap()).unwrap()));
+        let hold = engine.hold.clone();
+        let meta = Arc::new(formatted(Box::new(engine), 0));
+        let ino = meta
+            .mknod(Ctx::ROOT, ROOT_INO, b"f", FileKind::File, 0o644, 0, None)
+            .unwrap()
+            .ino;
+        meta.open(ino);
+        meta.unlink(ROOT_INO, b"f").unwrap();
+        hold.arm();
+        let closer = {
+            let meta = meta.clone();
+            std::thread::spawn(move || meta.close(ino))
+        };
+        hold.wait_held();
+        let (opened, opener) = open_in_thread(&meta, ino);
+        assert!(
+            opened.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the open must wait for the close deleting the node"
+        );
+        hold.release();
+        closer.join().unwrap().unwrap();
+        assert!(matches!(opener.join().unwrap(), Err(MetaError::NotFound)));
+    }
+
+    #[test]
+    fn a_transaction_panicking_after_a_delete_does_not_leave_opens_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let engine = Counting::new(Box::new(SqliteEngine::open(db.to_str().unwrap()).unwrap()));
+        let hold = engine.hold.clone();
+        let meta = Arc::new(formatted(Box::new(engine), 0));
+        let ino = meta
+            .mknod(Ctx::ROOT, ROOT_INO, b"f", FileKind::File, 0o644, 0, None)
+            .unwrap()
+            .ino;
+        hold.arm_panic();
+        let unlinker = {
+            let meta = meta.clone();
+            std::thread::spawn(move || meta.unlink(ROOT_INO, b"f"))
+        };
+        assert!(unlinker.join().is_err(), "the commit panics");
+        let (opened, opener) = open_in_thread(&meta, ino);
+        assert!(
+            opened.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "an open after the panic must not wait"
+        );
+        // Rolled back: the file is still there.
+        assert_eq!(opener.join().unwrap().unwrap().nlink, 1);
+        meta.close(ino).unwrap();
     }
 }
