@@ -292,20 +292,12 @@ mod open_race {
 
     use super::super::conformance::formatted;
     use super::super::*;
-    use super::probe::Counting;
+    use super::probe::{Counting, Hold};
 
     #[test]
     fn an_open_waits_for_a_rename_deleting_its_node_and_then_finds_it_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("m.db");
-        let engine = Counting::new(Box::new(SqliteEngine::open(db.to_str().unwrap()).unwrap()));
-        let hold = engine.hold.clone();
-        let meta = Arc::new(formatted(Box::new(engine), 0));
-        let mk = |name: &[u8]| {
-            meta.mknod(Ctx::ROOT, ROOT_INO, name, FileKind::File, 0o644, 0, None)
-                .unwrap()
-                .ino
-        };
+        let (_dir, meta, hold) = held_sqlite();
+        let mk = |name: &[u8]| mkfile(&meta, name);
         let old = mk(b"obj");
         mk(b"tmp");
 
@@ -339,6 +331,22 @@ mod open_race {
         assert!(matches!(meta.getattr(kept), Err(MetaError::NotFound)));
     }
 
+    /// A formatted SQLite volume whose engine can hold or fail a commit (the directory
+    /// holds its database).
+    fn held_sqlite() -> (tempfile::TempDir, Arc<Meta>, Arc<Hold>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let engine = Counting::new(Box::new(SqliteEngine::open(db.to_str().unwrap()).unwrap()));
+        let hold = engine.hold.clone();
+        (dir, Arc::new(formatted(Box::new(engine), 0)), hold)
+    }
+
+    fn mkfile(meta: &Meta, name: &[u8]) -> Ino {
+        meta.mknod(Ctx::ROOT, ROOT_INO, name, FileKind::File, 0o644, 0, None)
+            .unwrap()
+            .ino
+    }
+
     /// Opens `ino` on another thread; the receiver hears once the open returned.
     fn open_in_thread(
         meta: &Arc<Meta>,
@@ -359,15 +367,8 @@ mod open_race {
 
     #[test]
     fn the_last_close_of_an_unlinked_file_deletes_it_before_an_open_by_inode_reads_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("m.db");
-        let engine = Counting::new(Box::new(SqliteEngine::open(db.to_str().unwrap()).unwrap()));
-        let hold = engine.hold.clone();
-        let meta = Arc::new(formatted(Box::new(engine), 0));
-        let ino = meta
-            .mknod(Ctx::ROOT, ROOT_INO, b"f", FileKind::File, 0o644, 0, None)
-            .unwrap()
-            .ino;
+        let (_dir, meta, hold) = held_sqlite();
+        let ino = mkfile(&meta, b"f");
         meta.open(ino);
         meta.unlink(ROOT_INO, b"f").unwrap();
         hold.arm();
@@ -388,15 +389,8 @@ mod open_race {
 
     #[test]
     fn a_transaction_panicking_after_a_delete_does_not_leave_opens_waiting() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("m.db");
-        let engine = Counting::new(Box::new(SqliteEngine::open(db.to_str().unwrap()).unwrap()));
-        let hold = engine.hold.clone();
-        let meta = Arc::new(formatted(Box::new(engine), 0));
-        let ino = meta
-            .mknod(Ctx::ROOT, ROOT_INO, b"f", FileKind::File, 0o644, 0, None)
-            .unwrap()
-            .ino;
+        let (_dir, meta, hold) = held_sqlite();
+        let ino = mkfile(&meta, b"f");
         hold.arm_panic();
         let unlinker = {
             let meta = meta.clone();
