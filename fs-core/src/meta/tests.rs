@@ -310,14 +310,7 @@ mod open_race {
         // the node.
         hold.wait_held();
         assert!(meta.getattr(old).is_ok());
-        let (rx, opener) = open_in_thread(&meta, old);
-        assert!(
-            rx.recv_timeout(Duration::from_millis(300)).is_err(),
-            "the open must wait for the transaction deleting the node"
-        );
-        hold.release();
-        renamer.join().unwrap().unwrap();
-        assert!(matches!(opener.join().unwrap(), Err(MetaError::NotFound)));
+        waits_then_finds_it_gone(&meta, &hold, old, renamer);
         meta.close(old).unwrap();
 
         // Opened first, the replaced node is kept until closed.
@@ -345,6 +338,24 @@ mod open_race {
         meta.mknod(Ctx::ROOT, ROOT_INO, name, FileKind::File, 0o644, 0, None)
             .unwrap()
             .ino
+    }
+
+    /// With the transaction of `deleter` deleting `ino` held at its commit: an open of `ino`
+    /// waits for it, and once it committed finds the node gone.
+    fn waits_then_finds_it_gone(
+        meta: &Arc<Meta>,
+        hold: &Hold,
+        ino: Ino,
+        deleter: std::thread::JoinHandle<Result<()>>,
+    ) {
+        let (opened, opener) = open_in_thread(meta, ino);
+        assert!(
+            opened.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the open must wait for the transaction deleting the node"
+        );
+        hold.release();
+        deleter.join().unwrap().unwrap();
+        assert!(matches!(opener.join().unwrap(), Err(MetaError::NotFound)));
     }
 
     /// Opens `ino` on another thread; the receiver hears once the open returned.
@@ -377,14 +388,7 @@ mod open_race {
             std::thread::spawn(move || meta.close(ino))
         };
         hold.wait_held();
-        let (opened, opener) = open_in_thread(&meta, ino);
-        assert!(
-            opened.recv_timeout(Duration::from_millis(300)).is_err(),
-            "the open must wait for the close deleting the node"
-        );
-        hold.release();
-        closer.join().unwrap().unwrap();
-        assert!(matches!(opener.join().unwrap(), Err(MetaError::NotFound)));
+        waits_then_finds_it_gone(&meta, &hold, ino, closer);
     }
 
     #[test]
