@@ -605,6 +605,11 @@ impl BlockReader {
             self.mem_put(key, b.clone(), ahead);
         }
         let fetched = res.as_ref().ok().cloned();
+        if fetched.is_none() {
+            // A failed flight is never joined: a reader coming after it fetches again (the
+            // store may be back), even before this thread would have got to the removal.
+            self.inflight.lock().remove(key);
+        }
         {
             let mut f = flight.fill.lock();
             f.buf = Vec::new();
@@ -614,13 +619,16 @@ impl BlockReader {
         // Waiters have their bytes; the flight stays joinable (serving the block to late
         // readers) until the disk tier holds it too. Otherwise a block evicted from memory
         // while a queued disk write was still pending (or dropped) would be fetched again.
+        let ok = fetched.is_some();
         if let (Some(b), Some(d)) = (fetched, &self.disk)
             && !d.contains(key)
             && let Err(e) = d.put(key, &b)
         {
             tracing::warn!(key, error = %e, "writing a block to the disk cache failed");
         }
-        self.inflight.lock().remove(key);
+        if ok {
+            self.inflight.lock().remove(key);
+        }
     }
 
     fn fetch_remote(
