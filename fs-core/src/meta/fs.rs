@@ -177,6 +177,22 @@ struct OpenFiles {
     deleting: HashMap<Ino, u32>,
 }
 
+impl OpenFiles {
+    /// A transaction deletes `ino`: opens of it wait until [`OpenFiles::delete_ended`].
+    fn delete_started(&mut self, ino: Ino) {
+        *self.deleting.entry(ino).or_default() += 1;
+    }
+
+    fn delete_ended(&mut self, ino: Ino) {
+        if let Some(c) = self.deleting.get_mut(&ino) {
+            *c -= 1;
+            if *c == 0 {
+                self.deleting.remove(&ino);
+            }
+        }
+    }
+}
+
 /// Ends the deletes of one transaction when dropped ([`Meta::deletes_done`]).
 struct DeletesEnded<'m> {
     meta: &'m Meta,
@@ -794,7 +810,7 @@ impl Meta {
                 // Decided under the same lock as the check: an open of this inode waits
                 // until the transaction ends (see `open`).
                 if tx.note_deleted(n.ino) {
-                    *open.deleting.entry(n.ino).or_default() += 1;
+                    open.delete_started(n.ino);
                 }
                 false
             }
@@ -1286,13 +1302,8 @@ impl Meta {
             return;
         }
         let mut open = self.open.lock();
-        for ino in inos {
-            if let Some(c) = open.deleting.get_mut(ino) {
-                *c -= 1;
-                if *c == 0 {
-                    open.deleting.remove(ino);
-                }
-            }
+        for &ino in inos {
+            open.delete_ended(ino);
         }
         self.deletes_ended.notify_all();
     }
@@ -1301,6 +1312,7 @@ impl Meta {
     /// was open (see `drop_link`) deletes it; other closes need no transaction (a file
     /// another client unlinked was deleted by that client, see docs/SEMANTICS.md).
     pub fn close(&self, ino: Ino) -> Result<()> {
+        let sid = self.sid.load(Ordering::SeqCst);
         let sustained = {
             let mut open = self.open.lock();
             match open.files.get_mut(&ino) {
@@ -1309,12 +1321,12 @@ impl Meta {
                     false
                 }
                 Some(o) => {
-                    let s = o.sustained && self.sid.load(Ordering::SeqCst) != 0;
+                    let s = o.sustained && sid != 0;
                     open.files.remove(&ino);
                     if s {
                         // An open by inode (a handle adopted, /proc/PID/fd) waits for the
                         // delete below, as it does for an unlink's (see `open`).
-                        *open.deleting.entry(ino).or_default() += 1;
+                        open.delete_started(ino);
                     }
                     s
                 }
@@ -1324,7 +1336,6 @@ impl Meta {
         if !sustained {
             return Ok(());
         }
-        let sid = self.sid.load(Ordering::SeqCst);
         let _ended = DeletesEnded {
             meta: self,
             inos: vec![ino],
