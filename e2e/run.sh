@@ -525,16 +525,19 @@ EOF
     note "model server read 64 MiB of warmed weights (md5 equal); the GET count needs node access (E2E_NODE_LOCAL=1)"
   fi
   # The CacheGroup's status: bytes in the members' disk tiers (the warmed 64 MiB at least)
-  # and the hit ratio, scraped from the members at each reconcile.
-  local cb="" i
-  for i in $(seq 45); do
+  # and the hit ratio, above 0 once the model server's reads were served from the members'
+  # caches; both scraped from the members at each reconcile (every resyncSecs, 60 s).
+  local cb="" hr="" i
+  for i in $(seq 60); do
     cb=$(k get cachegroup e2e -o jsonpath='{.status.cachedBytes}')
-    [ "${cb:-0}" -ge $((64 << 20)) ] && break
+    hr=$(k get cachegroup e2e -o jsonpath='{.status.hitRatio}')
+    [ "${cb:-0}" -ge $((64 << 20)) ] && awk -v h="${hr:-0}" 'BEGIN{exit !(h > 0)}' && break
     sleep 2
   done
-  note "CacheGroup status: cached $(k get cachegroup e2e -o jsonpath='{.status.cached}') (cachedBytes ${cb:-none}), hit ratio $(k get cachegroup e2e -o jsonpath='{.status.hitRatio}')"
+  note "CacheGroup status: cached $(k get cachegroup e2e -o jsonpath='{.status.cached}') (cachedBytes ${cb:-none}), hit ratio ${hr:-none}"
   k get cachegroup e2e
-  [ "${cb:-0}" -ge $((64 << 20)) ] || fail "CacheGroup status cachedBytes=${cb:-none}, expected at least the warmed 64 MiB" || return 1
+  [ "${cb:-0}" -ge $((64 << 20)) ] || fail "CacheGroup status cachedBytes=${cb:-none}, expected at least the warmed 64 MiB (is the node's disk below the cache's free-space ratio? strata_cache_skipped_blocks_total of the members says)" || return 1
+  awk -v h="${hr:-0}" 'BEGIN{exit !(h > 0)}' || fail "CacheGroup hitRatio ${hr:-none} after 16 blocks were served from the group" || return 1
 }
 
 step_gateway_dataset() {
