@@ -362,19 +362,24 @@ enum QuotaCmd {
     },
 }
 
-/// "100M", "1.5G", "2T", "512K" or a bare number of GiB, in bytes.
+/// "100M", "1.5G", "2T", "512K" or a bare number of GiB, in bytes. Units are binary; the
+/// Kubernetes spellings "64Mi", "2Gi" and "100MiB" / "100MB" mean the same.
 fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
-    let (num, mul) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1 << 30),
+    let bad = || {
+        anyhow::anyhow!("--capacity {s}: use a number of GiB or a size like 100M, 64Mi, 1.5G, 2T")
     };
-    let v: f64 = num.parse().map_err(|_| {
-        anyhow::anyhow!("--capacity {s}: use a number of GiB or a size like 100M, 1.5G, 2T")
-    })?;
+    let unit = s.trim_end_matches(['B', 'b']);
+    let unit = unit.strip_suffix('i').unwrap_or(unit);
+    let (num, mul) = match unit.chars().last() {
+        Some('K' | 'k') => (&unit[..unit.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&unit[..unit.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&unit[..unit.len() - 1], 1 << 30),
+        Some('T' | 't') => (&unit[..unit.len() - 1], 1 << 40),
+        _ if unit.len() == s.len() => (s, 1 << 30),
+        _ => return Err(bad()),
+    };
+    let v: f64 = num.parse().map_err(|_| bad())?;
     if !v.is_finite() || v < 0.0 || v * mul as f64 >= (1u64 << 62) as f64 {
         bail!("--capacity {s}: use a size from 0 to 4 EiB");
     }
@@ -1918,4 +1923,31 @@ fn destroy_cmd(meta_url: &str, uuid: &str, force: bool, yes: bool) -> Result<()>
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_in_the_cli_and_kubernetes_spellings() {
+        for (s, v) in [
+            ("100M", 100 << 20),
+            ("64Mi", 64 << 20),
+            ("64MiB", 64 << 20),
+            ("64MB", 64 << 20),
+            ("1.5G", 3 << 29),
+            ("2Gi", 2 << 30),
+            ("512k", 512 << 10),
+            ("2T", 2 << 40),
+            ("3", 3 << 30),
+            ("0", 0),
+        ] {
+            assert_eq!(parse_size(s).unwrap(), v, "{s}");
+        }
+        for s in ["", "Mi", "64i", "64B", "64X", "ten", "-1M", "64 Mi"] {
+            let e = parse_size(s).expect_err(s).to_string();
+            assert!(e.contains("--capacity"), "{s}: {e}");
+        }
+    }
 }
