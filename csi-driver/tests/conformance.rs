@@ -33,7 +33,7 @@ async fn csi_sanity_groups_with_real_mounts() {
         dir: root.clone(),
     };
     g.plugin = Some(
-        Command::new(CSI)
+        plugin_command(&root)
             .args([
                 "--controller",
                 "--node",
@@ -42,16 +42,8 @@ async fn csi_sanity_groups_with_real_mounts() {
                 "--topology",
                 "topology.strata.io/region=r1",
             ])
-            .arg("--endpoint")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--state-dir")
-            .arg(&state)
             .arg("--default-metaurl-file")
             .arg(&metaurl_file)
-            .arg("--strata-bin")
-            .arg(strata_bin())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(root.join("plugin.log")).unwrap())
             .spawn()
             .unwrap(),
     );

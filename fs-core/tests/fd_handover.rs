@@ -67,12 +67,18 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
     rx.recv_timeout(limit).ok()
 }
 
+/// The clients' disk cache: beside their log, in the test's directory.
+fn cache_dir(log: &Path) -> std::path::PathBuf {
+    log.with_file_name("cache")
+}
+
 fn client(sock: &Path, meta: &str, mp: &Path, log: &Path) -> Child {
     Command::new(BIN)
         .args(["--log-level", "info", "mount", "--fuse-fd-socket"])
         .arg(sock)
         .arg(meta)
         .arg(mp)
+        .env("STRATA_CACHE_DIR", cache_dir(log))
         .stdout(Stdio::null())
         .stderr(fs::File::create(log).unwrap())
         .spawn()
@@ -91,6 +97,7 @@ fn deferred_client(sock: &Path, meta: &str, mp: &Path, log: &Path) -> Child {
         .arg(sock)
         .arg(meta)
         .arg(mp)
+        .env("STRATA_CACHE_DIR", cache_dir(log))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(fs::File::create(log).unwrap())

@@ -73,20 +73,29 @@ pub fn mount_cap_with_flags(
     }
 }
 
-/// Start a node plugin (process mode, node-1) on `<root>/csi.sock`, state in
-/// `<root>/state`, log in `<root>/plugin.log`; the guard stops it and unmounts what is
-/// left below `root`.
-pub fn node_plugin(root: &Path) -> Guard {
-    let plugin = Command::new(CSI)
-        .args(["--node", "--node-id", "node-1"])
-        .arg("--endpoint")
+/// The node plugin's command in process mode: socket `<root>/csi.sock`, state in
+/// `<root>/state`, log in `<root>/plugin.log`, the mount clients' disk caches in
+/// `<root>/cache` (they inherit `STRATA_CACHE_DIR`); the caller adds the services.
+pub fn plugin_command(root: &Path) -> Command {
+    let mut cmd = Command::new(CSI);
+    cmd.arg("--endpoint")
         .arg(format!("unix://{}", root.join("csi.sock").display()))
         .arg("--state-dir")
         .arg(root.join("state"))
         .arg("--strata-bin")
         .arg(strata_bin())
+        .env("STRATA_CACHE_DIR", root.join("cache"))
         .stdout(std::process::Stdio::null())
-        .stderr(fs::File::create(root.join("plugin.log")).unwrap())
+        .stderr(fs::File::create(root.join("plugin.log")).unwrap());
+    cmd
+}
+
+/// Start a node plugin (process mode, node-1) on `<root>/csi.sock`, state in
+/// `<root>/state`, log in `<root>/plugin.log`; the guard stops it and unmounts what is
+/// left below `root`.
+pub fn node_plugin(root: &Path) -> Guard {
+    let plugin = plugin_command(root)
+        .args(["--node", "--node-id", "node-1"])
         .spawn()
         .unwrap();
     Guard {

@@ -713,7 +713,7 @@ impl ClientArgs {
 struct CacheArgs {
     /// Disk cache directories, separated by ':' (default /var/cache/strata as root, else
     /// ~/.cache/strata).
-    #[arg(long)]
+    #[arg(long, env = "STRATA_CACHE_DIR")]
     cache_dir: Option<String>,
     /// Disk cache size in MiB (0 disables the disk cache).
     #[arg(long, default_value_t = 102_400)]
