@@ -369,7 +369,7 @@ fn parse_size(s: &str) -> Result<u64> {
     let bad = || {
         anyhow::anyhow!("--capacity {s}: use a number of GiB or a size like 100M, 64Mi, 1.5G, 2T")
     };
-    let unit = s.trim_end_matches(['B', 'b']);
+    let unit = s.strip_suffix(['B', 'b']).unwrap_or(s);
     let unit = unit.strip_suffix('i').unwrap_or(unit);
     let (num, mul) = match unit.chars().last() {
         Some('K' | 'k') => (&unit[..unit.len() - 1], 1u64 << 10),
@@ -1945,7 +1945,9 @@ mod tests {
         ] {
             assert_eq!(parse_size(s).unwrap(), v, "{s}");
         }
-        for s in ["", "Mi", "64i", "64B", "64X", "ten", "-1M", "64 Mi"] {
+        for s in [
+            "", "Mi", "64i", "64B", "64MBB", "64X", "ten", "-1M", "64 Mi",
+        ] {
             let e = parse_size(s).expect_err(s).to_string();
             assert!(e.contains("--capacity"), "{s}: {e}");
         }
