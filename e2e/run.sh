@@ -544,14 +544,20 @@ step_gateway_dataset() {
   [ -n "${E2E_PG_URL:-}" ] && [ -n "${E2E_S3_ENDPOINT:-}" ] || { note "skipped (no S3 volume)"; return 0; }
   command -v aws >/dev/null || fail "aws CLI missing: run .ci/deps.d/gateway.sh" || return 1
   # The chart's gateway on the S3 volume, signed with its own key pair.
-  local gwport; gwport=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  # Two free ports at once (pods share the host network here; gwport + 1 may be taken).
+  local gwport gwmetrics
+  read -r gwport gwmetrics < <(python3 -c '
+import socket
+ss=[socket.socket() for _ in range(2)]
+[s.bind(("127.0.0.1",0)) for s in ss]
+print(" ".join(str(s.getsockname()[1]) for s in ss))')
   k -n "$NS" create secret generic e2e-gw-keys --from-literal=access-key=e2egwaccess \
     --from-literal=secret-key=e2egwsecret123 --dry-run=client -o yaml | apply >/dev/null || return 1
   local t0; t0=$(now)
   helm upgrade strata charts/strata -n "$NS" --reuse-values --set gateway.enabled=true \
     --set gateway.volumeSecret=e2e-s3 --set gateway.credentialsSecret=e2e-gw-keys \
     --set gateway.port="$gwport" --set gateway.service.port="$gwport" \
-    --set gateway.metricsPort="$((gwport + 1))" >"$WORK/helm-gw.out" 2>&1 || { cat "$WORK/helm-gw.out"; return 1; }
+    --set gateway.metricsPort="$gwmetrics" >"$WORK/helm-gw.out" 2>&1 || { cat "$WORK/helm-gw.out"; return 1; }
   k -n "$NS" rollout status deploy/strata-gateway --timeout=180s \
     || { k -n "$NS" logs deploy/strata-gateway --all-containers --tail=30; return 1; }
   local gw=(env AWS_ACCESS_KEY_ID=e2egwaccess AWS_SECRET_ACCESS_KEY=e2egwsecret123 AWS_DEFAULT_REGION=us-east-1
