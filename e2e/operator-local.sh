@@ -104,13 +104,12 @@ else
 fi
 
 log "2. malformed objects"
-refused "a Volume with blockSizeKiB 1000" "apiVersion: strata.io/v1alpha1
-kind: Volume
-metadata: {name: oplocal-bad}
-spec:
-  credentialsSecretRef: {name: x, namespace: $NS}
-  storage: {type: file, bucket: /tmp/x}
-  format: {blockSizeKiB: 1000}" "blockSizeKiB"
+# bad_volume SPEC_LINE: a Volume that is well formed but for SPEC_LINE.
+bad_volume() {
+  printf '%s\n' "apiVersion: strata.io/v1alpha1" "kind: Volume" "metadata: {name: oplocal-bad}" "spec:" \
+    "  credentialsSecretRef: {name: x, namespace: $NS}" "  storage: {type: file, bucket: /tmp/x}" "  $1"
+}
+refused "a Volume with blockSizeKiB 1000" "$(bad_volume 'format: {blockSizeKiB: 1000}')" "blockSizeKiB"
 refused "a Quota with neither capacity nor inodes" "apiVersion: strata.io/v1alpha1
 kind: Quota
 metadata: {name: oplocal-bad, namespace: default}
@@ -123,13 +122,7 @@ spec:
   medium: {hostPath: {path: /var/cache/x}}
   sizePerNode: 1Gi
   warmupPaths: [/etc]" "warmupPaths"
-refused "a mount option with a space" "apiVersion: strata.io/v1alpha1
-kind: Volume
-metadata: {name: oplocal-bad}
-spec:
-  credentialsSecretRef: {name: x, namespace: $NS}
-  storage: {type: file, bucket: /tmp/x}
-  mountOptions: ['buffer-size 600']" "mountOptions"
+refused "a mount option with a space" "$(bad_volume "mountOptions: ['buffer-size 600']")" "mountOptions"
 
 log "3. strata-operator outside the cluster, with the kubeconfig"
 port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
